@@ -1,0 +1,360 @@
+"""The `mellow` command: parse arguments, call the core (api.py), hand results to render.py.
+
+Nothing heavy is imported at module level: torch, transformers and numpy load inside the commands
+that need them, so `mellow --help` answers at once. Every user-facing failure is a MellowError,
+printed by `main` as one line on stderr; only --debug shows a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from typing import Annotated, List, Optional
+
+import typer
+
+from . import __version__
+from .errors import MellowError, UsageError
+
+app = typer.Typer(
+    name="mellow",
+    help="Ask questions about sounds. Answers come from Mellow, a small audio-language model "
+    "that runs on a laptop CPU.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+bench_app = typer.Typer(help="Score a model on a benchmark or measure its speed.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+class AnswerFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+# Options shared by every command that runs the model: declared once, used by each signature.
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model: v0 (published), v0_s, a local checkpoint file or folder, or a hub id user/repo.")]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="Where the model runs; auto picks cuda, then mps, then cpu.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch [default: all cores].")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for --sample, so a sampled answer can be repeated.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only results and errors.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback when something fails.")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, help="Longest answer, in tokens.")]
+SampleOpt = Annotated[bool, typer.Option("--sample/--greedy", help="Sample the answer instead of the default greedy decoding (which matches the reference).")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature (with --sample).")]
+TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --sample).")]
+OffsetOpt = Annotated[float, typer.Option("--offset", min=0.0, help="Start of the 10 s window in each clip, in seconds.")]
+DurationOpt = Annotated[Optional[float], typer.Option("--duration", min=0.01, max=10.0, help="Seconds of audio to use from --offset (at most 10; shorter is tiled to 10 s).")]
+FormatOpt = Annotated[AnswerFormat, typer.Option("--format", "-f", help="text: the answer alone; json: one object with inputs, answer and model.")]
+
+
+def _setup(quiet: bool, verbose: bool, threads: Optional[int]) -> None:
+    from . import render
+
+    render.configure(quiet=quiet, verbose=verbose)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _decoding(max_tokens: int, sample: bool, temperature: float, top_p: float, seed: Optional[int]):
+    from .config import DecodingOptions
+
+    return DecodingOptions(max_tokens=max_tokens, sample=sample, temperature=temperature, top_p=top_p, seed=seed)
+
+
+def _load_clips(paths: list[str], offset: float, duration: Optional[float]):
+    """Decode every clip before the model loads, so a bad file fails in milliseconds."""
+    from .audio import load_clip
+
+    return [load_clip(p, offset=offset, duration=duration) for p in paths]
+
+
+def _load_model(model: str, device: Device):
+    from . import render
+    from .api import load_model
+
+    with render.status(f"loading model {model}"):
+        return load_model(model, device=device.value)
+
+
+def _answer(model_name, device, clips, paths, prompt, opts, fmt: AnswerFormat, choices=None) -> None:
+    """Load the model, answer one prompt about one pair of clips, print the result."""
+    from . import render
+
+    model = _load_model(model_name, device)
+    record = {"audio": paths[0], "audio2": paths[1], "question": prompt, "model": model.name}
+    if choices:
+        scored = model.choose(clips[0], clips[1], prompt, choices)
+        if fmt is AnswerFormat.json:
+            render.result_json({**record, "answer": scored.choice, "choices": scored.as_dict()})
+        else:
+            render.result_line(scored.choice)
+        return
+    if fmt is AnswerFormat.json:
+        render.result_json({**record, "answer": model.ask(clips[0], clips[1], prompt, opts)})
+    else:
+        render.stream_answer(model.stream(clips[0], clips[1], prompt, opts))
+
+
+@app.command(no_args_is_help=True)
+def ask(
+    args: Annotated[List[str], typer.Argument(metavar="AUDIO [AUDIO2] QUESTION", help="One or two audio files (or - for audio on stdin), then the question.", show_default=False)],
+    choices: Annotated[Optional[str], typer.Option("--choices", "-c", help='Answer by picking one of these, separated by "|": the model scores each and names exactly one.')] = None,
+    model: ModelOpt = "v0",
+    max_tokens: MaxTokensOpt = 300,
+    sample: SampleOpt = False,
+    temperature: TemperatureOpt = 1.0,
+    top_p: TopPOpt = 0.8,
+    offset: OffsetOpt = 0.0,
+    duration: DurationOpt = None,
+    fmt: FormatOpt = AnswerFormat.text,
+    device: DeviceOpt = Device.auto,
+    threads: ThreadsOpt = None,
+    seed: SeedOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Ask a question about one or two recordings; the answer streams to stdout.
+
+    Mellow always listens to two clips: with one AUDIO, that clip is paired with itself.
+
+    \b
+    Examples:
+      mellow ask dog.wav "is there a dog barking?"
+      mellow ask a.wav b.wav "which clip is louder?"
+      mellow ask street.flac "what is the main sound?" --choices "car|rain|birds"
+      cat clip.mp3 | mellow ask - "what do you hear?"
+    """
+    _setup(quiet, verbose, threads)
+    if len(args) < 2 or len(args) > 3:
+        raise UsageError("ask takes AUDIO [AUDIO2] QUESTION: one or two audio files, then the question")
+    paths, question = args[:-1], args[-1]
+    if not question.strip():
+        raise UsageError("the question is empty")
+    paths = paths if len(paths) == 2 else [paths[0], paths[0]]
+    choice_list = _split_choices(choices)
+    clips = _load_clips(paths, offset, duration)
+    _answer(model, device, clips, paths, question, _decoding(max_tokens, sample, temperature, top_p, seed), fmt, choice_list)
+
+
+def _split_choices(choices: Optional[str]) -> Optional[list[str]]:
+    if choices is None:
+        return None
+    items = [c.strip() for c in choices.split("|")]
+    if len(items) < 2 or not all(items):
+        raise UsageError('--choices needs at least two non-empty choices separated by "|", e.g. "dog|cat"')
+    return items
+
+
+COMPARE_PROMPT = "explain the difference between the two audios in detail."
+CAPTION_PROMPT = "caption the audio."
+
+
+@app.command(no_args_is_help=True)
+def compare(
+    audio1: Annotated[str, typer.Argument(metavar="A", help="First recording (or - for stdin).", show_default=False)],
+    audio2: Annotated[str, typer.Argument(metavar="B", help="Second recording.", show_default=False)],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to ask about the pair.")] = COMPARE_PROMPT,
+    model: ModelOpt = "v0",
+    max_tokens: MaxTokensOpt = 300,
+    sample: SampleOpt = False,
+    temperature: TemperatureOpt = 1.0,
+    top_p: TopPOpt = 0.8,
+    offset: OffsetOpt = 0.0,
+    duration: DurationOpt = None,
+    fmt: FormatOpt = AnswerFormat.text,
+    device: DeviceOpt = Device.auto,
+    threads: ThreadsOpt = None,
+    seed: SeedOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Describe how two recordings differ.
+
+    \b
+    Examples:
+      mellow compare before.wav after.wav
+      mellow compare a.wav b.wav --prompt "explain the difference between the two audios in few words."
+    """
+    _setup(quiet, verbose, threads)
+    paths = [audio1, audio2]
+    clips = _load_clips(paths, offset, duration)
+    _answer(model, device, clips, paths, prompt, _decoding(max_tokens, sample, temperature, top_p, seed), fmt)
+
+
+@app.command(no_args_is_help=True)
+def caption(
+    audio: Annotated[List[str], typer.Argument(metavar="AUDIO...", help="Recordings to caption (or - for audio on stdin).", show_default=False)],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The instruction given with each clip.")] = CAPTION_PROMPT,
+    model: ModelOpt = "v0",
+    max_tokens: MaxTokensOpt = 300,
+    sample: SampleOpt = False,
+    temperature: TemperatureOpt = 1.0,
+    top_p: TopPOpt = 0.8,
+    offset: OffsetOpt = 0.0,
+    duration: DurationOpt = None,
+    fmt: FormatOpt = AnswerFormat.text,
+    device: DeviceOpt = Device.auto,
+    threads: ThreadsOpt = None,
+    seed: SeedOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Write a one-sentence caption for each recording.
+
+    \b
+    Examples:
+      mellow caption rain.wav
+      mellow caption field/*.flac --format json > captions.jsonl
+    """
+    from . import render
+
+    _setup(quiet, verbose, threads)
+    opts = _decoding(max_tokens, sample, temperature, top_p, seed)
+    loaded = None
+    failed = 0
+    for path in audio:
+        try:
+            (clip,) = _load_clips([path], offset, duration)
+            loaded = loaded or _load_model(model, device)
+            text = loaded.ask(clip, clip, prompt, opts)
+        except MellowError as e:  # one bad file never stops the others
+            render.error(str(e))
+            failed += 1
+            continue
+        if fmt is AnswerFormat.json:
+            render.result_json({"audio": path, "question": prompt, "answer": text, "model": loaded.name})
+        elif len(audio) > 1:
+            render.result_line(f"{path}\t{text}")
+        else:
+            render.result_line(text)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def train(
+    data: Annotated[Optional[str], typer.Argument(metavar="DATA", help="Training rows: ReasonAQA JSON or JSONL with audio1, audio2, question, answer.", show_default=False)] = None,
+    model: ModelOpt = "v0",
+    device: DeviceOpt = Device.auto,
+    seed: SeedOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Fine-tune the model on your own recordings and questions.
+
+    \b
+    Example:
+      mellow train rows.jsonl --audio-root clips/ --val-fraction 0.05
+    """
+    raise MellowError("`mellow train` is not available in this version yet")
+
+
+@bench_app.command("mmau")
+def bench_mmau(
+    data: Annotated[Optional[str], typer.Option("--data", help="mmau-test-mini.json (the official file).")] = None,
+    audio_dir: Annotated[Optional[str], typer.Option("--audio-dir", help="Folder the items' audio_id paths are relative to.")] = None,
+    model: ModelOpt = "v0",
+    device: DeviceOpt = Device.auto,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Score a model on MMAU with the benchmark's official matcher.
+
+    \b
+    Example:
+      mellow bench mmau --data mmau-test-mini.json --audio-dir mmau/ --mode choices
+    """
+    raise MellowError("`mellow bench mmau` is not available in this version yet")
+
+
+@bench_app.command("speed")
+def bench_speed(
+    model: ModelOpt = "v0",
+    device: DeviceOpt = Device.auto,
+    threads: ThreadsOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Measure load time, encoder time, time to first token and tokens/s on this machine.
+
+    \b
+    Example:
+      mellow bench speed --model v0 --threads 4
+    """
+    raise MellowError("`mellow bench speed` is not available in this version yet")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mellow {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+) -> None:
+    """Ask questions about sounds, caption and compare recordings, from the command line."""
+
+
+def _click_exceptions():
+    try:  # recent Typer vendors its own copy of click
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point: run the app, turning every failure into one line on stderr and an exit code."""
+    from . import render
+
+    click = _click_exceptions()
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        app(args=argv, prog_name="mellow", standalone_mode=False)
+        code = 0
+    except typer.Exit as e:
+        code = e.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        render.error("interrupted")
+        code = 130
+    except click.NoArgsIsHelpError as e:  # bare `mellow` or `mellow ask`: the help, as usual
+        e.show()
+        code = e.exit_code
+    except click.ClickException as e:  # usage errors: one line, with where to look
+        hint = f" (see: {e.ctx.command_path} --help)" if getattr(e, "ctx", None) else ""
+        render.error(e.format_message() + hint)
+        code = e.exit_code
+    except MellowError as e:
+        if debug:
+            raise
+        render.error(str(e))
+        code = e.exit_code
+    except Exception as e:  # a bug: still one line; the traceback only with --debug
+        if debug:
+            raise
+        render.error(f"unexpected {type(e).__name__}: {e} (run again with --debug for the traceback)")
+        code = 1
+    sys.exit(code)

@@ -1,0 +1,95 @@
+"""Everything the user sees: results on stdout, logs, progress and errors on stderr.
+
+The only module that imports Rich, and only when something is first drawn, so `mellow --help`
+never pays for it. Rich already honours NO_COLOR and writes plain text when the stream is not a
+terminal; errors bypass Rich entirely so they stay exactly one line however wide the terminal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from typing import Iterable, Iterator
+
+QUIET, NORMAL, VERBOSE = 0, 1, 2
+_level = NORMAL
+_consoles: dict[str, object] = {}
+
+
+def configure(quiet: bool = False, verbose: bool = False) -> None:
+    global _level
+    _level = QUIET if quiet else VERBOSE if verbose else NORMAL
+
+
+def _console(stream: str):
+    """A Rich console on stdout or stderr, made on first use."""
+    if stream not in _consoles:
+        from rich.console import Console
+
+        _consoles[stream] = Console(stderr=(stream == "stderr"), highlight=False, soft_wrap=True)
+    return _consoles[stream]
+
+
+def error(message: str) -> None:
+    """`mellow: error: <message>` on one line of stderr, whatever the verbosity."""
+    one_line = " ".join(str(message).split())
+    sys.stderr.write(f"mellow: error: {one_line}\n")
+    sys.stderr.flush()
+
+
+def warn(message: str) -> None:
+    if _level >= NORMAL:
+        sys.stderr.write(f"mellow: warning: {message}\n")
+        sys.stderr.flush()
+
+
+def info(message: str) -> None:
+    """Progress notes (loading the model, where it came from) on stderr; hidden by --quiet."""
+    if _level >= NORMAL:
+        _console("stderr").print(message, style="dim", markup=False)
+
+
+def debug(message: str) -> None:
+    if _level >= VERBOSE:
+        _console("stderr").print(message, style="dim", markup=False)
+
+
+@contextlib.contextmanager
+def status(message: str) -> Iterator[None]:
+    """A spinner on stderr while something slow happens (only on a terminal, never with -q)."""
+    console = _console("stderr") if _level >= NORMAL else None
+    if console is None or not console.is_terminal:
+        if console is not None:
+            info(message)
+        yield
+        return
+    with console.status(message):
+        yield
+
+
+def stream_answer(pieces: Iterable[str]) -> str:
+    """Write text pieces to stdout as they arrive, then a newline; return the whole text.
+
+    Plain writes with a flush per piece: they reach a pipe as soon as they are decoded, and on a
+    terminal they appear token by token.
+    """
+    out = sys.stdout
+    parts = []
+    for piece in pieces:
+        parts.append(piece)
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    out.flush()
+    return "".join(parts)
+
+
+def result_line(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def result_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
