@@ -1,0 +1,69 @@
+"""Our SmolLM2 module against transformers' LlamaForCausalLM: same keys, same logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mellow_cli.config import MellowConfig
+from mellow_cli.model.llama import LlamaForCausalLM, init_rotary, transformers_twin
+from mellow_cli.model.tokenizer import Tokenizer
+
+TINY = MellowConfig.tiny()
+
+
+def test_same_keys_and_logits_as_transformers_on_random_weights():
+    torch.manual_seed(0)
+    ours = LlamaForCausalLM(TINY).eval()
+    ref = transformers_twin(ours)
+    assert type(ref).__module__.startswith("transformers.")
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(2, 40, TINY.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(inputs_embeds=x).logits, ref(inputs_embeds=x).logits, atol=1e-5, rtol=1e-5)
+        ids = torch.randint(0, TINY.vocab_size, (1, 7))
+        torch.testing.assert_close(ours(input_ids=ids, logits_to_keep=1).logits, ref(input_ids=ids).logits[:, -1:],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_head_is_tied_to_the_embedding():
+    lm = LlamaForCausalLM(TINY)
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight
+
+
+def test_meta_build_then_rotary_init_matches_a_normal_build():
+    normal = LlamaForCausalLM(TINY)
+    with torch.device("meta"):
+        empty = LlamaForCausalLM(TINY)
+    empty.load_state_dict(normal.state_dict(), assign=True)
+    init_rotary(empty)
+    assert torch.equal(empty.model.rotary_emb.inv_freq, normal.model.rotary_emb.inv_freq)
+
+
+@pytest.mark.slow
+def test_real_smollm2_logits_match_transformers(smollm2_dir):
+    from safetensors.torch import load_file
+
+    cfg = MellowConfig.v0()
+    weights = load_file(str(smollm2_dir / "lm.safetensors"))
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    ours = LlamaForCausalLM(cfg).eval()
+    ours.load_state_dict(weights, strict=True)
+    ref = transformers_twin(ours)
+    tok = Tokenizer(smollm2_dir)
+    ids = torch.tensor([tok.encode("The sound of rain on a tin roof is")])
+    with torch.no_grad():
+        a, b = ours(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert (a - b).abs().max() < 1e-3
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+@pytest.mark.slow
+def test_tokenizer_matches_transformers(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    ours, ref = Tokenizer(smollm2_dir), AutoTokenizer.from_pretrained(str(smollm2_dir))
+    for text in ["caption the audio.", "a dog barks 3 times — 日本語 🐶", "<|endoftext|>x<|im_start|>", "  two  spaces "]:
+        ids = ours(text)["input_ids"]
+        assert ids == ref(text)["input_ids"]
+        assert ours.decode(ids) == ref.decode(ids)
