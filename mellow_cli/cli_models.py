@@ -1,0 +1,113 @@
+"""`mellow models`: what is cached, fetch a model ahead of time, remove one, say where one lives.
+
+cli.py mounts it with `app.add_typer(models_app, name="models")`. Results go to stdout (one line
+per model, or JSON lines with --json), progress and errors to stderr; every failure is a ModelError
+that `mellow`'s main prints as one line. loading.py does the work and is imported inside each
+command, so `mellow --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+models_app = typer.Typer(
+    help="List, fetch, remove and locate the models in the cache (MELLOW_HOME moves it).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+NameArg = Annotated[str, typer.Argument(metavar="NAME", help="v0, v0_s, a hub id user/repo, or a local checkpoint file.", show_default=False)]
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _note(message: str) -> None:
+    sys.stderr.write(f"mellow: {message}\n")
+
+
+@models_app.command("list")
+def list_models(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per model instead of columns.")] = False,
+) -> None:
+    """Show the cached models: name, size on disk, hub revision, where each came from.
+
+    \b
+    Example:
+      mellow models list
+    """
+    from . import loading
+
+    entries = loading.cached_models()
+    if as_json:
+        for e in entries:
+            sys.stdout.write(json.dumps({"name": e.name, "path": str(e.folder), "bytes": e.size,
+                                         "revision": e.revision, "source": e.origin, "created": e.created}) + "\n")
+    elif entries:
+        rows = [("NAME", "SIZE", "REVISION", "SOURCE")]
+        rows += [(e.name, _mb(e.size), (e.revision or "-")[:12], e.origin) for e in entries]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        for r in rows:
+            sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3] + "\n")
+    else:
+        _note(f"no models in {loading.cache_dir()}: `mellow models pull v0` fetches the published one")
+    partial = loading.partial_downloads()
+    if partial:
+        _note(f"{_mb(sum(size for _, size in partial))} of unfinished downloads in "
+              f"{loading.cache_dir() / 'downloads'}: the next pull resumes them, `mellow models rm NAME` deletes them")
+
+
+@models_app.command("pull")
+def pull(
+    name: NameArg = "v0",
+    force: Annotated[bool, typer.Option("--force", help="Discard the cached copy and fetch it again.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; print only the path.")] = False,
+) -> None:
+    """Download a model into the cache and convert it, without running it; print its folder.
+
+    A pull of a cached model re-checks every byte (sha256) and repairs what is damaged.
+    An interrupted download resumes where it stopped.
+
+    \b
+    Examples:
+      mellow models pull v0
+      mellow models pull someone/mellow-birds
+      HF_ENDPOINT=https://hf-mirror.com mellow models pull v0
+    """
+    from . import loading
+
+    files = loading.pull(name, force=force, progress=not quiet)
+    sys.stdout.write(f"{files.folder or files.weights}\n")
+
+
+@models_app.command("rm")
+def rm(name: NameArg) -> None:
+    """Delete a cached model and its unfinished downloads.
+
+    \b
+    Example:
+      mellow models rm v0_s
+    """
+    from . import loading
+
+    freed = loading.remove(name)
+    sys.stdout.write(f"removed {name} ({_mb(freed)})\n")
+
+
+@models_app.command("path")
+def path(name: Annotated[Optional[str], typer.Argument(metavar="[NAME]", help="A model; without it, the cache folder itself.", show_default=False)] = None) -> None:
+    """Print where a cached model lives (a folder usable as --model), or the cache folder.
+
+    \b
+    Examples:
+      mellow models path
+      mellow models path v0
+    """
+    from . import loading
+
+    sys.stdout.write(f"{loading.cache_dir() if name is None else loading.model_path(name)}\n")
