@@ -14,6 +14,8 @@ from typing import Annotated, List, Optional
 import typer
 
 from . import __version__
+from .api import CAPTION_PROMPT, COMPARE_PROMPT  # api imports torch only inside its functions
+from .cli_models import models_app
 from .errors import MellowError, UsageError
 
 app = typer.Typer(
@@ -28,6 +30,7 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Score a model on a benchmark or measure its speed.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.add_typer(models_app, name="models")
 
 
 class Device(str, Enum):
@@ -158,10 +161,6 @@ def _split_choices(choices: Optional[str]) -> Optional[list[str]]:
     if len(items) < 2 or not all(items):
         raise UsageError('--choices needs at least two non-empty choices separated by "|", e.g. "dog|cat"')
     return items
-
-
-COMPARE_PROMPT = "explain the difference between the two audios in detail."
-CAPTION_PROMPT = "caption the audio."
 
 
 @app.command(no_args_is_help=True)
@@ -333,8 +332,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:
-        app(args=argv, prog_name="mellow", standalone_mode=False)
-        code = 0
+        # Without standalone mode click returns a command's typer.Exit code instead of raising it.
+        result = app(args=argv, prog_name="mellow", standalone_mode=False)
+        code = result if isinstance(result, int) else 0
     except typer.Exit as e:
         code = e.exit_code
     except (typer.Abort, KeyboardInterrupt):

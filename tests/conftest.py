@@ -75,3 +75,38 @@ def smollm2_dir(pytestconfig) -> Path:
         save_file(state, str(tmp))
         os.replace(tmp, weights)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(smollm2_dir, tmp_path_factory) -> Path:
+    """A model folder of ours (model.safetensors + config.json + tokenizer files): the `tiny`
+    preset with seeded random weights and the real SmolLM2 tokenizer. Usable as `--model DIR`."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from mellow_cli.config import MellowConfig
+    from mellow_cli.model.mellow import Mellow
+
+    torch.manual_seed(0)
+    cfg = MellowConfig.tiny()
+    net = Mellow.from_config(cfg, device="cpu")
+    state = {k: v.contiguous() for k, v in net.state_dict().items() if k != "caption_decoder.lm.lm_head.weight"}
+    out = tmp_path_factory.mktemp("tiny_model")
+    save_file(state, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(cfg.to_dict()))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(smollm2_dir / f, out / f)
+    return out
+
+
+def write_tone(path: Path, freq: float = 440.0, seconds: float = 2.0, sr: int = 16000, amp: float = 0.3) -> Path:
+    """A sine tone file: the smallest real audio a test can ask about."""
+    import numpy as np
+    import soundfile as sf
+
+    t = np.arange(int(seconds * sr)) / sr
+    sf.write(str(path), (amp * np.sin(2 * np.pi * freq * t)).astype("float32"), sr)
+    return path

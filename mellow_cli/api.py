@@ -1,0 +1,201 @@
+"""The public Python API: everything the CLI does, callable from a script or a notebook.
+
+    import mellow_cli
+    model = mellow_cli.load_model("v0")                 # a name, a checkpoint path or user/repo
+    model.ask("dog.wav", None, "is there a dog barking?")
+    model.choose("street.wav", None, "what is the main sound?", ["car", "rain", "birds"]).choice
+
+Audio arguments are paths (`-` for stdin) or float32 mono arrays at 32 kHz. Mellow always hears two
+clips: `audio2=None` pairs a clip with itself. Each clip's embedding is computed once per model and
+reused when the same clip appears in many questions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Sequence, Union
+
+from .config import DecodingOptions
+from .errors import ModelError, UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from .generate import ChoiceScore
+
+AudioInput = Union[str, os.PathLike, "np.ndarray"]
+Question = tuple  # (audio1, audio2 or None, prompt)
+
+CAPTION_PROMPT = "caption the audio."  # the reference's captioning example
+COMPARE_PROMPT = "explain the difference between the two audios in detail."  # ... and its difference example
+
+
+@dataclass(frozen=True)
+class ChoiceResult:
+    """A multiple-choice answer scored by likelihood: always exactly one of the choices."""
+
+    choice: str  # the most probable choice
+    scores: tuple["ChoiceScore", ...]  # per choice: log-probability of its tokens (and the end of text)
+    probabilities: tuple[float, ...]  # the model's distribution restricted to these choices
+
+    def as_dict(self) -> list[dict]:
+        return [
+            {"choice": s.text, "probability": round(p, 6), "logprob": round(s.logprob, 4)}
+            for s, p in zip(self.scores, self.probabilities)
+        ]
+
+
+def pick_device(device: str = "auto") -> "torch.device":
+    """auto -> cuda, then mps, then cpu. Asking for a device that is absent is a clear error."""
+    import torch
+
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if device == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if device == "cuda" and not cuda:
+        raise ModelError(f"--device cuda: no CUDA device is available (torch {torch.__version__}); "
+                         "use --device cpu, or install a CUDA build of torch (see README)")
+    if device == "mps" and not mps:
+        raise ModelError("--device mps: Apple's MPS backend is not available here; use --device cpu")
+    if device not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"unknown device {device!r}: use auto, cpu, cuda or mps")
+    return torch.device(device)
+
+
+def pick_dtype(device: "torch.device", dtype: str | None = None) -> "torch.dtype":
+    """float32 on CPU and MPS (what the reference numbers are); bfloat16 on a GPU that has it."""
+    import torch
+
+    if dtype is not None:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_model(name: str = "v0", device: str = "auto", dtype: str | None = None, progress: bool = True) -> "MellowModel":
+    """Resolve a model name or path, download it once if needed, and load it ready to answer."""
+    from . import loading
+    from .model.tokenizer import Tokenizer
+
+    target = pick_device(device)
+    net, files = loading.load(name, device="cpu", progress=progress)
+    net = net.to(device=target, dtype=pick_dtype(target, dtype))
+    return MellowModel(net, Tokenizer(files.tokenizer_dir), name=files.name, revision=files.revision)
+
+
+class MellowModel:
+    """A loaded Mellow with its tokenizer: ask, stream, choose, caption, compare."""
+
+    def __init__(self, net, tokenizer, name: str, revision: str | None = None, clip_cache: int = 256):
+        self.net = net.eval()
+        self.tokenizer = tokenizer
+        self.cfg = net.cfg
+        self.name = name
+        self.revision = revision
+        self._clips: OrderedDict[bytes, "torch.Tensor"] = OrderedDict()
+        self._clip_cache = clip_cache
+
+    @property
+    def device(self) -> "torch.device":
+        return self.net.lm.model.embed_tokens.weight.device
+
+    # --- clips and prefixes ----------------------------------------------------------------------
+
+    def load_clip(self, audio: AudioInput) -> "np.ndarray":
+        """A path (or `-`) is decoded with the default window; an array is taken as 32 kHz mono."""
+        from .audio import fit_clip, load_clip
+
+        if isinstance(audio, (str, os.PathLike)):
+            return load_clip(audio, sr=self.cfg.sample_rate, clip_seconds=self.cfg.clip_seconds)
+        return fit_clip(audio, self.cfg.clip_samples)
+
+    def embed_clips(self, clips: Sequence["np.ndarray"], batch_size: int = 8) -> "torch.Tensor":
+        """(N, audio_tokens, hidden) for N clips; clips seen before come from the cache."""
+        import torch
+
+        keys = [hashlib.blake2b(c.astype("float32").tobytes(), digest_size=16).digest() for c in clips]
+        todo = list(OrderedDict.fromkeys(k for k in keys if k not in self._clips))
+        waves = {k: c for k, c in zip(keys, clips)}
+        with torch.inference_mode():
+            for i in range(0, len(todo), batch_size):
+                chunk = todo[i : i + batch_size]
+                wav = torch.stack([torch.from_numpy(waves[k]).float() for k in chunk]).to(self.device)
+                for k, emb in zip(chunk, self.net.encode_audio(wav.to(self._dtype))):
+                    self._remember(k, emb)
+        for k in keys:
+            self._clips.move_to_end(k)
+        return torch.stack([self._clips[k] for k in keys])
+
+    def _remember(self, key: bytes, emb: "torch.Tensor") -> None:
+        self._clips[key] = emb
+        while len(self._clips) > self._clip_cache:
+            self._clips.popitem(last=False)
+
+    @property
+    def _dtype(self) -> "torch.dtype":
+        return self.net.lm.model.embed_tokens.weight.dtype
+
+    def prefix(self, questions: Sequence[Question]) -> "torch.Tensor":
+        """(B, prefix_len, hidden) input embeddings for B (audio1, audio2|None, prompt) rows."""
+        import torch
+
+        from .model.mellow import tokenize_prompts
+
+        first = [self.load_clip(a1) for a1, _, _ in questions]
+        second = [c if a2 is None else self.load_clip(a2) for c, (_, a2, _) in zip(first, questions)]
+        clips = self.embed_clips(first + second)
+        ids = tokenize_prompts(self.tokenizer, [q for _, _, q in questions], self.cfg).to(self.device)
+        with torch.inference_mode():
+            return self.net.embed_prefix(clips[: len(first)], clips[len(first) :], ids)
+
+    # --- answers ---------------------------------------------------------------------------------
+
+    def stream(self, audio1: AudioInput, audio2: AudioInput | None, question: str,
+               options: DecodingOptions = DecodingOptions()) -> Iterator[str]:
+        """The answer as text pieces, each yielded as soon as it is decoded."""
+        from .generate import stream
+
+        prefix = self.prefix([(audio1, audio2, question)])
+        for _, piece in stream(self.net.lm, self.tokenizer, prefix, options, self.cfg.eos_token_id):
+            yield piece
+
+    def ask(self, audio1: AudioInput, audio2: AudioInput | None, question: str,
+            options: DecodingOptions = DecodingOptions()) -> str:
+        return self.ask_batch([(audio1, audio2, question)], options)[0]
+
+    def ask_batch(self, questions: Sequence[Question], options: DecodingOptions = DecodingOptions()) -> list[str]:
+        """Answers for many (audio1, audio2|None, question) rows, decoded together as one batch."""
+        from .generate import generate
+
+        if not questions:
+            return []
+        return generate(self.net.lm, self.tokenizer, self.prefix(questions), options, eos_id=self.cfg.eos_token_id)
+
+    def caption(self, audio: AudioInput, prompt: str = CAPTION_PROMPT, options: DecodingOptions = DecodingOptions()) -> str:
+        return self.ask(audio, None, prompt, options)
+
+    def compare(self, audio1: AudioInput, audio2: AudioInput, prompt: str = COMPARE_PROMPT,
+                options: DecodingOptions = DecodingOptions()) -> str:
+        return self.ask(audio1, audio2, prompt, options)
+
+    def choose(self, audio1: AudioInput, audio2: AudioInput | None, question: str, choices: Sequence[str]) -> ChoiceResult:
+        """Pick one of `choices` by the probability the model gives each as the whole answer
+        (its tokens, then the end of text), after the question as asked."""
+        from .generate import score_choices
+
+        if len(choices) < 2:
+            raise UsageError("give at least two choices")
+        prefix = self.prefix([(audio1, audio2, question)])
+        (scores,) = score_choices(self.net.lm, self.tokenizer, prefix, list(choices), append_eos=True,
+                                  eos_id=self.cfg.eos_token_id)
+        top = max(s.logprob for s in scores)
+        weights = [math.exp(s.logprob - top) for s in scores]
+        probabilities = tuple(w / sum(weights) for w in weights)
+        best = max(range(len(scores)), key=lambda i: scores[i].logprob)
+        return ChoiceResult(choice=scores[best].text, scores=tuple(scores), probabilities=probabilities)

@@ -1,0 +1,95 @@
+"""The public Python API over a tiny random model: the wiring from audio to answer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mellow_cli import load_model
+from mellow_cli.config import DecodingOptions
+from mellow_cli.errors import ModelError
+
+from conftest import write_tone
+
+SHORT = DecodingOptions(max_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_model(str(tiny_model_dir), device="cpu", progress=False)
+
+
+def tone(freq: float, seconds: float = 10.0) -> np.ndarray:
+    t = np.arange(int(seconds * 32000)) / 32000
+    return (0.3 * np.sin(2 * np.pi * freq * t)).astype("float32")
+
+
+def test_loads_with_its_config_and_name(model, tiny_model_dir):
+    assert model.cfg.name == "tiny"
+    assert model.name == str(tiny_model_dir)
+    assert model.device.type == "cpu"
+
+
+def test_ask_answers_text_within_the_token_budget(model):
+    answer = model.ask(tone(440), None, "what do you hear?", SHORT)
+    assert isinstance(answer, str)
+    assert len(model.tokenizer(answer, add_special_tokens=False)["input_ids"]) <= SHORT.max_tokens
+
+
+def test_one_clip_is_paired_with_itself(model):
+    a = tone(440)
+    assert model.ask(a, None, "what do you hear?", SHORT) == model.ask(a, a, "what do you hear?", SHORT)
+
+
+def test_paths_and_arrays_give_the_same_answer(model, tmp_path):
+    path = write_tone(tmp_path / "a.wav", 440, seconds=10.0, sr=32000)
+    assert model.ask(str(path), None, "q", SHORT) == model.ask(tone(440), None, "q", SHORT)
+
+
+def test_stream_pieces_join_to_the_answer(model):
+    a, b = tone(440), tone(880)
+    pieces = list(model.stream(a, b, "which is higher?", SHORT))
+    assert "".join(pieces) == model.ask(a, b, "which is higher?", SHORT)
+
+
+def test_batch_equals_one_by_one(model):
+    rows = [(tone(440), None, "what is it?"), (tone(880), tone(220), "compare them."), (tone(330), None, "caption the audio.")]
+    assert model.ask_batch(rows, SHORT) == [model.ask(*row, SHORT) for row in rows]
+
+
+def test_prefix_depends_on_the_audio(model):
+    p1 = model.prefix([(tone(440), None, "q")])
+    p2 = model.prefix([(tone(880), None, "q")])
+    assert p1.shape == (1, model.cfg.prefix_len, model.cfg.hidden_size)
+    assert not np.allclose(p1.numpy(), p2.numpy())
+    # the prompt part is the same text, so those positions agree
+    assert np.allclose(p1[0, -model.cfg.prompt_tokens :].numpy(), p2[0, -model.cfg.prompt_tokens :].numpy())
+
+
+def test_each_clip_is_encoded_once(model, monkeypatch):
+    calls = []
+    encode = model.net.encode_audio
+    monkeypatch.setattr(model.net, "encode_audio", lambda wav: calls.append(len(wav)) or encode(wav))
+    a, b = tone(123), tone(321)
+    model.ask(a, b, "q1", SHORT)
+    model.ask(a, b, "q2", SHORT)
+    model.ask(b, None, "q3", SHORT)
+    assert sum(calls) == 2
+
+
+def test_choose_names_exactly_one_choice_with_probabilities(model):
+    result = model.choose(tone(440), None, "what is it?", ["a dog", "a cat", "a car engine"])
+    assert result.choice in ("a dog", "a cat", "a car engine")
+    assert sum(result.probabilities) == pytest.approx(1.0)
+    best = max(range(3), key=lambda i: result.probabilities[i])
+    assert result.scores[best].text == result.choice
+    assert [d["choice"] for d in result.as_dict()] == ["a dog", "a cat", "a car engine"]
+
+
+def test_missing_cuda_is_a_clear_error(tiny_model_dir):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ModelError, match="no CUDA device"):
+        load_model(str(tiny_model_dir), device="cuda")

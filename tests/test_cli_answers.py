@@ -1,0 +1,119 @@
+"""ask / compare / caption through the real entry point with the tiny model from a local folder:
+stdout carries only answers, stderr only logs and errors, exit codes say what happened."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import write_tone
+
+
+def mellow(*args: str) -> subprocess.CompletedProcess:
+    """`mellow ARGS` in this process (the model loads fast once torch is imported), through the
+    same `main` as the console script, with what a shell would see."""
+    import contextlib
+    import io
+
+    from mellow_cli.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clips")
+    return write_tone(d / "low tone.wav", 220), write_tone(d / "hôhe.flac", 880)
+
+
+def test_ask_streams_the_answer_to_stdout(tiny_model_dir, clips):
+    out = mellow("ask", str(clips[0]), "what do you hear?", "--model", str(tiny_model_dir), "--max-tokens", "5", "-q")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.endswith("\n") and out.stdout.count("\n") >= 1
+    assert out.stderr == ""  # -q: nothing but results
+
+
+def test_ask_json_is_one_parseable_object(tiny_model_dir, clips):
+    out = mellow("ask", str(clips[0]), str(clips[1]), "which is higher?", "--model", str(tiny_model_dir),
+                 "--max-tokens", "5", "--format", "json")
+    assert out.returncode == 0, out.stderr
+    row = json.loads(out.stdout)
+    assert row["audio"] == str(clips[0]) and row["audio2"] == str(clips[1])
+    assert row["question"] == "which is higher?"
+    assert isinstance(row["answer"], str)
+    assert "loading model" in out.stderr  # progress went to stderr, not into the JSON
+
+
+def test_greedy_text_and_json_agree(tiny_model_dir, clips):
+    args = ("ask", str(clips[0]), "q", "--model", str(tiny_model_dir), "--max-tokens", "6", "-q")
+    text = mellow(*args).stdout
+    as_json = json.loads(mellow(*args, "--format", "json").stdout)
+    assert text == as_json["answer"] + "\n"
+
+
+def test_choices_print_exactly_one_choice(tiny_model_dir, clips):
+    out = mellow("ask", str(clips[0]), "what is it?", "--choices", "dog|cat|car", "--model", str(tiny_model_dir), "-q")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() in {"dog", "cat", "car"}
+    out = mellow("ask", str(clips[0]), "what is it?", "--choices", "dog|cat|car", "--model", str(tiny_model_dir),
+                 "-q", "--format", "json")
+    row = json.loads(out.stdout)
+    assert [c["choice"] for c in row["choices"]] == ["dog", "cat", "car"]
+    assert abs(sum(c["probability"] for c in row["choices"]) - 1) < 1e-4
+    assert row["answer"] in {"dog", "cat", "car"}
+
+
+def test_audio_from_stdin(tiny_model_dir, clips):
+    data = clips[1].read_bytes()
+    piped = subprocess.run([sys.executable, "-m", "mellow_cli", "ask", "-", "q", "--model", str(tiny_model_dir),
+                            "--max-tokens", "5", "-q"], input=data, capture_output=True)
+    direct = mellow("ask", str(clips[1]), "q", "--model", str(tiny_model_dir), "--max-tokens", "5", "-q")
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stderr == b""
+    assert piped.stdout.decode() == direct.stdout
+
+
+def test_compare_uses_both_clips(tiny_model_dir, clips):
+    out = mellow("compare", str(clips[0]), str(clips[1]), "--model", str(tiny_model_dir), "--max-tokens", "5",
+                 "-q", "--format", "json")
+    assert out.returncode == 0, out.stderr
+    row = json.loads(out.stdout)
+    assert row["question"] == "explain the difference between the two audios in detail."
+
+
+def test_caption_goes_on_past_a_bad_file_and_exits_1(tiny_model_dir, clips, tmp_path):
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"RIFF....WAVEfmt nonsense")
+    out = mellow("caption", str(clips[0]), str(bad), str(clips[1]), "--model", str(tiny_model_dir),
+                 "--max-tokens", "4", "--format", "json", "-q")
+    assert out.returncode == 1
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["audio"] for r in rows] == [str(clips[0]), str(clips[1])]
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith(f"mellow: error: {bad}: ")
+
+
+def test_missing_model_folder_is_one_line(clips, tmp_path):
+    out = mellow("ask", str(clips[0]), "q", "--model", str(tmp_path / "nowhere" / "model.ckpt"), "-q")
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith(f"mellow: error: {tmp_path}")
+    assert "Traceback" not in out.stderr
+
+
+def test_cuda_requested_without_cuda_is_one_line(tiny_model_dir, clips):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = mellow("ask", str(clips[0]), "q", "--model", str(tiny_model_dir), "--device", "cuda", "-q")
+    assert out.returncode == 1
+    assert out.stderr.strip().startswith("mellow: error: --device cuda: no CUDA device")
