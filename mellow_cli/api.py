@@ -85,7 +85,11 @@ def load_model(name: str = "v0", device: str = "auto", dtype: str | None = None,
 
     target = pick_device(device)
     net, files = loading.load(name, device="cpu", progress=progress)
-    net = net.to(device=target, dtype=pick_dtype(target, dtype))
+    net = net.to(target)
+    half = pick_dtype(target, dtype)
+    if half != net.lm.model.embed_tokens.weight.dtype:  # mapper + LM only; the encoder stays float32
+        net.audio_encoder.projection.to(half)
+        net.caption_decoder.to(half)
     return MellowModel(net, Tokenizer(files.tokenizer_dir), name=files.name, revision=files.revision)
 
 
@@ -126,7 +130,7 @@ class MellowModel:
             for i in range(0, len(todo), batch_size):
                 chunk = todo[i : i + batch_size]
                 wav = torch.stack([torch.from_numpy(waves[k]).float() for k in chunk]).to(self.device)
-                for k, emb in zip(chunk, self.net.encode_audio(wav.to(self._dtype))):
+                for k, emb in zip(chunk, self.net.encode_audio(wav)):
                     self._remember(k, emb)
         for k in keys:
             self._clips.move_to_end(k)
@@ -136,10 +140,6 @@ class MellowModel:
         self._clips[key] = emb
         while len(self._clips) > self._clip_cache:
             self._clips.popitem(last=False)
-
-    @property
-    def _dtype(self) -> "torch.dtype":
-        return self.net.lm.model.embed_tokens.weight.dtype
 
     def prefix(self, questions: Sequence[Question]) -> "torch.Tensor":
         """(B, prefix_len, hidden) input embeddings for B (audio1, audio2|None, prompt) rows."""

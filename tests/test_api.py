@@ -93,3 +93,16 @@ def test_missing_cuda_is_a_clear_error(tiny_model_dir):
         pytest.skip("this machine has CUDA")
     with pytest.raises(ModelError, match="no CUDA device"):
         load_model(str(tiny_model_dir), device="cuda")
+
+
+def test_half_precision_keeps_the_encoder_in_float32(tiny_model_dir):
+    """The GPU path (bfloat16 mapper and LM, float32 front end and encoder), exercised on the CPU."""
+    import torch
+
+    half = load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16", progress=False)
+    assert half.net.audio_encoder.base.c2l.weight.dtype == torch.float32
+    assert half.net.lm.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert half.net.audio_encoder.projection.linear1.weight.dtype == torch.bfloat16
+    answer = half.ask(tone(440), None, "what do you hear?", SHORT)
+    assert isinstance(answer, str)
+    assert half.embed_clips([tone(440)]).dtype == torch.bfloat16

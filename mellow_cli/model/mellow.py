@@ -47,7 +47,11 @@ class AudioEncoder(nn.Module):
         self.projection = Projection(cfg.audio_dim, cfg.hidden_size)
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        return self.projection(self.base(wav))
+        # The encoder may stay float32 (its STFT kernels and mel matrix lose too much in half
+        # precision) while the mapper and language model run in bfloat16 on a GPU: meet at the
+        # mapper's dtype.
+        frames = self.base(wav.to(self.base.c2l.weight.dtype))
+        return self.projection(frames.to(self.projection.linear1.weight.dtype))
 
 
 class CaptionDecoder(nn.Module):
