@@ -106,3 +106,16 @@ def test_half_precision_keeps_the_encoder_in_float32(tiny_model_dir):
     answer = half.ask(tone(440), None, "what do you hear?", SHORT)
     assert isinstance(answer, str)
     assert half.embed_clips([tone(440)]).dtype == torch.bfloat16
+
+
+def test_float16_on_cpu_stores_lm_matrices_in_half_and_still_answers(tiny_model_dir, model):
+    import torch
+
+    fast = load_model(str(tiny_model_dir), device="cpu", dtype="float16", progress=False)
+    lm = fast.net.lm
+    assert lm.model.layers[0].self_attn.q_proj.weight.dtype == torch.float16
+    assert lm.model.embed_tokens.weight.dtype == torch.float32  # looked up, not streamed: stays exact
+    assert fast.net.audio_encoder.projection.linear1.weight.dtype == torch.float32
+    a = tone(440)
+    # tiny random weights have no near ties to speak of: the half-weight answer matches float32
+    assert fast.ask(a, None, "q", SHORT) == model.ask(a, None, "q", SHORT)

@@ -117,3 +117,10 @@ def test_cuda_requested_without_cuda_is_one_line(tiny_model_dir, clips):
     out = mellow("ask", str(clips[0]), "q", "--model", str(tiny_model_dir), "--device", "cuda", "-q")
     assert out.returncode == 1
     assert out.stderr.strip().startswith("mellow: error: --device cuda: no CUDA device")
+
+
+def test_dtype_float16_on_cpu(tiny_model_dir, clips):
+    out = mellow("ask", str(clips[0]), "q", "--model", str(tiny_model_dir), "--max-tokens", "4", "-q", "--dtype", "float16")
+    assert out.returncode == 0, out.stderr
+    ref = mellow("ask", str(clips[0]), "q", "--model", str(tiny_model_dir), "--max-tokens", "4", "-q")
+    assert out.stdout == ref.stdout
