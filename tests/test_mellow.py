@@ -250,3 +250,18 @@ def test_real_weights_cached_greedy_equals_the_reference_loop(golden_model, toke
             x = torch.cat([x, lm.model.embed_tokens(reference[-1][:, None])], dim=1)
     assert torch.equal(ours, torch.stack(reference, dim=1))
     assert all(len(set(row.tolist())) > 5 for row in ours)
+
+
+def test_meta_build_stays_off_torch_dynamo():
+    """Building v0 on the meta device must not import torch._dynamo (1.3 s of start-up that
+    meta-device init and constant buffers would otherwise cost every `mellow ask`)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\nfrom mellow_cli.config import MellowConfig\nfrom mellow_cli.model.mellow import Mellow\n"
+            "m = Mellow.from_config(MellowConfig.v0(), 'meta')\n"
+            "assert m.lm.model.layers[0].mlp.up_proj.weight.is_meta\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -42,9 +42,11 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, cfg: MellowConfig, device=None):
         super().__init__()
         dim = cfg.hidden_size // cfg.num_attention_heads
-        exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
-        # Not in the checkpoint: recomputed after a meta-device build (see init_rotary).
-        self.register_buffer("inv_freq", 1.0 / (cfg.rope_theta**exponent), persistent=False)
+        # Computed on the CPU even inside `with torch.device("meta")`: see frontend.constant.
+        exponent = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+        inv_freq = 1.0 / (cfg.rope_theta**exponent)
+        # Not in the checkpoint: recomputed on the weights' device after a meta build (init_rotary).
+        self.register_buffer("inv_freq", inv_freq.to(device or torch.get_default_device()), persistent=False)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
