@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from typing import Iterable, Iterator
 
@@ -27,7 +28,11 @@ def _console(stream: str):
     if stream not in _consoles:
         from rich.console import Console
 
-        _consoles[stream] = Console(stderr=(stream == "stderr"), highlight=False, soft_wrap=True)
+        # Rich's own NO_COLOR handling drops colours but keeps styles such as dim; the convention
+        # (no-color.org) is no escape codes at all.
+        plain = bool(os.environ.get("NO_COLOR"))
+        _consoles[stream] = Console(stderr=(stream == "stderr"), highlight=False, soft_wrap=True,
+                                    color_system=None if plain else "auto")
     return _consoles[stream]
 
 

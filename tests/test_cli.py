@@ -115,3 +115,18 @@ def test_unexpected_error_message_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "ZeroDivisionError" in err and "--debug" in err
+
+
+@pytest.mark.parametrize(
+    "env, styled",
+    [({"FORCE_COLOR": "1"}, True), ({"FORCE_COLOR": "1", "NO_COLOR": "1"}, False), ({}, False)],
+    ids=["forced-terminal", "no-color", "not-a-terminal"],
+)
+def test_logs_are_plain_text_with_no_color_or_without_a_terminal(env, styled):
+    import os
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE")}
+    out = subprocess.run([sys.executable, "-c", "from mellow_cli import render; render.info('loading model v0')"],
+                         capture_output=True, text=True, env={**clean, **env})
+    assert "loading model v0" in out.stderr
+    assert ("\x1b[" in out.stderr) is styled
