@@ -53,12 +53,13 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-# The published weights. Pin MELLOW_REVISION to a commit sha of https://huggingface.co/soham97/mellow
-# (the "History" tab, or `huggingface_hub.HfApi().model_info("soham97/mellow").sha`) so every
-# user gets the same bytes; until it is pinned, the first download records the commit and the
-# sha256 it got (models/<name>/source.json), and later runs keep using those bytes.
+# The published weights, pinned to one commit of https://huggingface.co/soham97/mellow so every
+# user gets the same bytes. This sha is the one other public Mellow tools pin (it could not be
+# checked from this offline build machine); to move it, take the sha from the repo's "History" tab
+# or `huggingface_hub.HfApi().model_info("soham97/mellow").sha`. Every download also records the
+# commit and sha256 it received (models/<name>/source.json), and later runs use exactly those bytes.
 MELLOW_REPO = "soham97/mellow"
-MELLOW_REVISION = "main"
+MELLOW_REVISION = "83672db0dae28764e283210d5bb732621e903d8a"
 # The tokenizer the published model was trained with (base SmolLM2, not Instruct), pinned.
 TOKENIZER_REPO = "HuggingFaceTB/SmolLM2-135M"
 TOKENIZER_REVISION = "93efa2f097d58c2a74874c7e644dbc9b0cee75a2"
