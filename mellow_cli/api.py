@@ -72,7 +72,10 @@ def pick_dtype(device: "torch.device", dtype: str | None = None) -> "torch.dtype
     import torch
 
     if dtype is not None:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if dtype not in dtypes:
+            raise UsageError(f"unknown dtype {dtype!r}: use {', '.join(dtypes)}")
+        return dtypes[dtype]
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
@@ -104,6 +107,7 @@ def load_model(name: str = "v0", device: str = "auto", dtype: str | None = None,
     from .model.tokenizer import Tokenizer
 
     target = pick_device(device)
+    pick_dtype(target, dtype)  # an unknown dtype fails before the weights load
     net, files = loading.load(name, device="cpu", progress=progress)
     set_precision(net.to(target), target, dtype)
     return MellowModel(net, Tokenizer(files.tokenizer_dir), name=files.name, revision=files.revision)
@@ -140,17 +144,21 @@ class MellowModel:
         import torch
 
         keys = [hashlib.blake2b(c.astype("float32").tobytes(), digest_size=16).digest() for c in clips]
-        todo = list(OrderedDict.fromkeys(k for k in keys if k not in self._clips))
+        # This call's embeddings are held here, not read back from the cache: a batch with more
+        # distinct clips than the cache holds evicts its own first clips before the end.
+        found = {k: self._clips[k] for k in keys if k in self._clips}
+        for k in found:
+            self._clips.move_to_end(k)
+        todo = list(OrderedDict.fromkeys(k for k in keys if k not in found))
         waves = {k: c for k, c in zip(keys, clips)}
         with torch.inference_mode():
             for i in range(0, len(todo), batch_size):
                 chunk = todo[i : i + batch_size]
                 wav = torch.stack([torch.from_numpy(waves[k]).float() for k in chunk]).to(self.device)
                 for k, emb in zip(chunk, self.net.encode_audio(wav)):
+                    found[k] = emb
                     self._remember(k, emb)
-        for k in keys:
-            self._clips.move_to_end(k)
-        return torch.stack([self._clips[k] for k in keys])
+        return torch.stack([found[k] for k in keys])
 
     def _remember(self, key: bytes, emb: "torch.Tensor") -> None:
         self._clips[key] = emb

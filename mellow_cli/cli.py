@@ -16,7 +16,7 @@ import typer
 from . import __version__
 from .api import CAPTION_PROMPT, COMPARE_PROMPT  # api imports torch only inside its functions
 from .cli_models import models_app
-from .errors import MellowError, UsageError
+from .errors import AudioError, MellowError, UsageError
 
 app = typer.Typer(
     name="mellow",
@@ -241,12 +241,13 @@ def caption(
     for path in audio:
         try:
             (clip,) = _load_clips([path], offset, duration)
-            loaded = loaded or _load_model(model, device, dtype)
-            text = loaded.ask(clip, clip, prompt, opts)
-        except MellowError as e:  # one bad file never stops the others
+        except AudioError as e:  # one bad file never stops the others
             render.error(str(e))
             failed += 1
             continue
+        # A model that cannot load ends the run: retrying it for each file only repeats the error.
+        loaded = loaded or _load_model(model, device, dtype)
+        text = loaded.ask(clip, clip, prompt, opts)
         if fmt is AnswerFormat.json:
             render.result_json({"audio": path, "question": prompt, "answer": text, "model": loaded.name})
         elif len(audio) > 1:

@@ -23,14 +23,6 @@ models_app = typer.Typer(
 NameArg = Annotated[str, typer.Argument(metavar="NAME", help="v0, v0_s, a hub id user/repo, or a local checkpoint file.", show_default=False)]
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
-
-
-def _note(message: str) -> None:
-    sys.stderr.write(f"mellow: {message}\n")
-
-
 @models_app.command("list")
 def list_models(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per model instead of columns.")] = False,
@@ -50,15 +42,15 @@ def list_models(
                                          "revision": e.revision, "source": e.origin, "created": e.created}) + "\n")
     elif entries:
         rows = [("NAME", "SIZE", "REVISION", "SOURCE")]
-        rows += [(e.name, _mb(e.size), (e.revision or "-")[:12], e.origin) for e in entries]
+        rows += [(e.name, loading.megabytes(e.size), (e.revision or "-")[:12], e.origin) for e in entries]
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         for r in rows:
             sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3] + "\n")
     else:
-        _note(f"no models in {loading.cache_dir()}: `mellow models pull v0` fetches the published one")
+        loading.note(f"no models in {loading.cache_dir()}: `mellow models pull v0` fetches the published one")
     partial = loading.partial_downloads()
     if partial:
-        _note(f"{_mb(sum(size for _, size in partial))} of unfinished downloads in "
+        loading.note(f"{loading.megabytes(sum(size for _, size in partial))} of unfinished downloads in "
               f"{loading.cache_dir() / 'downloads'}: the next pull resumes them, `mellow models rm NAME` deletes them")
 
 
@@ -96,7 +88,7 @@ def rm(name: NameArg) -> None:
     from . import loading
 
     freed = loading.remove(name)
-    sys.stdout.write(f"removed {name} ({_mb(freed)})\n")
+    sys.stdout.write(f"removed {name} ({loading.megabytes(freed)})\n")
 
 
 @models_app.command("path")

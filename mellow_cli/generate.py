@@ -21,7 +21,7 @@ used.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -160,7 +160,8 @@ def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     # Keep the most likely tokens until their mass reaches top_p (the token crossing it is kept,
     # as in the reference's filter), drop the rest.
     ordered, order = logits.sort(dim=-1, descending=True)
-    mass_before = ordered.softmax(dim=-1).cumsum(dim=-1) - ordered.softmax(dim=-1)
+    probs = ordered.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
     ordered = ordered.masked_fill(mass_before > top_p, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)
 
@@ -247,14 +248,12 @@ def stream(
 
 def generate(
     lm, tokenizer, prefix: torch.Tensor, options: DecodingOptions = DecodingOptions(),
-    on_text: Callable[[int, str], None] | None = None, eos_id: int = EOS_TOKEN_ID,
+    eos_id: int = EOS_TOKEN_ID,
 ) -> list[str]:
-    """One answer per prefix row. `on_text(row, piece)`, if given, sees the text as it comes."""
+    """One answer per prefix row (`stream` gives the same text as it comes)."""
     texts = [""] * prefix.shape[0]
     for i, piece in stream(lm, tokenizer, prefix, options, eos_id):
         texts[i] += piece
-        if on_text is not None:
-            on_text(i, piece)
     return texts
 
 

@@ -334,34 +334,43 @@ def _download_leftovers(src: ModelSource) -> list[Path]:
 
 def _ensure(src: ModelSource, *, verify: bool, force: bool, progress: bool,
             arch: Architecture | None) -> ModelFiles:
-    if src.kind == "folder":
-        return _local_folder(src, progress)
-    if src.kind == "safetensors":
-        return _local_safetensors(src, progress)
-    folder = cache_dir() / "models" / src.key
-    with _lock(src.key, progress):
-        if not force:
-            files, problem = _cached(src, folder, verify)
-            if files is not None:
-                return files
-            if problem:
-                if _offline() and src.kind != "checkpoint":
-                    raise ModelError(f"{src.name}: the cached copy is damaged ({problem}): run "
-                                     f"`mellow models pull {src.name}` with network to download it again")
-                again = "converting it again" if src.kind == "checkpoint" else "fetching it again"
-                _note(f"{src.name}: the cached copy is damaged ({problem}); {again}", progress)
-        if _offline() and src.kind != "checkpoint":
-            if force:
-                raise ModelError(f"cannot fetch {src.name} again while HF_HUB_OFFLINE is set: unset it, "
-                                 "or drop --force to use the cached copy")
-            raise ModelError(f"{src.name} is not in the cache and HF_HUB_OFFLINE is set: run "
-                             f"`mellow models pull {src.name}` with network, or pass --model PATH")
-        arch = arch or mellow_architecture()
-        if src.kind == "checkpoint":
-            return _convert_local_checkpoint(src, folder, arch, progress)
-        if src.kind == "published":
-            return _pull_published(src, folder, arch, progress)
-        return _pull_hub_folder(src, folder, arch, progress)
+    """The model's files, made local first if needed. An OSError on the way (a cache folder that
+    cannot be written, a checkpoint that cannot be read) becomes a one-line ModelError."""
+    try:
+        if src.kind == "folder":
+            return _local_folder(src, progress)
+        if src.kind == "safetensors":
+            return _local_safetensors(src, progress)
+        folder = cache_dir() / "models" / src.key
+        with _lock(src.key, progress):
+            if not force:
+                files, problem = _cached(src, folder, verify)
+                if files is not None:
+                    return files
+                if problem:
+                    if _offline() and src.kind != "checkpoint":
+                        raise ModelError(f"{src.name}: the cached copy is damaged ({problem}): run "
+                                         f"`mellow models pull {src.name}` with network to download it again")
+                    again = "converting it again" if src.kind == "checkpoint" else "fetching it again"
+                    note(f"{src.name}: the cached copy is damaged ({problem}); {again}", progress)
+            if _offline() and src.kind != "checkpoint":
+                if force:
+                    raise ModelError(f"cannot fetch {src.name} again while HF_HUB_OFFLINE is set: unset it, "
+                                     "or drop --force to use the cached copy")
+                raise ModelError(f"{src.name} is not in the cache and HF_HUB_OFFLINE is set: run "
+                                 f"`mellow models pull {src.name}` with network, or pass --model PATH")
+            arch = arch or mellow_architecture()
+            if src.kind == "checkpoint":
+                return _convert_local_checkpoint(src, folder, arch, progress)
+            if src.kind == "published":
+                return _pull_published(src, folder, arch, progress)
+            return _pull_hub_folder(src, folder, arch, progress)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _disk_full(cache_dir(), src.name) from None
+        where = f" {e.filename}" if e.filename else ""
+        raise ModelError(f"{src.name}: cannot use{where} ({e.strerror or _first_line(e)}): check its permissions, "
+                         "or set MELLOW_HOME to a writable folder") from None
 
 
 def _cached(src: ModelSource, folder: Path, verify: bool) -> tuple[ModelFiles | None, str | None]:
@@ -419,7 +428,7 @@ def _pull_published(src: ModelSource, folder: Path, arch: Architecture, progress
     tokenizer = _tokenizer(cfg, src.name, progress)
     raw = _download(src.repo, src.filename, src.revision, _downloads(src.repo) / src.filename,
                     name=src.name, progress=progress, reserve_factor=2)
-    _note(f"{src.name}: converting {src.filename} to safetensors (once)", progress)
+    note(f"{src.name}: converting {src.filename} to safetensors (once)", progress)
     state = _read_checkpoint(raw["path"], label=f"{src.repo}/{src.filename}")
     state = _fit(state, expected, cfg, label=f"{src.repo}/{src.filename}")
     origin = {k: raw[k] for k in ("repo", "filename", "revision", "commit", "sha256", "size")}
@@ -463,7 +472,7 @@ def _convert_local_checkpoint(src: ModelSource, folder: Path, arch: Architecture
     cfg = _checkpoint_config(src.path)
     expected = _expected_layout(cfg, arch)
     tokenizer = _tokenizer_beside(src.path.parent) or _tokenizer(cfg, src.name, progress)
-    _note(f"{src.name}: converting to safetensors in the cache (once)", progress)
+    note(f"{src.name}: converting to safetensors in the cache (once)", progress)
     stat = src.path.stat()
     state = _fit(_read_checkpoint(src.path, label=src.name), expected, cfg, label=src.name)
     origin = {"path": str(src.path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
@@ -623,7 +632,7 @@ def _download(repo: str, filename: str, revision: str, dest: Path, *, name: str,
     if size is not None:
         _check_space(dest.parent, (size - have) + size * (reserve_factor - 1), name)
     if have:
-        _note(f"{name}: resuming {filename} at {_mb(have)} of {_mb(size)}", progress)
+        note(f"{name}: resuming {filename} at {megabytes(have)} of {megabytes(size)}", progress)
     headers = build_hf_headers(library_name="mellow-cli", library_version=__version__)
     # Download from the commit the metadata came from, so a push in between cannot mix files.
     pinned = hf_hub_url(repo, filename, revision=commit, endpoint=endpoint)
@@ -688,7 +697,7 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
 
 def _interrupted(repo: str, filename: str, name: str, done: int, size: int | None, why) -> ModelError:
     reason = why if isinstance(why, str) else _first_line(why)
-    return ModelError(f"download of {repo}/{filename} stopped at {_mb(done)} of {_mb(size)} ({reason}): "
+    return ModelError(f"download of {repo}/{filename} stopped at {megabytes(done)} of {megabytes(size)} ({reason}): "
                       f"check the network and run `mellow models pull {name}` again; it resumes where it stopped")
 
 
@@ -700,7 +709,7 @@ def _check_space(folder: Path, needed: int, name: str) -> None:
 
 
 def _disk_full(folder: Path, name: str, needed: int | None = None, free: int | None = None) -> ModelError:
-    amount = f" (needs {_mb(needed)}, {_mb(free)} free)" if needed is not None else ""
+    amount = f" (needs {megabytes(needed)}, {megabytes(free)} free)" if needed is not None else ""
     return ModelError(f"not enough disk space in {folder} for {name}{amount}: free some space, or set "
                       "MELLOW_HOME to a folder on a disk with room")
 
@@ -799,14 +808,7 @@ def _fit(state: dict, layout: _Layout, cfg: MellowConfig, *, label: str) -> dict
 
     Tied keys: the reference copies key by key into a tied model, so the last key of a group (the
     LM head) is the value both names end up with; keep that one, under the group's first name."""
-    state = dict(state)
-    for group in layout.tied:
-        present = [n for n in group if n in state]
-        if present:
-            value = state[present[-1]]
-            for n in group:
-                state.pop(n, None)
-            state[group[0]] = value
+    state = _fold_tied(state, layout)
     _raise_on_mismatch(label, cfg, {k: (tuple(v.shape), v.dtype) for k, v in state.items()}, layout)
     fitted = {}
     seen_storages = set()
@@ -821,6 +823,19 @@ def _fit(state: dict, layout: _Layout, cfg: MellowConfig, *, label: str) -> dict
         seen_storages.add(ptr)
         fitted[key] = t
     return fitted
+
+
+def _fold_tied(entries: dict, layout: _Layout) -> dict:
+    """A copy with each tied group under its first name only, holding the group's last present
+    entry (the LM head's, as the reference's key-by-key copy ends up using)."""
+    entries = dict(entries)
+    for group in layout.tied:
+        present = [entries[n] for n in group if n in entries]
+        for n in group:
+            entries.pop(n, None)
+        if present:
+            entries[group[0]] = present[-1]
+    return entries
 
 
 def _raise_on_mismatch(label: str, cfg: MellowConfig, found: dict, layout: _Layout) -> None:
@@ -857,13 +872,7 @@ def _check_safetensors_layout(path: Path, layout: _Layout, cfg: MellowConfig, *,
                      for k in f.keys()}
     except Exception as e:
         raise ModelError(f"{label}: not a readable safetensors file ({_first_line(e)})") from None
-    for group in layout.tied:
-        present = [found[n] for n in group if n in found]
-        for n in group:
-            found.pop(n, None)
-        if present:
-            found[group[0]] = present[-1]
-    _raise_on_mismatch(label, cfg, found, layout)
+    _raise_on_mismatch(label, cfg, _fold_tied(found, layout), layout)
 
 
 def _st_dtype(name: str):
@@ -946,7 +955,7 @@ def _lock(key: str, progress: bool = False) -> Iterator[None]:
         try:
             lock.acquire(timeout=0.5)
         except Timeout:
-            _note(f"{key}: waiting for another mellow process to finish with it", progress)
+            note(f"{key}: waiting for another mellow process to finish with it", progress)
             lock.acquire()
     except OSError:  # a read-only cache (shared, or on a read-only mount) still serves what it has
         yield
@@ -996,7 +1005,8 @@ def _tree_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def _mb(n: int | None) -> str:
+def megabytes(n: int | None) -> str:
+    """A size for messages: "670.1 MB", "?" when unknown (cli_models.py uses it too)."""
     return "?" if n is None else f"{n / 1e6:.1f} MB"
 
 
@@ -1005,8 +1015,9 @@ def _first_line(e: BaseException | str) -> str:
     return text.splitlines()[0][:200]
 
 
-def _note(message: str, enabled: bool) -> None:
-    """Progress notes on stderr, beside huggingface_hub's bars; silent with progress=False."""
+def note(message: str, enabled: bool = True) -> None:
+    """`mellow: <message>` on stderr, beside huggingface_hub's bars; silent when not enabled.
+    cli_models.py uses it too."""
     if enabled:
         sys.stderr.write(f"mellow: {message}\n")
         sys.stderr.flush()

@@ -28,12 +28,15 @@ def _console(stream: str):
     if stream not in _consoles:
         from rich.console import Console
 
-        # Rich's own NO_COLOR handling drops colours but keeps styles such as dim; the convention
-        # (no-color.org) is no escape codes at all.
-        plain = bool(os.environ.get("NO_COLOR"))
         _consoles[stream] = Console(stderr=(stream == "stderr"), highlight=False, soft_wrap=True,
-                                    color_system=None if plain else "auto")
+                                    color_system=None if _no_color() else "auto")
     return _consoles[stream]
+
+
+def _no_color() -> bool:
+    # Rich's own NO_COLOR handling drops colours but keeps styles such as dim, and still animates
+    # spinners; the convention (no-color.org), and docs/cli.md, is no escape codes at all.
+    return bool(os.environ.get("NO_COLOR"))
 
 
 def error(message: str) -> None:
@@ -62,9 +65,10 @@ def debug(message: str) -> None:
 
 @contextlib.contextmanager
 def status(message: str) -> Iterator[None]:
-    """A spinner on stderr while something slow happens (only on a terminal, never with -q)."""
+    """A spinner on stderr while something slow happens (only on a terminal, never with -q or
+    NO_COLOR: then a plain line, or nothing with -q)."""
     console = _console("stderr") if _level >= NORMAL else None
-    if console is None or not console.is_terminal:
+    if console is None or not console.is_terminal or _no_color():
         if console is not None:
             info(message)
         yield

@@ -119,3 +119,21 @@ def test_float16_on_cpu_stores_lm_matrices_in_half_and_still_answers(tiny_model_
     a = tone(440)
     # tiny random weights have no near ties to speak of: the half-weight answer matches float32
     assert fast.ask(a, None, "q", SHORT) == model.ask(a, None, "q", SHORT)
+
+
+def test_a_batch_larger_than_the_clip_cache(tiny_model_dir):
+    small = load_model(str(tiny_model_dir), device="cpu", progress=False)
+    small._clip_cache = 2  # fewer entries than distinct clips in one call
+    clips = [tone(f) for f in (200, 300, 400, 500)]
+    embedded = small.embed_clips(clips)
+    assert embedded.shape[0] == 4
+    assert len(small._clips) == 2
+    one = small.embed_clips([clips[0]])[0]
+    assert np.allclose(embedded[0].numpy(), one.numpy(), atol=1e-6)
+
+
+def test_unknown_dtype_is_a_usage_error_before_loading(tmp_path):
+    from mellow_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown dtype 'fp16'"):
+        load_model(str(tmp_path / "not-even-there"), device="cpu", dtype="fp16")

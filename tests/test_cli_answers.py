@@ -124,3 +124,25 @@ def test_dtype_float16_on_cpu(tiny_model_dir, clips):
     assert out.returncode == 0, out.stderr
     ref = mellow("ask", str(clips[0]), "q", "--model", str(tiny_model_dir), "--max-tokens", "4", "-q")
     assert out.stdout == ref.stdout
+
+
+def test_caption_stops_once_when_the_model_cannot_load(clips, tmp_path):
+    out = mellow("caption", str(clips[0]), str(clips[1]), "--model", str(tmp_path / "missing.ckpt"), "-q")
+    assert out.returncode == 1
+    assert out.stderr.count("mellow: error:") == 1, out.stderr
+    assert out.stdout == ""
+
+
+def test_unwritable_cache_is_one_line(tiny_model_dir, clips, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("MELLOW_HOME", str(blocker / "cache"))
+    ckpt = tmp_path / "model.ckpt"  # a local .ckpt is converted into the cache, which cannot exist
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(tiny_model_dir / "model.safetensors")), ckpt)
+    out = mellow("ask", str(clips[0]), "q", "--model", str(ckpt), "-q")
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("mellow: error: ")
+    assert "unexpected" not in out.stderr
