@@ -16,7 +16,7 @@ import typer
 from . import __version__
 from .api import CAPTION_PROMPT, COMPARE_PROMPT  # api imports torch only inside its functions
 from .cli_models import models_app
-from .errors import AudioError, MellowError, UsageError
+from .errors import MellowError, UsageError
 
 app = typer.Typer(
     name="mellow",
@@ -205,10 +205,22 @@ def compare(
     _answer(model, device, dtype, clips, paths, prompt, _decoding(max_tokens, sample, temperature, top_p, seed), fmt)
 
 
+class BatchFormat(str, Enum):
+    text = "text"
+    json = "json"
+    jsonl = "jsonl"
+    csv = "csv"
+    tsv = "tsv"
+
+
 @app.command(no_args_is_help=True)
 def caption(
-    audio: Annotated[List[str], typer.Argument(metavar="AUDIO...", help="Recordings to caption (or - for audio on stdin).", show_default=False)],
+    audio: Annotated[List[str], typer.Argument(metavar="AUDIO...", help="Recordings: files, folders, globs, @list.txt (one path per line), @- (that list on stdin), or - (audio on stdin).", show_default=False)],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The instruction given with each clip.")] = CAPTION_PROMPT,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Look for audio in subfolders too.")] = False,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write results to this file instead of stdout.")] = None,
+    fmt: Annotated[BatchFormat, typer.Option("--format", "-f", help="text: captions (path<TAB>caption for several files); json, jsonl, csv, tsv: one row per file with audio, question, answer, model, revision, error.")] = BatchFormat.text,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Clips captioned together; the next batch is decoded meanwhile.")] = 8,
     model: ModelOpt = "v0",
     max_tokens: MaxTokensOpt = 300,
     sample: SampleOpt = False,
@@ -216,7 +228,6 @@ def caption(
     top_p: TopPOpt = 0.8,
     offset: OffsetOpt = 0.0,
     duration: DurationOpt = None,
-    fmt: FormatOpt = AnswerFormat.text,
     device: DeviceOpt = Device.auto,
     dtype: DtypeOpt = None,
     threads: ThreadsOpt = None,
@@ -227,35 +238,49 @@ def caption(
 ) -> None:
     """Write a one-sentence caption for each recording.
 
+    A file that cannot be read is reported on stderr (and in its row's error field) and the
+    others are still captioned; the exit code is then 1.
+
     \b
     Examples:
       mellow caption rain.wav
-      mellow caption field/*.flac --format json > captions.jsonl
+      mellow caption field/ --recursive --format jsonl -o captions.jsonl
+      find . -name '*.flac' | mellow caption @- --format csv
     """
-    from . import render
+    from . import batch, render
+    from .audio import load_clip
 
     _setup(quiet, verbose, threads)
+    paths = batch.expand_inputs(audio, recursive)
     opts = _decoding(max_tokens, sample, temperature, top_p, seed)
-    loaded = None
+    loaded = _load_model(model, device, dtype)
+    stream = _open_output(output)
+    writer = batch.RowWriter(fmt.value, stream, many=len(paths) > 1)
     failed = 0
-    for path in audio:
-        try:
-            (clip,) = _load_clips([path], offset, duration)
-        except AudioError as e:  # one bad file never stops the others
-            render.error(str(e))
-            failed += 1
-            continue
-        # A model that cannot load ends the run: retrying it for each file only repeats the error.
-        loaded = loaded or _load_model(model, device, dtype)
-        text = loaded.ask(clip, clip, prompt, opts)
-        if fmt is AnswerFormat.json:
-            render.result_json({"audio": path, "question": prompt, "answer": text, "model": loaded.name})
-        elif len(audio) > 1:
-            render.result_line(f"{path}\t{text}")
-        else:
-            render.result_line(text)
+    try:
+        decode = lambda path: load_clip(path, offset=offset, duration=duration)  # noqa: E731
+        for result, err in batch.caption_rows(loaded, paths, prompt, opts, batch_size, decode):
+            if err is not None:
+                render.error(str(err))
+                failed += 1
+            writer.write(result)
+    finally:
+        writer.close()
+        if stream is not sys.stdout:
+            stream.close()
+    if len(paths) > 1:
+        render.info(f"captioned {len(paths) - failed} of {len(paths)} files" + (f", {failed} failed" if failed else ""))
     if failed:
         raise typer.Exit(1)
+
+
+def _open_output(path: Optional[str]):
+    if path is None:
+        return sys.stdout
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as e:
+        raise MellowError(f"{path}: cannot write the output ({e.strerror or e})") from None
 
 
 @app.command()

@@ -95,10 +95,13 @@ def test_caption_goes_on_past_a_bad_file_and_exits_1(tiny_model_dir, clips, tmp_
     bad = tmp_path / "broken.wav"
     bad.write_bytes(b"RIFF....WAVEfmt nonsense")
     out = mellow("caption", str(clips[0]), str(bad), str(clips[1]), "--model", str(tiny_model_dir),
-                 "--max-tokens", "4", "--format", "json", "-q")
+                 "--max-tokens", "4", "--format", "jsonl", "-q")
     assert out.returncode == 1
     rows = [json.loads(line) for line in out.stdout.splitlines()]
-    assert [r["audio"] for r in rows] == [str(clips[0]), str(clips[1])]
+    assert [r["audio"] for r in rows] == [str(clips[0]), str(bad), str(clips[1])]
+    assert [r["error"] is None for r in rows] == [True, False, True]
+    assert rows[1]["answer"] is None and "not an audio file" in rows[1]["error"]
+    assert all(isinstance(r["answer"], str) for r in (rows[0], rows[2]))
     assert out.stderr.count("\n") == 1 and out.stderr.startswith(f"mellow: error: {bad}: ")
 
 
@@ -146,3 +149,28 @@ def test_unwritable_cache_is_one_line(tiny_model_dir, clips, tmp_path, monkeypat
     assert out.returncode == 1
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("mellow: error: ")
     assert "unexpected" not in out.stderr
+
+
+def test_caption_a_folder_to_a_csv_file(tiny_model_dir, clips, tmp_path):
+    import csv
+
+    out_file = tmp_path / "captions.csv"
+    folder = clips[0].parent
+    out = mellow("caption", str(folder), "--model", str(tiny_model_dir), "--max-tokens", "4", "--format", "csv",
+                 "--output", str(out_file), "--batch-size", "1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == ""
+    rows = list(csv.DictReader(out_file.open()))
+    assert sorted(r["audio"] for r in rows) == sorted(str(c) for c in clips)
+    assert all(r["error"] == "" and r["model"] == str(tiny_model_dir) for r in rows)
+    assert "captioned 2 of 2 files" in out.stderr
+
+
+def test_caption_list_on_stdin_batched_equals_one_by_one(tiny_model_dir, clips, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{clips[0]}\n{clips[1]}\n"))
+    batched = mellow("caption", "@-", "--model", str(tiny_model_dir), "--max-tokens", "5", "-q", "--batch-size", "2")
+    single = [mellow("caption", str(c), "--model", str(tiny_model_dir), "--max-tokens", "5", "-q").stdout for c in clips]
+    assert batched.returncode == 0, batched.stderr
+    assert batched.stdout == "".join(f"{c}\t{s}" for c, s in zip(clips, single))

@@ -1,0 +1,111 @@
+"""Batch inputs and outputs: what the arguments expand to, and rows that parse back in every format."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from mellow_cli.batch import FIELDS, RowWriter, decoded_chunks, expand_inputs, row
+from mellow_cli.errors import AudioError, UsageError
+
+
+@pytest.fixture
+def tree(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("b.wav", "a.flac", "notes.txt", "sub/c.mp3", "sub/d.ogg"):
+        (tmp_path / name).write_bytes(b"x")
+    return tmp_path
+
+
+def test_folder_lists_audio_sorted_and_recursive_descends(tree):
+    assert expand_inputs([str(tree)]) == [str(tree / "a.flac"), str(tree / "b.wav")]
+    assert expand_inputs([str(tree)], recursive=True) == [
+        str(tree / "a.flac"), str(tree / "b.wav"), str(tree / "sub" / "c.mp3"), str(tree / "sub" / "d.ogg")]
+
+
+def test_files_globs_lists_and_stdin_list(tree):
+    listing = tree / "list.txt"
+    listing.write_text(f"# my clips\n{tree / 'b.wav'}\n\n{tree / 'sub' / 'c.mp3'}\n")
+    stdin = io.StringIO(f"{tree / 'a.flac'}\n")
+    got = expand_inputs([str(tree / "b.wav"), str(tree / "sub" / "*.ogg"), f"@{listing}", "@-", "-"], stdin=stdin)
+    assert got == [str(tree / "b.wav"), str(tree / "sub" / "d.ogg"), str(tree / "b.wav"),
+                   str(tree / "sub" / "c.mp3"), str(tree / "a.flac"), "-"]
+
+
+def test_missing_files_are_kept_for_their_row_to_report(tree):
+    assert expand_inputs([str(tree / "gone.wav")]) == [str(tree / "gone.wav")]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda t: str(t / "sub" / "*.wav"), "no files match"),
+    (lambda t: str((t / "empty").mkdir() or t / "empty"), "no audio files in this folder"),
+    (lambda t: "@" + str(t / "nolist.txt"), "cannot read the list"),
+])
+def test_inputs_that_name_nothing_are_usage_errors(tree, make, message):
+    with pytest.raises(UsageError, match=message):
+        expand_inputs([make(tree)])
+
+
+ROWS = [
+    row("a.wav", "caption the audio.", audio2="a.wav", answer='a dog barks, "twice", then\tstops', model="v0", revision="abc"),
+    row("b, c.wav", "caption the audio.", audio2="b, c.wav", model="v0", error="not an audio file"),
+]
+
+
+def _written(fmt: str, rows=ROWS) -> str:
+    out = io.StringIO()
+    writer = RowWriter(fmt, out)
+    for r in rows:
+        writer.write(r)
+    writer.close()
+    return out.getvalue()
+
+
+def test_jsonl_and_json_parse_back():
+    assert [json.loads(line) for line in _written("jsonl").splitlines()] == ROWS
+    assert json.loads(_written("json")) == ROWS
+    assert json.loads(_written("json", [])) == []
+
+
+@pytest.mark.parametrize("fmt, delimiter", [("csv", ","), ("tsv", "\t")])
+def test_csv_and_tsv_parse_back_with_every_field(fmt, delimiter):
+    parsed = list(csv.DictReader(io.StringIO(_written(fmt)), delimiter=delimiter))
+    assert tuple(parsed[0]) == FIELDS
+    assert [{k: (v or None) for k, v in r.items()} for r in parsed] == ROWS
+
+
+def test_text_has_answers_only_and_skips_failed_rows():
+    assert _written("text") == 'a.wav\ta dog barks, "twice", then\tstops\n'
+    out = io.StringIO()
+    RowWriter("text", out, many=False).write(ROWS[0])
+    assert out.getvalue() == ROWS[0]["answer"] + "\n"
+
+
+def test_each_row_is_flushed_as_written():
+    flushed = []
+
+    class Stream(io.StringIO):
+        def flush(self):
+            flushed.append(self.getvalue().count("\n"))
+
+    writer = RowWriter("jsonl", Stream())
+    writer.write(ROWS[0])
+    writer.write(ROWS[1])
+    assert flushed == [1, 2]
+
+
+def test_decoded_chunks_keep_order_and_errors():
+    def decode(path):
+        if path.startswith("bad"):
+            raise AudioError(path, "not an audio file")
+        return path.upper()
+
+    paths = ["a", "bad1", "c", "d", "bad2"]
+    chunks = list(decoded_chunks(paths, decode, size=2))
+    assert [c for c, _ in chunks] == [["a", "bad1"], ["c", "d"], ["bad2"]]
+    flat = [d for _, ds in chunks for d in ds]
+    assert [clip for clip, _ in flat] == ["A", None, "C", "D", None]
+    assert [err.problem if err else None for _, err in flat] == [None, "not an audio file", None, None, "not an audio file"]
