@@ -86,10 +86,12 @@ def _decoding(max_tokens: int, sample: bool, temperature: float, top_p: float, s
 
 
 def _load_clips(paths: list[str], offset: float, duration: Optional[float]):
-    """Decode every clip before the model loads, so a bad file fails in milliseconds."""
+    """Decode every clip before the model loads, so a bad file fails in milliseconds. A clip
+    named twice (one clip paired with itself) is decoded once."""
     from .audio import load_clip
 
-    return [load_clip(p, offset=offset, duration=duration) for p in paths]
+    decoded = {p: load_clip(p, offset=offset, duration=duration) for p in dict.fromkeys(paths)}
+    return [decoded[p] for p in paths]
 
 
 def _load_model(model: str, device: Device, dtype: Optional[Dtype]):

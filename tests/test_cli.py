@@ -130,3 +130,14 @@ def test_logs_are_plain_text_with_no_color_or_without_a_terminal(env, styled):
                          capture_output=True, text=True, env={**clean, **env})
     assert "loading model v0" in out.stderr
     assert ("\x1b[" in out.stderr) is styled
+
+
+def test_a_clip_paired_with_itself_is_decoded_once(monkeypatch):
+    import mellow_cli.audio as audio
+    import mellow_cli.cli as cli
+
+    calls = []
+    monkeypatch.setattr(audio, "load_clip", lambda p, **kw: calls.append(p) or f"clip:{p}")
+    assert cli._load_clips(["a.wav", "a.wav"], 0.0, None) == ["clip:a.wav", "clip:a.wav"]
+    assert cli._load_clips(["a.wav", "b.wav"], 0.0, None) == ["clip:a.wav", "clip:b.wav"]
+    assert calls == ["a.wav", "a.wav", "b.wav"]
