@@ -14,8 +14,36 @@ from typing import Annotated, List, Optional
 import typer
 
 from . import __version__
-from .api import CAPTION_PROMPT, COMPARE_PROMPT  # api imports torch only inside its functions
+from .api import (  # api imports torch only inside its functions
+    CAPTION_PROMPT,
+    COMPARE_PROMPT,
+)
+from .cli_bench import bench_app
 from .cli_models import models_app
+from .cli_options import (
+    AnswerFormat,
+    DebugOpt,
+    Device,
+    DeviceOpt,
+    DtypeOpt,
+    DurationOpt,
+    FormatOpt,
+    MaxTokensOpt,
+    ModelOpt,
+    OffsetOpt,
+    QuietOpt,
+    SampleOpt,
+    SeedOpt,
+    TemperatureOpt,
+    ThreadsOpt,
+    TopPOpt,
+    VerboseOpt,
+    decoding,
+    load_model,
+    open_output,
+    setup,
+)
+from .cli_train import train
 from .errors import MellowError, UsageError
 
 app = typer.Typer(
@@ -28,61 +56,6 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-bench_app = typer.Typer(help="Score a model on a benchmark or measure its speed.", no_args_is_help=True)
-app.add_typer(bench_app, name="bench")
-app.add_typer(models_app, name="models")
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    mps = "mps"
-
-
-class Dtype(str, Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-class AnswerFormat(str, Enum):
-    text = "text"
-    json = "json"
-
-
-# Options shared by every command that runs the model: declared once, used by each signature.
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model: v0 (published), v0_s, a local checkpoint file or folder, or a hub id user/repo.")]
-DeviceOpt = Annotated[Device, typer.Option("--device", help="Where the model runs; auto picks cuda, then mps, then cpu.")]
-DtypeOpt = Annotated[Optional[Dtype], typer.Option("--dtype", help="Precision [default: float32 on CPU, bfloat16 on CUDA]. On a CPU, float16 keeps the LM's weights in float16 and computes in float32: about 2x faster decoding, may differ from the reference at near ties.")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch [default: all cores].")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for --sample, so a sampled answer can be repeated.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only results and errors.")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback when something fails.")]
-MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, help="Longest answer, in tokens.")]
-SampleOpt = Annotated[bool, typer.Option("--sample/--greedy", help="Sample the answer instead of the default greedy decoding (which matches the reference).")]
-TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature (with --sample).")]
-TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --sample).")]
-OffsetOpt = Annotated[float, typer.Option("--offset", min=0.0, help="Start of the 10 s window in each clip, in seconds.")]
-DurationOpt = Annotated[Optional[float], typer.Option("--duration", min=0.01, max=10.0, help="Seconds of audio to use from --offset (at most 10; shorter is tiled to 10 s).")]
-FormatOpt = Annotated[AnswerFormat, typer.Option("--format", "-f", help="text: the answer alone; json: one object with inputs, answer and model.")]
-
-
-def _setup(quiet: bool, verbose: bool, threads: Optional[int]) -> None:
-    from . import render
-
-    render.configure(quiet=quiet, verbose=verbose)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
-def _decoding(max_tokens: int, sample: bool, temperature: float, top_p: float, seed: Optional[int]):
-    from .config import DecodingOptions
-
-    return DecodingOptions(max_tokens=max_tokens, sample=sample, temperature=temperature, top_p=top_p, seed=seed)
 
 
 def _load_clips(paths: list[str], offset: float, duration: Optional[float]):
@@ -94,19 +67,11 @@ def _load_clips(paths: list[str], offset: float, duration: Optional[float]):
     return [decoded[p] for p in paths]
 
 
-def _load_model(model: str, device: Device, dtype: Optional[Dtype]):
-    from . import render
-    from .api import load_model
-
-    with render.status(f"loading model {model}"):
-        return load_model(model, device=device.value, dtype=dtype.value if dtype else None)
-
-
 def _answer(model_name, device, dtype, clips, paths, prompt, opts, fmt: AnswerFormat, choices=None) -> None:
     """Load the model, answer one prompt about one pair of clips, print the result."""
     from . import render
 
-    model = _load_model(model_name, device, dtype)
+    model = load_model(model_name, device, dtype)
     record = {"audio": paths[0], "audio2": paths[1], "question": prompt, "model": model.name}
     if choices:
         scored = model.choose(clips[0], clips[1], prompt, choices)
@@ -152,7 +117,7 @@ def ask(
       mellow ask street.flac "what is the main sound?" --choices "car|rain|birds"
       cat clip.mp3 | mellow ask - "what do you hear?"
     """
-    _setup(quiet, verbose, threads)
+    setup(quiet, verbose, threads)
     if len(args) < 2 or len(args) > 3:
         raise UsageError("ask takes AUDIO [AUDIO2] QUESTION: one or two audio files, then the question")
     paths, question = args[:-1], args[-1]
@@ -161,7 +126,7 @@ def ask(
     paths = paths if len(paths) == 2 else [paths[0], paths[0]]
     choice_list = _split_choices(choices)
     clips = _load_clips(paths, offset, duration)
-    _answer(model, device, dtype, clips, paths, question, _decoding(max_tokens, sample, temperature, top_p, seed), fmt, choice_list)
+    _answer(model, device, dtype, clips, paths, question, decoding(max_tokens, sample, temperature, top_p, seed), fmt, choice_list)
 
 
 def _split_choices(choices: Optional[str]) -> Optional[list[str]]:
@@ -201,10 +166,10 @@ def compare(
       mellow compare before.wav after.wav
       mellow compare a.wav b.wav --prompt "explain the difference between the two audios in few words."
     """
-    _setup(quiet, verbose, threads)
+    setup(quiet, verbose, threads)
     paths = [audio1, audio2]
     clips = _load_clips(paths, offset, duration)
-    _answer(model, device, dtype, clips, paths, prompt, _decoding(max_tokens, sample, temperature, top_p, seed), fmt)
+    _answer(model, device, dtype, clips, paths, prompt, decoding(max_tokens, sample, temperature, top_p, seed), fmt)
 
 
 class BatchFormat(str, Enum):
@@ -252,11 +217,11 @@ def caption(
     from . import batch, render
     from .audio import load_clip
 
-    _setup(quiet, verbose, threads)
+    setup(quiet, verbose, threads)
     paths = batch.expand_inputs(audio, recursive)
-    opts = _decoding(max_tokens, sample, temperature, top_p, seed)
-    loaded = _load_model(model, device, dtype)
-    stream = _open_output(output)
+    opts = decoding(max_tokens, sample, temperature, top_p, seed)
+    loaded = load_model(model, device, dtype)
+    stream = open_output(output)
     writer = batch.RowWriter(fmt.value, stream, many=len(paths) > 1)
     failed = 0
     try:
@@ -276,69 +241,10 @@ def caption(
         raise typer.Exit(1)
 
 
-def _open_output(path: Optional[str]):
-    if path is None:
-        return sys.stdout
-    try:
-        return open(path, "w", encoding="utf-8")
-    except OSError as e:
-        raise MellowError(f"{path}: cannot write the output ({e.strerror or e})") from None
-
-
-@app.command()
-def train(
-    data: Annotated[Optional[str], typer.Argument(metavar="DATA", help="Training rows: ReasonAQA JSON or JSONL with audio1, audio2, question, answer.", show_default=False)] = None,
-    model: ModelOpt = "v0",
-    device: DeviceOpt = Device.auto,
-    seed: SeedOpt = None,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    debug: DebugOpt = False,
-) -> None:
-    """Fine-tune the model on your own recordings and questions.
-
-    \b
-    Example:
-      mellow train rows.jsonl --audio-root clips/ --val-fraction 0.05
-    """
-    raise MellowError("`mellow train` is not available in this version yet")
-
-
-@bench_app.command("mmau")
-def bench_mmau(
-    data: Annotated[Optional[str], typer.Option("--data", help="mmau-test-mini.json (the official file).")] = None,
-    audio_dir: Annotated[Optional[str], typer.Option("--audio-dir", help="Folder the items' audio_id paths are relative to.")] = None,
-    model: ModelOpt = "v0",
-    device: DeviceOpt = Device.auto,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    debug: DebugOpt = False,
-) -> None:
-    """Score a model on MMAU with the benchmark's official matcher.
-
-    \b
-    Example:
-      mellow bench mmau --data mmau-test-mini.json --audio-dir mmau/ --mode choices
-    """
-    raise MellowError("`mellow bench mmau` is not available in this version yet")
-
-
-@bench_app.command("speed")
-def bench_speed(
-    model: ModelOpt = "v0",
-    device: DeviceOpt = Device.auto,
-    threads: ThreadsOpt = None,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    debug: DebugOpt = False,
-) -> None:
-    """Measure load time, encoder time, time to first token and tokens/s on this machine.
-
-    \b
-    Example:
-      mellow bench speed --model v0 --threads 4
-    """
-    raise MellowError("`mellow bench speed` is not available in this version yet")
+# Commands that live in their own modules, in the order --help lists them.
+app.command()(train)
+app.add_typer(bench_app, name="bench")
+app.add_typer(models_app, name="models")
 
 
 def _version(value: bool) -> None:

@@ -576,8 +576,13 @@ def _download(repo: str, filename: str, revision: str, dest: Path, *, name: str,
     Returns {path, repo, filename, revision, commit, etag, size, sha256}; None if `optional` and
     the repo has no such file."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
 
@@ -683,7 +688,11 @@ def _timeout(var: str, default: float) -> float:
 @contextlib.contextmanager
 def _progress_bars(enabled: bool) -> Iterator[None]:
     """huggingface_hub draws the download bar (tqdm, on stderr); switch it off for --quiet."""
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
 
     was_disabled = are_progress_bars_disabled()
     if not enabled and not was_disabled:

@@ -1,0 +1,83 @@
+"""Options and helpers shared by every `mellow` command module (cli.py, cli_bench.py,
+cli_train.py): each option is declared once here and named in each command's signature (Typer
+has no option groups). Nothing heavy is imported at module level.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import MellowError
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+class Dtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class AnswerFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+# Options shared by every command that runs the model: declared once, used by each signature.
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model: v0 (published), v0_s, a local checkpoint file or folder, or a hub id user/repo.")]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="Where the model runs; auto picks cuda, then mps, then cpu.")]
+DtypeOpt = Annotated[Optional[Dtype], typer.Option("--dtype", help="Precision [default: float32 on CPU, bfloat16 on CUDA]. On a CPU, float16 keeps the LM's weights in float16 and computes in float32: about 2x faster decoding, may differ from the reference at near ties.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch [default: all cores].")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for --sample, so a sampled answer can be repeated.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only results and errors.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback when something fails.")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, help="Longest answer, in tokens.")]
+SampleOpt = Annotated[bool, typer.Option("--sample/--greedy", help="Sample the answer instead of the default greedy decoding (which matches the reference).")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature (with --sample).")]
+TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --sample).")]
+OffsetOpt = Annotated[float, typer.Option("--offset", min=0.0, help="Start of the 10 s window in each clip, in seconds.")]
+DurationOpt = Annotated[Optional[float], typer.Option("--duration", min=0.01, max=10.0, help="Seconds of audio to use from --offset (at most 10; shorter is tiled to 10 s).")]
+FormatOpt = Annotated[AnswerFormat, typer.Option("--format", "-f", help="text: the answer alone; json: one object with inputs, answer and model.")]
+
+
+def setup(quiet: bool, verbose: bool, threads: Optional[int]) -> None:
+    from . import render
+
+    render.configure(quiet=quiet, verbose=verbose)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def decoding(max_tokens: int, sample: bool, temperature: float, top_p: float, seed: Optional[int]):
+    from .config import DecodingOptions
+
+    return DecodingOptions(max_tokens=max_tokens, sample=sample, temperature=temperature, top_p=top_p, seed=seed)
+
+
+def load_model(model: str, device: Device, dtype: Optional[Dtype]):
+    from . import render
+    from .api import load_model
+
+    with render.status(f"loading model {model}"):
+        return load_model(model, device=device.value, dtype=dtype.value if dtype else None)
+
+
+def open_output(path: Optional[str]):
+    if path is None:
+        return sys.stdout
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as e:
+        raise MellowError(f"{path}: cannot write the output ({e.strerror or e})") from None
