@@ -146,3 +146,68 @@ def caption_rows(model, paths: list[str], prompt: str, options, batch_size: int,
         for path, (clip, err) in zip(chunk, decoded):
             yield row(path, prompt, audio2=path, answer=None if err else next(answers),
                       model=model.name, revision=model.revision, error=err.problem if err else None), err
+
+
+# --- sharing a run out, and picking it up again ---------------------------------------------------
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """`--shard I/N` (1 <= I <= N) -> (I, N); None when no shard was asked for."""
+    if text is None:
+        return None
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text}: expected I/N, e.g. 1/4 (the first of four shards)") from None
+    if not 1 <= i <= n:
+        raise UsageError(f"--shard {text}: I must be between 1 and N")
+    return i, n
+
+
+def take_shard(items: list, shard: tuple[int, int] | None) -> list:
+    """Every N-th item from the I-th: shards are disjoint, cover the list, differ in size by at
+    most one, and depend only on the list's order, so N processes given the same inputs and
+    `--shard 1/N` ... `--shard N/N` share the work exactly."""
+    if shard is None:
+        return items
+    i, n = shard
+    return items[i - 1 :: n]
+
+
+RESUMABLE = ("jsonl", "csv", "tsv")
+
+
+def row_key(r: dict) -> tuple:
+    """What makes a row the same work on a second run: its id if it has one, else its inputs."""
+    if r.get("id") not in (None, ""):
+        return ("id", str(r["id"]))
+    start = r.get("start")
+    return (r.get("audio") or "", r.get("audio2") or "", r.get("question") or "",
+            "" if start in (None, "") else f"{float(start):.3f}")
+
+
+def rows_done(path: str, fmt: str) -> set[tuple]:
+    """Keys of the rows an earlier run already wrote to `path` (for --resume). A last line cut
+    short by a kill is removed from the file, so that row is simply done again."""
+    import os
+
+    if fmt not in RESUMABLE:
+        raise UsageError(f"--resume needs --format {', '.join(RESUMABLE)} (rows a later run can read back)")
+    if not os.path.exists(path):
+        return set()
+    with open(path, "r+", encoding="utf-8", newline="") as f:
+        text = f.read()
+        if text and not text.endswith("\n"):
+            text = text[: text.rfind("\n") + 1]
+            f.seek(0)
+            f.truncate(len(text.encode("utf-8")))
+    if fmt == "jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise UsageError(f"{path}: line {number} is not JSON; is this the output of an earlier run?") from None
+    else:
+        rows = list(csv.DictReader(text.splitlines(), delimiter="," if fmt == "csv" else "\t"))
+    return {row_key(r) for r in rows}

@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import sys
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
 _level = NORMAL
@@ -75,6 +75,30 @@ def status(message: str) -> Iterator[None]:
         return
     with console.status(message):
         yield
+
+
+@contextlib.contextmanager
+def progress(total: int | None, description: str = "") -> Iterator["Callable[[int], None]"]:
+    """A progress bar on stderr (count, rate, elapsed and ETA) while a batch runs; yields
+    `advance(n=1)`. Only drawn on a terminal, without -q and NO_COLOR: a script's stderr gets no
+    bar at all, only the summary line the command prints at the end."""
+    console = _console("stderr")
+    if _level < NORMAL or not console.is_terminal or _no_color():
+        yield lambda n=1: None
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    class Rate(TextColumn):
+        def render(self, task):
+            speed = task.finished_speed or task.speed
+            return super().render(task) if speed is None else f"{speed:.2f}/s"
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+               Rate(""), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n=1: bar.advance(task, n)
 
 
 def stream_answer(pieces: Iterable[str]) -> str:
