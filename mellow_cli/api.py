@@ -211,15 +211,28 @@ class MellowModel:
     def choose(self, audio1: AudioInput, audio2: AudioInput | None, question: str, choices: Sequence[str]) -> ChoiceResult:
         """Pick one of `choices` by the probability the model gives each as the whole answer
         (its tokens, then the end of text), after the question as asked."""
+        return self.choose_batch([(audio1, audio2, question)], [choices])[0]
+
+    def choose_batch(self, questions: Sequence[Question], choices: Sequence[Sequence[str]]) -> list[ChoiceResult]:
+        """`choose` for many rows at once: one prefix pass for the batch, then every (row, choice)
+        pair scored together. `choices[i]` belongs to `questions[i]`."""
         from .generate import score_choices
 
-        if len(choices) < 2:
+        if len(questions) != len(choices):
+            raise UsageError("give one list of choices per question")
+        if any(len(c) < 2 for c in choices):
             raise UsageError("give at least two choices")
-        prefix = self.prefix([(audio1, audio2, question)])
-        (scores,) = score_choices(self.net.lm, self.tokenizer, prefix, list(choices), append_eos=True,
-                                  eos_id=self.cfg.eos_token_id)
-        top = max(s.logprob for s in scores)
-        weights = [math.exp(s.logprob - top) for s in scores]
-        probabilities = tuple(w / sum(weights) for w in weights)
-        best = max(range(len(scores)), key=lambda i: scores[i].logprob)
-        return ChoiceResult(choice=scores[best].text, scores=tuple(scores), probabilities=probabilities)
+        if not questions:
+            return []
+        prefix = self.prefix(questions)
+        rows = score_choices(self.net.lm, self.tokenizer, prefix, [list(c) for c in choices], append_eos=True,
+                             eos_id=self.cfg.eos_token_id)
+        return [_choice_result(scores) for scores in rows]
+
+
+def _choice_result(scores: Sequence["ChoiceScore"]) -> ChoiceResult:
+    top = max(s.logprob for s in scores)
+    weights = [math.exp(s.logprob - top) for s in scores]
+    probabilities = tuple(w / sum(weights) for w in weights)
+    best = max(range(len(scores)), key=lambda i: scores[i].logprob)
+    return ChoiceResult(choice=scores[best].text, scores=tuple(scores), probabilities=probabilities)
