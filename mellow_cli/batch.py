@@ -11,19 +11,22 @@ Rows are plain dicts with the same keys in every format, so a script can parse a
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import json
 import os
+import signal
 import sys
+import threading
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Iterable
+from typing import IO, Iterable, Sequence
 
 from .errors import UsageError
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64", ".rf64"}
-FIELDS = ("audio", "audio2", "question", "answer", "model", "revision", "error")
-FORMATS = ("text", "json", "jsonl", "csv", "tsv")
+FORMATS = ("text", "json", "jsonl", "csv", "tsv", "srt", "vtt")
 
 
 def expand_inputs(args: Iterable[str], recursive: bool = False, stdin: IO[str] | None = None) -> list[str]:
@@ -64,71 +67,285 @@ def _audio_in(folder: Path, recursive: bool, arg: str) -> list[str]:
     return found
 
 
-def row(audio: str, question: str, *, audio2: str | None = None, answer: str | None = None,
-        model: str | None = None, revision: str | None = None, error: str | None = None) -> dict:
-    return {"audio": audio, "audio2": audio2, "question": question, "answer": answer,
-            "model": model, "revision": revision, "error": error}
+# --- jobs: one question about one pair of clips (or one window of them) ---------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of work. `audio2` is always set: a one-clip question pairs the clip with itself, as
+    the model requires, and the row says so. `start`/`end` bound a --window (seconds)."""
+
+    audio: str
+    audio2: str
+    question: str
+    choices: tuple[str, ...] | None = None
+    id: str | None = None
+    start: float | None = None
+    end: float | None = None
+
+
+def jobs_for(paths: Iterable[str], question: str, choices: Sequence[str] | None = None) -> list[Job]:
+    """The same question about each path, each clip paired with itself."""
+    return [Job(p, p, question, tuple(choices) if choices else None) for p in paths]
+
+
+def read_questions(name: str, default_choices: Sequence[str] | None = None, stdin: IO[str] | None = None) -> list[Job]:
+    """`--input FILE` (`-` for stdin): JSON lines with `audio`, optional `audio2`, `question`,
+    optional `choices` (a list, or one string split on "|") and optional `id`."""
+    jobs = []
+    for number, obj in _json_lines(name, stdin):
+        where = f"{name}: line {number}"
+        audio = obj.get("audio", obj.get("audio1"))
+        question = obj.get("question")
+        if not isinstance(audio, str) or not audio:
+            raise UsageError(f"{where}: needs an \"audio\" path")
+        if not isinstance(question, str) or not question.strip():
+            raise UsageError(f"{where}: needs a non-empty \"question\"")
+        audio2 = obj.get("audio2") or audio
+        choices = _choices(obj.get("choices"), where) or (tuple(default_choices) if default_choices else None)
+        ident = obj.get("id")
+        jobs.append(Job(audio, str(audio2), question, choices, None if ident is None else str(ident)))
+    return jobs
+
+
+def read_pairs(name: str, prompt: str, stdin: IO[str] | None = None) -> list[Job]:
+    """`--pairs FILE` for compare: CSV or TSV with a header naming `audio1` and `audio2` (also
+    `audio`, `a`/`b`), optional `prompt`/`question` and `id` columns; or JSON lines with the same
+    keys (by the .jsonl extension)."""
+    if name.endswith((".jsonl", ".ndjson")):
+        records = list(_json_lines(name, stdin))
+    else:
+        text = _read_text(name, stdin, "pairs")
+        delimiter = "\t" if name.endswith(".tsv") or ("\t" in text.split("\n", 1)[0]) else ","
+        records = [(n + 2, r) for n, r in enumerate(csv.DictReader(text.splitlines(), delimiter=delimiter))]
+    jobs = []
+    for number, rec in records:
+        first = rec.get("audio1") or rec.get("audio") or rec.get("a")
+        second = rec.get("audio2") or rec.get("b")
+        if not first or not second:
+            raise UsageError(f"{name}: line {number}: needs two recordings, in columns audio1 and audio2")
+        question = rec.get("prompt") or rec.get("question") or prompt
+        jobs.append(Job(first, second, question, None, rec.get("id") or None))
+    return jobs
+
+
+def _choices(value, where: str) -> tuple[str, ...] | None:
+    if value in (None, "", []):
+        return None
+    items = value.split("|") if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(c, str) for c in items):
+        raise UsageError(f"{where}: \"choices\" must be a list of strings or one string like \"dog|cat\"")
+    items = [c.strip() for c in items]
+    if len(items) < 2 or not all(items):
+        raise UsageError(f"{where}: needs at least two non-empty choices")
+    return tuple(items)
+
+
+def _read_text(name: str, stdin: IO[str] | None, what: str) -> str:
+    try:
+        return (stdin or sys.stdin).read() if name == "-" else Path(name).read_text(encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"{name}: cannot read the {what} file ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{name}: not a UTF-8 text file") from None
+
+
+def _json_lines(name: str, stdin: IO[str] | None):
+    for number, line in enumerate(_read_text(name, stdin, "input").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{name}: line {number}: not JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise UsageError(f"{name}: line {number}: expected a JSON object")
+        yield number, obj
+
+
+def windows(duration: float, window: float, hop: float) -> list[tuple[float, float]]:
+    """(start, end) spans `window` seconds long every `hop` seconds, covering the recording; the
+    last one ends with the recording. A tail under half a second after the previous window is
+    dropped: tiled up to a 10 s clip it would be noise, not a sound."""
+    spans, start = [], 0.0
+    while True:
+        spans.append((start, min(start + window, duration)))
+        if start + window >= duration:
+            break
+        start += hop
+    if len(spans) > 1 and spans[-1][1] - spans[-1][0] < 0.5 and spans[-2][1] >= spans[-1][0]:
+        spans.pop()
+    return spans
+
+
+def windowed(jobs: list[Job], window: float, hop: float, duration_of) -> list[Job]:
+    """Each job once per window of its first recording (the second is cut at the same times). A
+    recording whose length cannot be read keeps one job, whose row will carry the error."""
+    from .errors import AudioError
+
+    out = []
+    for job in jobs:
+        try:
+            spans = windows(duration_of(job.audio), window, hop)
+        except AudioError:
+            out.append(job)
+            continue
+        out += [replace(job, start=round(s, 3), end=round(e, 3)) for s, e in spans]
+    return out
+
+
+def row(job: Job, *, answer: str | None = None, scores: list[dict] | None = None, model: str | None = None,
+        revision: str | None = None, error: str | None = None) -> dict:
+    """A result row with every field; RowWriter keeps those the run uses."""
+    return {"id": job.id, "audio": job.audio, "audio2": job.audio2, "start": job.start, "end": job.end,
+            "question": job.question, "choices": list(job.choices) if job.choices else None,
+            "answer": answer, "scores": scores, "model": model, "revision": revision, "error": error}
+
+
+ALL_FIELDS = ("id", "audio", "audio2", "start", "end", "question", "choices", "answer", "scores",
+              "model", "revision", "error")
+FIELDS = ("audio", "audio2", "question", "answer", "model", "revision", "error")  # in every row
+
+
+def fields_for(jobs: Sequence[Job]) -> tuple[str, ...]:
+    """The row fields a run writes: FIELDS, plus id / start, end / choices, scores when any job
+    has them, so a plain caption run's rows stay short and every row of one run has the same keys."""
+    used = set(FIELDS)
+    if any(j.id is not None for j in jobs):
+        used.add("id")
+    if any(j.start is not None for j in jobs):
+        used |= {"start", "end"}
+    if any(j.choices for j in jobs):
+        used |= {"choices", "scores"}
+    return tuple(f for f in ALL_FIELDS if f in used)
 
 
 class RowWriter:
     """Writes result rows in one format and flushes each, so `tail -f` and pipes see them at once.
 
-    text: the answer alone, or `path<TAB>answer` when the run has several inputs; failed rows are
-    left out (their error went to stderr). json: one array, closed by `close()`. jsonl: one object
-    per line. csv/tsv: a header, then one line per row with every field.
+    text: the answer alone, or tab-separated `[id] audio [audio2] [start end] answer` when the run
+    has several rows; failed rows are left out (their error went to stderr). json: one array,
+    closed by `close()`. jsonl: one object per line. csv/tsv: a header, then one line per row
+    (choices joined with "|", scores as `choice=probability|...`). srt/vtt: one timed cue per
+    window. A Ctrl-C that lands during a write waits for the row to be complete.
     """
 
-    def __init__(self, fmt: str, stream: IO[str], many: bool = True):
+    def __init__(self, fmt: str, stream: IO[str], many: bool = True, fields: Sequence[str] = FIELDS,
+                 append: bool = False):
         if fmt not in FORMATS:
             raise UsageError(f"unknown format {fmt!r}: use {', '.join(FORMATS)}")
-        self.fmt, self.stream, self.many = fmt, stream, many
-        self._first = True
+        self.fmt, self.stream, self.many, self.fields = fmt, stream, many, tuple(fields)
+        self._count = 0
         self._csv = None
         if fmt in ("csv", "tsv"):
-            self._csv = csv.DictWriter(stream, FIELDS, delimiter="," if fmt == "csv" else "\t",
+            self._csv = csv.DictWriter(stream, self.fields, delimiter="," if fmt == "csv" else "\t",
                                        lineterminator="\n", extrasaction="ignore")
-            self._csv.writeheader()
+            if not append:
+                self._csv.writeheader()
         elif fmt == "json":
             stream.write("[")
+        elif fmt == "vtt":
+            stream.write("WEBVTT\n\n")
 
     def write(self, r: dict) -> None:
+        with _finish_before_interrupt():
+            self._write(r)
+            self._count += 1
+            self.stream.flush()
+
+    def _write(self, r: dict) -> None:
+        kept = {k: r.get(k) for k in self.fields}
         if self.fmt == "text":
             if r["error"] is None:
-                self.stream.write(f"{r['audio']}\t{r['answer']}\n" if self.many else f"{r['answer']}\n")
+                self.stream.write(self._text_line(r))
         elif self.fmt == "jsonl":
-            self.stream.write(json.dumps(r, ensure_ascii=False) + "\n")
+            self.stream.write(json.dumps(kept, ensure_ascii=False) + "\n")
         elif self.fmt == "json":
-            self.stream.write(("\n" if self._first else ",\n") + json.dumps(r, ensure_ascii=False))
+            self.stream.write(("\n" if self._count == 0 else ",\n") + json.dumps(kept, ensure_ascii=False))
+        elif self.fmt in ("srt", "vtt"):
+            if r["error"] is None:
+                self.stream.write(_cue(self.fmt, self._count + 1, r))
         else:
-            self._csv.writerow({k: ("" if v is None else v) for k, v in r.items()})
-        self._first = False
-        self.stream.flush()
+            self._csv.writerow({k: _flat(k, v) for k, v in kept.items()})
+
+    def _text_line(self, r: dict) -> str:
+        if not self.many:
+            return f"{r['answer']}\n"
+        parts = [r["id"]] if r.get("id") is not None else []
+        parts.append(r["audio"])
+        if r["audio2"] != r["audio"]:
+            parts.append(r["audio2"])
+        if r.get("start") is not None:
+            parts += [f"{r['start']:g}", f"{r['end']:g}"]
+        return "\t".join(parts + [r["answer"]]) + "\n"
 
     def close(self) -> None:
         if self.fmt == "json":
-            self.stream.write("\n]\n" if not self._first else "]\n")
+            self.stream.write("\n]\n" if self._count else "]\n")
         self.stream.flush()
 
 
-def _decode_all(paths: list[str], decode) -> list[tuple[object, object]]:
-    """(clip, None) or (None, AudioError) per path: one bad file never stops the others."""
+def _flat(key: str, value) -> str:
+    if value is None:
+        return ""
+    if key == "choices":
+        return "|".join(value)
+    if key == "scores":
+        return "|".join(f"{s['choice']}={s['probability']:.4f}" for s in value)
+    return value
+
+
+def _cue(fmt: str, number: int, r: dict) -> str:
+    sep = "," if fmt == "srt" else "."
+    start, end = _timestamp(r.get("start") or 0.0, sep), _timestamp(r.get("end") or 0.0, sep)
+    head = f"{number}\n" if fmt == "srt" else ""
+    return f"{head}{start} --> {end}\n{r['answer']}\n\n"
+
+
+def _timestamp(seconds: float, sep: str) -> str:
+    ms = round(seconds * 1000)
+    h, ms = divmod(ms, 3_600_000)
+    m, ms = divmod(ms, 60_000)
+    s, ms = divmod(ms, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
+
+
+@contextlib.contextmanager
+def _finish_before_interrupt():
+    """Hold a Ctrl-C (SIGINT) until the block ends, then raise it: a row is written whole or not
+    at all, so `--resume` never meets half a row from an interrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
+
+
+def _decode_all(items: list, decode) -> list[tuple[object, object]]:
+    """(decoded, None) or (None, AudioError) per item: one bad file never stops the others."""
     from .errors import AudioError
 
     out = []
-    for path in paths:
+    for item in items:
         try:
-            out.append((decode(path), None))
+            out.append((decode(item), None))
         except AudioError as e:
             out.append((None, e))
     return out
 
 
-def decoded_chunks(paths: list[str], decode, size: int):
-    """Yield (paths, decoded) chunk by chunk, decoding chunk i+1 on a worker thread while the
+def decoded_chunks(items: list, decode, size: int):
+    """Yield (items, decoded) chunk by chunk, decoding chunk i+1 on a worker thread while the
     caller runs the model on chunk i. At most two chunks of audio are in memory at once."""
     from concurrent.futures import ThreadPoolExecutor
 
-    chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
+    chunks = [items[i : i + size] for i in range(0, len(items), size)]
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(_decode_all, chunks[0], decode) if chunks else None
         for i, chunk in enumerate(chunks):
@@ -137,15 +354,39 @@ def decoded_chunks(paths: list[str], decode, size: int):
             yield chunk, decoded
 
 
-def caption_rows(model, paths: list[str], prompt: str, options, batch_size: int, decode):
-    """One row per path, in order, captioned `batch_size` clips at a time (each clip paired with
-    itself, as for a one-clip question). Rows of files that failed carry the error."""
-    for chunk, decoded in decoded_chunks(paths, decode, batch_size):
-        good = [clip for clip, err in decoded if err is None]
-        answers = iter(model.ask_batch([(clip, None, prompt) for clip in good], options))
-        for path, (clip, err) in zip(chunk, decoded):
-            yield row(path, prompt, audio2=path, answer=None if err else next(answers),
-                      model=model.name, revision=model.revision, error=err.problem if err else None), err
+def clip_decoder(offset: float = 0.0, duration: float | None = None):
+    """job -> (clip1, clip2 or None): the job's window if it has one, else --offset/--duration. A
+    clip paired with itself is decoded once (clip2 None tells the model so)."""
+    from .audio import load_clip
+
+    def decode(job: Job):
+        if job.start is not None:
+            first = load_clip(job.audio, offset=job.start, duration=max(job.end - job.start, 0.01))
+            second = None if job.audio2 == job.audio else load_clip(
+                job.audio2, offset=job.start, duration=max(job.end - job.start, 0.01))
+            return first, second
+        first = load_clip(job.audio, offset=offset, duration=duration)
+        second = None if job.audio2 == job.audio else load_clip(job.audio2, offset=offset, duration=duration)
+        return first, second
+
+    return decode
+
+
+def answer_rows(model, jobs: list[Job], options, batch_size: int, decode):
+    """One (row, error) per job, in order, `batch_size` jobs at a time: free answers decoded
+    together, choice questions scored together. A job whose audio failed gets a row with the error."""
+    for chunk, decoded in decoded_chunks(jobs, decode, batch_size):
+        good = [(job, clips) for job, (clips, err) in zip(chunk, decoded) if err is None]
+        free = [(j, c) for j, c in good if not j.choices]
+        picked = [(j, c) for j, c in good if j.choices]
+        answers = model.ask_batch([(c[0], c[1], j.question) for j, c in free], options)
+        chosen = model.choose_batch([(c[0], c[1], j.question) for j, c in picked], [j.choices for j, _ in picked])
+        results = {id(j): (a, None) for (j, _), a in zip(free, answers)}
+        results.update({id(j): (r.choice, r.as_dict()) for (j, _), r in zip(picked, chosen)})
+        for job, (_, err) in zip(chunk, decoded):
+            answer, scores = results.get(id(job), (None, None))
+            yield row(job, answer=answer, scores=scores, model=model.name, revision=model.revision,
+                      error=err.problem if err else None), err
 
 
 # --- sharing a run out, and picking it up again ---------------------------------------------------

@@ -8,7 +8,6 @@ printed by `main` as one line on stderr; only --debug shows a traceback.
 from __future__ import annotations
 
 import sys
-from enum import Enum
 from typing import Annotated, List, Optional
 
 import typer
@@ -21,23 +20,30 @@ from .api import (  # api imports torch only inside its functions
 from .cli_bench import bench_app
 from .cli_models import models_app
 from .cli_options import (
-    AnswerFormat,
+    BatchSizeOpt,
     DebugOpt,
     Device,
     DeviceOpt,
     DtypeOpt,
     DurationOpt,
+    Format,
     FormatOpt,
+    HopOpt,
     MaxTokensOpt,
     ModelOpt,
     OffsetOpt,
+    OutputOpt,
     QuietOpt,
+    RecursiveOpt,
+    ResumeOpt,
     SampleOpt,
     SeedOpt,
+    ShardOpt,
     TemperatureOpt,
     ThreadsOpt,
     TopPOpt,
     VerboseOpt,
+    WindowOpt,
     decoding,
     load_model,
     open_output,
@@ -58,38 +64,115 @@ app = typer.Typer(
 )
 
 
-def _load_clips(paths: list[str], offset: float, duration: Optional[float]):
-    """Decode every clip before the model loads, so a bad file fails in milliseconds. A clip
-    named twice (one clip paired with itself) is decoded once."""
-    from .audio import load_clip
+def _plain(arg: str) -> bool:
+    """One recording named as itself (or `-`), not a folder, a glob or an @list."""
+    import glob
+    import os
 
-    decoded = {p: load_clip(p, offset=offset, duration=duration) for p in dict.fromkeys(paths)}
-    return [decoded[p] for p in paths]
+    if arg == "-":
+        return True
+    return not arg.startswith("@") and not os.path.isdir(arg) and not (glob.has_magic(arg) and not os.path.exists(arg))
 
 
-def _answer(model_name, device, dtype, clips, paths, prompt, opts, fmt: AnswerFormat, choices=None) -> None:
-    """Load the model, answer one prompt about one pair of clips, print the result."""
-    from . import render
+def _interactive(fmt: Format, output, window, shard, resume) -> bool:
+    return fmt in (Format.text, Format.json) and output is None and window is None and shard is None and not resume
 
+
+def _answer_one(model_name, device, dtype, job, opts, fmt: Format, offset, duration) -> None:
+    """One question at a terminal: decode the clips first (a bad file fails in milliseconds),
+    load the model, then stream the answer, or print the chosen choice or one JSON object."""
+    from . import batch, render
+
+    clips = batch.clip_decoder(offset, duration)(job)
     model = load_model(model_name, device, dtype)
-    record = {"audio": paths[0], "audio2": paths[1], "question": prompt, "model": model.name}
-    if choices:
-        scored = model.choose(clips[0], clips[1], prompt, choices)
-        if fmt is AnswerFormat.json:
-            render.result_json({**record, "answer": scored.choice, "choices": scored.as_dict()})
-        else:
-            render.result_line(scored.choice)
-        return
-    if fmt is AnswerFormat.json:
-        render.result_json({**record, "answer": model.ask(clips[0], clips[1], prompt, opts)})
+    question = (clips[0], clips[1], job.question)
+    if job.choices:
+        picked = model.choose_batch([question], [job.choices])[0]
+        answer, scores = picked.choice, picked.as_dict()
+    elif fmt is Format.json:
+        answer, scores = model.ask_batch([question], opts)[0], None
     else:
-        render.stream_answer(model.stream(clips[0], clips[1], prompt, opts))
+        render.stream_answer(model.stream(*question, opts))
+        return
+    if fmt is Format.json:
+        record = batch.row(job, answer=answer, scores=scores, model=model.name, revision=model.revision)
+        render.result_json({k: record[k] for k in batch.fields_for([job])})
+    else:
+        render.result_line(answer)
+
+
+def _run_batch(jobs, *, verb: str, model_name, device, dtype, opts, fmt: Format, output, resume: bool,
+               shard, window, hop, batch_size: int, offset: float, duration) -> None:
+    """Many rows: window, shard and resume the job list, answer it batch by batch, write each row
+    as it is done, report failed files on stderr, end with a summary line and an exit code."""
+    from . import batch, render
+    from .audio import audio_duration
+
+    if (fmt in (Format.srt, Format.vtt)) and (window is None or len({j.audio for j in jobs}) != 1):
+        raise UsageError(f"--format {fmt.value} needs one recording and --window (one timed caption per window)")
+    if window is not None and (offset or duration):
+        raise UsageError("--window covers the whole recording: leave out --offset and --duration")
+    if resume and output is None:
+        raise UsageError("--resume needs --output: the file whose rows are kept")
+    shard_spec = batch.parse_shard(shard)
+    if window is not None:
+        jobs = batch.windowed(jobs, window, hop or window, audio_duration)
+    jobs = batch.take_shard(jobs, shard_spec)
+    fields = batch.fields_for(jobs)
+    done = batch.rows_done(output, fmt.value) if resume else set()
+    todo = [j for j in jobs if batch.row_key(batch.row(j)) not in done]
+    if done:
+        render.info(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} rows already in {output}")
+    if not todo:
+        render.info("nothing left to do")
+        return
+    model = load_model(model_name, device, dtype)
+    append = resume and bool(done or _nonempty(output))
+    stream = open_output(output, append=append)
+    writer = batch.RowWriter(fmt.value, stream, many=len(jobs) > 1, fields=fields, append=append)
+    written = failed = 0
+    try:
+        with render.progress(len(todo), verb) as advance:
+            for result, err in batch.answer_rows(model, todo, opts, batch_size, batch.clip_decoder(offset, duration)):
+                if err is not None:
+                    render.error(str(err))
+                    failed += 1
+                writer.write(result)
+                written += 1
+                advance()
+    except KeyboardInterrupt:
+        where = f" to {output}; add --resume to continue" if output else ""
+        render.error(f"interrupted after {written} of {len(todo)} rows{where}")
+        raise typer.Exit(130) from None
+    finally:
+        writer.close()
+        if stream is not sys.stdout:
+            stream.close()
+    if len(todo) > 1:
+        render.info(f"{verb} {written - failed} of {len(todo)} rows" + (f", {failed} failed" if failed else ""))
+    if failed:
+        raise typer.Exit(1)
+
+
+def _nonempty(path: str) -> bool:
+    import os
+
+    return os.path.exists(path) and os.path.getsize(path) > 0
 
 
 @app.command(no_args_is_help=True)
 def ask(
-    args: Annotated[List[str], typer.Argument(metavar="AUDIO [AUDIO2] QUESTION", help="One or two audio files (or - for audio on stdin), then the question.", show_default=False)],
+    args: Annotated[Optional[List[str]], typer.Argument(metavar="AUDIO [AUDIO2] QUESTION", help="One or two audio files (or - for audio on stdin), then the question. A folder, glob, @list.txt or @- (paths on stdin), or three or more files, asks the question about each recording in turn.", show_default=False)] = None,
     choices: Annotated[Optional[str], typer.Option("--choices", "-c", help='Answer by picking one of these, separated by "|": the model scores each and names exactly one.')] = None,
+    input_file: Annotated[Optional[str], typer.Option("--input", "-i", help="Questions as JSON lines (- for stdin): audio, optional audio2, question, optional choices (list or \"a|b\"), optional id.")] = None,
+    recursive: RecursiveOpt = False,
+    output: OutputOpt = None,
+    fmt: FormatOpt = Format.text,
+    batch_size: BatchSizeOpt = 8,
+    resume: ResumeOpt = False,
+    shard: ShardOpt = None,
+    window: WindowOpt = None,
+    hop: HopOpt = None,
     model: ModelOpt = "v0",
     max_tokens: MaxTokensOpt = 300,
     sample: SampleOpt = False,
@@ -97,7 +180,6 @@ def ask(
     top_p: TopPOpt = 0.8,
     offset: OffsetOpt = 0.0,
     duration: DurationOpt = None,
-    fmt: FormatOpt = AnswerFormat.text,
     device: DeviceOpt = Device.auto,
     dtype: DtypeOpt = None,
     threads: ThreadsOpt = None,
@@ -116,17 +198,35 @@ def ask(
       mellow ask a.wav b.wav "which clip is louder?"
       mellow ask street.flac "what is the main sound?" --choices "car|rain|birds"
       cat clip.mp3 | mellow ask - "what do you hear?"
+      mellow ask --input questions.jsonl --format jsonl -o answers.jsonl --resume
+      mellow ask field.flac "is a bird singing?" --window 10 --choices "yes|no" -f csv
     """
+    from . import batch
+
     setup(quiet, verbose, threads)
-    if len(args) < 2 or len(args) > 3:
-        raise UsageError("ask takes AUDIO [AUDIO2] QUESTION: one or two audio files, then the question")
-    paths, question = args[:-1], args[-1]
-    if not question.strip():
-        raise UsageError("the question is empty")
-    paths = paths if len(paths) == 2 else [paths[0], paths[0]]
+    opts = decoding(max_tokens, sample, temperature, top_p, seed)
     choice_list = _split_choices(choices)
-    clips = _load_clips(paths, offset, duration)
-    _answer(model, device, dtype, clips, paths, question, decoding(max_tokens, sample, temperature, top_p, seed), fmt, choice_list)
+    if input_file is not None:
+        if args:
+            raise UsageError("give either --input FILE or AUDIO [AUDIO2] QUESTION, not both")
+        jobs = batch.read_questions(input_file, choice_list)
+        if not jobs:
+            raise UsageError(f"{input_file}: no questions in the file")
+    else:
+        if not args or len(args) < 2:
+            raise UsageError("ask takes AUDIO [AUDIO2] QUESTION: one or two audio files, then the question (or --input FILE)")
+        audio, question = args[:-1], args[-1]
+        if not question.strip():
+            raise UsageError("the question is empty")
+        pair = len(audio) <= 2 and all(_plain(a) for a in audio)
+        if pair:
+            jobs = [batch.Job(audio[0], audio[-1], question, tuple(choice_list) if choice_list else None)]
+        else:
+            jobs = batch.jobs_for(batch.expand_inputs(audio, recursive), question, choice_list)
+        if pair and _interactive(fmt, output, window, shard, resume):
+            return _answer_one(model, device, dtype, jobs[0], opts, fmt, offset, duration)
+    _run_batch(jobs, verb="answered", model_name=model, device=device, dtype=dtype, opts=opts, fmt=fmt, output=output,
+               resume=resume, shard=shard, window=window, hop=hop, batch_size=batch_size, offset=offset, duration=duration)
 
 
 def _split_choices(choices: Optional[str]) -> Optional[list[str]]:
@@ -140,9 +240,17 @@ def _split_choices(choices: Optional[str]) -> Optional[list[str]]:
 
 @app.command(no_args_is_help=True)
 def compare(
-    audio1: Annotated[str, typer.Argument(metavar="A", help="First recording (or - for stdin).", show_default=False)],
-    audio2: Annotated[str, typer.Argument(metavar="B", help="Second recording.", show_default=False)],
+    audio1: Annotated[Optional[str], typer.Argument(metavar="A", help="First recording (or - for stdin).", show_default=False)] = None,
+    audio2: Annotated[Optional[str], typer.Argument(metavar="B", help="Second recording.", show_default=False)] = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to ask about the pair.")] = COMPARE_PROMPT,
+    pairs: Annotated[Optional[str], typer.Option("--pairs", help="Many pairs: a CSV or TSV with a header naming audio1 and audio2 (optional prompt and id columns), or JSON lines (.jsonl); - for stdin.")] = None,
+    output: OutputOpt = None,
+    fmt: FormatOpt = Format.text,
+    batch_size: BatchSizeOpt = 8,
+    resume: ResumeOpt = False,
+    shard: ShardOpt = None,
+    window: WindowOpt = None,
+    hop: HopOpt = None,
     model: ModelOpt = "v0",
     max_tokens: MaxTokensOpt = 300,
     sample: SampleOpt = False,
@@ -150,7 +258,6 @@ def compare(
     top_p: TopPOpt = 0.8,
     offset: OffsetOpt = 0.0,
     duration: DurationOpt = None,
-    fmt: FormatOpt = AnswerFormat.text,
     device: DeviceOpt = Device.auto,
     dtype: DtypeOpt = None,
     threads: ThreadsOpt = None,
@@ -165,29 +272,40 @@ def compare(
     Examples:
       mellow compare before.wav after.wav
       mellow compare a.wav b.wav --prompt "explain the difference between the two audios in few words."
+      mellow compare --pairs pairs.csv --format jsonl -o differences.jsonl
     """
+    from . import batch
+
     setup(quiet, verbose, threads)
-    paths = [audio1, audio2]
-    clips = _load_clips(paths, offset, duration)
-    _answer(model, device, dtype, clips, paths, prompt, decoding(max_tokens, sample, temperature, top_p, seed), fmt)
-
-
-class BatchFormat(str, Enum):
-    text = "text"
-    json = "json"
-    jsonl = "jsonl"
-    csv = "csv"
-    tsv = "tsv"
+    opts = decoding(max_tokens, sample, temperature, top_p, seed)
+    if pairs is not None:
+        if audio1 or audio2:
+            raise UsageError("give either --pairs FILE or A B, not both")
+        jobs = batch.read_pairs(pairs, prompt)
+        if not jobs:
+            raise UsageError(f"{pairs}: no pairs in the file")
+    else:
+        if audio1 is None or audio2 is None:
+            raise UsageError("compare takes two recordings, A and B (or --pairs FILE)")
+        jobs = [batch.Job(audio1, audio2, prompt)]
+        if _interactive(fmt, output, window, shard, resume):
+            return _answer_one(model, device, dtype, jobs[0], opts, fmt, offset, duration)
+    _run_batch(jobs, verb="compared", model_name=model, device=device, dtype=dtype, opts=opts, fmt=fmt, output=output,
+               resume=resume, shard=shard, window=window, hop=hop, batch_size=batch_size, offset=offset, duration=duration)
 
 
 @app.command(no_args_is_help=True)
 def caption(
     audio: Annotated[List[str], typer.Argument(metavar="AUDIO...", help="Recordings: files, folders, globs, @list.txt (one path per line), @- (that list on stdin), or - (audio on stdin).", show_default=False)],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The instruction given with each clip.")] = CAPTION_PROMPT,
-    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Look for audio in subfolders too.")] = False,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write results to this file instead of stdout.")] = None,
-    fmt: Annotated[BatchFormat, typer.Option("--format", "-f", help="text: captions (path<TAB>caption for several files); json, jsonl, csv, tsv: one row per file with audio, question, answer, model, revision, error.")] = BatchFormat.text,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Clips captioned together; the next batch is decoded meanwhile.")] = 8,
+    recursive: RecursiveOpt = False,
+    output: OutputOpt = None,
+    fmt: FormatOpt = Format.text,
+    batch_size: BatchSizeOpt = 8,
+    resume: ResumeOpt = False,
+    shard: ShardOpt = None,
+    window: WindowOpt = None,
+    hop: HopOpt = None,
     model: ModelOpt = "v0",
     max_tokens: MaxTokensOpt = 300,
     sample: SampleOpt = False,
@@ -206,39 +324,24 @@ def caption(
     """Write a one-sentence caption for each recording.
 
     A file that cannot be read is reported on stderr (and in its row's error field) and the
-    others are still captioned; the exit code is then 1.
+    others are still captioned; the exit code is then 1. Ctrl-C stops after the row being
+    written (exit 130); run the same command with --resume to go on.
 
     \b
     Examples:
       mellow caption rain.wav
       mellow caption field/ --recursive --format jsonl -o captions.jsonl
       find . -name '*.flac' | mellow caption @- --format csv
+      mellow caption night.flac --window 10 --format srt > night.srt
+      mellow caption big/ -r -f jsonl -o part2.jsonl --shard 2/4 --resume
     """
-    from . import batch, render
-    from .audio import load_clip
+    from . import batch
 
     setup(quiet, verbose, threads)
-    paths = batch.expand_inputs(audio, recursive)
-    opts = decoding(max_tokens, sample, temperature, top_p, seed)
-    loaded = load_model(model, device, dtype)
-    stream = open_output(output)
-    writer = batch.RowWriter(fmt.value, stream, many=len(paths) > 1)
-    failed = 0
-    try:
-        decode = lambda path: load_clip(path, offset=offset, duration=duration)  # noqa: E731
-        for result, err in batch.caption_rows(loaded, paths, prompt, opts, batch_size, decode):
-            if err is not None:
-                render.error(str(err))
-                failed += 1
-            writer.write(result)
-    finally:
-        writer.close()
-        if stream is not sys.stdout:
-            stream.close()
-    if len(paths) > 1:
-        render.info(f"captioned {len(paths) - failed} of {len(paths)} files" + (f", {failed} failed" if failed else ""))
-    if failed:
-        raise typer.Exit(1)
+    jobs = batch.jobs_for(batch.expand_inputs(audio, recursive), prompt)
+    _run_batch(jobs, verb="captioned", model_name=model, device=device, dtype=dtype,
+               opts=decoding(max_tokens, sample, temperature, top_p, seed), fmt=fmt, output=output, resume=resume,
+               shard=shard, window=window, hop=hop, batch_size=batch_size, offset=offset, duration=duration)
 
 
 # Commands that live in their own modules, in the order --help lists them.

@@ -27,9 +27,14 @@ class Dtype(str, Enum):
     float16 = "float16"
 
 
-class AnswerFormat(str, Enum):
+class Format(str, Enum):
     text = "text"
     json = "json"
+    jsonl = "jsonl"
+    csv = "csv"
+    tsv = "tsv"
+    srt = "srt"
+    vtt = "vtt"
 
 
 # Options shared by every command that runs the model: declared once, used by each signature.
@@ -47,7 +52,15 @@ TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="S
 TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --sample).")]
 OffsetOpt = Annotated[float, typer.Option("--offset", min=0.0, help="Start of the 10 s window in each clip, in seconds.")]
 DurationOpt = Annotated[Optional[float], typer.Option("--duration", min=0.01, max=10.0, help="Seconds of audio to use from --offset (at most 10; shorter is tiled to 10 s).")]
-FormatOpt = Annotated[AnswerFormat, typer.Option("--format", "-f", help="text: the answer alone; json: one object with inputs, answer and model.")]
+FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="text: the answer (with several rows: tab-separated inputs, then the answer); json: one object (an array of rows for a batch); jsonl, csv, tsv: one row per answer with audio, audio2, question, answer, model, revision, error (and id, start, end, choices, scores when used); srt, vtt: timed captions, with --window.")]
+# Batch runs: many inputs, one row each.
+RecursiveOpt = Annotated[bool, typer.Option("--recursive", "-r", help="Look for audio in subfolders too.")]
+OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Write rows to this file instead of stdout.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Rows answered together; the next batch's audio is decoded meanwhile.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="With --output (jsonl, csv or tsv): keep the rows already there and do only the rest, e.g. after Ctrl-C or a kill.")]
+ShardOpt = Annotated[Optional[str], typer.Option("--shard", metavar="I/N", help="Do only every N-th row from the I-th (1 <= I <= N), so N processes can share one list.")]
+WindowOpt = Annotated[Optional[float], typer.Option("--window", min=0.5, max=10.0, help="Answer for each WINDOW seconds of a long recording (at most 10), with start and end times in each row.")]
+HopOpt = Annotated[Optional[float], typer.Option("--hop", min=0.1, help="Seconds from one window's start to the next [default: the window length].")]
 
 
 def setup(quiet: bool, verbose: bool, threads: Optional[int]) -> None:
@@ -74,10 +87,10 @@ def load_model(model: str, device: Device, dtype: Optional[Dtype]):
         return load_model(model, device=device.value, dtype=dtype.value if dtype else None)
 
 
-def open_output(path: Optional[str]):
+def open_output(path: Optional[str], append: bool = False):
     if path is None:
         return sys.stdout
     try:
-        return open(path, "w", encoding="utf-8")
+        return open(path, "a" if append else "w", encoding="utf-8", newline="")
     except OSError as e:
         raise MellowError(f"{path}: cannot write the output ({e.strerror or e})") from None

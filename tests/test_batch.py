@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from mellow_cli.batch import FIELDS, RowWriter, decoded_chunks, expand_inputs, row
+from mellow_cli.batch import FIELDS, Job, RowWriter, decoded_chunks, expand_inputs, row
 from mellow_cli.errors import AudioError, UsageError
 
 
@@ -50,8 +50,10 @@ def test_inputs_that_name_nothing_are_usage_errors(tree, make, message):
 
 
 ROWS = [
-    row("a.wav", "caption the audio.", audio2="a.wav", answer='a dog barks, "twice", then\tstops', model="v0", revision="abc"),
-    row("b, c.wav", "caption the audio.", audio2="b, c.wav", model="v0", error="not an audio file"),
+    {k: v for k, v in r.items() if k in FIELDS} for r in (
+        row(Job("a.wav", "a.wav", "caption the audio."), answer='a dog barks, "twice", then\tstops', model="v0", revision="abc"),
+        row(Job("b, c.wav", "b, c.wav", "caption the audio."), model="v0", error="not an audio file"),
+    )
 ]
 
 

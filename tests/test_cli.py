@@ -98,7 +98,7 @@ def test_unexpected_errors_have_no_traceback_unless_debug(monkeypatch):
     def boom(*a, **k):
         raise ZeroDivisionError("kaboom")
 
-    monkeypatch.setattr(cli, "_load_clips", boom)
+    monkeypatch.setattr(cli, "_answer_one", boom)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["ask", "a.wav", "q"])
     assert exit_info.value.code == 1
@@ -109,7 +109,7 @@ def test_unexpected_errors_have_no_traceback_unless_debug(monkeypatch):
 def test_unexpected_error_message_is_one_line(monkeypatch, capsys):
     import mellow_cli.cli as cli
 
-    monkeypatch.setattr(cli, "_load_clips", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(cli, "_answer_one", lambda *a, **k: 1 / 0)
     with pytest.raises(SystemExit):
         cli.main(["ask", "a.wav", "q"])
     err = capsys.readouterr().err
@@ -134,10 +134,10 @@ def test_logs_are_plain_text_with_no_color_or_without_a_terminal(env, styled):
 
 def test_a_clip_paired_with_itself_is_decoded_once(monkeypatch):
     import mellow_cli.audio as audio
-    import mellow_cli.cli as cli
+    from mellow_cli.batch import Job, clip_decoder
 
     calls = []
     monkeypatch.setattr(audio, "load_clip", lambda p, **kw: calls.append(p) or f"clip:{p}")
-    assert cli._load_clips(["a.wav", "a.wav"], 0.0, None) == ["clip:a.wav", "clip:a.wav"]
-    assert cli._load_clips(["a.wav", "b.wav"], 0.0, None) == ["clip:a.wav", "clip:b.wav"]
-    assert calls == ["a.wav", "a.wav", "b.wav"]
+    assert clip_decoder()(Job("a.wav", "a.wav", "q")) == ("clip:a.wav", None)  # None: the model reuses clip 1
+    assert calls == ["a.wav"]
+    assert clip_decoder()(Job("a.wav", "b.wav", "q")) == ("clip:a.wav", "clip:b.wav")

@@ -68,8 +68,9 @@ def test_choices_print_exactly_one_choice(tiny_model_dir, clips):
     out = mellow("ask", str(clips[0]), "what is it?", "--choices", "dog|cat|car", "--model", str(tiny_model_dir),
                  "-q", "--format", "json")
     row = json.loads(out.stdout)
-    assert [c["choice"] for c in row["choices"]] == ["dog", "cat", "car"]
-    assert abs(sum(c["probability"] for c in row["choices"]) - 1) < 1e-4
+    assert row["choices"] == ["dog", "cat", "car"]
+    assert [c["choice"] for c in row["scores"]] == ["dog", "cat", "car"]
+    assert abs(sum(c["probability"] for c in row["scores"]) - 1) < 1e-4
     assert row["answer"] in {"dog", "cat", "car"}
 
 
@@ -163,7 +164,7 @@ def test_caption_a_folder_to_a_csv_file(tiny_model_dir, clips, tmp_path):
     rows = list(csv.DictReader(out_file.open()))
     assert sorted(r["audio"] for r in rows) == sorted(str(c) for c in clips)
     assert all(r["error"] == "" and r["model"] == str(tiny_model_dir) for r in rows)
-    assert "captioned 2 of 2 files" in out.stderr
+    assert "captioned 2 of 2 rows" in out.stderr
 
 
 def test_caption_list_on_stdin_batched_equals_one_by_one(tiny_model_dir, clips, monkeypatch):
