@@ -111,3 +111,37 @@ def test_decoded_chunks_keep_order_and_errors():
     flat = [d for _, ds in chunks for d in ds]
     assert [clip for clip, _ in flat] == ["A", None, "C", "D", None]
     assert [err.problem if err else None for _, err in flat] == [None, "not an audio file", None, None, "not an audio file"]
+
+
+@pytest.mark.parametrize("duration, window, hop, spans", [
+    (4.0, 10.0, 10.0, [(0.0, 4.0)]),  # shorter than a window: one window, the whole recording
+    (20.0, 10.0, 10.0, [(0.0, 10.0), (10.0, 20.0)]),
+    (20.3, 10.0, 10.0, [(0.0, 10.0), (10.0, 20.0)]),  # a 0.3 s tail is not worth a row
+    (21.0, 10.0, 10.0, [(0.0, 10.0), (10.0, 20.0), (20.0, 21.0)]),
+    (12.0, 10.0, 4.0, [(0.0, 10.0), (4.0, 12.0)]),
+])
+def test_windows_cover_the_recording(duration, window, hop, spans):
+    from mellow_cli.batch import windows
+
+    assert windows(duration, window, hop) == spans
+
+
+def test_shards_are_disjoint_balanced_and_cover_the_list():
+    from mellow_cli.batch import parse_shard, take_shard
+
+    items = list(range(11))
+    parts = [take_shard(items, parse_shard(f"{i}/4")) for i in range(1, 5)]
+    assert sorted(sum(parts, [])) == items and {len(p) for p in parts} == {2, 3}
+    for bad in ("0/4", "5/4", "x", "1/0", "1-4"):
+        with pytest.raises(UsageError):
+            parse_shard(bad)
+
+
+def test_rows_done_drops_a_cut_last_line(tmp_path):
+    from mellow_cli.batch import row_key, rows_done
+
+    out = tmp_path / "out.jsonl"
+    full = [dict(r, start=None) for r in ROWS]
+    out.write_text(json.dumps(full[0]) + "\n" + json.dumps(full[1])[:10])
+    assert rows_done(str(out), "jsonl") == {row_key(full[0])}
+    assert out.read_text() == json.dumps(full[0]) + "\n"
