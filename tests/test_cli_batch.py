@@ -264,3 +264,43 @@ def test_stdout_has_only_rows_and_stderr_only_logs(tiny_model_dir, clips):
     assert proc.returncode == 0, proc.stderr
     assert len(_jsonl(proc.stdout)) == 3
     assert "{" not in proc.stderr and "captioned 3 of 3 rows" in proc.stderr
+
+
+def test_a_folder_mixing_good_and_bad_files(tiny_model_dir, clips, tmp_path):
+    import shutil
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for c in clips:
+        shutil.copy(c, folder / c.name)
+    (folder / "broken.flac").write_bytes(b"fLaC" + b"\0" * 50)
+    (folder / "empty.wav").write_bytes(b"")
+    (folder / "notes.txt").write_text("not audio, and not picked up")
+    out = mellow("caption", str(folder), "--model", str(tiny_model_dir), "--max-tokens", "3", "-f", "jsonl", "-b", "2")
+    assert out.returncode == 1
+    rows = {os.path.basename(r["audio"]): r for r in _jsonl(out.stdout)}
+    assert sorted(rows) == sorted(["broken.flac", "empty.wav", *(c.name for c in clips)])
+    assert all(rows[c.name]["error"] is None and rows[c.name]["answer"] for c in clips)
+    assert rows["broken.flac"]["error"] and rows["empty.wav"]["error"]
+    assert out.stderr.count("mellow: error:") == 2 and "captioned 3 of 5 rows, 2 failed" in out.stderr
+
+
+def test_progress_bar_on_a_terminal_only(monkeypatch):
+    import rich.console
+
+    from mellow_cli import render
+
+    render.configure()
+    term = rich.console.Console(file=io.StringIO(), force_terminal=True, width=120)
+    monkeypatch.setitem(render._consoles, "stderr", term)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    with render.progress(3, "captioned") as advance:
+        for _ in range(3):
+            advance()
+    drawn = term.file.getvalue()
+    assert "captioned" in drawn and "3/3" in drawn and "/s" in drawn and "eta" in drawn
+    piped = rich.console.Console(file=io.StringIO(), force_terminal=False)
+    monkeypatch.setitem(render._consoles, "stderr", piped)
+    with render.progress(3, "captioned") as advance:
+        advance()
+    assert piped.file.getvalue() == ""
