@@ -93,7 +93,7 @@ def read_questions(name: str, default_choices: Sequence[str] | None = None, stdi
     """`--input FILE` (`-` for stdin): JSON lines with `audio`, optional `audio2`, `question`,
     optional `choices` (a list, or one string split on "|") and optional `id`."""
     jobs = []
-    for number, obj in _json_lines(name, stdin):
+    for number, obj in json_lines(name, stdin):
         where = f"{name}: line {number}"
         audio = obj.get("audio", obj.get("audio1"))
         question = obj.get("question")
@@ -113,7 +113,7 @@ def read_pairs(name: str, prompt: str, stdin: IO[str] | None = None) -> list[Job
     `audio`, `a`/`b`), optional `prompt`/`question` and `id` columns; or JSON lines with the same
     keys (by the .jsonl extension)."""
     if name.endswith((".jsonl", ".ndjson")):
-        records = list(_json_lines(name, stdin))
+        records = list(json_lines(name, stdin))
     else:
         text = _read_text(name, stdin, "pairs")
         delimiter = "\t" if name.endswith(".tsv") or ("\t" in text.split("\n", 1)[0]) else ","
@@ -150,7 +150,9 @@ def _read_text(name: str, stdin: IO[str] | None, what: str) -> str:
         raise UsageError(f"{name}: not a UTF-8 text file") from None
 
 
-def _json_lines(name: str, stdin: IO[str] | None):
+def json_lines(name: str, stdin: IO[str] | None = None):
+    """(line number, object) for each non-blank line of a JSON-lines file (`-`: stdin); a line
+    that is not a JSON object is a UsageError naming the file and the line."""
     for number, line in enumerate(_read_text(name, stdin, "input").splitlines(), 1):
         if not line.strip():
             continue
