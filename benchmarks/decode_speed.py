@@ -11,28 +11,27 @@ ratios. No asserts; this only measures.
     python benchmarks/decode_speed.py --lm-dir DIR --batch 2 --tokens 32 --fp16 --bf16
 
 `--lm-dir` is a folder with `lm.safetensors` (LlamaForCausalLM keys, head optional) and tokenizer
-files, as the tests' `smollm2_dir` fixture builds. The audio encoder is not timed here.
+files, as the tests' `smollm2_dir` fixture builds. The audio encoder is not timed here; `mellow
+bench speed` times the whole model (load, encoder, first token) with the same decode timers.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import resource
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from mellow_cli.config import DecodingOptions, MellowConfig
-from mellow_cli.generate import fp16_weights, generate_tokens
+from mellow_cli.bench.speed import hf_generate, ours, peak_rss_mb, weight_bytes
+from mellow_cli.config import MellowConfig
+from mellow_cli.generate import fp16_weights
 from mellow_cli.model.llama import transformers_twin
 from mellow_cli.model.mellow import load_lm, tokenize_prompts
 from mellow_cli.model.tokenizer import Tokenizer
 
 CFG = MellowConfig.v0()
-NEVER = -1  # eos id that never matches: every run decodes exactly --tokens tokens
 
 
 def load(lm_dir: Path):
@@ -52,45 +51,6 @@ def make_prefix(lm, tokenizer, batch: int) -> torch.Tensor:
     return torch.cat([clips[0], sep, clips[1], sep, embed(ids)], dim=1)
 
 
-def ours(lm, prefix, tokens: int):
-    """(prefill seconds, decode seconds per token, token ids) for our loop."""
-    start = time.perf_counter()
-    steps = generate_tokens(lm, prefix, DecodingOptions(max_tokens=tokens), eos_id=NEVER)
-    ids = [next(steps)]
-    first = time.perf_counter()
-    ids += list(steps)
-    end = time.perf_counter()
-    return first - start, (end - first) / max(tokens - 1, 1), torch.stack(ids, dim=1)
-
-
-@torch.inference_mode()
-def hf_prefill(lm, prefix) -> float:
-    start = time.perf_counter()
-    lm(inputs_embeds=prefix, use_cache=True, logits_to_keep=1)
-    return time.perf_counter() - start
-
-
-@torch.inference_mode()
-def hf_generate(lm, prefix, tokens: int):
-    """(total seconds, token ids) for transformers' greedy generate over the same prefix."""
-    start = time.perf_counter()
-    out = lm.generate(inputs_embeds=prefix, attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long),
-                      max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                      pad_token_id=CFG.pad_token_id, eos_token_id=CFG.eos_token_id)
-    return time.perf_counter() - start, out[:, -tokens:]
-
-
-def weight_bytes(lm) -> int:
-    """Bytes one decode step reads: every layer, the final norm and the output head (the input
-    embedding is only looked up, one row)."""
-    tensors = [*lm.model.layers.parameters(), lm.model.norm.weight, lm.lm_head.weight]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def report(name: str, step_s: float, batch: int, nbytes: int, extra: str = "") -> None:
     # bandwidth per step: a step reads every weight once, whatever the batch size
     print(f"{name:<34} {batch / step_s:7.1f} tok/s  {nbytes / step_s / 1e9:6.2f} GB/s  {extra}")
@@ -100,10 +60,10 @@ def compare(name: str, model, prefix, reference_ids, tokens: int, repeats: int) 
     """Our loop on another form of the weights: speed, and agreement with float32 greedy."""
     ours(model, prefix, min(tokens, 4))  # warm-up
     runs = [ours(model, prefix, tokens) for _ in range(repeats)]
-    decode = statistics.median(r[1] for r in runs)
-    same = (runs[0][2] == reference_ids[:, :tokens]).all(dim=0).long().cumprod(0).sum().item()
+    decode = statistics.median(r.step_s for r in runs)
+    same = (runs[0].ids == reference_ids[:, :tokens]).all(dim=0).long().cumprod(0).sum().item()
     report(name, decode, prefix.shape[0], weight_bytes(model),
-           f"prefill {statistics.median(r[0] for r in runs) * 1e3:.0f} ms; "
+           f"prefill {statistics.median(r.first_token_s for r in runs) * 1e3:.0f} ms; "
            f"first {same}/{tokens} tokens as float32")
 
 
@@ -130,35 +90,33 @@ def main() -> None:
           f"{prefix.shape[1]} positions, {args.tokens} new tokens; "
           f"decode reads {nbytes / 1e6:.0f} MB of float32 weights per step")
 
-    ours(lm, prefix, 4), hf_generate(hf, prefix, 4), hf_prefill(hf, prefix)  # warm-up
-    ours_runs, hf_runs, hf_prefills = [], [], []
+    ours(lm, prefix, 4), hf_generate(hf, prefix, 4)  # warm-up
+    ours_runs, hf_runs = [], []
     for _ in range(args.repeats):  # interleaved, so load from other processes hits both alike
         ours_runs.append(ours(lm, prefix, args.tokens))
         hf_runs.append(hf_generate(hf, prefix, args.tokens))
-        hf_prefills.append(hf_prefill(hf, prefix))
 
-    prefill = statistics.median(r[0] for r in ours_runs)
-    decode = statistics.median(r[1] for r in ours_runs)
-    hf_total = statistics.median(r[0] for r in hf_runs)
-    hf_pre = statistics.median(hf_prefills)
-    hf_decode = (hf_total - hf_pre) / max(args.tokens - 1, 1)
-    ours_total = statistics.median(r[0] + r[1] * (args.tokens - 1) for r in ours_runs)
-    same = torch.equal(ours_runs[0][2], hf_runs[0][1])
+    prefill = statistics.median(r.first_token_s for r in ours_runs)
+    decode = statistics.median(r.step_s for r in ours_runs)
+    hf_pre = statistics.median(r.first_token_s for r in hf_runs)
+    hf_decode = statistics.median(r.step_s for r in hf_runs)
+    ours_total = statistics.median(r.first_token_s + r.step_s * (args.tokens - 1) for r in ours_runs)
+    hf_total = statistics.median(r.first_token_s + r.step_s * (args.tokens - 1) for r in hf_runs)
+    same = torch.equal(ours_runs[0].ids, hf_runs[0].ids)
 
-    print(f"prefill ({prefix.shape[1]} positions): ours {prefill * 1e3:.0f} ms, "
-          f"transformers forward {hf_pre * 1e3:.0f} ms")
+    print(f"prefill ({prefix.shape[1]} positions) and first token: ours {prefill * 1e3:.0f} ms, "
+          f"transformers generate {hf_pre * 1e3:.0f} ms")
     report("ours float32 (KV cache)", decode, args.batch, nbytes, f"{decode * 1e3:.1f} ms/step")
-    report("transformers generate float32", hf_decode, args.batch, nbytes,
-           f"{hf_decode * 1e3:.1f} ms/step (prefill subtracted)")
+    report("transformers generate float32", hf_decode, args.batch, nbytes, f"{hf_decode * 1e3:.1f} ms/step")
     print(f"decode speed-up {hf_decode / decode:.2f}x; "
           f"prefill + {args.tokens} tokens: ours {ours_total:.2f} s, "
           f"transformers {hf_total:.2f} s ({hf_total / ours_total:.2f}x); same greedy tokens: {same}")
     print(f"peak RSS so far (float32 model, both loops) {peak_rss_mb():.0f} MB")
     if args.fp16:
-        compare("ours, float16 matrices (opt-in)", fp16_weights(copy.deepcopy(lm)), prefix, ours_runs[0][2],
+        compare("ours, float16 matrices (opt-in)", fp16_weights(copy.deepcopy(lm)), prefix, ours_runs[0].ids,
                 args.tokens, args.repeats)
     if args.bf16:
-        compare("ours, all bfloat16", copy.deepcopy(lm).to(torch.bfloat16), prefix, ours_runs[0][2],
+        compare("ours, all bfloat16", copy.deepcopy(lm).to(torch.bfloat16), prefix, ours_runs[0].ids,
                 min(args.tokens, 8), 1)
     if args.fp16 or args.bf16:
         print(f"peak RSS with the extra copies {peak_rss_mb():.0f} MB")

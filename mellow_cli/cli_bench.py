@@ -2,56 +2,201 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from enum import Enum
+from typing import Annotated, List, Optional
 
 import typer
 
 from .cli_options import (
+    BatchSizeOpt,
     DebugOpt,
     Device,
     DeviceOpt,
+    DtypeOpt,
+    MaxTokensOpt,
     ModelOpt,
     QuietOpt,
+    ShardOpt,
     ThreadsOpt,
     VerboseOpt,
+    load_model,
+    setup,
 )
-from .errors import MellowError
+from .errors import UsageError
 
 bench_app = typer.Typer(help="Score a model on a benchmark or measure its speed.", no_args_is_help=True, rich_markup_mode=None)
 
 
+class Mode(str, Enum):
+    choices = "choices"
+    generate = "generate"
+
+
+# Options of the multiple-choice benchmarks (mmau, qa), declared once.
+ModeOpt = Annotated[Mode, typer.Option("--mode", help="choices: score each option's likelihood after the question and answer with the likeliest, so every answer names exactly one option (fast, the default); generate: greedy free text after the question and its lettered options, the protocol of the paper's run (an answer naming no option, or two, is wrong).")]
+PredictionsOpt = Annotated[Optional[str], typer.Option("--predictions", "-o", help="Where the predictions go, in the official format (the items plus model_output) [default: DATA-MODEL-MODE.json in the current folder].")]
+BenchResumeOpt = Annotated[bool, typer.Option("--resume", help="Keep the predictions already in the file (e.g. after Ctrl-C or a kill) and do only the rest.")]
+LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N items (of the shard, with --shard).")]
+ScoreOnlyOpt = Annotated[Optional[List[str]], typer.Option("--score-only", metavar="PREDICTIONS.json", help="Score this predictions file (from any model; repeat for shards) without running a model.")]
+MinAccuracyOpt = Annotated[Optional[float], typer.Option("--min-accuracy", min=0.0, max=100.0, metavar="PERCENT", help="Exit 1 when the overall accuracy is below this (for CI).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON report (data SHA-256, model, revision, mode, counts, accuracies, wall time) instead of the table.")]
+
+
 @bench_app.command("mmau")
 def bench_mmau(
-    data: Annotated[Optional[str], typer.Option("--data", help="mmau-test-mini.json (the official file).")] = None,
-    audio_dir: Annotated[Optional[str], typer.Option("--audio-dir", help="Folder the items' audio_id paths are relative to.")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="mmau-test-mini.json (the official file; see docs/bench.md).")] = None,
+    audio_dir: Annotated[Optional[str], typer.Option("--audio-dir", help="Folder the items' audio_id paths are relative to [default: the data file's folder].")] = None,
+    mode: ModeOpt = Mode.choices,
+    predictions: PredictionsOpt = None,
+    resume: BenchResumeOpt = False,
+    limit: LimitOpt = None,
+    shard: ShardOpt = None,
+    batch_size: BatchSizeOpt = 8,
+    score_only: ScoreOnlyOpt = None,
+    min_accuracy: MinAccuracyOpt = None,
+    as_json: JsonOpt = False,
+    max_tokens: MaxTokensOpt = 300,
     model: ModelOpt = "v0",
     device: DeviceOpt = Device.auto,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    debug: DebugOpt = False,
-) -> None:
-    """Score a model on MMAU with the benchmark's official matcher.
-
-    \b
-    Example:
-      mellow bench mmau --data mmau-test-mini.json --audio-dir mmau/ --mode choices
-    """
-    raise MellowError("`mellow bench mmau` is not available in this version yet")
-
-
-@bench_app.command("speed")
-def bench_speed(
-    model: ModelOpt = "v0",
-    device: DeviceOpt = Device.auto,
+    dtype: DtypeOpt = None,
     threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Measure load time, encoder time, time to first token and tokens/s on this machine.
+    """Score a model on MMAU with the benchmark's official matcher (evaluation.py).
+
+    Predictions are written item by item; a clip that cannot be read is reported and counted as
+    unanswered (exit 1 at the end), the others go on.
 
     \b
-    Example:
-      mellow bench speed --model v0 --threads 4
+    Examples:
+      mellow bench mmau --data mmau-test-mini.json --audio-dir mmau/
+      mellow bench mmau --data mmau-test-mini.json --mode generate --resume
+      mellow bench mmau --data mmau-test-mini.json --shard 2/4 --json > shard2.json
+      mellow bench mmau --score-only predictions.json --min-accuracy 40
     """
-    raise MellowError("`mellow bench speed` is not available in this version yet")
+    from .bench import mmau
+
+    _bench(mmau, data, audio_dir, "--data FILE", mode, predictions, resume, limit, shard, batch_size, score_only,
+           min_accuracy, as_json, max_tokens, model, device, dtype, threads, quiet, verbose)
+
+
+@bench_app.command("qa")
+def bench_qa(
+    file: Annotated[Optional[str], typer.Argument(metavar="FILE", help="Questions as JSON lines: audio, optional audio2, question, choices, answer, optional id.", show_default=False)] = None,
+    audio_root: Annotated[Optional[str], typer.Option("--audio-root", help="Folder the rows' audio paths are relative to [default: FILE's folder].")] = None,
+    mode: ModeOpt = Mode.choices,
+    predictions: PredictionsOpt = None,
+    resume: BenchResumeOpt = False,
+    limit: LimitOpt = None,
+    shard: ShardOpt = None,
+    batch_size: BatchSizeOpt = 8,
+    score_only: ScoreOnlyOpt = None,
+    min_accuracy: MinAccuracyOpt = None,
+    as_json: JsonOpt = False,
+    max_tokens: MaxTokensOpt = 300,
+    model: ModelOpt = "v0",
+    device: DeviceOpt = Device.auto,
+    dtype: DtypeOpt = None,
+    threads: ThreadsOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Score a model on any multiple-choice set in JSON lines, with MMAU's official matcher.
+
+    Rows with task, difficulty or sub-category keys also get an accuracy per value.
+
+    \b
+    Examples:
+      mellow bench qa clotho-mcq.jsonl --audio-root clotho/
+      mellow bench qa my-questions.jsonl --mode generate -o answers.json --min-accuracy 60
+    """
+    from .bench import qa
+
+    _bench(qa, file, audio_root, "FILE", mode, predictions, resume, limit, shard, batch_size, score_only,
+           min_accuracy, as_json, max_tokens, model, device, dtype, threads, quiet, verbose)
+
+
+def _bench(bench, data, audio_root, data_name, mode: Mode, predictions, resume, limit, shard, batch_size,
+           score_only, min_accuracy, as_json, max_tokens, model, device, dtype, threads, quiet, verbose) -> None:
+    """Run (or only score) a multiple-choice benchmark, print its report, set the exit code."""
+    import os
+
+    from . import batch
+    from .bench import runner
+
+    setup(quiet, verbose, threads)
+    if score_only:
+        if predictions or resume or limit or shard:
+            raise UsageError("--score-only scores finished predictions: leave out --predictions, --resume, --limit and --shard")
+        report = runner.score_files(bench, score_only, data)
+    else:
+        if data is None:
+            raise UsageError(f"give the benchmark's {data_name} (or --score-only PREDICTIONS.json)")
+        shard_spec = batch.parse_shard(shard)
+        output = predictions or runner.default_predictions(data, model, mode.value, shard_spec)
+        settings = runner.Settings(mode=mode.value, batch_size=batch_size, limit=limit, shard=shard_spec, resume=resume,
+                                   max_tokens=max_tokens)
+        root = audio_root or os.path.dirname(os.path.abspath(data))
+        report = runner.run(bench, data, root, output, settings, lambda: load_model(model, device, dtype))
+    _report(report, min_accuracy, as_json)
+
+
+def _report(report, min_accuracy, as_json: bool) -> None:
+    from . import render
+    from .bench import report as text
+
+    overall = report.score.overall.percent
+    passed = None if min_accuracy is None else overall is not None and overall >= min_accuracy
+    if as_json:
+        render.result_json({**report.as_dict(), "min_accuracy": min_accuracy, "passed": passed})
+    else:
+        render.table(text.COLUMNS, text.rows(report.score), title=text.title(report), right=(2, 3, 4))
+        for line in text.notes(report):
+            render.result_line(line)
+    if passed is False:
+        shown = "none (nothing was scored)" if overall is None else f"{overall:.2f}"
+        render.error(f"overall accuracy {shown} is below --min-accuracy {min_accuracy:g}")
+        raise typer.Exit(1)
+    if report.score.unanswered:
+        raise typer.Exit(1)
+
+
+@bench_app.command("speed")
+def bench_speed(
+    model: ModelOpt = "v0",
+    tokens: Annotated[int, typer.Option("--tokens", min=2, help="Tokens per timed decode run (which ignores end of text) and at most per caption.")] = 64,
+    repeat: Annotated[int, typer.Option("--repeat", min=1, help="Timed runs per figure; the median is shown. One warm-up run comes first.")] = 3,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Clips per batch for the batched encoder and caption figures.")] = 8,
+    skip_baseline: Annotated[bool, typer.Option("--skip-baseline", help="Do not race transformers' generate (saves importing it, a few seconds).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+    device: DeviceOpt = Device.auto,
+    dtype: DtypeOpt = None,
+    threads: ThreadsOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Measure load time, encoder time, time to first token, tokens/s (beside transformers'
+    generate on the same weights), batched captions/s and peak memory on this machine.
+
+    Everything runs in one process, after a warm-up; the audio is synthesized.
+
+    \b
+    Examples:
+      mellow bench speed --model v0 --threads 4
+      mellow bench speed --model v0 --tokens 32 --repeat 5 --json > speed.json
+    """
+    from . import render
+    from .bench import speed
+
+    setup(quiet, verbose, threads)
+    report = speed.run(model, device.value, dtype.value if dtype else None, tokens=tokens, repeat=repeat,
+                       batch_size=batch_size, baseline=not skip_baseline, log=render.info)
+    if as_json:
+        render.result_json(report.as_dict())
+    else:
+        render.table(("measure", "value", "how"), speed.table_rows(report), title=speed.title(report), right=(1,),
+                     footnote=speed.footnote(report))

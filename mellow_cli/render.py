@@ -101,6 +101,41 @@ def progress(total: int | None, description: str = "") -> Iterator["Callable[[in
         yield lambda n=1: bar.advance(task, n)
 
 
+class Live:
+    """What `live` yields: `update(done, text="")` moves the bar and replaces the text after it;
+    `log(text)` prints a line that stays."""
+
+    def __init__(self, bar=None, task=None):
+        self._bar, self._task = bar, task
+
+    def update(self, done: int, text: str = "") -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, **({"text": text} if text else {}))
+        elif text:  # not a terminal: the text becomes a log line
+            info(text)
+
+    def log(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.console.print(text, style="dim", markup=False, highlight=False)
+        else:
+            info(text)
+
+
+@contextlib.contextmanager
+def live(total: int, done: int = 0, description: str = "") -> Iterator[Live]:
+    """A bar with a line of text after it (training: step, loss, lr, samples/s, ETA) on stderr.
+    On a terminal it redraws in place; elsewhere (a log file, CI) each text is one plain line."""
+    console = _console("stderr")
+    if _level < NORMAL or not console.is_terminal or _no_color():
+        yield Live()
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[text]}"), console=console, transient=False) as bar:
+        yield Live(bar, bar.add_task(description, total=total, completed=done, text=""))
+
+
 def stream_answer(pieces: Iterable[str]) -> str:
     """Write text pieces to stdout as they arrive, then a newline; return the whole text.
 
@@ -126,3 +161,22 @@ def result_line(text: str) -> None:
 def result_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
     sys.stdout.flush()
+
+
+def table(columns: Iterable[str], rows: Iterable[Iterable[object]], title: str | None = None,
+          right: Iterable[int] = (), footnote: str | None = None) -> None:
+    """A table of results on stdout (plain text when stdout is not a terminal), with an optional
+    title above and footnote below. Cells are shown as written, never read as Rich markup;
+    `right` holds the indexes of right-aligned columns."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    right = set(right)
+    grid = Table(title=Text(title) if title else None, title_justify="left", box=box.SIMPLE_HEAD,
+                 caption=Text(footnote) if footnote else None, caption_justify="left")
+    for i, name in enumerate(columns):
+        grid.add_column(Text(name), justify="right" if i in right else "left", overflow="fold")
+    for row in rows:
+        grid.add_row(*(Text(str(cell)) for cell in row))
+    _console("stdout").print(grid)

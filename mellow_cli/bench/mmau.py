@@ -1,0 +1,54 @@
+"""MMAU (Sakshi et al., "MMAU: A Massive Multi-Task Audio Understanding and Reasoning
+Benchmark"; data and evaluation.py at GitHub Sakshi113/MMAU): read and check the official JSON.
+
+The file is a JSON list of items with 11 keys: id, audio_id ("./test-mini-audios/<id>.wav"),
+question, choices (2 to 8 strings; a choice may repeat), answer (the text of the right choice),
+dataset, task (sound / music / speech), split, category (a string, or for a few items a
+one-element list), sub-category and difficulty (easy / medium / hard). We need the seven keys
+below; the rest are carried into the predictions untouched, as evaluation.py expects.
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..errors import UsageError
+from .items import Item, check_record, check_unique, kind, resolve
+
+NAME = "mmau"
+REQUIRED = ("id", "audio_id", "question", "choices", "answer", "task", "difficulty")
+SCORE_REQUIRED = ("answer", "choices", "task", "difficulty")  # what evaluation.py reads to score
+GROUPS = ("task", "difficulty", "sub-category")
+
+
+def load_json_list(path: str, what: str = "data file") -> list:
+    """A file holding one JSON list, or a one-line UsageError saying what is wrong with it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such {what}") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not a UTF-8 text file") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: not JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(data, list):
+        raise UsageError(f"{path}: expected a JSON list of items, found a JSON {kind(data)}")
+    return data
+
+
+def key(record: dict) -> str:
+    return str(record["id"])
+
+
+def read(path: str, audio_dir: str) -> list[Item]:
+    """The items of an MMAU file, their audio resolved under `audio_dir`."""
+    records = [check_record(obj, i, path, REQUIRED) for i, obj in enumerate(load_json_list(path))]
+    if not records:
+        raise UsageError(f"{path}: the list holds no items")
+    keys = [key(r) for r in records]
+    check_unique(keys, path)
+    return [Item(k, r, resolve(audio_dir, r["audio_id"]), None, r["question"], tuple(r["choices"]), r["answer"])
+            for k, r in zip(keys, records)]

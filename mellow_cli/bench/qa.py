@@ -1,0 +1,75 @@
+"""`mellow bench qa FILE`: any multiple-choice set as JSON lines, scored like MMAU.
+
+Each line: `audio` (a path, relative to --audio-root), optional `audio2` (a second clip; without
+it the clip is paired with itself), `question`, `choices` (a list, or one string "a|b|c"),
+`answer` (the text of the right choice) and optional `id`. Any other keys are kept, and `task`,
+`difficulty` and `sub-category`, when present, get their own accuracy tables. This is the shape
+for the paper's other sets (Clotho / AudioCaps MCQ, audio entailment) or a home-made one.
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..errors import UsageError
+from .items import Item, check_choice_count, check_unique, resolve
+
+NAME = "qa"
+GROUPS = ("task", "difficulty", "sub-category")
+SCORE_REQUIRED = ("answer", "choices")
+
+
+def key(record: dict) -> str:
+    """A row's id, or its line number in the file when it has none."""
+    return str(record["id"]) if record.get("id") not in (None, "") else f"line {record['line']}"
+
+
+def read_rows(path: str) -> list[dict]:
+    """The rows, checked, choices as lists, each with its line number under `line`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read the file ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not a UTF-8 text file") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}: line {number}: not JSON ({e.msg})") from None
+        rows.append(check(obj, number, path))
+    if not rows:
+        raise UsageError(f"{path}: no questions in the file")
+    return rows
+
+
+def check(obj, number: int, path: str) -> dict:
+    at = f"{path}: line {number}"
+    if not isinstance(obj, dict):
+        raise UsageError(f"{at}: expected a JSON object")
+    for field in ("audio", "question", "answer"):
+        if not isinstance(obj.get(field), str) or not obj[field].strip():
+            raise UsageError(f"{at}: needs a non-empty \"{field}\" string")
+    if obj.get("audio2") is not None and not isinstance(obj["audio2"], str):
+        raise UsageError(f"{at}: \"audio2\" must be a path")
+    choices = obj.get("choices")
+    if isinstance(choices, str):
+        choices = [c.strip() for c in choices.split("|")]
+    if not isinstance(choices, list) or not all(isinstance(c, str) and c.strip() for c in choices) or len(choices) < 2:
+        raise UsageError(f"{at}: \"choices\" must be at least two non-empty strings (a list, or \"a|b\")")
+    check_choice_count(choices, at)
+    return {**obj, "choices": choices, "line": number}
+
+
+def read(path: str, audio_root: str) -> list[Item]:
+    rows = read_rows(path)
+    keys = [key(r) for r in rows]
+    check_unique(keys, path, lambda i: f"line {rows[i]['line']}")
+    return [Item(k, r, resolve(audio_root, r["audio"]), resolve(audio_root, r["audio2"]) if r.get("audio2") else None,
+                 r["question"], tuple(r["choices"]), r["answer"]) for k, r in zip(keys, rows)]

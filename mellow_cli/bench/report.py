@@ -1,0 +1,46 @@
+"""A benchmark report as table cells and lines of text (render.py draws them): the accuracy per
+task, difficulty and sub-category, the overall figure, and what it was measured on."""
+
+from __future__ import annotations
+
+from .scoring import Accuracy, Score
+
+COLUMNS = ("table", "row", "accuracy %", "correct", "scored")
+
+
+def _cells(table: str, row: str, acc: Accuracy) -> tuple[str, ...]:
+    shown = "-" if acc.percent is None else f"{acc.percent:.2f}"
+    return (table, row, shown, str(acc.correct), str(acc.scored))
+
+
+def rows(score: Score) -> list[tuple[str, ...]]:
+    out = []
+    for table, entries in score.groups.items():
+        out += [_cells(table if i == 0 else "", name, acc) for i, (name, acc) in enumerate(entries)]
+    out.append(_cells("overall", "", score.overall))
+    return out
+
+
+def title(report) -> str:
+    meta = report.meta
+    parts = [meta["benchmark"].upper(), f"model {meta['model'] or 'unknown'}", f"mode {meta['mode'] or 'unknown'}"]
+    if meta.get("shard"):
+        parts.append(f"shard {meta['shard']}")
+    return " · ".join(parts) + " · official matcher (evaluation.py)"
+
+
+def notes(report) -> list[str]:
+    """Lines under the table: the counts, what unanswered items would cost, and the fingerprint
+    without which the figure cannot be compared with another."""
+    s, meta = report.score, report.meta
+    lines = [f"answered {s.answered}, unanswered {s.unanswered}, skipped {s.skipped} (of {s.items} items in the predictions)"]
+    if s.unanswered:
+        strict = s.strict.percent
+        lines.append(f"unanswered items are left out of the accuracy, as evaluation.py does; counted as wrong the "
+                     f"overall would be {'-' if strict is None else f'{strict:.2f}'}%")
+    if meta.get("data_sha256"):
+        lines.append(f"data {meta['data']} sha256 {meta['data_sha256']}")
+    predictions = meta["predictions"]
+    lines.append(f"predictions {', '.join(predictions) if isinstance(predictions, list) else predictions}"
+                 f" · {meta['wall_seconds']:.1f} s")
+    return lines

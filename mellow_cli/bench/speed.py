@@ -1,0 +1,367 @@
+"""`mellow bench speed`: how fast a model runs on this machine, every figure from one run.
+
+gpt-fast's habits (../shared/STYLE.md, Benchmarks): a warm-up before timing, the device
+synchronised before each clock reading, medians of repeats, tokens/s, bytes read per second and
+peak memory, and a baseline measured in the same run: transformers' own `generate` over the very
+same weight tensors (model/llama.py: transformers_twin). These machines are shared and noisy, so
+the ratio of the two means more than either figure.
+
+The audio is synthesized (tones over noise, a new clip for every timed run, so the model's clip
+cache never answers for the encoder). benchmarks/decode_speed.py times float16 and bfloat16
+variants with the decode timers below.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from .. import loading
+from ..api import CAPTION_PROMPT, MellowModel, load_model
+from ..config import DecodingOptions
+from ..errors import ModelError
+from ..generate import generate_tokens
+
+QUESTION = "what can you infer about the surroundings from the audio?"
+NEVER = -1  # an eos id no token has: every timed run decodes exactly the tokens asked for
+
+
+@dataclass(frozen=True)
+class SpeedReport:
+    """What `mellow bench speed` measured; times are medians of `repeat` runs after a warm-up."""
+
+    model: str  # as the user named it
+    revision: str | None  # hub commit of the weights, None for local files
+    device: str  # where it ran: cpu, cuda:0, mps
+    dtype: str  # of the language model's weights
+    threads: int  # torch's CPU threads
+    torch_version: str
+    tokens: int  # tokens decoded per timed decode run
+    repeat: int  # timed runs per figure
+    batch_size: int  # clips per batch for the batched figures
+    fetched_first: bool  # the model was downloaded or converted just before the loads
+    load_first_s: float  # first load in this process: the cached safetensors are mapped for the
+    # first time here, but the OS page cache was not dropped, so the file may already be in memory
+    load_cached_s: float  # a second load of the same files
+    encoder_ms_per_clip: float  # one 10 s clip through the audio encoder and mapper
+    encoder_ms_per_clip_batched: float  # the same, per clip of a batch of batch_size
+    time_to_first_token_s: float  # decoded clip -> first token: encoder, prompt, prefill, argmax
+    prefill_ms: float  # the prefix (clips and prompt embedded) -> first token, our loop
+    decode_tok_s: float  # our greedy loop, batch 1, after the first token
+    decode_gb_s: float  # weight bytes read per second while decoding (each step reads all once)
+    captions_per_s: float  # batch_size new clips captioned by ask_batch (up to `tokens` tokens)
+    peak_rss_one_question_mb: float | None  # peak resident memory after the loads, the one-clip
+    # encoder runs and the first-token runs: what `mellow ask` needs (None: the OS does not say)
+    peak_rss_mb: float | None  # peak after the batched runs too, before transformers was imported
+    baseline: str | None  # "transformers <version> generate"; None if skipped
+    baseline_prefill_ms: float | None
+    baseline_decode_tok_s: float | None  # same weights, same prefix, same number of tokens
+    decode_ratio: float | None  # decode_tok_s / baseline_decode_tok_s
+    peak_rss_with_baseline_mb: float | None  # peak after the baseline ran too
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DecodeRun:
+    """One timed greedy decode of a fixed number of tokens."""
+
+    first_token_s: float  # prefill and the first token
+    step_s: float  # seconds per later token
+    ids: torch.Tensor  # (B, tokens)
+
+
+# --- clocks and memory ---------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work, so the clock reads when the work is done, not when queued."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process so far, in MB; None where the OS does not say."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6  # bytes on macOS, KiB elsewhere
+
+
+def weight_bytes(lm) -> int:
+    """Bytes one decode step reads: every layer, the final norm and the output head (the input
+    embedding is only looked up, one row)."""
+    tensors = [*lm.model.layers.parameters(), lm.model.norm.weight, lm.lm_head.weight]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# --- audio -----------------------------------------------------------------------------------------
+
+
+def synth_clips(n: int, samples: int, sample_rate: int, seed: int) -> list[np.ndarray]:
+    """n different clips: a tone over noise each, float32 mono."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(samples) / sample_rate
+    return [(0.3 * np.sin(2 * np.pi * rng.uniform(100, 4000) * t) + 0.05 * rng.standard_normal(samples))
+            .astype(np.float32) for _ in range(n)]
+
+
+def clip_maker(model: MellowModel) -> Callable[[int], list[np.ndarray]]:
+    """`take(n)`: n clips for this model that no earlier call returned."""
+    seed = 0
+
+    def take(n: int) -> list[np.ndarray]:
+        nonlocal seed
+        seed += 1
+        return synth_clips(n, model.cfg.clip_samples, model.cfg.sample_rate, seed)
+
+    return take
+
+
+# --- the measures ----------------------------------------------------------------------------------
+
+
+def make_local(name: str, progress: bool) -> bool:
+    """Download or convert the model now if the cache does not hold it, so the timed loads time
+    loading, not downloading. True if it had to."""
+    src = loading.resolve(name)
+    if src.key is None:  # a folder or .safetensors used in place
+        return False
+    try:
+        loading.model_path(name)
+        return False
+    except ModelError:
+        loading.pull(src, progress=progress)
+        return True
+
+
+def load_twice(name: str, device: str, dtype: str | None) -> tuple[float, float, MellowModel]:
+    """(first load seconds, second load seconds, the model). The weights are memory-mapped: their
+    pages are read when the first forward touches them (in the warm-up), not during the load."""
+    start = time.perf_counter()
+    first = load_model(name, device=device, dtype=dtype, progress=False)
+    first_s = time.perf_counter() - start
+    del first
+    gc.collect()
+    start = time.perf_counter()
+    model = load_model(name, device=device, dtype=dtype, progress=False)
+    return first_s, time.perf_counter() - start, model
+
+
+@torch.inference_mode()
+def encoder_ms_per_clip(model: MellowModel, clips: Callable[[int], list], batch: int, repeat: int) -> float:
+    """Median milliseconds per clip for `batch` clips through `encode_audio` (after one warm-up)."""
+    def run():
+        wav = torch.from_numpy(np.stack(clips(batch))).to(model.device)
+        return timed(lambda: model.net.encode_audio(wav), model.device)
+
+    run()
+    return statistics.median(run() for _ in range(repeat)) * 1e3 / batch
+
+
+def time_to_first_token(model: MellowModel, clips: Callable[[int], list], repeat: int) -> float:
+    """Median seconds from a decoded clip to the first token, the way `mellow ask` goes."""
+    def first_token():
+        prefix = model.prefix([(clips(1)[0], None, QUESTION)])
+        return next(generate_tokens(model.net.lm, prefix, DecodingOptions(max_tokens=1), eos_id=NEVER))
+
+    timed(first_token, model.device)
+    return statistics.median(timed(first_token, model.device) for _ in range(repeat))
+
+
+def captions_per_s(model: MellowModel, clips: Callable[[int], list], batch: int, tokens: int, repeat: int) -> float:
+    """Median clips/s for one `ask_batch` caption of `batch` new clips, greedy, up to `tokens`."""
+    def caption(max_tokens: int):
+        rows = [(c, None, CAPTION_PROMPT) for c in clips(batch)]
+        return timed(lambda: model.ask_batch(rows, DecodingOptions(max_tokens=max_tokens)), model.device)
+
+    caption(2)
+    return batch / statistics.median(caption(tokens) for _ in range(repeat))
+
+
+def ours(lm, prefix: torch.Tensor, tokens: int) -> DecodeRun:
+    """Our cached greedy loop (mellow_cli.generate) over `prefix`, exactly `tokens` tokens."""
+    device = prefix.device
+    sync(device)
+    start = time.perf_counter()
+    steps = generate_tokens(lm, prefix, DecodingOptions(max_tokens=tokens), eos_id=NEVER)
+    ids = [next(steps)]
+    sync(device)
+    first = time.perf_counter()
+    ids += list(steps)
+    sync(device)
+    end = time.perf_counter()
+    return DecodeRun(first - start, (end - first) / max(tokens - 1, 1), torch.stack(ids, dim=1))
+
+
+class _TokenClock:
+    """A transformers streamer that notes when each put arrives: the prompt first, then each new
+    token (`put` receives them already copied to the CPU, so the device is in step)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+@torch.inference_mode()
+def hf_generate(hf_lm, prefix: torch.Tensor, tokens: int) -> DecodeRun:
+    """transformers' greedy `generate` over the same inputs_embeds, exactly `tokens` tokens
+    (min_new_tokens keeps it from stopping at end of text)."""
+    clock = _TokenClock()
+    eos = hf_lm.config.eos_token_id
+    sync(prefix.device)
+    start = time.perf_counter()
+    mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+    out = hf_lm.generate(inputs_embeds=prefix.to(hf_lm.dtype), attention_mask=mask, max_new_tokens=tokens,
+                         min_new_tokens=tokens, do_sample=False, streamer=clock, pad_token_id=eos, eos_token_id=eos)
+    sync(prefix.device)
+    end = time.perf_counter()
+    first = clock.times[-tokens]  # the puts before it are the prompt's
+    return DecodeRun(first - start, (end - first) / max(tokens - 1, 1), out[:, -tokens:])
+
+
+def baseline_problem(lm) -> str | None:
+    """Why transformers cannot run these weights, or None if it can."""
+    if len({p.dtype for p in lm.parameters()}) > 1:
+        return "float16 matrices with float32 activations (--dtype float16 on a CPU) run only in our loop"
+    return None
+
+
+def lm_dtype(lm) -> str:
+    dtypes = {str(p.dtype).removeprefix("torch.") for p in lm.parameters()}
+    return "float16 matrices, float32 compute" if len(dtypes) > 1 else dtypes.pop()
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+
+def run(model: str = "v0", device: str = "auto", dtype: str | None = None, tokens: int = 64, repeat: int = 3,
+        batch_size: int = 8, baseline: bool = True, log: Callable[[str], None] | None = None) -> SpeedReport:
+    """Every measure of the report, in order: loads, one-clip encoder, time to first token, the
+    batched encoder and captions, our decode, then (after importing transformers) the baseline,
+    interleaved with ours so that load from other processes hits both alike."""
+    note = log or (lambda message: None)
+    fetched = make_local(model, progress=log is not None)
+    note(f"loading {model} twice")
+    load_first, load_cached, net = load_twice(model, device, dtype)
+    lm, clips = net.net.lm, clip_maker(net)
+    note("encoder, one clip")
+    enc1 = encoder_ms_per_clip(net, clips, 1, repeat)
+    note("time to first token")
+    ttft = time_to_first_token(net, clips, repeat)
+    rss_one = peak_rss_mb()
+    note(f"encoder, batch of {batch_size}")
+    enc_batched = encoder_ms_per_clip(net, clips, batch_size, repeat)
+    note(f"captions, batch of {batch_size}")
+    caps = captions_per_s(net, clips, batch_size, tokens, repeat)
+    note(f"decode, {tokens} tokens")
+    prefix = net.prefix([(clips(1)[0], None, QUESTION)])
+    ours(lm, prefix, min(tokens, 4))  # warm-up
+    rss_alone = peak_rss_mb()
+
+    hf_lm, problem = None, baseline_problem(lm) if baseline else None
+    if problem:
+        note(f"no transformers baseline: {problem}")
+    elif baseline:
+        note("importing transformers for the baseline")
+        from ..model.llama import transformers_twin
+
+        hf_lm = transformers_twin(lm)  # the same tensors inside transformers' LlamaForCausalLM
+        hf_generate(hf_lm, prefix, min(tokens, 4))  # warm-up
+    runs, hf_runs = [], []
+    for _ in range(repeat):
+        runs.append(ours(lm, prefix, tokens))
+        if hf_lm is not None:
+            hf_runs.append(hf_generate(hf_lm, prefix, tokens))
+
+    step = statistics.median(r.step_s for r in runs)
+    hf_step = statistics.median(r.step_s for r in hf_runs) if hf_runs else None
+    return SpeedReport(
+        model=net.name, revision=net.revision, device=str(net.device), dtype=lm_dtype(lm),
+        threads=torch.get_num_threads(), torch_version=torch.__version__, tokens=tokens, repeat=repeat,
+        batch_size=batch_size, fetched_first=fetched, load_first_s=load_first, load_cached_s=load_cached,
+        encoder_ms_per_clip=enc1, encoder_ms_per_clip_batched=enc_batched, time_to_first_token_s=ttft,
+        prefill_ms=statistics.median(r.first_token_s for r in runs) * 1e3, decode_tok_s=1 / step,
+        decode_gb_s=weight_bytes(lm) / step / 1e9, captions_per_s=caps, peak_rss_one_question_mb=rss_one,
+        peak_rss_mb=rss_alone,
+        baseline=_baseline_name() if hf_runs else None,
+        baseline_prefill_ms=statistics.median(r.first_token_s for r in hf_runs) * 1e3 if hf_runs else None,
+        baseline_decode_tok_s=1 / hf_step if hf_step else None,
+        decode_ratio=hf_step / step if hf_step else None,
+        peak_rss_with_baseline_mb=peak_rss_mb() if hf_runs else None,
+    )
+
+
+def _baseline_name() -> str:
+    import transformers
+
+    return f"transformers {transformers.__version__} generate"
+
+
+# --- presentation (render.py draws it) -------------------------------------------------------------
+
+
+def title(r: SpeedReport) -> str:
+    return (f"mellow bench speed: {r.model} on {r.device} ({r.dtype}, {r.threads} threads, torch {r.torch_version}), "
+            f"median of {r.repeat} after a warm-up")
+
+
+def table_rows(r: SpeedReport) -> list[tuple[str, str, str]]:
+    """(measure, value, how) for the table; `footnote` explains the load figures."""
+    rows = [
+        ("load, first", f"{r.load_first_s:.2f} s", "first in this process (see below)"),
+        ("load, cached", f"{r.load_cached_s:.2f} s", "the same files again"),
+        ("encoder, 1 clip", f"{r.encoder_ms_per_clip:.0f} ms/clip", "10 s clip, encoder and mapper"),
+        (f"encoder, batch of {r.batch_size}", f"{r.encoder_ms_per_clip_batched:.0f} ms/clip", "per clip of the batch"),
+        ("time to first token", f"{r.time_to_first_token_s:.2f} s", "decoded clip -> first token"),
+        ("decode, mellow", f"{r.decode_tok_s:.1f} tok/s", f"greedy, {r.tokens} tokens, {r.decode_gb_s:.2f} GB/s"),
+    ]
+    if r.baseline is not None:
+        rows += [("decode, transformers", f"{r.baseline_decode_tok_s:.1f} tok/s", "generate, same weights"),
+                 ("decode ratio", f"{r.decode_ratio:.2f}x", "mellow / transformers")]
+    rows += [(f"captions, batch of {r.batch_size}", f"{r.captions_per_s:.2f} clips/s", f"up to {r.tokens} tokens each"),
+             ("peak RSS, one question", _mb(r.peak_rss_one_question_mb), "load, encoder, first token"),
+             ("peak RSS", _mb(r.peak_rss_mb), f"with the batches of {r.batch_size} too")]
+    if r.peak_rss_with_baseline_mb is not None:
+        rows.append(("peak RSS with baseline", _mb(r.peak_rss_with_baseline_mb), "after the transformers runs"))
+    return rows
+
+
+def footnote(r: SpeedReport) -> str:
+    first = ("The model was fetched just before, so its file was in the page cache for the first load."
+             if r.fetched_first else
+             "The first load maps the cached safetensors for the first time in this process; the OS page "
+             "cache was not dropped, so the file may still be in memory from an earlier run.")
+    base = f" Baseline: {r.baseline}, racing ours in alternate runs." if r.baseline else ""
+    return (f"{first} Weights are memory-mapped: the warm-up's first forward reads them.{base} "
+            "Prefill times are in --json.")
+
+
+def _mb(value: float | None) -> str:
+    return "?" if value is None or not math.isfinite(value) else f"{value:.0f} MB"

@@ -1,0 +1,124 @@
+"""`mellow bench speed` through the CLI with the tiny model: every figure present, positive and
+finite, the ratio consistent with the two rates, the baseline optional, errors one line. Nothing
+here asserts a wall-clock figure: these machines are shared and noisy."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from test_cli_answers import mellow
+
+from mellow_cli.bench import speed
+
+FIELDS = {
+    "model", "revision", "device", "dtype", "threads", "torch_version", "tokens", "repeat", "batch_size",
+    "fetched_first", "load_first_s", "load_cached_s", "encoder_ms_per_clip", "encoder_ms_per_clip_batched",
+    "time_to_first_token_s", "prefill_ms", "decode_tok_s", "decode_gb_s", "captions_per_s",
+    "peak_rss_one_question_mb", "peak_rss_mb", "baseline", "baseline_prefill_ms", "baseline_decode_tok_s", "decode_ratio", "peak_rss_with_baseline_mb",
+}
+BASELINE = {"baseline_prefill_ms", "baseline_decode_tok_s", "decode_ratio", "peak_rss_with_baseline_mb"}
+MEASURES = {"load_first_s", "load_cached_s", "encoder_ms_per_clip", "encoder_ms_per_clip_batched",
+            "time_to_first_token_s", "prefill_ms", "decode_tok_s", "decode_gb_s", "captions_per_s",
+            "peak_rss_one_question_mb", "peak_rss_mb"}
+QUICK = ("--tokens", "4", "--repeat", "1", "--batch-size", "2")
+
+
+def bench(model_dir, *args: str):
+    return mellow("bench", "speed", "--model", str(model_dir), *QUICK, *args)
+
+
+@pytest.fixture(scope="module")
+def measured(tiny_model_dir) -> dict:
+    out = bench(tiny_model_dir, "--json")
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    return json.loads(out.stdout)
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_json_has_every_field_and_only_them(measured):
+    assert set(measured) == FIELDS
+    assert FIELDS == {f.name for f in dataclasses.fields(speed.SpeedReport)}  # the schema is this list
+
+
+def test_every_figure_is_positive_and_finite(measured):
+    bad = {k: measured[k] for k in MEASURES | BASELINE if not positive(measured[k])}
+    assert not bad, bad
+    assert measured["tokens"] == 4 and measured["repeat"] == 1 and measured["batch_size"] == 2
+    assert measured["device"] == "cpu" and measured["dtype"] == "float32"
+    assert measured["threads"] >= 1 and measured["fetched_first"] is False  # a folder is used in place
+    assert measured["baseline"].startswith("transformers ")
+
+
+def test_ratio_is_ours_over_transformers(measured):
+    assert measured["decode_ratio"] == pytest.approx(measured["decode_tok_s"] / measured["baseline_decode_tok_s"])
+    # a peak only grows
+    assert measured["peak_rss_with_baseline_mb"] >= measured["peak_rss_mb"] >= measured["peak_rss_one_question_mb"]
+
+
+def test_skip_baseline_leaves_the_baseline_out(tiny_model_dir):
+    out = bench(tiny_model_dir, "--json", "--skip-baseline", "-q")
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""  # -q: nothing but the result
+    report = json.loads(out.stdout)
+    assert {k for k in BASELINE | {"baseline"} if report[k] is not None} == set()
+    assert all(positive(report[k]) for k in MEASURES)
+
+
+def test_table_names_each_measure(tiny_model_dir):
+    out = bench(tiny_model_dir)
+    assert out.returncode == 0, out.stderr
+    for measure in ("load, first", "load, cached", "encoder, 1 clip", "encoder, batch of 2", "time to first token",
+                    "decode, mellow", "decode, transformers", "decode ratio", "captions, batch of 2",
+                    "peak RSS, one question", "peak RSS",
+                    "page cache"):
+        assert measure in out.stdout, measure
+    assert "tok/s" in out.stdout and "clips/s" in out.stdout
+    assert out.stdout.count("{") == 0  # a table, not JSON
+    assert "loading" in out.stderr  # progress notes go to stderr
+
+
+def test_bad_model_is_one_line_error(tmp_path):
+    out = bench(tmp_path / "no such model")
+    assert out.returncode == 1
+    assert out.stdout == ""
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mellow: error: ") and "no such model" in lines[0]
+
+
+def test_the_race_is_fair_same_prefix_same_tokens(tiny_model_dir):
+    """Both loops decode exactly the tokens asked for, over the same prefix, and agree on them:
+    the baseline is the same computation, not a different one."""
+    from mellow_cli.api import load_model
+    from mellow_cli.model.llama import transformers_twin
+
+    model = load_model(str(tiny_model_dir), device="cpu", progress=False)
+    clip = speed.synth_clips(1, model.cfg.clip_samples, model.cfg.sample_rate, seed=3)[0]
+    prefix = model.prefix([(clip, None, speed.QUESTION)])
+    ours = speed.ours(model.net.lm, prefix, 6)
+    theirs = speed.hf_generate(transformers_twin(model.net.lm), prefix, 6)
+    assert ours.ids.shape == theirs.ids.shape == (1, 6)
+    eos = model.cfg.eos_token_id  # transformers is kept from choosing it (min_new_tokens); ours is not
+    assert eos in ours.ids or torch.equal(ours.ids, theirs.ids)
+    assert positive(ours.step_s) and positive(theirs.step_s) and positive(theirs.first_token_s)
+
+
+def test_every_call_gets_new_clips():
+    """The encoder, first-token and caption figures never come from the model's clip cache."""
+    from types import SimpleNamespace
+
+    from mellow_cli.config import MellowConfig
+
+    cfg = MellowConfig.tiny()
+    take = speed.clip_maker(SimpleNamespace(cfg=cfg))
+    first, second = take(2), take(1)
+    clips = [*first, *second]
+    assert all(c.shape == (cfg.clip_samples,) and c.dtype.name == "float32" for c in clips)
+    assert len({c.tobytes() for c in clips}) == 3
