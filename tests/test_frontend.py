@@ -97,3 +97,22 @@ def test_builds_on_meta():
         spectrogram, logmel = front_end()
     assert spectrogram.stft.conv_real.weight.is_meta and logmel.melW.is_meta
     assert logmel.melW.shape == (CFG.n_fft // 2 + 1, CFG.n_mels)
+
+
+def test_exact_kernels_run_as_an_fft_with_the_same_result():
+    """A fresh build holds the exact Hann DFT, so its STFT runs as an FFT; it must be the
+    convolution's transform to float32 rounding. Rounded (checkpoint) kernels keep the convolution."""
+    import torch
+
+    from mellow_cli.model.frontend import STFT
+
+    stft = STFT(1024, 320)
+    assert stft.exact_dft()
+    wav = torch.randn(2, 32000, generator=torch.Generator().manual_seed(0))
+    fft_real, fft_imag = stft(wav)
+    stft._exact = (stft._exact[0], False)  # force the convolution on the same kernels
+    conv_real, conv_imag = stft(wav)
+    scale = conv_real.abs().amax()
+    assert (fft_real - conv_real).abs().max() < 1e-5 * scale and (fft_imag - conv_imag).abs().max() < 1e-5 * scale
+    stft.conv_real.weight = stft.conv_real.weight.half().float()  # what the published checkpoint stores
+    assert not stft.exact_dft()
