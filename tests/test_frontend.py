@@ -116,3 +116,15 @@ def test_exact_kernels_run_as_an_fft_with_the_same_result():
     assert (fft_real - conv_real).abs().max() < 1e-5 * scale and (fft_imag - conv_imag).abs().max() < 1e-5 * scale
     stft.conv_real.weight = stft.conv_real.weight.half().float()  # what the published checkpoint stores
     assert not stft.exact_dft()
+
+
+def test_kernels_made_under_inference_mode_still_work():
+    import torch
+
+    from mellow_cli.model.frontend import STFT
+
+    with torch.inference_mode():
+        stft = STFT(1024, 320)
+        real, _ = stft(torch.zeros(1, 3200))
+    assert real.shape == (1, 11, 513)
+    assert stft(torch.zeros(1, 3200))[0].shape == (1, 11, 513)

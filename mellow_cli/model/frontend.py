@@ -133,13 +133,19 @@ class STFT(nn.Module):
     def exact_dft(self) -> bool:
         """Whether the kernels are exactly the float32 Hann DFT; checked once per kernel tensor."""
         w_real, w_imag = self.conv_real.weight, self.conv_imag.weight
-        key = (w_real.data_ptr(), w_real._version, w_imag.data_ptr(), w_imag._version, w_real.dtype)
+        key = (*_stamp(w_real), *_stamp(w_imag), w_real.dtype)
         if self._exact is None or self._exact[0] != key:
             real, imag = hann_dft_kernels(self.n_fft)
             same = (w_real.dtype == torch.float32 and w_real.device.type != "meta"
                     and torch.equal(w_real[:, 0].cpu(), real) and torch.equal(w_imag[:, 0].cpu(), imag))
             self._exact = (key, same)
         return self._exact[1]
+
+
+def _stamp(t: torch.Tensor) -> tuple[int, int]:
+    """Where a tensor's data lives and how often it was changed in place (inference tensors, made
+    under torch.inference_mode, keep no version count: they cannot be changed in place later)."""
+    return t.data_ptr(), 0 if t.is_inference() else t._version
 
 
 class Spectrogram(nn.Module):
