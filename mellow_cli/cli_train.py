@@ -1,4 +1,4 @@
-"""`mellow train`: parse the options, hand the run to train.py, report progress on stderr."""
+"""`mellow train`: parse the options, hand the run to train.py, draw its progress on stderr."""
 
 from __future__ import annotations
 
@@ -10,27 +10,144 @@ from .cli_options import (
     DebugOpt,
     Device,
     DeviceOpt,
-    ModelOpt,
     QuietOpt,
-    SeedOpt,
+    ThreadsOpt,
     VerboseOpt,
+    setup,
 )
-from .errors import MellowError
+from .errors import UsageError
 
 
 def train(
-    data: Annotated[Optional[str], typer.Argument(metavar="DATA", help="Training rows: ReasonAQA JSON or JSONL with audio1, audio2, question, answer.", show_default=False)] = None,
-    model: ModelOpt = "v0",
+    out: Annotated[str, typer.Option("--out", "-o", metavar="RUN_DIR", help="Run folder: checkpoints/step-NNNNNN (each usable as --model), checkpoints/best, metrics.jsonl.", show_default=False)],
+    data: Annotated[Optional[str], typer.Argument(metavar="DATA", help="Training rows: JSONL (audio1, audio2, question, answer, choices, id) or ReasonAQA's JSON list. Optional with --resume.", show_default=False)] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="Start from these weights: v0 (published), v0_s, a checkpoint of ours (RUN_DIR/checkpoints/step-NNNNNN), a file or hub id.")] = "v0",
+    init: Annotated[Optional[str], typer.Option("--init", metavar="PRESET", help="Start from fresh random weights of a config preset instead of --model: tiny (tests, a few minutes on a CPU) or v0.")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", metavar="DIR", help="Folder with tokenizer.json [default: the model's; with --init, SmolLM2's from the cache or hub].")] = None,
+    freeze: Annotated[str, typer.Option("--freeze", help="Keep parts unchanged: encoder = HTSAT (what the reference's training config freezes; c2l and the mapper still train), decoder = the SmolLM2 language model with its token embeddings (the paper's frozen-LM ablation), encoder,decoder = train only the mapper, none = train everything. HTSAT's front end (STFT, mel) and bn0 statistics never train.")] = "none",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint: weights, optimizer, schedule, random state and place in the epoch, so it ends exactly as an uninterrupted run. Its options stay; --max-steps, --epochs, --save-every, --eval-every, --log-every, --keep, --workers, --device may change.")] = False,
+    val: Annotated[Optional[str], typer.Option("--val", metavar="FILE", help="Validation rows, same formats as DATA.")] = None,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.0, max=0.5, help="Or hold out this fraction of DATA (whole recordings go to one side).")] = 0.0,
+    audio_root: Annotated[Optional[str], typer.Option("--audio-root", metavar="DIR", help="Relative audio paths start here [default: the data file's folder].")] = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Every row is checked before the first step (audio readable, question and answer present, answer among the choices); bad rows stop the run, listed by line number, unless this drops them.")] = False,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Processes decoding audio for the batches (0: in the training process).")] = 2,
+    no_random_window: Annotated[bool, typer.Option("--no-random-window", help="Clips longer than 10 s: always the first 10 s (inference's window) instead of a seeded random window per epoch.")] = False,
+    epochs: Annotated[float, typer.Option("--epochs", min=0.01, help="Passes over DATA (the paper: 30 on ReasonAQA).")] = 1.0,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps (wins over --epochs).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Rows per batch, per process.")] = 8,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Batches per optimizer step (rows per step = batch size x this x processes).")] = 1,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="Peak learning rate (AdamW; linear warmup, then cosine down to a tenth).")] = 1e-4,
+    warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps", min=0, help="Warmup length [default: 5% of the steps].")] = None,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0, help="AdamW weight decay (not on norms and biases).")] = 0.01,
+    grad_clip: Annotated[float, typer.Option("--grad-clip", min=0.0, help="Clip the gradient norm to this (0: no clipping).")] = 1.0,
+    max_answer_tokens: Annotated[int, typer.Option("--max-answer-tokens", min=2, help="Answers are cut to this many tokens (with the end of text).")] = 256,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the weights (--init), the order of rows, random windows and dropout.")] = 0,
+    save_every: Annotated[int, typer.Option("--save-every", min=1, help="Checkpoint every N steps (and at the end).")] = 500,
+    eval_every: Annotated[int, typer.Option("--eval-every", min=1, help="Validate every N steps (and at the end): loss, and accuracy on rows with choices.")] = 500,
+    log_every: Annotated[int, typer.Option("--log-every", min=1, help="A metrics.jsonl row (and a progress line when stderr is not a terminal) every N steps.")] = 10,
+    keep: Annotated[int, typer.Option("--keep", min=1, help="Keep the last K checkpoints, plus the best by validation loss.")] = 3,
+    trace: Annotated[bool, typer.Option("--trace-indices", hidden=True, help="Write the row indices each process read to RUN_DIR/trace-rankN.jsonl.")] = False,
     device: DeviceOpt = Device.auto,
-    seed: SeedOpt = None,
+    threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Fine-tune the model on your own recordings and questions.
 
+    The loss is the paper's: next-token cross-entropy on the answer after the two clips and the
+    question. bfloat16 on a CUDA GPU, float32 on a CPU. Stop with Ctrl-C (or lose the machine)
+    and continue with --resume.
+
     \b
-    Example:
-      mellow train rows.jsonl --audio-root clips/ --val-fraction 0.05
+    Examples:
+      mellow train rows.jsonl --audio-root clips/ --val-fraction 0.05 -o runs/mine
+      mellow train rows.jsonl --val val.jsonl -o runs/mine --epochs 3 --freeze encoder
+      mellow train -o runs/mine --resume
+      mellow ask clip.wav "what do you hear?" --model runs/mine/checkpoints/best
+      torchrun --nproc-per-node 4 -m mellow_cli train rows.jsonl -o runs/big -b 16
     """
-    raise MellowError("`mellow train` is not available in this version yet")
+    from .train import TrainOptions, parse_freeze, run
+
+    setup(quiet, verbose, threads)
+    if init is not None and resume:
+        raise UsageError("--init starts a new run; --resume continues one: pass one of them")
+    if val is not None and val_fraction:
+        raise UsageError("pass --val FILE or --val-fraction, not both")
+    opts = TrainOptions(
+        data=data, out=out, model=model, init=init, tokenizer=tokenizer, freeze=parse_freeze(freeze),
+        val=val, val_fraction=val_fraction, audio_root=audio_root, skip_bad=skip_bad, epochs=epochs,
+        max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
+        weight_decay=weight_decay, grad_clip=grad_clip, max_answer_tokens=max_answer_tokens,
+        random_window=not no_random_window, seed=seed, workers=workers, device=device.value,
+        save_every=save_every, eval_every=eval_every, log_every=log_every, keep=keep, resume=resume, trace=trace,
+    )
+    with _Progress() as progress:
+        run(opts, progress.report)
+
+
+class _Progress:
+    """Turns train.run's events into a live line (step, loss, lr, samples/s, ETA) and log lines."""
+
+    def __init__(self):
+        self._live = None
+        self._stack = None
+
+    def __enter__(self):
+        import contextlib
+
+        self._stack = contextlib.ExitStack()
+        return self
+
+    def __exit__(self, *exc):
+        self._stack.close()
+
+    def report(self, e: dict) -> None:
+        from . import render
+
+        kind = e["event"]
+        if kind == "start":
+            self._start(e)
+        elif kind == "step" and self._live:
+            self._live.update(e["step"])
+        elif kind == "train" and self._live:
+            self._live.update(e["step"], f"step {e['step']}/{e['total']}  loss {e['loss']:.4f}  lr {e['lr']:.2e}  "
+                                         f"{e['samples_per_s']:.1f} samples/s  eta {_duration(e['eta'])}")
+        elif kind == "val":
+            accuracy = "" if e["val_accuracy"] is None else f"  accuracy {e['val_accuracy']:.3f} ({e['val_choice_rows']} rows with choices)"
+            self._log(f"step {e['step']}: validation loss {e['val_loss']:.4f}{accuracy}{'  (best)' if e['best'] else ''}")
+        elif kind == "checkpoint":
+            render.debug(f"saved {e['path']}")
+        elif kind == "note":
+            render.warn(e["message"])
+        elif kind == "done":
+            self._stack.close()
+            best = f"; best: {e['best']}" if e["best"] else ""
+            render.info(f"trained {e['steps']} steps in {_duration(e['seconds'])}; last checkpoint: {e['checkpoint']}{best}")
+
+    def _start(self, e: dict) -> None:
+        from . import render
+
+        frozen = "" if e["frozen"] == "none" else f", frozen: {e['frozen']}"
+        what = "resuming" if e["resumed"] else "training"
+        processes = f" x {e['world_size']} processes" if e["world_size"] > 1 else ""
+        render.info(f"{what} {e['model']} on {e['device']}{processes}: "
+                    f"{e['trainable'] / 1e6:.1f}M of {e['parameters'] / 1e6:.1f}M parameters train{frozen}; "
+                    f"{e['rows']} rows ({e['val_rows']} validation), {e['rows_per_step']} rows a step; "
+                    f"steps {e['step']} -> {e['total']}; run folder {e['run_dir']}")
+        self._live = self._stack.enter_context(render.live(e["total"], e["step"], "train"))
+
+    def _log(self, text: str) -> None:
+        from . import render
+
+        if self._live:
+            self._live.log(text)
+        else:
+            render.info(text)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"

@@ -1,0 +1,200 @@
+"""The run folder `mellow train` leaves behind, and the state that makes a run resumable.
+
+    RUN_DIR/
+      metrics.jsonl                 one JSON object per event (train, val), appended as they happen
+      checkpoints/step-000123/      a model folder (`--model` loads it) plus the trainer's state:
+        model.safetensors           weights under the official key names, the tied head once
+        config.json                 MellowConfig.to_dict()
+        tokenizer.json, tokenizer_config.json
+        trainer.json                step, place in the epoch, metrics, best, options
+        state.pt                    optimizer, scheduler, every process's RNG states (plain
+                                    tensors and tuples: torch.load(weights_only=True) reads it)
+      checkpoints/best -> step-...  the lowest validation loss (a copy where symlinks fail)
+
+A checkpoint is written in a hidden folder and renamed into place, so a crash or a SIGKILL leaves
+the previous checkpoints whole and at most a `.step-*.tmp-*` folder, removed on resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mellow_cli.errors import MellowError
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+TIED_HEAD = "caption_decoder.lm.lm_head.weight"  # stored once, as the token embedding
+
+
+# --- RNG state -----------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """This process's RNG states as plain tensors and tuples (torch.load(weights_only=True) reads
+    them back)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (a folder appears only once whole), oldest first."""
+    root = run_dir / CHECKPOINTS
+    found = [p for p in root.glob("step-*") if p.is_dir() and not p.is_symlink() and (p / "trainer.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def model_state(net) -> dict[str, torch.Tensor]:
+    """The weights under the official key names, the tied head once (as loading writes them)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items() if k != TIED_HEAD}
+
+
+def write_checkpoint(run_dir: Path, step: int, net, tokenizer_dir: Path, trainer: dict, state: dict) -> Path:
+    """RUN/checkpoints/step-NNNNNN/: written in a hidden folder, then renamed into place."""
+    from safetensors.torch import save_file
+
+    from mellow_cli.loading import OPTIONAL_TOKENIZER_FILES, TOKENIZER_FILES
+
+    root = run_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_name(step)
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(model_state(net), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(net.cfg.to_dict(), indent=2) + "\n")
+        for f in (*TOKENIZER_FILES, *OPTIONAL_TOKENIZER_FILES):
+            if (tokenizer_dir / f).is_file():
+                shutil.copyfile(tokenizer_dir / f, tmp / f)
+        torch.save(state, tmp / "state.pt")
+        (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # the same step written again (a best checkpoint at a save step)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def mark_best(run_dir: Path, checkpoint: Path) -> Path:
+    """RUN/checkpoints/best -> step-NNNNNN (a relative symlink, swapped in atomically; a copy
+    where symlinks are not allowed)."""
+    best = run_dir / CHECKPOINTS / "best"
+    tmp = best.with_name(f".best.tmp-{os.getpid()}")
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        tmp.symlink_to(checkpoint.name, target_is_directory=True)
+        if best.is_dir() and not best.is_symlink():
+            shutil.rmtree(best)
+        os.replace(tmp, best)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(checkpoint, tmp)
+        if best.is_symlink():
+            best.unlink()
+        elif best.exists():
+            shutil.rmtree(best)
+        os.replace(tmp, best)
+    return best
+
+
+def prune(run_dir: Path, keep: int, best_step: int | None) -> None:
+    """Delete all but the last `keep` checkpoints, never the best one."""
+    found = checkpoints(run_dir)
+    for old in found[: max(0, len(found) - keep)]:
+        if best_step is None or old.name != step_name(best_step):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_stale(run_dir: Path) -> None:
+    """Half-written checkpoints left by a killed run."""
+    for stale in (run_dir / CHECKPOINTS).glob(".*.tmp-*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def read_trainer(checkpoint: Path) -> dict:
+    try:
+        return json.loads((checkpoint / "trainer.json").read_text())
+    except (OSError, ValueError) as e:
+        raise MellowError(f"{checkpoint}: unreadable trainer.json ({e})") from None
+
+
+def append_metrics(run_dir: Path, row: dict) -> None:
+    with open(run_dir / METRICS, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop the rows a killed run logged after the checkpoint it resumes from."""
+    path = run_dir / METRICS
+    if not path.is_file():
+        return
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(ValueError):
+            if json.loads(line).get("step", 0) <= step:
+                rows.append(line)
+    tmp = path.with_name(f".{METRICS}.tmp-{os.getpid()}")
+    tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def weights_digest(net) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(net.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,438 @@
+"""mellow train: the objective (answer tokens only, the golden training-view logits), the loop on the
+tiny preset (learning, freezing, checkpoints, best and keep-last-K, metrics, bad rows), a resume
+after a real SIGKILL that ends bit-identical, and two-process DDP under torchrun."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_tone
+from safetensors.torch import load_file
+
+from mellow_cli import runs, tasks, train
+from mellow_cli.config import MellowConfig
+from mellow_cli.model.mellow import Mellow, tokenize_prompts
+from mellow_cli.train import TrainOptions
+
+TINY = MellowConfig.tiny()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mellow(*args: str) -> subprocess.CompletedProcess:
+    """`mellow ARGS` in this process, through the console script's `main`."""
+    import contextlib
+    import io
+
+    from mellow_cli.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a 2-core machine that is also running something else, two threads
+    wait on each other and a step takes ten times longer; one is steady (subprocesses below get
+    OMP_NUM_THREADS=1 for the same reason)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def task_data(tmp_path_factory):
+    """16 training and 8 validation rows of the synthetic tasks (every row has choices)."""
+    out = tmp_path_factory.mktemp("tasks")
+    train_path, val_path = tasks.make_tasks(out, rows=16, seed=0, val_rows=8)
+    return train_path, val_path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    from mellow_cli.model.tokenizer import Tokenizer
+
+    return Tokenizer(smollm2_dir)
+
+
+def options(task_data, smollm2_dir, out, **kw) -> TrainOptions:
+    base = dict(data=str(task_data[0]), out=str(out), init="tiny", tokenizer=str(smollm2_dir), batch_size=2,
+                workers=0, lr=1e-3, max_steps=2, save_every=100, eval_every=100, log_every=1, seed=3)
+    return TrainOptions(**{**base, **kw})
+
+
+def fresh_tiny(seed: int) -> Mellow:
+    return train.fresh_model(TINY, seed)
+
+
+def state_of(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- the objective -----------------------------------------------------------------------------
+
+
+def batch_for(tokenizer, answers, seed=0, questions=None):
+    g = torch.Generator().manual_seed(seed)
+    n = len(answers)
+    wav1 = 0.1 * torch.randn(n, TINY.clip_samples, generator=g)
+    wav2 = 0.1 * torch.randn(n, TINY.clip_samples, generator=g)
+    prompt = tokenize_prompts(tokenizer, questions or ["which is louder?"] * n, TINY)
+    ids, mask = train.encode_answers(tokenizer, answers, TINY)
+    return wav1, wav2, prompt, ids, mask
+
+
+def test_answers_end_with_eos_and_padding_is_masked(tokenizer):
+    ids, mask = train.encode_answers(tokenizer, ["the first", "a dog barks twice loudly"], TINY)
+    short = tokenizer("the first", add_special_tokens=False)["input_ids"]
+    assert ids[0, : len(short)].tolist() == short and ids[0, len(short)] == TINY.eos_token_id
+    assert mask[0].tolist() == [True] * (len(short) + 1) + [False] * (ids.shape[1] - len(short) - 1)
+    assert mask[1].all()
+    cut, cut_mask = train.encode_answers(tokenizer, ["a dog barks twice loudly"], TINY, max_tokens=3)
+    assert cut.shape == (1, 3) and cut_mask.all()
+
+
+def test_answer_logits_are_the_full_forward_at_the_answer_positions(tokenizer):
+    net = fresh_tiny(0).eval()
+    wav1, wav2, prompt, ids, mask = batch_for(tokenizer, ["rises", "the second"])
+    with torch.no_grad():
+        prefix = train.prefix_embeddings(net, wav1, wav2, prompt)
+        assert torch.equal(prefix, net.prefix(wav1, wav2, prompt))
+        # a one-clip row (its clip twice) among two-clip rows: its clip is encoded once, same prefix
+        mixed = torch.stack([wav1[0], wav2[1]])
+        torch.testing.assert_close(train.prefix_embeddings(net, wav1, mixed, prompt), net.prefix(wav1, mixed, prompt))
+        logits = train.answer_logits(net.lm, prefix, ids)
+        full = net.lm(inputs_embeds=torch.cat([prefix, net.lm.model.embed_tokens(ids)], 1)).logits
+    assert logits.shape == (2, ids.shape[1], TINY.vocab_size)
+    torch.testing.assert_close(logits, full[:, TINY.prefix_len - 1 : -1], rtol=1e-5, atol=1e-5)
+    # the loss is the cross-entropy of exactly the answer tokens
+    expected = torch.nn.functional.cross_entropy(full[:, TINY.prefix_len - 1 : -1][mask], ids[mask])
+    with torch.no_grad():
+        loss = train.answer_loss(net, wav1, wav2, prompt, ids, mask)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_loss_ignores_answer_padding_and_other_rows(tokenizer):
+    net = fresh_tiny(1).eval()  # eval: no dropout, so two forward passes agree
+    wav1, wav2, prompt, ids, mask = batch_for(tokenizer, ["one", "the first clip is much louder"])
+    garbage = ids.clone()
+    garbage[~mask] = 12345  # whatever sits in the padding
+    loss, loss_garbage = (train.answer_loss(net, wav1, wav2, prompt, i, mask) for i in (ids, garbage))
+    grads = torch.autograd.grad(loss, list(net.lm.parameters()))
+    grads_garbage = torch.autograd.grad(loss_garbage, list(net.lm.parameters()))
+    assert torch.equal(loss, loss_garbage)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_garbage))
+    # the batch loss is the token-weighted mean of each row's own, unpadded loss
+    with torch.no_grad():
+        sums = [train.answer_loss(net, wav1[i : i + 1], wav2[i : i + 1], prompt[i : i + 1],
+                                  ids[i : i + 1, : mask[i].sum()], mask[i : i + 1, : mask[i].sum()], "sum")
+                for i in range(2)]
+    torch.testing.assert_close(loss.detach(), sum(sums) / mask.sum(), rtol=1e-5, atol=1e-5)
+    # the question is part of the input, not of the target: a different question moves the loss
+    other = batch_for(tokenizer, ["one", "the first clip is much louder"], questions=["how many beeps?"] * 2)[2]
+    with torch.no_grad():
+        assert not torch.equal(train.answer_loss(net, wav1, wav2, other, ids, mask), loss.detach())
+
+
+@pytest.mark.slow
+def test_training_view_matches_the_golden_teacher_logits(golden_dir, smollm2_dir, golden):
+    """The reference's logits with the answer fed after the prefix (golden `teacher_*`), from
+    the two waveforms through our training path."""
+    import numpy as np
+
+    from mellow_cli.model.mellow import load_weights
+
+    enc = load_file(golden_dir / "mellow_v0_golden_audio_encoder.fp16.safetensors")
+    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in enc.items()}
+    sd.update({f"caption_decoder.lm.{k}": v for k, v in load_file(smollm2_dir / "lm.safetensors").items()})
+    net = load_weights(Mellow.from_config(MellowConfig.v0(), "meta"), sd)
+    wav = torch.from_numpy(np.stack([golden["wav1"], golden["wav2"]])).float()
+    answer = torch.from_numpy(golden["teacher_answer_ids"])
+    with torch.no_grad():
+        prefix = train.prefix_embeddings(net, wav, wav.flip(0), torch.from_numpy(golden["input_ids"]))
+        top = train.answer_logits(net.lm, prefix, answer).topk(5, dim=-1)
+    assert torch.equal(top.indices, torch.from_numpy(golden["teacher_top5_ids"]))
+    assert (top.values - torch.from_numpy(golden["teacher_top5_logits"])).abs().max() <= 1e-3
+
+
+def test_overfits_a_tiny_fixed_batch(tokenizer):
+    torch.manual_seed(0)
+    net = fresh_tiny(2)
+    train.freeze(net, ())
+    train.train_mode(net)
+    opts = TrainOptions(data=None, out="", lr=1e-2, weight_decay=0.0)
+    optimizer = train.optimizer_for(net, opts)
+    batch = batch_for(tokenizer, ["the first", "three"])
+    losses = []
+    for _ in range(10):
+        loss = train.answer_loss(net, *batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    f = [train.lr_factor(s, warmup=4, total=20, min_ratio=0.1) for s in range(21)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(f[3:], f[4:]))
+    assert f[20] == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    net = fresh_tiny(0)
+    train.freeze(net, ())
+    decay, no_decay = train.optimizer_for(net, TrainOptions(data=None, out="")).param_groups
+    assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    names = {id(p): n for n, p in net.named_parameters()}
+    assert any(names[id(p)].endswith("layer_norm.bias") for p in no_decay["params"])
+    assert any(names[id(p)].endswith("embed_tokens.weight") for p in decay["params"])
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("freeze, frozen_prefixes", [
+    ((), ()),
+    (("encoder",), ("audio_encoder.base.htsat.",)),
+    (("decoder",), ("caption_decoder.lm.",)),
+    (("encoder", "decoder"), ("audio_encoder.base.htsat.", "caption_decoder.lm.")),
+])
+def test_freeze_keeps_exactly_those_weights(task_data, smollm2_dir, tmp_path, freeze, frozen_prefixes):
+    result = train.run(options(task_data, smollm2_dir, tmp_path / "run", freeze=freeze, max_steps=1))
+    before = {k: v for k, v in fresh_tiny(3).state_dict().items() if k != runs.TIED_HEAD}
+    after = state_of(result.checkpoint)
+    assert set(before) == set(after)
+    never = ("audio_encoder.base.htsat.head.", "audio_encoder.base.htsat.spectrogram_extractor.",
+             "audio_encoder.base.htsat.logmel_extractor.", "audio_encoder.base.htsat.bn0.running",
+             "audio_encoder.base.htsat.bn0.num_batches", "relative_position_index", "attn_mask")
+    for key in before:
+        unchanged = torch.equal(before[key], after[key])
+        if key.startswith(frozen_prefixes) or any(n in key for n in never):
+            assert unchanged, f"{key} changed although frozen"
+        elif key.endswith(("weight", "bias")):
+            assert not unchanged, f"{key} did not train"
+
+
+def test_run_writes_checkpoints_metrics_and_best(task_data, smollm2_dir, tmp_path):
+    run = tmp_path / "run"
+    events = []
+    result = train.run(options(task_data, smollm2_dir, run, val=str(task_data[1]), max_steps=4, save_every=3,
+                               eval_every=2, keep=1, log_every=2), events.append)
+    rows = metrics(run)
+    train_rows = [r for r in rows if r["event"] == "train"]
+    val_rows = [r for r in rows if r["event"] == "val"]
+    assert [r["step"] for r in train_rows] == [2, 4] and [r["step"] for r in val_rows] == [2, 4]
+    for r in train_rows:
+        assert r["loss"] > 0 and r["lr"] > 0 and r["samples_per_s"] > 0 and r["time"] > 0
+    for r in val_rows:
+        assert r["val_loss"] > 0 and 0 <= r["val_accuracy"] <= 1 and r["val_choice_rows"] == 8
+    best_step = min(val_rows, key=lambda r: r["val_loss"])["step"]
+    # keep=1: the last checkpoint, plus the best one if it is another
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert kept == sorted({"best", "step-000004", runs.step_name(best_step)})
+    assert (run / "checkpoints" / "best").resolve().name == runs.step_name(best_step)
+    assert result.checkpoint == run / "checkpoints" / "step-000004" and result.steps == 4
+    trainer = json.loads((result.checkpoint / "trainer.json").read_text())
+    assert trainer["step"] == 4 and trainer["options"]["batch_size"] == 2 and trainer["position"] == {"epoch": 0, "batch": 4}
+    state = torch.load(result.checkpoint / "state.pt", weights_only=True)
+    assert {"optimizer", "scheduler", "rng"} <= set(state)
+    assert [e["event"] for e in events][:1] == ["start"] and events[-1]["event"] == "done"
+    assert not list((run / "checkpoints").glob(".*"))  # no temporary folder left
+    # each checkpoint is a model folder the other commands load
+    clip = write_tone(tmp_path / "a.wav", 440)
+    out = mellow("ask", str(clip), "which is louder?", "--model", str(run / "checkpoints" / "best"), "--choices",
+                 "the first|the second", "-q")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() in ("the first", "the second")
+
+
+def test_checkpoint_writing_is_atomic(smollm2_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    runs.write_checkpoint(run, 1, fresh_tiny(4), smollm2_dir, {"step": 1}, {"rng": []})
+    good = state_of(run / "checkpoints" / "step-000001")
+
+    def dies(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    net = fresh_tiny(5)
+    monkeypatch.setattr(runs.torch, "save", dies)
+    with pytest.raises(OSError):
+        runs.write_checkpoint(run, 1, net, smollm2_dir, {"step": 1}, {})
+    with pytest.raises(OSError):
+        runs.write_checkpoint(run, 2, net, smollm2_dir, {"step": 2}, {})
+    # the old checkpoint is whole and unchanged, the new one never appeared, nothing is left over
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001"]
+    assert all(torch.equal(good[k], v) for k, v in state_of(run / "checkpoints" / "step-000001").items())
+
+
+def test_prune_keeps_the_last_k_and_the_best(tmp_path):
+    for step in (1, 2, 3, 4, 5):
+        folder = tmp_path / "checkpoints" / runs.step_name(step)
+        folder.mkdir(parents=True)
+        (folder / "trainer.json").write_text("{}")
+    (tmp_path / "checkpoints" / ".step-000006.tmp-1").mkdir()  # a killed write: not a checkpoint
+    runs.mark_best(tmp_path, tmp_path / "checkpoints" / "step-000002")
+    runs.prune(tmp_path, keep=2, best_step=2)
+    assert [p.name for p in runs.checkpoints(tmp_path)] == ["step-000002", "step-000004", "step-000005"]
+    assert (tmp_path / "checkpoints" / "best" / "trainer.json").is_file()
+    runs.clean_stale(tmp_path)
+    assert not (tmp_path / "checkpoints" / ".step-000006.tmp-1").exists()
+
+
+# --- data problems and usage -------------------------------------------------------------------
+
+
+def test_bad_rows_are_named_by_line_and_skip_bad_drops_them(task_data, smollm2_dir, tmp_path):
+    lines = task_data[0].read_text().splitlines()
+    good = [json.loads(x) for x in lines[:4]]
+    for row in good:  # absolute paths: the file moves to tmp_path
+        for key in ("audio1", "audio2"):
+            if key in row:
+                row[key] = str(task_data[0].parent / row[key])
+    bad = [dict(good[0], audio1=str(tmp_path / "missing.wav")), dict(good[1], answer="")]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps(r) for r in [good[0], bad[0], good[1], bad[1], *good[2:]]) + "\n")
+    args = ["train", str(rows), "--init", "tiny", "--tokenizer", str(smollm2_dir), "--workers", "0",
+            "-b", "2", "--max-steps", "1"]
+    out = mellow(*args, "-o", str(tmp_path / "stopped"))
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("mellow: error: ")
+    assert f"{rows}:2: audio1" in out.stderr and "missing.wav" in out.stderr
+    assert f"{rows}:4: empty answer" in out.stderr and "--skip-bad" in out.stderr
+    assert not (tmp_path / "stopped" / "checkpoints").exists()
+    out = mellow(*args, "-o", str(tmp_path / "skipped"), "--skip-bad")
+    assert out.returncode == 0, out.stderr
+    assert "skipping 2 bad rows" in out.stderr and "4 rows" in out.stderr
+
+
+def test_usage_errors_are_one_line(task_data, smollm2_dir, tmp_path):
+    base = ["train", str(task_data[0]), "--init", "tiny", "--tokenizer", str(smollm2_dir), "--workers", "0",
+            "-b", "2", "--max-steps", "1", "-o", str(tmp_path / "run")]
+    cuda = mellow(*base, "--device", "cuda")
+    if not torch.cuda.is_available():
+        assert cuda.returncode == 1 and cuda.stderr.count("\n") == 1 and "no CUDA device" in cuda.stderr
+    assert mellow(*base[:-2], "-o", str(tmp_path / "f"), "--freeze", "lm").returncode == 2
+    assert mellow("train", "-o", str(tmp_path / "nothing"), "--resume").returncode == 1
+    assert mellow(*base, "-q", "--val-fraction", "0.25").returncode == 0
+    assert [r["val_choice_rows"] for r in metrics(tmp_path / "run") if r["event"] == "val"] == [4]
+    again = mellow(*base)
+    assert again.returncode == 1 and "already holds a run" in again.stderr and "--resume" in again.stderr
+    changed = mellow("train", "-o", str(tmp_path / "run"), "--resume", "--lr", "0.5")
+    assert changed.returncode == 2 and "lr" in changed.stderr
+
+
+# --- resume and DDP, for real ------------------------------------------------------------------
+
+
+def train_cmd(task_data, smollm2_dir, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "mellow_cli", "train", str(task_data[0]), "--val", str(task_data[1]),
+            "--init", "tiny", "--tokenizer", str(smollm2_dir), "-o", str(out), "--seed", "7", "-b", "2",
+            "--lr", "1e-3", "--log-every", "1", "-q", *extra]
+
+
+def quiet_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_ends_with_identical_weights(task_data, smollm2_dir, tmp_path):
+    args = ("--max-steps", "8", "--save-every", "3", "--eval-every", "4", "--workers", "1")
+    env = quiet_env()
+    whole = subprocess.run(train_cmd(task_data, smollm2_dir, tmp_path / "whole", *args), env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(task_data, smollm2_dir, killed, *args), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (killed / "checkpoints" / "step-000003").is_dir():
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (killed / "checkpoints" / "step-000008").exists()  # it really stopped part-way
+
+    resumed = subprocess.run([sys.executable, "-m", "mellow_cli", "train", "-o", str(killed), "--resume", "-q"],
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = (state_of(run / "checkpoints" / "step-000008") for run in (tmp_path / "whole", killed))
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert different == []
+    losses = [[(r["step"], r["loss"]) for r in metrics(run) if r["event"] == "train"] for run in (tmp_path / "whole", killed)]
+    assert losses[0] == losses[1] and len(losses[0]) == 8  # the killed run's extra rows were dropped
+    opt_a, opt_b = (torch.load(run / "checkpoints" / "step-000008" / "state.pt", weights_only=True)["optimizer"]
+                    for run in (tmp_path / "whole", killed))
+    assert all(torch.equal(opt_a["state"][i]["exp_avg_sq"], opt_b["state"][i]["exp_avg_sq"]) for i in opt_a["state"])
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_split_the_rows_and_agree(task_data, smollm2_dir, tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           *train_cmd(task_data, smollm2_dir, run, "--max-steps", "5", "--save-every", "5", "--eval-every", "5",
+                      "--workers", "0", "--trace-indices")[1:]]
+    done = subprocess.run(cmd, env=quiet_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    traces = [[json.loads(x) for x in (run / f"trace-rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    steps = [{t["step"]: t["indices"] for t in trace if "step" in t} for trace in traces]
+    assert sorted(steps[0]) == sorted(steps[1]) == [1, 2, 3, 4, 5]
+    # 16 rows, 2 a batch per process: each epoch (4 steps) the processes read disjoint halves
+    epoch0 = [sum((steps[r][s] for s in (1, 2, 3, 4)), []) for r in (0, 1)]
+    assert sorted(epoch0[0] + epoch0[1]) == list(range(16))
+    finals = [next(t["final_sha256"] for t in trace if "final_sha256" in t) for trace in traces]
+    assert finals[0] == finals[1]
+    # only rank 0 wrote: one metrics row per step, one checkpoint, and it holds the agreed weights
+    assert [r["step"] for r in metrics(run) if r["event"] == "train"] == [1, 2, 3, 4, 5]
+    trainer = json.loads((run / "checkpoints" / "step-000005" / "trainer.json").read_text())
+    assert trainer["world_size"] == 2 and trainer["options"]["batch_size"] == 2
+    net = Mellow.from_config(TINY, "meta")
+    from mellow_cli.model.mellow import load_weights
+
+    net = load_weights(net, state_of(run / "checkpoints" / "step-000005"))
+    assert runs.weights_digest(net) == finals[0]
+
+
+def test_options_survive_a_round_trip_through_trainer_json(tmp_path):
+    opts = TrainOptions(data="rows.jsonl", out=str(tmp_path), freeze=("encoder",), lr=3e-4, max_steps=9)
+    saved = json.loads(json.dumps(dataclasses.asdict(opts)))
+    again = train.resumed_options(saved, TrainOptions(data=None, out=str(tmp_path), resume=True, max_steps=20))
+    assert again.freeze == ("encoder",) and again.lr == 3e-4 and again.data == "rows.jsonl"
+    assert again.max_steps == 20 and again.resume
+
+
+def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    runs.seed_everything(11)
+    torch.save({"rng": [runs.rng_state()]}, tmp_path / "state.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    runs.seed_everything(99)  # anything else in between
+    runs.set_rng_state(torch.load(tmp_path / "state.pt", weights_only=True)["rng"][0])
+    again = (random.random(), np.random.rand(), torch.rand(3))
+    assert again[:2] == expected[:2] and torch.equal(again[2], expected[2])
