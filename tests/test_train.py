@@ -436,3 +436,24 @@ def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
     runs.set_rng_state(torch.load(tmp_path / "state.pt", weights_only=True)["rng"][0])
     again = (random.random(), np.random.rand(), torch.rand(3))
     assert again[:2] == expected[:2] and torch.equal(again[2], expected[2])
+
+
+def test_fresh_bn0_learns_the_audio_statistics(task_data):
+    """--init: bn0 gets each mel band's mean and variance over the training clips, so the random
+    encoder no longer sees raw decibels and its output differs between clips."""
+    from mellow_cli import data
+
+    rows = data.read_rows(str(task_data[0]))
+    dataset = data.QADataset(rows, TINY, seed=0)
+    net = fresh_tiny(0).eval()
+    htsat = net.audio_encoder.base.htsat
+    wav = torch.stack([dataset[i]["wav1"] for i in range(len(dataset))])
+    with torch.no_grad():
+        before = net.audio_encoder.base(wav)
+        train.calibrate_bn0(net, dataset, clips=len(dataset))
+        after = net.audio_encoder.base(wav)
+        mel = htsat.log_mel(wav)[:, 0]  # (clips, frames, bands)
+    assert torch.allclose(htsat.bn0.running_mean, mel.mean(dim=(0, 1)), atol=1e-3)
+    assert torch.allclose(htsat.bn0.running_var, mel.reshape(-1, mel.shape[-1]).var(dim=0), rtol=1e-3)
+    spread = lambda x: (x.std(dim=0).mean() / x.std()).item()  # noqa: E731
+    assert spread(after) > 3 * spread(before)
