@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import write_tone
 
 from mellow_cli import load_model
 from mellow_cli.config import DecodingOptions
 from mellow_cli.errors import ModelError
-
-from conftest import write_tone
 
 SHORT = DecodingOptions(max_tokens=6)
 

@@ -8,7 +8,12 @@ import torch
 from safetensors import safe_open
 
 from mellow_cli.config import MellowConfig
-from mellow_cli.model.frontend import LogMel, Spectrogram, hann_dft_kernels, mel_filterbank
+from mellow_cli.model.frontend import (
+    LogMel,
+    Spectrogram,
+    hann_dft_kernels,
+    mel_filterbank,
+)
 
 CFG = MellowConfig.v0()
 PREFIX = "audio_encoder.base.htsat."

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from fakehub import FakeHub
 from torch import nn
 
-from fakehub import FakeHub
 from mellow_cli import loading
 from mellow_cli.config import MellowConfig
 from mellow_cli.errors import ModelError

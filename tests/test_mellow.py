@@ -15,7 +15,14 @@ from safetensors.torch import load_file
 from mellow_cli.config import DecodingOptions, MellowConfig
 from mellow_cli.errors import ModelError
 from mellow_cli.generate import KVCache, generate_tokens, prefill
-from mellow_cli.model.mellow import Mellow, build_lm, key_report, load_lm, load_weights, tokenize_prompts
+from mellow_cli.model.mellow import (
+    Mellow,
+    build_lm,
+    key_report,
+    load_lm,
+    load_weights,
+    tokenize_prompts,
+)
 
 V0 = MellowConfig.v0()
 TINY = MellowConfig.tiny()
