@@ -137,6 +137,13 @@ def test_qa_rows(tmp_path):
     assert second.key == "7" and first.record["line"] == 1
 
 
+def test_qa_reads_the_training_format(tmp_path):
+    """`mellow train`'s rows name the first clip audio1: the same file scores with bench qa."""
+    row = {"audio1": "a.wav", "question": "q?", "choices": ["dog", "cat"], "answer": "cat", "task": "pets"}
+    (item,) = qa.read(write(tmp_path, json.dumps(row) + "\n", "t.jsonl"), str(tmp_path))
+    assert item.audio == str(tmp_path / "a.wav") and item.choices == ("dog", "cat")
+
+
 @pytest.mark.parametrize("line, message", [
     ("not json", "line 1: not JSON"),
     ('{"audio": "a.wav", "question": "q", "choices": ["a"], "answer": "a"}', "line 1: \"choices\" must be at least two"),

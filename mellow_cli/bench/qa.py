@@ -53,6 +53,8 @@ def check(obj, number: int, path: str) -> dict:
     at = f"{path}: line {number}"
     if not isinstance(obj, dict):
         raise UsageError(f"{at}: expected a JSON object")
+    if "audio" not in obj and "audio1" in obj:  # the training format's name for it
+        obj = {**obj, "audio": obj["audio1"]}
     for field in ("audio", "question", "answer"):
         if not isinstance(obj.get(field), str) or not obj[field].strip():
             raise UsageError(f"{at}: needs a non-empty \"{field}\" string")
