@@ -425,7 +425,7 @@ def _same_origin(record: dict, src: ModelSource) -> bool:
 def _pull_published(src: ModelSource, folder: Path, arch: Architecture, progress: bool) -> ModelFiles:
     cfg = MellowConfig.preset(src.preset)
     expected = _expected_layout(cfg, arch)  # before downloading: a broken build fails in a second
-    tokenizer = _tokenizer(cfg, src.name, progress)
+    tokenizer = tokenizer_folder(cfg, src.name, progress)
     raw = _download(src.repo, src.filename, src.revision, _downloads(src.repo) / src.filename,
                     name=src.name, progress=progress, reserve_factor=2)
     note(f"{src.name}: converting {src.filename} to safetensors (once)", progress)
@@ -459,7 +459,7 @@ def _pull_hub_folder(src: ModelSource, folder: Path, arch: Architecture, progres
     own = [_download(src.repo, f, commit, tokenizer / f, name=src.name, progress=False, optional=True)
            for f in (*TOKENIZER_FILES, *OPTIONAL_TOKENIZER_FILES)]
     if not all(own[: len(TOKENIZER_FILES)]):
-        tokenizer = _tokenizer(cfg, src.name, progress)
+        tokenizer = tokenizer_folder(cfg, src.name, progress)
     origin = {k: raw[k] for k in ("repo", "revision", "commit", "sha256", "size")}
     origin["filename"] = None
     origin["revision"] = src.revision
@@ -471,7 +471,7 @@ def _pull_hub_folder(src: ModelSource, folder: Path, arch: Architecture, progres
 def _convert_local_checkpoint(src: ModelSource, folder: Path, arch: Architecture, progress: bool) -> ModelFiles:
     cfg = _checkpoint_config(src.path)
     expected = _expected_layout(cfg, arch)
-    tokenizer = _tokenizer_beside(src.path.parent) or _tokenizer(cfg, src.name, progress)
+    tokenizer = _tokenizer_beside(src.path.parent) or tokenizer_folder(cfg, src.name, progress)
     note(f"{src.name}: converting to safetensors in the cache (once)", progress)
     stat = src.path.stat()
     state = _fit(_read_checkpoint(src.path, label=src.name), expected, cfg, label=src.name)
@@ -490,13 +490,13 @@ def _local_folder(src: ModelSource, progress: bool) -> ModelFiles:
                          f"{WEIGHTS_FILE}, {CONFIG_FILE} and the tokenizer files)")
     config = folder / CONFIG_FILE
     cfg = _read_config(config, strict=True) if config.is_file() else MellowConfig.v0()
-    tokenizer = _tokenizer_beside(folder) or _tokenizer(cfg, src.name, progress)
+    tokenizer = _tokenizer_beside(folder) or tokenizer_folder(cfg, src.name, progress)
     return ModelFiles(src.name, cfg, weights, tokenizer, folder, None)
 
 
 def _local_safetensors(src: ModelSource, progress: bool) -> ModelFiles:
     cfg = _checkpoint_config(src.path)
-    tokenizer = _tokenizer_beside(src.path.parent) or _tokenizer(cfg, src.name, progress)
+    tokenizer = _tokenizer_beside(src.path.parent) or tokenizer_folder(cfg, src.name, progress)
     return ModelFiles(src.name, cfg, src.path, tokenizer, None, None)
 
 
@@ -529,7 +529,7 @@ def _tokenizer_beside(folder: Path) -> Path | None:
     return folder if all((folder / f).is_file() for f in TOKENIZER_FILES) else None
 
 
-def _tokenizer(cfg: MellowConfig, name: str, progress: bool) -> Path:
+def tokenizer_folder(cfg: MellowConfig, name: str, progress: bool) -> Path:
     """The tokenizer files of cfg.tokenizer (at the pinned revision for SmolLM2), from the cache or
     the hub."""
     repo = cfg.tokenizer

@@ -217,7 +217,7 @@ def build_model(opts: TrainOptions, progress: bool, checkpoint: Path | None = No
             cfg = MellowConfig.preset(opts.init)
         except KeyError as e:
             raise UsageError(f"--init: {e.args[0]}") from None
-        tokenizer = Path(opts.tokenizer) if opts.tokenizer else loading._tokenizer(cfg, opts.init, progress)
+        tokenizer = Path(opts.tokenizer) if opts.tokenizer else loading.tokenizer_folder(cfg, opts.init, progress)
         return fresh_model(cfg, opts.seed), tokenizer, f"{opts.init} (fresh weights)"
     net, files = loading.load(str(checkpoint or opts.model), device="cpu", progress=progress)
     return net, Path(opts.tokenizer) if opts.tokenizer else files.tokenizer_dir, files.name
