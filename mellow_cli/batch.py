@@ -144,6 +144,10 @@ def _choices(value, where: str) -> tuple[str, ...] | None:
 def _read_text(name: str, stdin: IO[str] | None, what: str) -> str:
     try:
         return (stdin or sys.stdin).read() if name == "-" else Path(name).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{name}: is a folder, not a {what} file") from None
     except OSError as e:
         raise UsageError(f"{name}: cannot read the {what} file ({e.strerror or e})") from None
     except UnicodeDecodeError:

@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import write_tone
 from safetensors.torch import load_file
+from test_cli_answers import mellow
 
 from mellow_cli import runs, tasks, train
 from mellow_cli.config import MellowConfig
@@ -26,22 +27,6 @@ from mellow_cli.train import TrainOptions
 TINY = MellowConfig.tiny()
 REPO = Path(__file__).resolve().parents[1]
 
-
-def mellow(*args: str) -> subprocess.CompletedProcess:
-    """`mellow ARGS` in this process, through the console script's `main`."""
-    import contextlib
-    import io
-
-    from mellow_cli.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as e:
-            code = e.code
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(autouse=True, scope="module")

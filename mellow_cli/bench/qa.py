@@ -9,8 +9,7 @@ for the paper's other sets (Clotho / AudioCaps MCQ, audio entailment) or a home-
 
 from __future__ import annotations
 
-import json
-
+from ..batch import json_lines
 from ..errors import UsageError
 from .items import Item, check_choice_count, check_unique, resolve
 
@@ -26,24 +25,7 @@ def key(record: dict) -> str:
 
 def read_rows(path: str) -> list[dict]:
     """The rows, checked, choices as lists, each with its line number under `line`."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read the file ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"{path}: not a UTF-8 text file") from None
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}: line {number}: not JSON ({e.msg})") from None
-        rows.append(check(obj, number, path))
+    rows = [check(obj, number, path) for number, obj in json_lines(path)]
     if not rows:
         raise UsageError(f"{path}: no questions in the file")
     return rows
