@@ -115,7 +115,7 @@ def read_pairs(name: str, prompt: str, stdin: IO[str] | None = None) -> list[Job
     if name.endswith((".jsonl", ".ndjson")):
         records = list(json_lines(name, stdin))
     else:
-        text = _read_text(name, stdin, "pairs")
+        text = read_text(name, "pairs file", stdin)
         delimiter = "\t" if name.endswith(".tsv") or ("\t" in text.split("\n", 1)[0]) else ","
         records = [(n + 2, r) for n, r in enumerate(csv.DictReader(text.splitlines(), delimiter=delimiter))]
     jobs = []
@@ -141,15 +141,17 @@ def _choices(value, where: str) -> tuple[str, ...] | None:
     return tuple(items)
 
 
-def _read_text(name: str, stdin: IO[str] | None, what: str) -> str:
+def read_text(name: str, what: str = "file", stdin: IO[str] | None = None) -> str:
+    """A UTF-8 text file's contents (`-`: stdin), or a one-line UsageError naming the file and
+    what is wrong: the one reader behind every list, questions, pairs, data and predictions file."""
     try:
         return (stdin or sys.stdin).read() if name == "-" else Path(name).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UsageError(f"{name}: no such file") from None
+        raise UsageError(f"{name}: no such {what}") from None
     except IsADirectoryError:
-        raise UsageError(f"{name}: is a folder, not a {what} file") from None
+        raise UsageError(f"{name}: is a folder, not a {what}") from None
     except OSError as e:
-        raise UsageError(f"{name}: cannot read the {what} file ({e.strerror or e})") from None
+        raise UsageError(f"{name}: cannot read the {what} ({e.strerror or e})") from None
     except UnicodeDecodeError:
         raise UsageError(f"{name}: not a UTF-8 text file") from None
 
@@ -157,7 +159,7 @@ def _read_text(name: str, stdin: IO[str] | None, what: str) -> str:
 def json_lines(name: str, stdin: IO[str] | None = None):
     """(line number, object) for each non-blank line of a JSON-lines file (`-`: stdin); a line
     that is not a JSON object is a UsageError naming the file and the line."""
-    for number, line in enumerate(_read_text(name, stdin, "input").splitlines(), 1):
+    for number, line in enumerate(read_text(name, "file", stdin).splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -65,6 +65,7 @@ import numpy as np
 import torch
 
 from mellow_cli.audio import audio_duration, load_clip
+from mellow_cli.batch import read_text
 from mellow_cli.config import MellowConfig
 from mellow_cli.errors import AudioError, UsageError
 
@@ -113,23 +114,10 @@ def read_rows(path: str | os.PathLike, audio_root: str | os.PathLike | None = No
     report with the other bad rows.
     """
     name = os.fspath(path)
-    text = _read_text(name)
+    text = read_text(name)
     root = Path(audio_root) if audio_root is not None else Path(name).resolve().parent
     records = _json_list(name, text) if text.lstrip().startswith("[") else _json_lines(name, text)
     return [_row(obj, line, name, root) for line, obj in records]
-
-
-def _read_text(name: str) -> str:
-    try:
-        return Path(name).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise UsageError(f"{name}: is a directory, not a JSON or JSONL file") from None
-    except OSError as e:
-        raise UsageError(f"{name}: cannot read ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"{name}: not a UTF-8 text file") from None
 
 
 def _json_lines(name: str, text: str) -> Iterable[tuple[int, object]]:

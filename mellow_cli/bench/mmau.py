@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+from ..batch import read_text
 from ..errors import UsageError
 from .items import Item, check_record, check_unique, kind, resolve
 
@@ -23,15 +24,9 @@ GROUPS = ("task", "difficulty", "sub-category")
 
 def load_json_list(path: str, what: str = "data file") -> list:
     """A file holding one JSON list, or a one-line UsageError saying what is wrong with it."""
+    text = read_text(path, what)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such {what}") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"{path}: not a UTF-8 text file") from None
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise UsageError(f"{path}: not JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     if not isinstance(data, list):

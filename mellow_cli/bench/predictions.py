@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 
+from ..batch import read_text
 from ..errors import MellowError, UsageError
 from .scoring import OUTPUT_KEY
 
@@ -29,15 +30,7 @@ OURS = (OUTPUT_KEY, "mode", "model", "error")  # keys a prediction adds to its i
 def read(path: str) -> tuple[list[dict], bool]:
     """(records, complete): the items in a predictions file, and whether its list was closed.
     A list cut short by a kill (ours: one item per line) gives every whole item it holds."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such predictions file") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read the predictions ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"{path}: not a UTF-8 text file") from None
+    text = read_text(path, "predictions file")
     if not text.strip():
         return [], False
     try:
