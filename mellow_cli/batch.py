@@ -368,13 +368,9 @@ def clip_decoder(offset: float = 0.0, duration: float | None = None):
     from .audio import load_clip
 
     def decode(job: Job):
-        if job.start is not None:
-            first = load_clip(job.audio, offset=job.start, duration=max(job.end - job.start, 0.01))
-            second = None if job.audio2 == job.audio else load_clip(
-                job.audio2, offset=job.start, duration=max(job.end - job.start, 0.01))
-            return first, second
-        first = load_clip(job.audio, offset=offset, duration=duration)
-        second = None if job.audio2 == job.audio else load_clip(job.audio2, offset=offset, duration=duration)
+        start, length = (job.start, max(job.end - job.start, 0.01)) if job.start is not None else (offset, duration)
+        first = load_clip(job.audio, offset=start, duration=length)
+        second = None if job.audio2 == job.audio else load_clip(job.audio2, offset=start, duration=length)
         return first, second
 
     return decode
