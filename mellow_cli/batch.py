@@ -156,10 +156,12 @@ def read_text(name: str, what: str = "file", stdin: IO[str] | None = None) -> st
         raise UsageError(f"{name}: not a UTF-8 text file") from None
 
 
-def json_lines(name: str, stdin: IO[str] | None = None):
-    """(line number, object) for each non-blank line of a JSON-lines file (`-`: stdin); a line
-    that is not a JSON object is a UsageError naming the file and the line."""
-    for number, line in enumerate(read_text(name, "file", stdin).splitlines(), 1):
+def json_lines(name: str, stdin: IO[str] | None = None, text: str | None = None):
+    """(line number, object) for each non-blank line of a JSON-lines file (`-`: stdin; `text`:
+    its contents, already read); a line that is not a JSON object is a UsageError naming the file
+    and the line."""
+    text = read_text(name, "file", stdin) if text is None else text
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -167,8 +169,28 @@ def json_lines(name: str, stdin: IO[str] | None = None):
         except json.JSONDecodeError as e:
             raise UsageError(f"{name}: line {number}: not JSON ({e.msg})") from None
         if not isinstance(obj, dict):
-            raise UsageError(f"{name}: line {number}: expected a JSON object")
+            raise UsageError(f"{name}: line {number}: expected a JSON object, got {json_kind(obj)}")
         yield number, obj
+
+
+def json_list(name: str, what: str = "file", text: str | None = None) -> list:
+    """A file holding one JSON list (`text`: its contents, already read), or a one-line
+    UsageError saying what is wrong with it. A list spans many lines: the error gives the text
+    line an editor can jump to."""
+    text = read_text(name, what) if text is None else text
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{name}: not JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(data, list):
+        raise UsageError(f"{name}: expected a JSON list of items, found a JSON {json_kind(data)}")
+    return data
+
+
+def json_kind(value: object) -> str:
+    """What a message calls a JSON value's type."""
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
 
 
 def windows(duration: float, window: float, hop: float) -> list[tuple[float, float]]:

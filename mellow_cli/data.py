@@ -7,9 +7,10 @@ Two file formats, told apart by their first non-blank character:
 
 - **JSON lines** (`[` not first): one object per line with `audio1` (alias `audio`), optional
   `audio2`, `question`, `answer`, optional `choices` (a list of strings or one string "a|b|c") and
-  optional `id`. Blank lines are skipped; `QARow.line` is the line number.
+  optional `id`. Blank lines are skipped; messages name a row by its line (`rows.jsonl: line 17`).
 - **A JSON list** (`[` first): ReasonAQA as published (Deshmukh et al., arXiv 2503.08540; the
-  train/val/test JSONs on Zenodo). `QARow.line` is the 1-based index of the item in the list.
+  train/val/test JSONs on Zenodo). Messages name a row by its 0-based place in the list, as jq's
+  `.[i]` does (`train.json: item [16]`).
   The field names below are the ones the reference repository (soham97/mellow) documents in its
   README and reads in `data/audiotext_dataset.py` and `data/audiotext_eval_dataset.py`. We could
   not open the Zenodo record itself offline (the issue cites record 15002886; the reference
@@ -53,10 +54,9 @@ sees the same windows, so a resumed run reads exactly what an uninterrupted one 
 
 from __future__ import annotations
 
-import json
 import os
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +65,7 @@ import numpy as np
 import torch
 
 from mellow_cli.audio import audio_duration, load_clip
-from mellow_cli.batch import read_text
+from mellow_cli.batch import json_kind, json_lines, json_list, read_text
 from mellow_cli.config import MellowConfig
 from mellow_cli.errors import AudioError, UsageError
 
@@ -78,12 +78,18 @@ class QARow:
     answer: str
     choices: tuple[str, ...] | None = None  # when present, the answer is one of them
     id: str | None = None
-    line: int = 0  # 1-based line in a JSONL, or 1-based item in a JSON list
+    line: int = 0  # 1-based line of a JSONL, or 0-based position in a JSON list (as jq's `.[i]`)
+    in_list: bool = False  # read from a JSON list
+
+    @property
+    def where(self) -> str:
+        """How messages name the row: `line 17`, or `item [16]` in a JSON list."""
+        return f"item [{self.line}]" if self.in_list else f"line {self.line}"
 
 
 @dataclass(frozen=True)
 class BadRow:
-    line: int
+    where: str  # QARow.where
     problem: str  # every problem of the row, joined by "; "
 
 
@@ -110,41 +116,21 @@ def read_rows(path: str | os.PathLike, audio_root: str | os.PathLike | None = No
     """Every row of a JSONL or ReasonAQA JSON file, paths resolved, nothing checked yet.
 
     A file that is not JSON, or a row that is not an object or has a field of the wrong type, is
-    a UsageError naming the file and line; missing or empty fields are left for validate_rows to
-    report with the other bad rows.
+    a UsageError naming the file and line (or item); missing or empty fields are left for
+    validate_rows to report with the other bad rows.
     """
     name = os.fspath(path)
     text = read_text(name)
     root = Path(audio_root) if audio_root is not None else Path(name).resolve().parent
-    records = _json_list(name, text) if text.lstrip().startswith("[") else _json_lines(name, text)
-    return [_row(obj, line, name, root) for line, obj in records]
+    if text.lstrip().startswith("["):
+        return [_row(obj, index, True, name, root) for index, obj in enumerate(json_list(name, text=text))]
+    return [_row(obj, line, False, name, root) for line, obj in json_lines(name, text=text)]
 
 
-def _json_lines(name: str, text: str) -> Iterable[tuple[int, object]]:
-    for line, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            yield line, json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{name}:{line}: not JSON ({e.msg})") from None
-
-
-def _json_list(name: str, text: str) -> Iterable[tuple[int, object]]:
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as e:
-        # A JSON list spans many lines: the text line is what an editor can jump to.
-        raise UsageError(f"{name}:{e.lineno}: not JSON ({e.msg}, column {e.colno})") from None
-    if not isinstance(items, list):
-        raise UsageError(f"{name}: expected a JSON list of rows or JSON lines")
-    return enumerate(items, 1)
-
-
-def _row(obj: object, line: int, name: str, root: Path) -> QARow:
-    where = f"{name}:{line}"
+def _row(obj: object, line: int, in_list: bool, name: str, root: Path) -> QARow:
+    where = f"{name}: " + (f"item [{line}]" if in_list else f"line {line}")
     if not isinstance(obj, dict):
-        raise UsageError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        raise UsageError(f"{where}: expected a JSON object, got {json_kind(obj)}")
     question, answer = _question_answer(obj, where)
     audio1 = _text(_first(obj, "audio1", "audio", "filepath1"), where, "audio1")
     audio2 = _text(_first(obj, "audio2", "filepath2"), where, "audio2")
@@ -157,6 +143,7 @@ def _row(obj: object, line: int, name: str, root: Path) -> QARow:
         choices=_choices(obj.get("choices"), where),
         id=None if ident is None else str(ident),
         line=line,
+        in_list=in_list,
     )
 
 
@@ -235,7 +222,7 @@ def validate_rows(
         if not row.audio1:
             problems.insert(0, "no audio1 path")
         if problems:
-            bad.append(BadRow(row.line, "; ".join(problems)))
+            bad.append(BadRow(row.where, "; ".join(problems)))
         else:
             good.append(row)
     return good, bad
@@ -279,9 +266,9 @@ def _decode_problem(path: str) -> str | None:
 
 
 def describe_bad(path: str | os.PathLike, bad: Sequence[BadRow], limit: int = 10) -> str:
-    """`file:line: problem`, one bad row a line, the first `limit` of them and a count of the rest."""
+    """`file: line N: problem`, one bad row a line, the first `limit` of them and a count of the rest."""
     name = os.fspath(path)
-    lines = [f"{name}:{b.line}: {b.problem}" for b in bad[:limit]]
+    lines = [f"{name}: {b.where}: {b.problem}" for b in bad[:limit]]
     if len(bad) > limit:
         lines.append(f"... and {len(bad) - limit} more bad rows")
     return "\n".join(lines)

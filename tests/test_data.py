@@ -80,8 +80,8 @@ def test_reasonaqa_json_mapping(tmp_path):
     assert diff.question == "explain the difference between the two audios in few words."
     assert diff.answer == "audio 1 is loud, audio 2 is calm."
     assert (bird.audio2, bird.question, bird.answer, bird.choices, bird.line) == (
-        None, "is there a bird? answer yes or no", "yes", None, 2)
-    assert (cap.question, cap.answer, cap.line) == ("caption the audio", "birds sing", 3)
+        None, "is there a bird? answer yes or no", "yes", None, 1)
+    assert (cap.question, cap.answer, cap.where) == ("caption the audio", "birds sing", "item [2]")
     assert both.answer == "the audio 1 is a dog barks. the audio 2 is a cat meows."
 
 
@@ -98,17 +98,17 @@ def test_audio_root_resolution(tmp_path):
 
 def test_unparseable_files_name_file_and_line(tmp_path):
     f = write_jsonl(tmp_path / "rows.jsonl", [{"audio1": "a", "question": "q", "answer": "a"}, "{not json"])
-    with pytest.raises(UsageError, match=r"rows\.jsonl:2: not JSON"):
+    with pytest.raises(UsageError, match=r"rows\.jsonl: line 2: not JSON"):
         read_rows(f)
     g = tmp_path / "list.json"
     g.write_text('[\n  {"filepath1": "a", "input": "q", "answer": "a"},\n  {"filepath1": "b",,}\n]')
-    with pytest.raises(UsageError, match=r"list\.json:3: not JSON"):
+    with pytest.raises(UsageError, match=r"list\.json: not JSON \(.* at line 3, column"):
         read_rows(g)
     h = write_jsonl(tmp_path / "scalar.jsonl", ['{"audio1": "a", "question": "q", "answer": "a"}', "[1, 2]"])
-    with pytest.raises(UsageError, match=r"scalar\.jsonl:2: expected a JSON object"):
+    with pytest.raises(UsageError, match=r"scalar\.jsonl: line 2: expected a JSON object, got list"):
         read_rows(h)
     k = write_jsonl(tmp_path / "types.jsonl", [{"audio1": "a", "question": ["q"], "answer": "a"}])
-    with pytest.raises(UsageError, match=r"types\.jsonl:1: \"question\" must be a string"):
+    with pytest.raises(UsageError, match=r"types\.jsonl: line 1: \"question\" must be a string"):
         read_rows(k)
     with pytest.raises(UsageError, match="no such file"):
         read_rows(tmp_path / "missing.jsonl")
@@ -135,7 +135,7 @@ def test_each_problem_is_reported_by_line(tmp_path):
     ])
     good, bad = validate_rows(read_rows(f))
     assert [r.line for r in good] == [1, 8]
-    problems = {b.line: b.problem for b in bad}
+    problems = {int(b.where.removeprefix("line ")): b.problem for b in bad}
     assert sorted(problems) == [2, 3, 4, 5, 6, 7, 9, 10]
     assert "audio1" in problems[2] and "missing.wav" in problems[2] and "no such file" in problems[2]
     assert "audio2" in problems[3] and "text.wav" in problems[3] and "not an audio file" in problems[3]
@@ -146,7 +146,7 @@ def test_each_problem_is_reported_by_line(tmp_path):
     assert problems[9] == "no audio1 path"
     assert "repeat" in problems[10]
     text = describe_bad(f, bad, limit=3)
-    assert text.splitlines()[0] == f"{f}:2: {problems[2]}"
+    assert text.splitlines()[0] == f"{f}: line 2: {problems[2]}"
     assert text.splitlines()[-1] == "... and 5 more bad rows" and len(text.splitlines()) == 4
 
 
@@ -168,7 +168,8 @@ def test_each_distinct_clip_is_decoded_once(tmp_path, monkeypatch):
 
 
 def test_describe_bad_short_list():
-    assert describe_bad("f.jsonl", [BadRow(3, "empty answer")]) == "f.jsonl:3: empty answer"
+    assert describe_bad("f.jsonl", [BadRow("line 3", "empty answer")]) == "f.jsonl: line 3: empty answer"
+    assert describe_bad("f.json", [BadRow("item [0]", "empty answer")]) == "f.json: item [0]: empty answer"
 
 
 # ---------------------------------------------------------------- dataset

@@ -20,6 +20,7 @@ import os
 import string
 from dataclasses import dataclass
 
+from ..batch import json_kind
 from ..errors import UsageError
 
 LETTERS = string.ascii_lowercase
@@ -82,10 +83,6 @@ def check_unique(keys: list[str], path: str, name=lambda i: f"item [{i}]") -> No
         first[key] = index
 
 
-def kind(value) -> str:
-    return {dict: "object", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(value), "null")
-
-
 def where(path: str, index: int, obj) -> str:
     """How messages name an item: its 0-based position (as jq's `.[i]`) and its id if it has one."""
     ident = obj.get("id") if isinstance(obj, dict) else None
@@ -95,7 +92,7 @@ def where(path: str, index: int, obj) -> str:
 def check_record(obj, index: int, path: str, required: tuple[str, ...]) -> dict:
     """One item, checked: an object with the keys we use, of the types we use them as."""
     if not isinstance(obj, dict):
-        raise UsageError(f"{path}: item [{index}] is a JSON {kind(obj)}, expected an object")
+        raise UsageError(f"{path}: item [{index}] is a JSON {json_kind(obj)}, expected an object")
     at = where(path, index, obj)
     missing = [k for k in required if k not in obj]
     if missing:

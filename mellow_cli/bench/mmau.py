@@ -10,28 +10,14 @@ below; the rest are carried into the predictions untouched, as evaluation.py exp
 
 from __future__ import annotations
 
-import json
-
-from ..batch import read_text
+from ..batch import json_list
 from ..errors import UsageError
-from .items import Item, check_record, check_unique, kind, resolve
+from .items import Item, check_record, check_unique, resolve
 
 NAME = "mmau"
 REQUIRED = ("id", "audio_id", "question", "choices", "answer", "task", "difficulty")
 SCORE_REQUIRED = ("answer", "choices", "task", "difficulty")  # what evaluation.py reads to score
 GROUPS = ("task", "difficulty", "sub-category")
-
-
-def load_json_list(path: str, what: str = "data file") -> list:
-    """A file holding one JSON list, or a one-line UsageError saying what is wrong with it."""
-    text = read_text(path, what)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path}: not JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    if not isinstance(data, list):
-        raise UsageError(f"{path}: expected a JSON list of items, found a JSON {kind(data)}")
-    return data
 
 
 def key(record: dict) -> str:
@@ -40,7 +26,7 @@ def key(record: dict) -> str:
 
 def read(path: str, audio_dir: str) -> list[Item]:
     """The items of an MMAU file, their audio resolved under `audio_dir`."""
-    records = [check_record(obj, i, path, REQUIRED) for i, obj in enumerate(load_json_list(path))]
+    records = [check_record(obj, i, path, REQUIRED) for i, obj in enumerate(json_list(path, "data file"))]
     if not records:
         raise UsageError(f"{path}: the list holds no items")
     keys = [key(r) for r in records]
