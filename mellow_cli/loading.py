@@ -804,8 +804,10 @@ class _Layout:
 
 
 def _expected_layout(cfg: MellowConfig, arch: Architecture) -> _Layout:
+    from mellow_cli.model.mellow import layout_of
+
     model = arch.empty(cfg)
-    shapes = {k: (tuple(t.shape), t.dtype) for k, t in model.state_dict(keep_vars=True).items()}
+    shapes = layout_of(model.state_dict(keep_vars=True))
     groups: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), []).append(name)
@@ -817,8 +819,10 @@ def _fit(state: dict, layout: _Layout, cfg: MellowConfig, *, label: str) -> dict
 
     Tied keys: the reference copies key by key into a tied model, so the last key of a group (the
     LM head) is the value both names end up with; keep that one, under the group's first name."""
+    from mellow_cli.model.mellow import layout_of
+
     state = _fold_tied(state, layout)
-    _raise_on_mismatch(label, cfg, {k: (tuple(v.shape), v.dtype) for k, v in state.items()}, layout)
+    _raise_on_mismatch(label, cfg, layout_of(state), layout)
     fitted = {}
     seen_storages = set()
     for key, (shape, dtype) in layout.stored.items():
@@ -848,23 +852,14 @@ def _fold_tied(entries: dict, layout: _Layout) -> dict:
 
 
 def _raise_on_mismatch(label: str, cfg: MellowConfig, found: dict, layout: _Layout) -> None:
-    expected = layout.stored
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    wrong = [f"{k} {list(found[k][0])} vs {list(expected[k][0])}" for k in expected
-             if k in found and found[k][0] != expected[k][0]]
-    wrong += [f"{k} {found[k][1]} vs {expected[k][1]}" for k in expected
-              if k in found and found[k][0] == expected[k][0] and _kind(found[k][1]) != _kind(expected[k][1])]
-    if not (missing or unexpected or wrong):
-        return
-    parts = []
-    for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-        if keys:
-            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-            parts.append(f"{len(keys)} {what}: {', '.join(keys[:3])}{more}")
-    raise ModelError(f"{label} does not fit the Mellow {cfg.name} network ({'; '.join(parts)}): pass a "
-                     f"checkpoint of this model (official soham97/mellow layout), or put the {CONFIG_FILE} "
-                     "it was trained with beside it")
+    from mellow_cli.model.mellow import compare_layouts
+
+    # a float checkpoint of another precision is converted on load, so only the kind must match
+    report = compare_layouts(found, layout.stored, same_dtype=lambda a, b: _kind(a) == _kind(b))
+    if not report.ok:
+        raise ModelError(f"{label} does not fit the Mellow {cfg.name} network ({report.describe(limit=3)}): pass a "
+                         f"checkpoint of this model (official soham97/mellow layout), or put the {CONFIG_FILE} "
+                         "it was trained with beside it")
 
 
 def _kind(dtype) -> str:

@@ -369,7 +369,7 @@ def test_wrong_shapes_are_named(tmp_path, standin_net, hub):
     (tmp_path / "config.json").write_text(json.dumps(MellowConfig.tiny().to_dict()))
     with pytest.raises(ModelError) as e:
         loading.load(str(ckpt), arch=STANDIN, progress=False)
-    assert "wrong shape: audio_encoder.base.c2l.bias [3] vs [64]" in _one_line(e)
+    assert "wrong shape or type: audio_encoder.base.c2l.bias [3] vs [64]" in _one_line(e)
 
 
 class _Payload:

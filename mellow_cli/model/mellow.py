@@ -168,7 +168,7 @@ class KeyReport:
 
     missing: list[str]
     unexpected: list[str]
-    mismatched: list[str]  # "key: checkpoint shape/dtype vs model shape/dtype"
+    mismatched: list[str]  # "key [checkpoint shape] vs [model shape]", or the same with dtypes
 
     @property
     def ok(self) -> bool:
@@ -177,11 +177,34 @@ class KeyReport:
     def describe(self, limit: int = 5) -> str:
         parts = []
         for name, keys in (("missing", self.missing), ("unexpected", self.unexpected),
-                           ("mismatched", self.mismatched)):
+                           ("wrong shape or type", self.mismatched)):
             if keys:
                 more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
                 parts.append(f"{len(keys)} {name}: {', '.join(keys[:limit])}{more}")
         return "; ".join(parts) or "all keys match"
+
+
+Layout = Mapping[str, tuple[tuple[int, ...], torch.dtype]]  # key -> (shape, dtype)
+
+
+def compare_layouts(found: Layout, expected: Layout, same_dtype=lambda a, b: a == b) -> KeyReport:
+    """The one key check behind every load: a checkpoint's keys, shapes and dtypes (read from
+    tensors, or from a safetensors header without reading any) against the network's."""
+    mismatched = []
+    for k, (shape, dtype) in expected.items():
+        if k not in found:
+            continue
+        got_shape, got_dtype = found[k]
+        if tuple(got_shape) != tuple(shape):
+            mismatched.append(f"{k} {list(got_shape)} vs {list(shape)}")
+        elif not same_dtype(got_dtype, dtype):
+            mismatched.append(f"{k} {got_dtype} vs {dtype}")
+    return KeyReport(missing=[k for k in expected if k not in found],
+                     unexpected=[k for k in found if k not in expected], mismatched=mismatched)
+
+
+def layout_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
 
 
 def normalize_state_dict(
@@ -206,17 +229,7 @@ def normalize_state_dict(
 def key_report(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> KeyReport:
     """Compare a state dict with the model's keys, shapes and dtypes (for a raw checkpoint, pass
     it through `normalize_state_dict` first, as `load_weights` does)."""
-    own = model.state_dict(keep_vars=True)
-    mismatched = [
-        f"{k}: {tuple(sd[k].shape)} {sd[k].dtype} vs {tuple(t.shape)} {t.dtype}"
-        for k, t in own.items()
-        if k in sd and (sd[k].shape != t.shape or sd[k].dtype != t.dtype)
-    ]
-    return KeyReport(
-        missing=[k for k in own if k not in sd],
-        unexpected=[k for k in sd if k not in own],
-        mismatched=mismatched,
-    )
+    return compare_layouts(layout_of(sd), layout_of(model.state_dict(keep_vars=True)))
 
 
 def load_weights(model: Mellow, sd: Mapping[str, torch.Tensor]) -> Mellow:
