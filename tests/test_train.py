@@ -208,8 +208,8 @@ def test_freeze_keeps_exactly_those_weights(task_data, smollm2_dir, tmp_path, fr
     result = train.run(options(task_data, smollm2_dir, tmp_path / "run", freeze=freeze, max_steps=1))
     from mellow_cli import data
 
-    start = fresh_tiny(3)  # what --init builds: fresh weights, bn0 calibrated on the training clips
-    train.calibrate_bn0(start, data.QADataset(data.read_rows(str(task_data[0])), TINY, seed=3))
+    start = fresh_tiny(3)  # what --init builds: fresh weights, bn0 and c2l fitted to the training clips
+    train.calibrate_encoder(start, data.QADataset(data.read_rows(str(task_data[0])), TINY, seed=3))
     before = {k: v for k, v in start.state_dict().items() if k != runs.TIED_HEAD}
     after = state_of(result.checkpoint)
     assert set(before) == set(after)
@@ -308,8 +308,8 @@ def test_bad_rows_are_named_by_line_and_skip_bad_drops_them(task_data, smollm2_d
     out = mellow(*args, "-o", str(tmp_path / "stopped"))
     assert out.returncode == 1
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("mellow: error: ")
-    assert f"{rows}:2: audio1" in out.stderr and "missing.wav" in out.stderr
-    assert f"{rows}:4: empty answer" in out.stderr and "--skip-bad" in out.stderr
+    assert f"{rows}: line 2: audio1" in out.stderr and "missing.wav" in out.stderr
+    assert f"{rows}: line 4: empty answer" in out.stderr and "--skip-bad" in out.stderr
     assert not (tmp_path / "stopped" / "checkpoints").exists()
     out = mellow(*args, "-o", str(tmp_path / "skipped"), "--skip-bad")
     assert out.returncode == 0, out.stderr
@@ -427,22 +427,27 @@ def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
     assert again[:2] == expected[:2] and torch.equal(again[2], expected[2])
 
 
-def test_fresh_bn0_learns_the_audio_statistics(task_data):
-    """--init: bn0 gets each mel band's mean and variance over the training clips, so the random
-    encoder no longer sees raw decibels and its output differs between clips."""
+def test_fresh_encoder_is_fitted_to_the_training_audio(task_data):
+    """--init: bn0 gets each mel band's mean and variance over the training clips, and c2l is
+    rescaled so each frame-embedding channel has mean 0 and variance 1 over them, so the random
+    encoder no longer sees raw decibels and its frames differ between clips."""
     from mellow_cli import data
 
     rows = data.read_rows(str(task_data[0]))
     dataset = data.QADataset(rows, TINY, seed=0)
     net = fresh_tiny(0).eval()
-    htsat = net.audio_encoder.base.htsat
+    base = net.audio_encoder.base
     wav = torch.stack([dataset[i]["wav1"] for i in range(len(dataset))])
     with torch.no_grad():
-        before = net.audio_encoder.base(wav)
-        train.calibrate_bn0(net, dataset, clips=len(dataset))
-        after = net.audio_encoder.base(wav)
-        mel = htsat.log_mel(wav)[:, 0]  # (clips, frames, bands)
-    assert torch.allclose(htsat.bn0.running_mean, mel.mean(dim=(0, 1)), atol=1e-3)
-    assert torch.allclose(htsat.bn0.running_var, mel.reshape(-1, mel.shape[-1]).var(dim=0), rtol=1e-3)
-    spread = lambda x: (x.std(dim=0).mean() / x.std()).item()  # noqa: E731
-    assert spread(after) > 3 * spread(before)
+        before = base(wav)
+        train.calibrate_encoder(net, dataset, clips=len(dataset))
+        after = base(wav)
+        mel = base.htsat.log_mel(wav)[:, 0]  # (clips, frames, bands)
+    assert torch.allclose(base.htsat.bn0.running_mean, mel.mean(dim=(0, 1)), atol=1e-3)
+    assert torch.allclose(base.htsat.bn0.running_var, mel.reshape(-1, mel.shape[-1]).var(dim=0), rtol=1e-3)
+    frames = after[:, 1:].flatten(0, 1)  # each distinct frame repeated the same number of times
+    assert torch.allclose(frames.mean(dim=0), torch.zeros(TINY.audio_dim), atol=1e-4)
+    assert torch.allclose(frames.std(dim=0), torch.ones(TINY.audio_dim), atol=1e-2)
+    spread = lambda x: (x.std(dim=0).mean() / x.std()).item()  # across clips, against the whole  # noqa: E731
+    assert spread(after[:, 1:]) > 5 * spread(before[:, 1:])
+    assert spread(after[:, 0]) > 3 * spread(before[:, 0])
