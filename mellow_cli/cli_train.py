@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated, Optional
 
 import typer
@@ -91,22 +92,30 @@ class _Progress:
 
     def __init__(self):
         self._live = None
-        self._stack = None
+        self._stack = contextlib.ExitStack()
+        self._check = contextlib.ExitStack()  # the bar while every clip is decoded before step 1
+        self._advance = None
 
     def __enter__(self):
-        import contextlib
-
-        self._stack = contextlib.ExitStack()
         return self
 
     def __exit__(self, *exc):
+        self._check.close()
         self._stack.close()
 
     def report(self, e: dict) -> None:
         from . import render
 
         kind = e["event"]
-        if kind == "start":
+        if kind == "checking":
+            render.info(f"checking {e['rows']} rows of {e['path']}: decoding {e['clips']} clips")
+            self._check = contextlib.ExitStack()
+            self._advance = self._check.enter_context(render.progress(e["clips"], "checking clips"))
+        elif kind == "checked":
+            self._advance(e["clips"])
+        elif kind == "checked_all":
+            self._check.close()
+        elif kind == "start":
             self._start(e)
         elif kind == "step" and self._live:
             self._live.update(e["step"])

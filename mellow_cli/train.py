@@ -326,7 +326,11 @@ def read_checked(path: str, opts: TrainOptions, report: Report, world) -> list:
     rows = data.read_rows(path, audio_root=opts.audio_root)
     keep = None
     if world.main:
-        good, bad = data.validate_rows(rows, check_audio=True)
+        clips = len({p for r in rows for p in (r.audio1, r.audio2) if p})
+        report({"event": "checking", "path": path, "rows": len(rows), "clips": clips})
+        good, bad = data.validate_rows(rows, check_audio=True,
+                                       progress=lambda n: report({"event": "checked", "clips": n}))
+        report({"event": "checked_all", "path": path})
         if bad and not opts.skip_bad:
             keep = data.describe_bad(path, bad) + " (pass --skip-bad to train without them)"
         else:

@@ -247,7 +247,18 @@ def test_run_writes_checkpoints_metrics_and_best(task_data, smollm2_dir, tmp_pat
     assert trainer["step"] == 4 and trainer["options"]["batch_size"] == 2 and trainer["position"] == {"epoch": 0, "batch": 4}
     state = torch.load(result.checkpoint / "state.pt", weights_only=True)
     assert {"optimizer", "scheduler", "rng"} <= set(state)
-    assert [e["event"] for e in events][:1] == ["start"] and events[-1]["event"] == "done"
+    # every clip is decoded before step 1, with a progress event per clip: the training file's, then --val's
+    checking = ("checking", "checked", "checked_all")
+    checks = [e for e in events if e["event"] in checking]
+    rows = [json.loads(x) for x in task_data[0].read_text().splitlines()]
+    clips = len({r[k] for r in rows for k in ("audio1", "audio2") if k in r})
+    assert checks[0] == {"event": "checking", "path": str(task_data[0]), "rows": len(rows), "clips": clips}
+    first = checks[:next(i for i, e in enumerate(checks) if e["event"] == "checked_all") + 1]
+    assert sum(e.get("clips", 0) for e in first[1:]) == clips and first[-1]["event"] == "checked_all"
+    steps = [e["event"] for e in events if e["event"] not in checking]
+    assert steps[:1] == ["start"] and steps[-1] == "done"
+    names = [e["event"] for e in events]
+    assert max(i for i, name in enumerate(names) if name in checking) < names.index("start")
     assert not list((run / "checkpoints").glob(".*"))  # no temporary folder left
     # each checkpoint is a model folder the other commands load
     clip = write_tone(tmp_path / "a.wav", 440)
@@ -307,7 +318,8 @@ def test_bad_rows_are_named_by_line_and_skip_bad_drops_them(task_data, smollm2_d
             "-b", "2", "--max-steps", "1"]
     out = mellow(*args, "-o", str(tmp_path / "stopped"))
     assert out.returncode == 1
-    assert out.stderr.count("\n") == 1 and out.stderr.startswith("mellow: error: ")
+    errors = [line for line in out.stderr.splitlines() if line.startswith("mellow: error: ")]
+    assert len(errors) == 1 and out.stderr.endswith(errors[0] + "\n")
     assert f"{rows}: line 2: audio1" in out.stderr and "missing.wav" in out.stderr
     assert f"{rows}: line 4: empty answer" in out.stderr and "--skip-bad" in out.stderr
     assert not (tmp_path / "stopped" / "checkpoints").exists()
