@@ -33,7 +33,7 @@ def list_models(
     Example:
       mellow models list
     """
-    from . import loading
+    from . import files, loading
 
     entries = loading.cached_models()
     if as_json:
@@ -42,15 +42,15 @@ def list_models(
                                          "revision": e.revision, "source": e.origin, "created": e.created}) + "\n")
     elif entries:
         rows = [("NAME", "SIZE", "REVISION", "SOURCE")]
-        rows += [(e.name, loading.megabytes(e.size), (e.revision or "-")[:12], e.origin) for e in entries]
+        rows += [(e.name, files.megabytes(e.size), (e.revision or "-")[:12], e.origin) for e in entries]
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         for r in rows:
             sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3] + "\n")
     else:
-        loading.note(f"no models in {loading.cache_dir()}: `mellow models pull v0` fetches the published one")
+        files.note(f"no models in {loading.cache_dir()}: `mellow models pull v0` fetches the published one")
     partial = loading.partial_downloads()
     if partial:
-        loading.note(f"{loading.megabytes(sum(size for _, size in partial))} of unfinished downloads in "
+        files.note(f"{files.megabytes(sum(size for _, size in partial))} of unfinished downloads in "
               f"{loading.cache_dir() / 'downloads'}: the next pull resumes them, `mellow models rm NAME` deletes them")
 
 
@@ -73,8 +73,8 @@ def pull(
     """
     from . import loading
 
-    files = loading.pull(name, force=force, progress=not quiet)
-    sys.stdout.write(f"{files.folder or files.weights}\n")
+    pulled = loading.pull(name, force=force, progress=not quiet)
+    sys.stdout.write(f"{pulled.folder or pulled.weights}\n")
 
 
 @models_app.command("rm")
@@ -85,10 +85,10 @@ def rm(name: NameArg) -> None:
     Example:
       mellow models rm v0_s
     """
-    from . import loading
+    from . import files, loading
 
     freed = loading.remove(name)
-    sys.stdout.write(f"removed {name} ({loading.megabytes(freed)})\n")
+    sys.stdout.write(f"removed {name} ({files.megabytes(freed)})\n")
 
 
 @models_app.command("path")

@@ -37,7 +37,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 import warnings
 import zipfile
@@ -48,6 +47,18 @@ from typing import TYPE_CHECKING, Any
 
 from .config import MellowConfig
 from .errors import ModelError
+from .files import (
+    check_space,
+    disk_full,
+    first_line,
+    glob_escape,
+    note,
+    read_json,
+    sha256,
+    slug,
+    write_json_atomic,
+)
+from .hub import download, offline
 
 if TYPE_CHECKING:
     import torch
@@ -179,7 +190,7 @@ def resolve(name_or_path: str | os.PathLike) -> ModelSource:
     )
     if _HUB_ID.match(text) and not looks_like_path:
         repo, _, revision = text.partition("@")
-        key = repo.replace("/", "--") + (f"@{_slug(revision)}" if revision else "")
+        key = repo.replace("/", "--") + (f"@{slug(revision)}" if revision else "")
         return ModelSource(text, "hub", key, repo=repo, revision=revision or "main")
     if looks_like_path or os.sep in text:
         raise ModelError(f"{text}: no such file or folder: pass a checkpoint (.ckpt, .pt, .pth, "
@@ -194,15 +205,11 @@ def _local_source(text: str, path: Path) -> ModelSource:
     suffix = path.suffix.lower()
     if suffix in CHECKPOINT_SUFFIXES:
         digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
-        return ModelSource(text, "checkpoint", f"local--{_slug(path.stem)}-{digest}", path=path)
+        return ModelSource(text, "checkpoint", f"local--{slug(path.stem)}-{digest}", path=path)
     if suffix == ".safetensors":
         return ModelSource(text, "safetensors", None, path=path)
     raise ModelError(f"{text}: not a model file: expected a .ckpt, .pt, .pth or .safetensors "
                      "checkpoint, or a model folder")
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^\w.-]+", "-", text).strip("-") or "model"
 
 
 # --- public entry points -------------------------------------------------------------------------
@@ -239,7 +246,7 @@ def load_weights(files: ModelFiles, *, arch: Architecture | None = None) -> "nn.
     try:
         state = load_file(str(files.weights))
     except Exception as e:  # SafetensorError, OSError: a damaged or foreign file
-        raise ModelError(f"{files.weights}: not a readable safetensors file ({_first_line(e)}): "
+        raise ModelError(f"{files.weights}: not a readable safetensors file ({first_line(e)}): "
                          f"run `mellow models pull {files.name} --force`, or pass another file") from None
     try:
         return arch.fill(model, state).eval()
@@ -264,7 +271,7 @@ def cached_models() -> list[CachedModel]:
     root = cache_dir() / "models"
     found = []
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        record = _read_json(folder / SOURCE_FILE)
+        record = read_json(folder / SOURCE_FILE)
         if not folder.is_dir() or folder.name.startswith(".") or record is None:
             continue
         origin = record.get("source", {})
@@ -299,10 +306,6 @@ def remove(name: str) -> int:
     return freed
 
 
-def _glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", text)
-
-
 def _cached_folder_for(name: str) -> tuple[Path, ModelSource | None]:
     root = cache_dir() / "models"
     for entry in cached_models():  # by the name it was pulled under (works for deleted local files)
@@ -322,10 +325,10 @@ def _cached_folder_for(name: str) -> tuple[Path, ModelSource | None]:
 def _download_leftovers(src: ModelSource) -> list[Path]:
     """Partial or unconverted downloads of this model (files; a folder for a hub model)."""
     if src.kind == "hub":
-        folder = _downloads(src.repo) / _slug(src.revision)
+        folder = _downloads(src.repo) / slug(src.revision)
         return [folder] if folder.is_dir() else []
     if src.kind == "published":
-        return list(_downloads(src.repo).glob(f"{_glob_escape(src.filename)}*"))
+        return list(_downloads(src.repo).glob(f"{glob_escape(src.filename)}*"))
     return []
 
 
@@ -348,12 +351,12 @@ def _ensure(src: ModelSource, *, verify: bool, force: bool, progress: bool,
                 if files is not None:
                     return files
                 if problem:
-                    if _offline() and src.kind != "checkpoint":
+                    if offline() and src.kind != "checkpoint":
                         raise ModelError(f"{src.name}: the cached copy is damaged ({problem}): run "
                                          f"`mellow models pull {src.name}` with network to download it again")
                     again = "converting it again" if src.kind == "checkpoint" else "fetching it again"
                     note(f"{src.name}: the cached copy is damaged ({problem}); {again}", progress)
-            if _offline() and src.kind != "checkpoint":
+            if offline() and src.kind != "checkpoint":
                 if force:
                     raise ModelError(f"cannot fetch {src.name} again while HF_HUB_OFFLINE is set: unset it, "
                                      "or drop --force to use the cached copy")
@@ -367,9 +370,9 @@ def _ensure(src: ModelSource, *, verify: bool, force: bool, progress: bool,
             return _pull_hub_folder(src, folder, arch, progress)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise _disk_full(cache_dir(), src.name) from None
+            raise disk_full(cache_dir(), src.name) from None
         where = f" {e.filename}" if e.filename else ""
-        raise ModelError(f"{src.name}: cannot use{where} ({e.strerror or _first_line(e)}): check its permissions, "
+        raise ModelError(f"{src.name}: cannot use{where} ({e.strerror or first_line(e)}): check its permissions, "
                          "or set MELLOW_HOME to a writable folder") from None
 
 
@@ -379,7 +382,7 @@ def _cached(src: ModelSource, folder: Path, verify: bool) -> tuple[ModelFiles | 
     Returns (files, None), (None, None) when absent or outdated, (None, problem) when damaged.
     Size is checked on every load; the sha256 (about 1 s for v0) when the file's mtime moved since
     it was recorded, and always with verify (`mellow models pull`)."""
-    record = _read_json(folder / SOURCE_FILE)
+    record = read_json(folder / SOURCE_FILE)
     if record is None or not _same_origin(record, src):
         return None, None
     weights = folder / WEIGHTS_FILE
@@ -391,19 +394,19 @@ def _cached(src: ModelSource, folder: Path, verify: bool) -> tuple[ModelFiles | 
     if stat.st_size != expected.get("size"):
         return None, f"{WEIGHTS_FILE} is {stat.st_size} bytes, expected {expected.get('size')}"
     if verify or stat.st_mtime_ns != expected.get("mtime_ns"):
-        if _sha256(weights) != expected.get("sha256"):
+        if sha256(weights) != expected.get("sha256"):
             return None, f"{WEIGHTS_FILE} fails its sha256 check"
         if stat.st_mtime_ns != expected.get("mtime_ns"):
             record["weights"]["mtime_ns"] = stat.st_mtime_ns
             with contextlib.suppress(OSError):  # a read-only cache still loads
-                _write_json_atomic(folder / SOURCE_FILE, record)
+                write_json_atomic(folder / SOURCE_FILE, record)
     missing = [f for f in (CONFIG_FILE, *TOKENIZER_FILES) if not (folder / f).is_file()]
     if missing:
         return None, f"{missing[0]} is missing"
     try:
         cfg = MellowConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
     except (ValueError, TypeError) as e:
-        return None, f"{CONFIG_FILE} is unreadable ({_first_line(e)})"
+        return None, f"{CONFIG_FILE} is unreadable ({first_line(e)})"
     origin = record.get("source", {})
     return ModelFiles(src.name, cfg, weights, folder, folder, origin.get("commit")), None
 
@@ -426,7 +429,7 @@ def _pull_published(src: ModelSource, folder: Path, arch: Architecture, progress
     cfg = MellowConfig.preset(src.preset)
     expected = _expected_layout(cfg, arch)  # before downloading: a broken build fails in a second
     tokenizer = tokenizer_folder(cfg, src.name, progress)
-    raw = _download(src.repo, src.filename, src.revision, _downloads(src.repo) / src.filename,
+    raw = download(src.repo, src.filename, src.revision, _downloads(src.repo) / src.filename,
                     name=src.name, progress=progress, reserve_factor=2)
     note(f"{src.name}: converting {src.filename} to safetensors (once)", progress)
     state = _read_checkpoint(raw["path"], label=f"{src.repo}/{src.filename}")
@@ -439,8 +442,8 @@ def _pull_published(src: ModelSource, folder: Path, arch: Architecture, progress
 
 
 def _pull_hub_folder(src: ModelSource, folder: Path, arch: Architecture, progress: bool) -> ModelFiles:
-    downloads = _downloads(src.repo) / _slug(src.revision)
-    conf = _download(src.repo, CONFIG_FILE, src.revision, downloads / CONFIG_FILE, name=src.name,
+    downloads = _downloads(src.repo) / slug(src.revision)
+    conf = download(src.repo, CONFIG_FILE, src.revision, downloads / CONFIG_FILE, name=src.name,
                      progress=False, optional=True)
     commit = conf["commit"] if conf else src.revision  # every later file from the same commit
     if conf is None:
@@ -448,7 +451,7 @@ def _pull_hub_folder(src: ModelSource, folder: Path, arch: Architecture, progres
     else:
         cfg = _read_config(Path(conf["path"]), strict=True)
     expected = _expected_layout(cfg, arch)
-    raw = _download(src.repo, WEIGHTS_FILE, commit, downloads / WEIGHTS_FILE, name=src.name,
+    raw = download(src.repo, WEIGHTS_FILE, commit, downloads / WEIGHTS_FILE, name=src.name,
                     progress=progress, optional=True)
     if raw is None:
         raise ModelError(f"{src.repo} has no {WEIGHTS_FILE} at revision {src.revision}: a mellow model repo "
@@ -456,7 +459,7 @@ def _pull_hub_folder(src: ModelSource, folder: Path, arch: Architecture, progres
                          "download it and pass its path")
     _check_safetensors_layout(Path(raw["path"]), expected, cfg, label=f"{src.repo}/{WEIGHTS_FILE}")
     tokenizer = downloads / "tokenizer"
-    own = [_download(src.repo, f, commit, tokenizer / f, name=src.name, progress=False, optional=True)
+    own = [download(src.repo, f, commit, tokenizer / f, name=src.name, progress=False, optional=True)
            for f in (*TOKENIZER_FILES, *OPTIONAL_TOKENIZER_FILES)]
     if not all(own[: len(TOKENIZER_FILES)]):
         tokenizer = tokenizer_folder(cfg, src.name, progress)
@@ -476,7 +479,7 @@ def _convert_local_checkpoint(src: ModelSource, folder: Path, arch: Architecture
     stat = src.path.stat()
     state = _fit(_read_checkpoint(src.path, label=src.name), expected, cfg, label=src.name)
     origin = {"path": str(src.path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-              "sha256": _sha256(src.path)}
+              "sha256": sha256(src.path)}
     return _write_folder(folder, src, state, cfg, tokenizer, origin)
 
 
@@ -513,7 +516,7 @@ def _read_config(path: Path, *, strict: bool) -> MellowConfig | None:
     except (OSError, ValueError) as e:
         if not strict:
             return None
-        raise ModelError(f"{path}: unreadable config ({_first_line(e)}): fix or remove it") from None
+        raise ModelError(f"{path}: unreadable config ({first_line(e)}): fix or remove it") from None
     if not isinstance(data, dict) or not _OUR_CONFIG_FIELDS <= set(data):
         if not strict:
             return None
@@ -522,7 +525,7 @@ def _read_config(path: Path, *, strict: bool) -> MellowConfig | None:
     try:
         return MellowConfig.from_dict(data)
     except (TypeError, ValueError) as e:
-        raise ModelError(f"{path}: bad mellow config ({_first_line(e)})") from None
+        raise ModelError(f"{path}: bad mellow config ({first_line(e)})") from None
 
 
 def _tokenizer_beside(folder: Path) -> Path | None:
@@ -534,193 +537,23 @@ def tokenizer_folder(cfg: MellowConfig, name: str, progress: bool) -> Path:
     the hub."""
     repo = cfg.tokenizer
     revision = TOKENIZER_REVISION if repo == TOKENIZER_REPO else "main"
-    folder = cache_dir() / "tokenizers" / repo.replace("/", "--") / _slug(revision)
+    folder = cache_dir() / "tokenizers" / repo.replace("/", "--") / slug(revision)
     if _tokenizer_beside(folder):
         return folder
-    if _offline():
+    if offline():
         raise ModelError(f"the tokenizer of {name} ({repo}) is not in the cache and HF_HUB_OFFLINE is "
                          f"set: run `mellow models pull {name}` with network, or pass --model PATH")
     for f in TOKENIZER_FILES:
         if not (folder / f).is_file():
-            _download(repo, f, revision, folder / f, name=name, progress=False)
+            download(repo, f, revision, folder / f, name=name, progress=False)
     for f in OPTIONAL_TOKENIZER_FILES:
         if not (folder / f).is_file():
-            _download(repo, f, revision, folder / f, name=name, progress=False, optional=True)
+            download(repo, f, revision, folder / f, name=name, progress=False, optional=True)
     return folder
-
-
-# --- downloads -----------------------------------------------------------------------------------
-
-
-def _endpoint() -> str:
-    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-
-
-def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def _downloads(repo: str) -> Path:
     return cache_dir() / "downloads" / repo.replace("/", "--")
-
-
-def _download(repo: str, filename: str, revision: str, dest: Path, *, name: str, progress: bool,
-              optional: bool = False, reserve_factor: int = 1) -> dict | None:
-    """One file from the hub into `dest`, resumable and verified.
-
-    Bytes go to `<dest>.<etag>.part`; an interrupted download keeps it, and the next attempt asks
-    for the rest with an HTTP Range (huggingface_hub's `http_get` also resumes within one attempt
-    when the connection drops). The finished file is checked against the hub's ETag (the sha256
-    of an LFS file, the git blob sha1 of a small one) and only then renamed to `dest`.
-    Returns {path, repo, filename, revision, commit, etag, size, sha256}; None if `optional` and
-    the repo has no such file."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-    from huggingface_hub.file_download import http_get
-    from huggingface_hub.utils import build_hf_headers
-
-    from . import __version__
-
-    if _offline():
-        raise ModelError(f"{name} is not in the cache and HF_HUB_OFFLINE is set: run "
-                         f"`mellow models pull {name}` with network, or pass --model PATH")
-    endpoint = _endpoint()
-    url = hf_hub_url(repo, filename, revision=revision, endpoint=endpoint)
-    try:
-        meta = get_hf_file_metadata(url, timeout=_timeout("HF_HUB_ETAG_TIMEOUT", 10.0),
-                                    library_name="mellow-cli", library_version=__version__)
-    except EntryNotFoundError:
-        if optional:
-            return None
-        raise ModelError(f"{repo} has no file {filename} at revision {revision}: check the model name") from None
-    except RevisionNotFoundError:
-        raise ModelError(f"{repo} has no revision {revision!r}: check the name after @") from None
-    except GatedRepoError:
-        raise ModelError(f"{repo} is gated: accept its terms on the hub, then set HF_TOKEN to a token "
-                         "of that account") from None
-    except RepositoryNotFoundError:
-        raise ModelError(f"no model repo {repo} on {endpoint} (or it is private: set HF_TOKEN to a "
-                         "token that can read it)") from None
-    except HfHubHTTPError as e:
-        status = getattr(getattr(e, "response", None), "status_code", "?")
-        hint = "set HF_TOKEN to a token that can read it" if status in (401, 403) else "try again later"
-        raise ModelError(f"{endpoint} answered HTTP {status} for {repo}/{filename}: {hint}") from None
-    except Exception as e:  # connection refused, DNS, timeout, proxy: the network, not the file
-        raise ModelError(f"cannot reach {endpoint} to download {name} ({_first_line(e)}): check the "
-                         f"network and run `mellow models pull {name}` again, or pass --model PATH") from None
-
-    etag = (meta.etag or "").strip('"')
-    size = meta.size
-    commit = meta.commit_hash or revision
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    sidecar = dest.with_name(f"{dest.name}.json")
-    if dest.is_file():  # downloaded and verified by an earlier attempt that stopped later on
-        done = _read_json(sidecar)
-        if done and done.get("etag") == etag and done.get("size") == dest.stat().st_size:
-            return done
-        dest.unlink()
-    part = dest.with_name(f"{dest.name}.{_slug(etag)[:64] or 'noetag'}.part")
-    for stale in dest.parent.glob(f"{_glob_escape(dest.name)}.*.part"):
-        if stale != part:
-            stale.unlink(missing_ok=True)
-    have = part.stat().st_size if part.exists() else 0
-    if size is not None and have > size:
-        part.unlink()
-        have = 0
-    if size is not None:
-        _check_space(dest.parent, (size - have) + size * (reserve_factor - 1), name)
-    if have:
-        note(f"{name}: resuming {filename} at {megabytes(have)} of {megabytes(size)}", progress)
-    headers = build_hf_headers(library_name="mellow-cli", library_version=__version__)
-    # Download from the commit the metadata came from, so a push in between cannot mix files.
-    pinned = hf_hub_url(repo, filename, revision=commit, endpoint=endpoint)
-    try:
-        with _progress_bars(progress), open(part, "ab") as f:
-            http_get(pinned, f, resume_size=have, headers=headers, expected_size=size,
-                     displayed_filename=filename)
-    except HfHubHTTPError as e:  # before OSError: it is one
-        status = getattr(getattr(e, "response", None), "status_code", "?")
-        done = part.stat().st_size if part.exists() else 0
-        raise _interrupted(repo, filename, name, done, size, f"HTTP {status}") from None
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise _disk_full(dest.parent, name) from None
-        done = part.stat().st_size if part.exists() else 0
-        raise _interrupted(repo, filename, name, done, size, e) from None
-    except Exception as e:  # the connection dropped more often than http_get retries
-        done = part.stat().st_size if part.exists() else 0
-        raise _interrupted(repo, filename, name, done, size, e) from None
-
-    got = part.stat().st_size
-    sha256 = _sha256(part)
-    problem = None
-    if size is not None and got != size:
-        problem = f"{got} bytes, expected {size}"
-    elif re.fullmatch(r"[0-9a-f]{64}", etag) and sha256 != etag:
-        problem = f"sha256 {sha256[:12]}…, expected {etag[:12]}…"
-    elif re.fullmatch(r"[0-9a-f]{40}", etag) and _git_blob_sha1(part) != etag:
-        problem = f"git sha1 differs from {etag[:12]}…"
-    if problem:
-        part.unlink(missing_ok=True)
-        raise ModelError(f"{repo}/{filename} arrived damaged ({problem}); the partial file is deleted: "
-                         f"run `mellow models pull {name}` again to download it afresh")
-    os.replace(part, dest)
-    record = {"path": str(dest), "repo": repo, "filename": filename, "revision": revision,
-              "commit": commit, "etag": etag, "size": got, "sha256": sha256}
-    _write_json_atomic(sidecar, record)
-    return record
-
-
-def _timeout(var: str, default: float) -> float:
-    try:
-        return float(os.environ.get(var, default))
-    except ValueError:
-        return default
-
-
-@contextlib.contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
-    """huggingface_hub draws the download bar (tqdm, on stderr); switch it off for --quiet."""
-    from huggingface_hub.utils import (
-        are_progress_bars_disabled,
-        disable_progress_bars,
-        enable_progress_bars,
-    )
-
-    was_disabled = are_progress_bars_disabled()
-    if not enabled and not was_disabled:
-        disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not enabled and not was_disabled:
-            enable_progress_bars()
-
-
-def _interrupted(repo: str, filename: str, name: str, done: int, size: int | None, why) -> ModelError:
-    reason = why if isinstance(why, str) else _first_line(why)
-    return ModelError(f"download of {repo}/{filename} stopped at {megabytes(done)} of {megabytes(size)} ({reason}): "
-                      f"check the network and run `mellow models pull {name}` again; it resumes where it stopped")
-
-
-def _check_space(folder: Path, needed: int, name: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder).free
-    if free < needed:
-        raise _disk_full(folder, name, needed, free)
-
-
-def _disk_full(folder: Path, name: str, needed: int | None = None, free: int | None = None) -> ModelError:
-    amount = f" (needs {megabytes(needed)}, {megabytes(free)} free)" if needed is not None else ""
-    return ModelError(f"not enough disk space in {folder} for {name}{amount}: free some space, or set "
-                      "MELLOW_HOME to a folder on a disk with room")
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -756,9 +589,9 @@ def _read_checkpoint(path: Path | str, *, label: str) -> dict[str, "torch.Tensor
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise
-        raise ModelError(f"{label}: cannot read it ({_first_line(e)})") from None
+        raise ModelError(f"{label}: cannot read it ({first_line(e)})") from None
     except Exception as e:  # truncated zip, not a pickle at all, ...
-        raise ModelError(f"{label}: not a readable PyTorch checkpoint ({_first_line(e)}): "
+        raise ModelError(f"{label}: not a readable PyTorch checkpoint ({first_line(e)}): "
                          "download it again or pass another file") from None
     return _state_dict_of(obj, label)
 
@@ -875,7 +708,7 @@ def _check_safetensors_layout(path: Path, layout: _Layout, cfg: MellowConfig, *,
             found = {k: (tuple(f.get_slice(k).get_shape()), _st_dtype(f.get_slice(k).get_dtype()))
                      for k in f.keys()}
     except Exception as e:
-        raise ModelError(f"{label}: not a readable safetensors file ({_first_line(e)})") from None
+        raise ModelError(f"{label}: not a readable safetensors file ({first_line(e)})") from None
     _raise_on_mismatch(label, cfg, _fold_tied(found, layout), layout)
 
 
@@ -896,7 +729,7 @@ def _write_folder(folder: Path, src: ModelSource, state: dict | None, cfg: Mello
     from . import __version__
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    for stale in folder.parent.glob(f".{_glob_escape(folder.name)}.tmp-*"):  # an earlier crash (we hold the lock)
+    for stale in folder.parent.glob(f".{glob_escape(folder.name)}.tmp-*"):  # an earlier crash (we hold the lock)
         shutil.rmtree(stale, ignore_errors=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     tmp.mkdir()
@@ -905,7 +738,7 @@ def _write_folder(folder: Path, src: ModelSource, state: dict | None, cfg: Mello
         if state is not None:
             if weights_file is None:
                 size = sum(t.numel() * t.element_size() for t in state.values())
-                _check_space(tmp, size, src.name)
+                check_space(tmp, size, src.name)
             save_file(state, str(weights), metadata={"format": "pt"})
         else:
             os.replace(weights_file, weights)
@@ -921,16 +754,16 @@ def _write_folder(folder: Path, src: ModelSource, state: dict | None, cfg: Mello
             "kind": src.kind,
             "source": origin,
             "config": cfg.to_dict(),
-            "weights": {"file": WEIGHTS_FILE, "size": stat.st_size, "sha256": _sha256(weights),
+            "weights": {"file": WEIGHTS_FILE, "size": stat.st_size, "sha256": sha256(weights),
                         "mtime_ns": stat.st_mtime_ns},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "mellow_cli": __version__,
         }
-        _write_json_atomic(tmp / SOURCE_FILE, record)
+        write_json_atomic(tmp / SOURCE_FILE, record)
         _swap_in(tmp, folder)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise _disk_full(folder.parent, src.name) from None
+            raise disk_full(folder.parent, src.name) from None
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -970,58 +803,12 @@ def _lock(key: str, progress: bool = False) -> Iterator[None]:
         lock.release()
 
 
-def _sha256(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _git_blob_sha1(path: Path) -> str:
-    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _jsonable(data: dict) -> dict:
     """As it reads back from JSON (tuples become lists), for comparing with a stored record."""
     return json.loads(json.dumps(data))
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _tree_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def megabytes(n: int | None) -> str:
-    """A size for messages: "670.1 MB", "?" when unknown (cli_models.py uses it too)."""
-    return "?" if n is None else f"{n / 1e6:.1f} MB"
-
-
-def _first_line(e: BaseException | str) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:200]
-
-
-def note(message: str, enabled: bool = True) -> None:
-    """`mellow: <message>` on stderr, beside huggingface_hub's bars; silent when not enabled.
-    cli_models.py uses it too."""
-    if enabled:
-        sys.stderr.write(f"mellow: {message}\n")
-        sys.stderr.flush()

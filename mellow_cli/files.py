@@ -1,0 +1,83 @@
+"""Small helpers for the model cache's files: names, hashes, atomic JSON, and the one-line
+messages that mention them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from .errors import ModelError
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^\w.-]+", "-", text).strip("-") or "model"
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def sha256(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def git_blob_sha1(path: Path) -> str:
+    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def megabytes(n: int | None) -> str:
+    """A size for messages: "670.1 MB", "?" when unknown (cli_models.py uses it too)."""
+    return "?" if n is None else f"{n / 1e6:.1f} MB"
+
+
+def first_line(e: BaseException | str) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:200]
+
+
+def note(message: str, enabled: bool = True) -> None:
+    """`mellow: <message>` on stderr, beside huggingface_hub's bars; silent when not enabled.
+    cli_models.py uses it too."""
+    if enabled:
+        sys.stderr.write(f"mellow: {message}\n")
+        sys.stderr.flush()
+
+
+def check_space(folder: Path, needed: int, name: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise disk_full(folder, name, needed, free)
+
+
+def disk_full(folder: Path, name: str, needed: int | None = None, free: int | None = None) -> ModelError:
+    amount = f" (needs {megabytes(needed)}, {megabytes(free)} free)" if needed is not None else ""
+    return ModelError(f"not enough disk space in {folder} for {name}{amount}: free some space, or set "
+                      "MELLOW_HOME to a folder on a disk with room")
