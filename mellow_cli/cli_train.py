@@ -132,7 +132,7 @@ class _Progress:
         elif kind == "done":
             self._stack.close()
             best = f"; best: {e['best']}" if e["best"] else ""
-            render.info(f"trained {e['steps']} steps in {_duration(e['seconds'])}; last checkpoint: {e['checkpoint']}{best}")
+            render.info(f"trained {e['steps']} step{'' if e['steps'] == 1 else 's'} in {_duration(e['seconds'])}; last checkpoint: {e['checkpoint']}{best}")
 
     def _start(self, e: dict) -> None:
         from . import render
