@@ -238,7 +238,10 @@ def test_ctrl_c_finishes_the_row_and_exits_130_then_resume_completes(tiny_model_
     out_file = tmp_path / "night.jsonl"
     args = [sys.executable, "-m", "mellow_cli", "caption", str(long_clip), "--window", "1", "--hop", "0.5",
             "--model", str(tiny_model_dir), "--max-tokens", "12", "--batch-size", "1", "-f", "jsonl", "-o", str(out_file)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # A background job of a non-interactive shell (CI launched with `&`) starts with SIGINT ignored,
+    # and its children inherit that: give this one Ctrl-C's default, as a terminal would.
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not out_file.exists() or out_file.read_text().count("\n") < 2):
         time.sleep(0.05)
