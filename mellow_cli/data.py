@@ -83,8 +83,12 @@ class QARow:
 
     @property
     def where(self) -> str:
-        """How messages name the row: `line 17`, or `item [16]` in a JSON list."""
-        return f"item [{self.line}]" if self.in_list else f"line {self.line}"
+        return _place(self.line, self.in_list)
+
+
+def _place(line: int, in_list: bool) -> str:
+    """How messages name a row: `line 17`, or `item [16]` in a JSON list."""
+    return f"item [{line}]" if in_list else f"line {line}"
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,7 @@ def read_rows(path: str | os.PathLike, audio_root: str | os.PathLike | None = No
 
 
 def _row(obj: object, line: int, in_list: bool, name: str, root: Path) -> QARow:
-    where = f"{name}: " + (f"item [{line}]" if in_list else f"line {line}")
+    where = f"{name}: {_place(line, in_list)}"
     if not isinstance(obj, dict):
         raise UsageError(f"{where}: expected a JSON object, got {json_kind(obj)}")
     question, answer = _question_answer(obj, where)

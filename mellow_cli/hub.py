@@ -39,7 +39,7 @@ def offline() -> bool:
 
 
 def download(repo: str, filename: str, revision: str, dest: Path, *, name: str, progress: bool,
-              optional: bool = False, reserve_factor: int = 1) -> dict | None:
+             optional: bool = False, reserve_factor: int = 1) -> dict | None:
     """One file from the hub into `dest`, resumable and verified.
 
     Bytes go to `<dest>.<etag>.part`; an interrupted download keeps it, and the next attempt asks
@@ -67,7 +67,7 @@ def download(repo: str, filename: str, revision: str, dest: Path, *, name: str, 
     endpoint = _endpoint()
     url = hf_hub_url(repo, filename, revision=revision, endpoint=endpoint)
     try:
-        meta = get_hf_file_metadata(url, timeout=timeout("HF_HUB_ETAG_TIMEOUT", 10.0),
+        meta = get_hf_file_metadata(url, timeout=_timeout("HF_HUB_ETAG_TIMEOUT", 10.0),
                                     library_name="mellow-cli", library_version=__version__)
     except EntryNotFoundError:
         if optional:
@@ -115,21 +115,21 @@ def download(repo: str, filename: str, revision: str, dest: Path, *, name: str, 
     # Download from the commit the metadata came from, so a push in between cannot mix files.
     pinned = hf_hub_url(repo, filename, revision=commit, endpoint=endpoint)
     try:
-        with progress_bars(progress), open(part, "ab") as f:
+        with _progress_bars(progress), open(part, "ab") as f:
             http_get(pinned, f, resume_size=have, headers=headers, expected_size=size,
                      displayed_filename=filename)
     except HfHubHTTPError as e:  # before OSError: it is one
         status = getattr(getattr(e, "response", None), "status_code", "?")
         done = part.stat().st_size if part.exists() else 0
-        raise interrupted(repo, filename, name, done, size, f"HTTP {status}") from None
+        raise _interrupted(repo, filename, name, done, size, f"HTTP {status}") from None
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise disk_full(dest.parent, name) from None
         done = part.stat().st_size if part.exists() else 0
-        raise interrupted(repo, filename, name, done, size, e) from None
+        raise _interrupted(repo, filename, name, done, size, e) from None
     except Exception as e:  # the connection dropped more often than http_get retries
         done = part.stat().st_size if part.exists() else 0
-        raise interrupted(repo, filename, name, done, size, e) from None
+        raise _interrupted(repo, filename, name, done, size, e) from None
 
     got = part.stat().st_size
     digest = sha256(part)
@@ -151,7 +151,7 @@ def download(repo: str, filename: str, revision: str, dest: Path, *, name: str, 
     return record
 
 
-def timeout(var: str, default: float) -> float:
+def _timeout(var: str, default: float) -> float:
     try:
         return float(os.environ.get(var, default))
     except ValueError:
@@ -159,7 +159,7 @@ def timeout(var: str, default: float) -> float:
 
 
 @contextlib.contextmanager
-def progress_bars(enabled: bool) -> Iterator[None]:
+def _progress_bars(enabled: bool) -> Iterator[None]:
     """huggingface_hub draws the download bar (tqdm, on stderr); switch it off for --quiet."""
     from huggingface_hub.utils import (
         are_progress_bars_disabled,
@@ -177,7 +177,7 @@ def progress_bars(enabled: bool) -> Iterator[None]:
             enable_progress_bars()
 
 
-def interrupted(repo: str, filename: str, name: str, done: int, size: int | None, why) -> ModelError:
+def _interrupted(repo: str, filename: str, name: str, done: int, size: int | None, why) -> ModelError:
     reason = why if isinstance(why, str) else first_line(why)
     return ModelError(f"download of {repo}/{filename} stopped at {megabytes(done)} of {megabytes(size)} ({reason}): "
                       f"check the network and run `mellow models pull {name}` again; it resumes where it stopped")

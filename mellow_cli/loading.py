@@ -430,7 +430,7 @@ def _pull_published(src: ModelSource, folder: Path, arch: Architecture, progress
     expected = _expected_layout(cfg, arch)  # before downloading: a broken build fails in a second
     tokenizer = tokenizer_folder(cfg, src.name, progress)
     raw = download(src.repo, src.filename, src.revision, _downloads(src.repo) / src.filename,
-                    name=src.name, progress=progress, reserve_factor=2)
+                   name=src.name, progress=progress, reserve_factor=2)
     note(f"{src.name}: converting {src.filename} to safetensors (once)", progress)
     state = _read_checkpoint(raw["path"], label=f"{src.repo}/{src.filename}")
     state = _fit(state, expected, cfg, label=f"{src.repo}/{src.filename}")
@@ -444,7 +444,7 @@ def _pull_published(src: ModelSource, folder: Path, arch: Architecture, progress
 def _pull_hub_folder(src: ModelSource, folder: Path, arch: Architecture, progress: bool) -> ModelFiles:
     downloads = _downloads(src.repo) / slug(src.revision)
     conf = download(src.repo, CONFIG_FILE, src.revision, downloads / CONFIG_FILE, name=src.name,
-                     progress=False, optional=True)
+                    progress=False, optional=True)
     commit = conf["commit"] if conf else src.revision  # every later file from the same commit
     if conf is None:
         cfg = MellowConfig.v0()
@@ -452,7 +452,7 @@ def _pull_hub_folder(src: ModelSource, folder: Path, arch: Architecture, progres
         cfg = _read_config(Path(conf["path"]), strict=True)
     expected = _expected_layout(cfg, arch)
     raw = download(src.repo, WEIGHTS_FILE, commit, downloads / WEIGHTS_FILE, name=src.name,
-                    progress=progress, optional=True)
+                   progress=progress, optional=True)
     if raw is None:
         raise ModelError(f"{src.repo} has no {WEIGHTS_FILE} at revision {src.revision}: a mellow model repo "
                          f"holds {WEIGHTS_FILE} and {CONFIG_FILE}; for a .ckpt in the official layout, "
