@@ -18,6 +18,7 @@ from .api import (  # api imports torch only inside its functions
     COMPARE_PROMPT,
 )
 from .cli_bench import bench_app
+from .cli_env import config_app, env
 from .cli_models import models_app
 from .cli_options import (
     BatchSizeOpt,
@@ -57,7 +58,6 @@ app = typer.Typer(
     help="Ask questions about sounds. Answers come from Mellow, a small audio-language model "
     "that runs on a laptop CPU.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -348,11 +348,20 @@ def caption(
 app.command()(train)
 app.add_typer(bench_app, name="bench")
 app.add_typer(models_app, name="models")
+app.add_typer(config_app, name="config")
+app.command()(env)
 
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"mellow {__version__}")
+        import platform
+        from importlib import metadata
+
+        try:
+            torch = metadata.version("torch")
+        except metadata.PackageNotFoundError:
+            torch = "not installed"
+        typer.echo(f"mellow {__version__} (Python {platform.python_version()}, torch {torch}); `mellow env` tells more")
         raise typer.Exit()
 
 
@@ -384,6 +393,16 @@ def main(argv: Optional[list[str]] = None) -> None:
         code = result if isinstance(result, int) else 0
     except typer.Exit as e:
         code = e.exit_code
+    except SystemExit as e:
+        if not isinstance(e.__context__, BrokenPipeError):
+            raise
+        # Click turns a closed stdout into exit 1. The reader went away (`mellow caption *.wav |
+        # head -1`): stop quietly, as Unix filters do, with the status a shell reports for
+        # SIGPIPE; stdout goes to /dev/null so the interpreter's flush at exit cannot complain.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141
     except (typer.Abort, KeyboardInterrupt):
         render.error("interrupted")
         code = 130

@@ -26,15 +26,19 @@ NameArg = Annotated[str, typer.Argument(metavar="NAME", help="v0, v0_s, a hub id
 @models_app.command("list")
 def list_models(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per model instead of columns.")] = False,
+    available: Annotated[bool, typer.Option("--available", help="The models one can pull by name (no network needed), marking those cached.")] = False,
 ) -> None:
     """Show the cached models: name, size on disk, hub revision, where each came from.
 
     \b
-    Example:
+    Examples:
       mellow models list
+      mellow models list --available
     """
     from . import files, loading
 
+    if available:
+        return _catalogue(as_json)
     entries = loading.cached_models()
     if as_json:
         for e in entries:
@@ -52,6 +56,22 @@ def list_models(
     if partial:
         files.note(f"{files.megabytes(sum(size for _, size in partial))} of unfinished downloads in "
               f"{loading.cache_dir() / 'downloads'}: the next pull resumes them, `mellow models rm NAME` deletes them")
+
+
+def _catalogue(as_json: bool) -> None:
+    from . import files, loading
+
+    cached = {e.name for e in loading.cached_models()}
+    for name, p in loading.PUBLISHED.items():
+        if as_json:
+            sys.stdout.write(json.dumps({"name": name, "repo": p.repo, "filename": p.filename, "revision": p.revision,
+                                         "cached": name in cached, "about": p.about}) + "\n")
+        else:
+            mark = "cached" if name in cached else "-"
+            sys.stdout.write(f"{name:<6}  {mark:<6}  {p.repo}/{p.filename}  {p.about}\n")
+    if not as_json:
+        files.note("also usable as --model: a hub folder of ours, user/repo[@revision], or a local "
+                   ".ckpt/.safetensors file or model folder")
 
 
 @models_app.command("pull")

@@ -37,10 +37,29 @@ class Format(str, Enum):
     vtt = "vtt"
 
 
+def _from_settings(key: str, kind):
+    """An option callback: when the flag was not given, the value comes from MELLOW_<KEY> or the
+    config file (settings.py), else the signature's default stays."""
+
+    def callback(ctx: typer.Context, param: typer.CallbackParam, value):
+        if ctx.resilient_parsing or ctx.get_parameter_source(param.name).name != "DEFAULT":
+            return value
+        from . import settings
+
+        found = settings.lookup(key)
+        return value if found.source == "built-in" else kind(found.value)
+
+    return callback
+
+
+def _dtype(name: str):
+    return Dtype(name) if name in Dtype.__members__ else None  # "auto": the command's own choice
+
+
 # Options shared by every command that runs the model: declared once, used by each signature.
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model: v0 (published), v0_s, a local checkpoint file or folder, or a hub id user/repo.")]
-DeviceOpt = Annotated[Device, typer.Option("--device", help="Where the model runs; auto picks cuda, then mps, then cpu.")]
-DtypeOpt = Annotated[Optional[Dtype], typer.Option("--dtype", help="Precision [default: float32 on CPU, bfloat16 on CUDA]. On a CPU, float16 keeps the LM's weights in float16 and computes in float32: about 2x faster decoding, may differ from the reference at near ties.")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", callback=_from_settings("model", str), help="Model: v0 (published), v0_s, a local checkpoint file or folder, or a hub id user/repo. Default: v0, or MELLOW_MODEL, or `mellow config set model`.")]
+DeviceOpt = Annotated[Device, typer.Option("--device", callback=_from_settings("device", Device), help="Where the model runs; auto picks cuda, then mps, then cpu. Default: auto, or MELLOW_DEVICE, or `mellow config set device`.")]
+DtypeOpt = Annotated[Optional[Dtype], typer.Option("--dtype", callback=_from_settings("dtype", _dtype), help="Precision [default: float32 on CPU, bfloat16 on CUDA]. On a CPU, float16 keeps the LM's weights in float16 and computes in float32: about 2x faster decoding, may differ from the reference at near ties.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch [default: all cores].")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for --sample, so a sampled answer can be repeated.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only results and errors.")]

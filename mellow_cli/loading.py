@@ -94,12 +94,13 @@ class Published:
     filename: str  # the official-layout .ckpt in that repo
     revision: str  # commit sha (or branch) to download
     preset: str  # MellowConfig.preset name the checkpoint was trained with
+    about: str = ""  # one line for `mellow models list --available`
 
 
 # Tests add entries (a `tiny` model on a local fake hub); the CLI's names are these two.
 PUBLISHED: dict[str, Published] = {
-    "v0": Published(MELLOW_REPO, "v0.ckpt", MELLOW_REVISION, "v0"),
-    "v0_s": Published(MELLOW_REPO, "v0_s.ckpt", MELLOW_REVISION, "v0_s"),
+    "v0": Published(MELLOW_REPO, "v0.ckpt", MELLOW_REVISION, "v0", "the paper's model (167M parameters, ~670 MB download)"),
+    "v0_s": Published(MELLOW_REPO, "v0_s.ckpt", MELLOW_REVISION, "v0_s", "the second published variant, same architecture and size"),
 }
 
 

@@ -17,11 +17,14 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path_factory, monkeypatch):
-    """No test reads or writes the real user cache (~/.cache/mellow) or the real HF cache."""
+    """No test reads or writes the real user cache (~/.cache/mellow), config or HF cache."""
     home = tmp_path_factory.mktemp("mellow_home")
     monkeypatch.setenv("MELLOW_HOME", str(home))
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("MELLOW_CONFIG", str(home / "config.toml"))  # nor the user's own defaults
+    for key in ("MELLOW_MODEL", "MELLOW_DEVICE", "MELLOW_DTYPE"):
+        monkeypatch.delenv(key, raising=False)
     return home
 
 

@@ -1,0 +1,134 @@
+"""Standing defaults (flag > MELLOW_<KEY> > config file > built-in), `mellow env`, `mellow config`,
+the model catalogue, shell completion, --version and a quiet stop on a closed pipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import write_tone
+from mellow_cli import settings
+
+
+def run(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mellow_cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, **kw)
+
+
+def test_lookup_order_flag_env_file_builtin(monkeypatch):
+    assert settings.lookup("model") == settings.Value("model", "v0", "built-in")
+    settings.write("model", "from-file")
+    assert settings.lookup("model").value == "from-file"
+    assert settings.lookup("model").source.startswith("config ")
+    monkeypatch.setenv("MELLOW_MODEL", "from-env")
+    assert settings.lookup("model") == settings.Value("model", "from-env", "env MELLOW_MODEL")
+    assert settings.lookup("model", flag="from-flag").value == "from-flag"
+
+
+def test_write_keeps_other_settings_and_unset_removes_one():
+    settings.write("device", "cpu")
+    settings.write("model", 'odd "name" \\ here')
+    assert settings.read_file() == {"device": "cpu", "model": 'odd "name" \\ here'}
+    settings.write("device", None)
+    assert settings.read_file() == {"model": 'odd "name" \\ here'}
+
+
+def test_config_set_get_unset_from_the_shell():
+    assert run("config", "set", "model", "/models/birds").returncode == 0
+    assert run("config", "get", "model").stdout == "/models/birds\n"
+    listing = run("config", "get").stdout
+    assert "model = /models/birds  [config " in listing and "device = auto  [built-in]" in listing
+    assert run("config", "get", "model", env={"MELLOW_MODEL": "v0_s"}).stdout == "v0_s\n"
+    assert run("config", "unset", "model").returncode == 0
+    assert run("config", "get", "model").stdout == "v0\n"
+
+
+@pytest.mark.parametrize("args", [["set", "device", "gpu"], ["set", "colour", "red"], ["get", "colour"],
+                                  ["set", "dtype", "float64"]])
+def test_bad_setting_is_a_usage_error(args):
+    out = run("config", *args)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("mellow: error: ")
+
+
+def test_broken_config_file_names_the_file(isolated_home):
+    path = isolated_home / "config.toml"
+    for text in ("model = [1, 2]\n", "model = \n", "colour = \"red\"\n", "device = \"gpu\"\n"):
+        path.write_text(text)
+        out = run("config", "get", "model")
+        assert out.returncode != 0, text
+        assert out.stderr.count("\n") == 1 and str(path) in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+
+
+def test_default_model_comes_from_env_then_config(tmp_path):
+    """The model named by MELLOW_MODEL or the config file is the one `ask` tries to load."""
+    clip = write_tone(tmp_path / "a.wav")
+    missing_env, missing_file = tmp_path / "env-model.ckpt", tmp_path / "file-model.ckpt"
+    assert run("config", "set", "model", str(missing_file)).returncode == 0
+    out = run("ask", str(clip), "what is it?", "-q")
+    assert out.returncode != 0 and str(missing_file) in out.stderr, out.stderr
+    out = run("ask", str(clip), "what is it?", "-q", env={"MELLOW_MODEL": str(missing_env)})
+    assert out.returncode != 0 and str(missing_env) in out.stderr, out.stderr
+    out = run("ask", str(clip), "what is it?", "-q", "-m", str(tmp_path / "flag.ckpt"),
+              env={"MELLOW_MODEL": str(missing_env)})
+    assert "flag.ckpt" in out.stderr and str(missing_env) not in out.stderr
+
+
+def test_default_device_from_env_is_checked_like_the_flag(tmp_path):
+    clip = write_tone(tmp_path / "a.wav")
+    out = run("ask", str(clip), "q", "-q", env={"MELLOW_DEVICE": "tpu"})
+    assert out.returncode == 2 and "MELLOW_DEVICE" in out.stderr and "tpu" in out.stderr
+
+
+def test_env_reports_versions_cpu_and_where_each_setting_came_from():
+    out = run("env", "--json", env={"MELLOW_DEVICE": "cpu"})
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    import torch
+
+    assert info["torch"] == torch.__version__ and info["cpu"]["cores"] == os.cpu_count()
+    assert info["settings"]["device"] == {"value": "cpu", "source": "env MELLOW_DEVICE"}
+    assert info["settings"]["model"]["source"] == "built-in"
+    assert info["offline"] is False
+    assert run("env", env={"HF_HUB_OFFLINE": "1"}).stdout.count("offline") == 1
+    assert "model" in run("env").stdout
+
+
+def test_models_list_available_works_offline_and_marks_nothing_cached():
+    out = run("models", "list", "--available", "--json", env={"HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["name"] for r in rows] == ["v0", "v0_s"]
+    assert all(r["repo"] == "soham97/mellow" and r["cached"] is False for r in rows)
+    text = run("models", "list", "--available").stdout
+    assert text.splitlines()[0].split()[:2] == ["v0", "-"]
+
+
+def test_shell_completion_script_is_offered():
+    out = run("--show-completion", "bash")
+    assert out.returncode == 0, out.stderr
+    assert "_MELLOW_COMPLETE" in out.stdout
+
+
+def test_version_names_python_and_torch():
+    import torch
+
+    from mellow_cli import __version__
+
+    out = run("--version").stdout
+    assert out.startswith(f"mellow {__version__} (Python ") and f"torch {torch.__version__}" in out
+
+
+def test_closed_pipe_stops_quietly(tiny_model_dir, tmp_path):
+    for i in range(6):
+        write_tone(tmp_path / f"{i}.wav", 200 + 100 * i, seconds=0.5)
+    cmd = (f"{sys.executable} -m mellow_cli caption {tmp_path} -m {tiny_model_dir} --max-tokens 3 -b 1 -f jsonl"
+           f" 2>{tmp_path / 'err'} | head -c 1 >/dev/null; echo ${{PIPESTATUS[0]}}")
+    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True)
+    assert out.stdout.strip() == "141"
+    assert "error" not in (tmp_path / "err").read_text()
