@@ -231,6 +231,11 @@ class MellowModel:
 
 
 def _choice_result(scores: Sequence["ChoiceScore"]) -> ChoiceResult:
+    if not all(math.isfinite(s.logprob) for s in scores):
+        from .errors import ModelError
+        from .generate import NOT_FINITE
+
+        raise ModelError(NOT_FINITE)
     top = max(s.logprob for s in scores)
     weights = [math.exp(s.logprob - top) for s in scores]
     probabilities = tuple(w / sum(weights) for w in weights)

@@ -72,6 +72,11 @@ Source = Union[str, os.PathLike]
 # ---------------------------------------------------------------- public API
 
 
+# Float files hold samples in -1..1 (a little over is clipping). Values this far out are not audio
+# and would overflow the log-mel's power spectrum into infinities.
+MAX_PEAK = 1e4
+
+
 def load_audio(
     source: Source, *, offset: float = 0.0, duration: float | None = None, sr: int = SAMPLE_RATE
 ) -> np.ndarray:
@@ -216,6 +221,10 @@ def _decode_window(name: str, snd: sf.SoundFile, first: int, stop: int, sr: int)
     wav = to_mono(frames)
     if not np.isfinite(wav).all():
         raise AudioError(name, "contains NaN or infinite samples")
+    peak = float(np.abs(wav).max(initial=0.0))
+    if peak > MAX_PEAK:
+        raise AudioError(name, f"samples reach {peak:.3g}, far outside the -1..1 of audio (a float file "
+                         "with unscaled data?)")
     wav = resample(wav, sr_in, sr)[skip : skip + stop - first]
     if len(wav) == 0:
         # The header promised more frames than the data holds (a truncated MP3, typically).

@@ -11,50 +11,56 @@ Rows are plain dicts with the same keys in every format, so a script can parse a
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import glob
 import json
 import os
-import signal
 import sys
-import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Iterable, Sequence
 
 from .errors import UsageError
+from .outputs import check_unique_ids
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64", ".rf64"}
-FORMATS = ("text", "json", "jsonl", "csv", "tsv", "srt", "vtt")
 
 
 def expand_inputs(args: Iterable[str], recursive: bool = False, stdin: IO[str] | None = None) -> list[str]:
     """The audio paths the arguments name, in order, duplicates kept (a user may mean them)."""
+    return _expand(args, recursive, stdin, lists=())
+
+
+def _expand(args: Iterable[str], recursive: bool, stdin: IO[str] | None, lists: tuple[str, ...],
+            from_glob: bool = False) -> list[str]:
     paths: list[str] = []
     for arg in args:
-        if arg.startswith("@") and len(arg) > 1:
-            paths += expand_inputs(_read_list(arg[1:], stdin), recursive)
+        if arg.startswith("@") and len(arg) > 1 and not from_glob:
+            paths += _expand_list(arg[1:], recursive, stdin, lists)
         elif arg != "-" and os.path.isdir(arg):
             paths += _audio_in(Path(arg), recursive, arg)
-        elif arg != "-" and not os.path.exists(arg) and glob.has_magic(arg):
+        elif arg != "-" and not from_glob and not os.path.exists(arg) and glob.has_magic(arg):
             matches = sorted(glob.glob(arg, recursive=recursive))
             if not matches:
                 raise UsageError(f"{arg}: no files match this pattern")
-            paths += expand_inputs(matches, recursive)
+            paths += _expand(matches, recursive, stdin, lists, from_glob=True)  # a file named @x is a file
         else:
             paths.append(arg)
     return paths
 
 
+def _expand_list(name: str, recursive: bool, stdin: IO[str] | None, lists: tuple[str, ...]) -> list[str]:
+    """The paths of one @list; a list that names itself, directly or through others, is refused."""
+    ident = name if name == "-" else os.path.realpath(name)
+    if ident in lists:
+        raise UsageError(f"@{name}: the list includes itself (through {' -> '.join('@' + n for n in lists)})"
+                         if len(lists) > 1 else f"@{name}: the list includes itself")
+    return _expand(_read_list(name, stdin), recursive, stdin, lists + (ident,))
+
+
 def _read_list(name: str, stdin: IO[str] | None) -> list[str]:
     """Paths from a list file (`-` for stdin): one per line, blank lines and `#` comments skipped."""
-    try:
-        text = (stdin or sys.stdin).read() if name == "-" else Path(name).read_text(encoding="utf-8")
-    except OSError as e:
-        raise UsageError(f"@{name}: cannot read the list ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"@{name}: not a text file of paths") from None
+    text = read_text(name, "list of paths", stdin)
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -105,6 +111,7 @@ def read_questions(name: str, default_choices: Sequence[str] | None = None, stdi
         choices = _choices(obj.get("choices"), where) or (tuple(default_choices) if default_choices else None)
         ident = obj.get("id")
         jobs.append(Job(audio, str(audio2), question, choices, None if ident is None else str(ident)))
+    check_unique_ids([j.id for j in jobs], name)
     return jobs
 
 
@@ -126,6 +133,7 @@ def read_pairs(name: str, prompt: str, stdin: IO[str] | None = None) -> list[Job
             raise UsageError(f"{name}: line {number}: needs two recordings, in columns audio1 and audio2")
         question = rec.get("prompt") or rec.get("question") or prompt
         jobs.append(Job(first, second, question, None, rec.get("id") or None))
+    check_unique_ids([j.id for j in jobs], name)
     return jobs
 
 
@@ -145,7 +153,7 @@ def read_text(name: str, what: str = "file", stdin: IO[str] | None = None) -> st
     """A UTF-8 text file's contents (`-`: stdin), or a one-line UsageError naming the file and
     what is wrong: the one reader behind every list, questions, pairs, data and predictions file."""
     try:
-        return (stdin or sys.stdin).read() if name == "-" else Path(name).read_text(encoding="utf-8")
+        text = (stdin or sys.stdin).read() if name == "-" else Path(name).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UsageError(f"{name}: no such {what}") from None
     except IsADirectoryError:
@@ -154,6 +162,7 @@ def read_text(name: str, what: str = "file", stdin: IO[str] | None = None) -> st
         raise UsageError(f"{name}: cannot read the {what} ({e.strerror or e})") from None
     except UnicodeDecodeError:
         raise UsageError(f"{name}: not a UTF-8 text file") from None
+    return text.removeprefix("\ufeff")  # a byte-order mark, as spreadsheet programs write
 
 
 def json_lines(name: str, stdin: IO[str] | None = None, text: str | None = None):
@@ -168,6 +177,8 @@ def json_lines(name: str, stdin: IO[str] | None = None, text: str | None = None)
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise UsageError(f"{name}: line {number}: not JSON ({e.msg})") from None
+        except RecursionError:
+            raise UsageError(f"{name}: line {number}: JSON nested too deeply") from None
         if not isinstance(obj, dict):
             raise UsageError(f"{name}: line {number}: expected a JSON object, got {json_kind(obj)}")
         yield number, obj
@@ -182,6 +193,8 @@ def json_list(name: str, what: str = "file", text: str | None = None) -> list:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise UsageError(f"{name}: not JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except RecursionError:
+        raise UsageError(f"{name}: JSON nested too deeply") from None
     if not isinstance(data, list):
         raise UsageError(f"{name}: expected a JSON list of items, found a JSON {json_kind(data)}")
     return data
@@ -195,12 +208,13 @@ def json_kind(value: object) -> str:
 
 def windows(duration: float, window: float, hop: float) -> list[tuple[float, float]]:
     """(start, end) spans `window` seconds long every `hop` seconds, covering the recording; the
-    last one ends with the recording. A tail under half a second after the previous window is
-    dropped: tiled up to a 10 s clip it would be noise, not a sound."""
+    last one ends with the recording, and none starts at or after its end (a hop longer than the
+    window skips the audio between windows). A tail under half a second after the previous
+    window is dropped: tiled up to a 10 s clip it would be noise, not a sound."""
     spans, start = [], 0.0
     while True:
         spans.append((start, min(start + window, duration)))
-        if start + window >= duration:
+        if start + window >= duration or start + hop >= duration:
             break
         start += hop
     if len(spans) > 1 and spans[-1][1] - spans[-1][0] < 0.5 and spans[-2][1] >= spans[-1][0]:
@@ -248,113 +262,6 @@ def fields_for(jobs: Sequence[Job]) -> tuple[str, ...]:
     if any(j.choices for j in jobs):
         used |= {"choices", "scores"}
     return tuple(f for f in ALL_FIELDS if f in used)
-
-
-class RowWriter:
-    """Writes result rows in one format and flushes each, so `tail -f` and pipes see them at once.
-
-    text: the answer alone, or tab-separated `[id] audio [audio2] [start end] answer` when the run
-    has several rows; failed rows are left out (their error went to stderr). json: one array,
-    closed by `close()`. jsonl: one object per line. csv/tsv: a header, then one line per row
-    (choices joined with "|", scores as `choice=probability|...`). srt/vtt: one timed cue per
-    window. A Ctrl-C that lands during a write waits for the row to be complete.
-    """
-
-    def __init__(self, fmt: str, stream: IO[str], many: bool = True, fields: Sequence[str] = FIELDS,
-                 append: bool = False):
-        if fmt not in FORMATS:
-            raise UsageError(f"unknown format {fmt!r}: use {', '.join(FORMATS)}")
-        self.fmt, self.stream, self.many, self.fields = fmt, stream, many, tuple(fields)
-        self._count = 0
-        self._csv = None
-        if fmt in ("csv", "tsv"):
-            self._csv = csv.DictWriter(stream, self.fields, delimiter="," if fmt == "csv" else "\t",
-                                       lineterminator="\n", extrasaction="ignore")
-            if not append:
-                self._csv.writeheader()
-        elif fmt == "json":
-            stream.write("[")
-        elif fmt == "vtt":
-            stream.write("WEBVTT\n\n")
-
-    def write(self, r: dict) -> None:
-        with _finish_before_interrupt():
-            self._write(r)
-            self._count += 1
-            self.stream.flush()
-
-    def _write(self, r: dict) -> None:
-        kept = {k: r.get(k) for k in self.fields}
-        if self.fmt == "text":
-            if r["error"] is None:
-                self.stream.write(self._text_line(r))
-        elif self.fmt == "jsonl":
-            self.stream.write(json.dumps(kept, ensure_ascii=False) + "\n")
-        elif self.fmt == "json":
-            self.stream.write(("\n" if self._count == 0 else ",\n") + json.dumps(kept, ensure_ascii=False))
-        elif self.fmt in ("srt", "vtt"):
-            if r["error"] is None:
-                self.stream.write(_cue(self.fmt, self._count + 1, r))
-        else:
-            self._csv.writerow({k: _flat(k, v) for k, v in kept.items()})
-
-    def _text_line(self, r: dict) -> str:
-        if not self.many:
-            return f"{r['answer']}\n"
-        parts = [r["id"]] if r.get("id") is not None else []
-        parts.append(r["audio"])
-        if r["audio2"] != r["audio"]:
-            parts.append(r["audio2"])
-        if r.get("start") is not None:
-            parts += [f"{r['start']:g}", f"{r['end']:g}"]
-        return "\t".join(parts + [r["answer"]]) + "\n"
-
-    def close(self) -> None:
-        if self.fmt == "json":
-            self.stream.write("\n]\n" if self._count else "]\n")
-        self.stream.flush()
-
-
-def _flat(key: str, value) -> str:
-    if value is None:
-        return ""
-    if key == "choices":
-        return "|".join(value)
-    if key == "scores":
-        return "|".join(f"{s['choice']}={s['probability']:.4f}" for s in value)
-    return value
-
-
-def _cue(fmt: str, number: int, r: dict) -> str:
-    sep = "," if fmt == "srt" else "."
-    start, end = _timestamp(r.get("start") or 0.0, sep), _timestamp(r.get("end") or 0.0, sep)
-    head = f"{number}\n" if fmt == "srt" else ""
-    return f"{head}{start} --> {end}\n{r['answer']}\n\n"
-
-
-def _timestamp(seconds: float, sep: str) -> str:
-    ms = round(seconds * 1000)
-    h, ms = divmod(ms, 3_600_000)
-    m, ms = divmod(ms, 60_000)
-    s, ms = divmod(ms, 1000)
-    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
-
-
-@contextlib.contextmanager
-def _finish_before_interrupt():
-    """Hold a Ctrl-C (SIGINT) until the block ends, then raise it: a row is written whole or not
-    at all, so `--resume` never meets half a row from an interrupt."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught:
-            raise KeyboardInterrupt
 
 
 def _decode_all(items: list, decode) -> list[tuple[object, object]]:
@@ -439,42 +346,3 @@ def take_shard(items: list, shard: tuple[int, int] | None) -> list:
         return items
     i, n = shard
     return items[i - 1 :: n]
-
-
-RESUMABLE = ("jsonl", "csv", "tsv")
-
-
-def row_key(r: dict) -> tuple:
-    """What makes a row the same work on a second run: its id if it has one, else its inputs."""
-    if r.get("id") not in (None, ""):
-        return ("id", str(r["id"]))
-    start = r.get("start")
-    return (r.get("audio") or "", r.get("audio2") or "", r.get("question") or "",
-            "" if start in (None, "") else f"{float(start):.3f}")
-
-
-def rows_done(path: str, fmt: str) -> set[tuple]:
-    """Keys of the rows an earlier run already wrote to `path` (for --resume). A last line cut
-    short by a kill is removed from the file, so that row is simply done again."""
-    import os
-
-    if fmt not in RESUMABLE:
-        raise UsageError(f"--resume needs --format {', '.join(RESUMABLE)} (rows a later run can read back)")
-    if not os.path.exists(path):
-        return set()
-    with open(path, "r+", encoding="utf-8", newline="") as f:
-        text = f.read()
-        if text and not text.endswith("\n"):
-            text = text[: text.rfind("\n") + 1]
-            f.seek(0)
-            f.truncate(len(text.encode("utf-8")))
-    if fmt == "jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise UsageError(f"{path}: line {number} is not JSON; is this the output of an earlier run?") from None
-    else:
-        rows = list(csv.DictReader(text.splitlines(), delimiter="," if fmt == "csv" else "\t"))
-    return {row_key(r) for r in rows}

@@ -8,6 +8,7 @@ printed by `main` as one line on stderr; only --debug shows a traceback.
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from typing import Annotated, List, Optional
 
 import typer
@@ -34,6 +35,7 @@ from .cli_options import (
     ModelOpt,
     OffsetOpt,
     OutputOpt,
+    OverwriteOpt,
     QuietOpt,
     RecursiveOpt,
     ResumeOpt,
@@ -47,7 +49,6 @@ from .cli_options import (
     WindowOpt,
     decoding,
     load_model,
-    open_output,
     setup,
 )
 from .cli_train import train
@@ -102,38 +103,54 @@ def _answer_one(model_name, device, dtype, job, opts, fmt: Format, offset, durat
 
 
 def _run_batch(jobs, *, verb: str, model_name, device, dtype, opts, fmt: Format, output, resume: bool,
-               shard, window, hop, batch_size: int, offset: float, duration) -> None:
+               overwrite: bool, shard, window, hop, batch_size: int, offset: float, duration) -> None:
     """Many rows: window, shard and resume the job list, answer it batch by batch, write each row
     as it is done, report failed files on stderr, end with a summary line and an exit code."""
-    from . import batch, render
+    from . import batch, outputs, render
     from .audio import audio_duration
 
     if (fmt in (Format.srt, Format.vtt)) and (window is None or len({j.audio for j in jobs}) != 1):
         raise UsageError(f"--format {fmt.value} needs one recording and --window (one timed caption per window)")
     if window is not None and (offset or duration):
         raise UsageError("--window covers the whole recording: leave out --offset and --duration")
-    if resume and output is None:
-        raise UsageError("--resume needs --output: the file whose rows are kept")
+    if resume and overwrite:
+        raise UsageError("--resume keeps the rows in --output and --overwrite replaces them: give one of the two")
     shard_spec = batch.parse_shard(shard)
     if window is not None:
         jobs = batch.windowed(jobs, window, hop or window, audio_duration)
     jobs = batch.take_shard(jobs, shard_spec)
     fields = batch.fields_for(jobs)
-    done = batch.rows_done(output, fmt.value) if resume else set()
-    todo = [j for j in jobs if batch.row_key(batch.row(j)) not in done]
-    if done:
-        render.info(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} rows already in {output}")
-    if not todo:
-        render.info("nothing left to do")
-        return
-    model = load_model(model_name, device, dtype)
-    append = resume and bool(done or _nonempty(output))
-    stream = open_output(output, append=append)
-    writer = batch.RowWriter(fmt.value, stream, many=len(jobs) > 1, fields=fields, append=append)
+    out = outputs.open_rows(output, fmt.value, fields, resume=resume, overwrite=overwrite)
+    try:
+        left = Counter(out.done)
+        todo = []
+        for job, (key, _) in zip(jobs, outputs.numbered_keys(batch.row(j) for j in jobs)):
+            if left[key] > 0:
+                left[key] -= 1
+            else:
+                todo.append(job)
+        if out.done:
+            render.info(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} rows already in {output}")
+        if not todo:
+            render.info("nothing left to do")
+            return
+        model = load_model(model_name, device, dtype)
+        out.check_model(model.name, output)
+        writer = outputs.RowWriter(fmt.value, out.stream, many=len(jobs) > 1, fields=fields, append=out.append)
+        _write_rows(writer, batch.answer_rows(model, todo, opts, batch_size, batch.clip_decoder(offset, duration)),
+                    verb, len(todo), output if fmt.value in outputs.RESUMABLE else None)
+    finally:
+        out.close()
+
+
+def _write_rows(writer, results, verb: str, total: int, resumable: str | None) -> None:
+    """Write each (row, error) as it comes, errors to stderr; a summary line and the exit code."""
+    from . import render
+
     written = failed = 0
     try:
-        with render.progress(len(todo), verb) as advance:
-            for result, err in batch.answer_rows(model, todo, opts, batch_size, batch.clip_decoder(offset, duration)):
+        with render.progress(total, verb) as advance:
+            for result, err in results:
                 if err is not None:
                     render.error(str(err))
                     failed += 1
@@ -141,23 +158,24 @@ def _run_batch(jobs, *, verb: str, model_name, device, dtype, opts, fmt: Format,
                 written += 1
                 advance()
     except KeyboardInterrupt:
-        where = f" to {output}; add --resume to continue" if output else ""
-        render.error(f"interrupted after {written} of {len(todo)} rows{where}")
+        where = f" to {resumable}; add --resume to continue" if resumable else ""
+        render.error(f"interrupted after {written} of {total} rows{where}")
         raise typer.Exit(130) from None
     finally:
         writer.close()
-        if stream is not sys.stdout:
-            stream.close()
-    if len(todo) > 1:
-        render.info(f"{verb} {written - failed} of {len(todo)} rows" + (f", {failed} failed" if failed else ""))
+    if total > 1:
+        render.info(f"{verb} {written - failed} of {total} rows" + (f", {failed} failed" if failed else ""))
     if failed:
         raise typer.Exit(1)
 
 
-def _nonempty(path: str) -> bool:
+def _looks_like_audio(text: str) -> bool:
+    """A question that is an audio file's name: `mellow ask a.wav b.wav` with the question left out."""
     import os
 
-    return os.path.exists(path) and os.path.getsize(path) > 0
+    from .batch import AUDIO_EXTENSIONS
+
+    return text == "-" or (os.path.splitext(text)[1].lower() in AUDIO_EXTENSIONS and " " not in text.strip())
 
 
 @app.command(no_args_is_help=True)
@@ -170,6 +188,7 @@ def ask(
     fmt: FormatOpt = Format.text,
     batch_size: BatchSizeOpt = 8,
     resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
     shard: ShardOpt = None,
     window: WindowOpt = None,
     hop: HopOpt = None,
@@ -218,6 +237,9 @@ def ask(
         audio, question = args[:-1], args[-1]
         if not question.strip():
             raise UsageError("the question is empty")
+        if _looks_like_audio(question):
+            raise UsageError(f"the question is {question!r}, an audio file's name: ask takes AUDIO [AUDIO2] "
+                             "QUESTION, with the question last")
         pair = len(audio) <= 2 and all(_plain(a) for a in audio)
         if pair:
             jobs = [batch.Job(audio[0], audio[-1], question, tuple(choice_list) if choice_list else None)]
@@ -226,7 +248,7 @@ def ask(
         if pair and _interactive(fmt, output, window, shard, resume):
             return _answer_one(model, device, dtype, jobs[0], opts, fmt, offset, duration)
     _run_batch(jobs, verb="answered", model_name=model, device=device, dtype=dtype, opts=opts, fmt=fmt, output=output,
-               resume=resume, shard=shard, window=window, hop=hop, batch_size=batch_size, offset=offset, duration=duration)
+               resume=resume, overwrite=overwrite, shard=shard, window=window, hop=hop, batch_size=batch_size, offset=offset, duration=duration)
 
 
 def _split_choices(choices: Optional[str]) -> Optional[list[str]]:
@@ -248,6 +270,7 @@ def compare(
     fmt: FormatOpt = Format.text,
     batch_size: BatchSizeOpt = 8,
     resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
     shard: ShardOpt = None,
     window: WindowOpt = None,
     hop: HopOpt = None,
@@ -291,7 +314,7 @@ def compare(
         if _interactive(fmt, output, window, shard, resume):
             return _answer_one(model, device, dtype, jobs[0], opts, fmt, offset, duration)
     _run_batch(jobs, verb="compared", model_name=model, device=device, dtype=dtype, opts=opts, fmt=fmt, output=output,
-               resume=resume, shard=shard, window=window, hop=hop, batch_size=batch_size, offset=offset, duration=duration)
+               resume=resume, overwrite=overwrite, shard=shard, window=window, hop=hop, batch_size=batch_size, offset=offset, duration=duration)
 
 
 @app.command(no_args_is_help=True)
@@ -303,6 +326,7 @@ def caption(
     fmt: FormatOpt = Format.text,
     batch_size: BatchSizeOpt = 8,
     resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
     shard: ShardOpt = None,
     window: WindowOpt = None,
     hop: HopOpt = None,
@@ -341,7 +365,7 @@ def caption(
     jobs = batch.jobs_for(batch.expand_inputs(audio, recursive), prompt)
     _run_batch(jobs, verb="captioned", model_name=model, device=device, dtype=dtype,
                opts=decoding(max_tokens, sample, temperature, top_p, seed), fmt=fmt, output=output, resume=resume,
-               shard=shard, window=window, hop=hop, batch_size=batch_size, offset=offset, duration=duration)
+               overwrite=overwrite, shard=shard, window=window, hop=hop, batch_size=batch_size, offset=offset, duration=duration)
 
 
 # Commands that live in their own modules, in the order --help lists them.

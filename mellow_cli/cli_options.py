@@ -5,13 +5,11 @@ has no option groups). Nothing heavy is imported at module level.
 
 from __future__ import annotations
 
-import sys
 from enum import Enum
 from typing import Annotated, Optional
 
 import typer
 
-from .errors import MellowError
 
 
 class Device(str, Enum):
@@ -56,30 +54,37 @@ def _dtype(name: str):
     return Dtype(name) if name in Dtype.__members__ else None  # "auto": the command's own choice
 
 
+# Bounds that turn absurd values into usage errors before any work: a longer answer than the
+# model's context, an offset beyond any recording (~115 days), a seed torch cannot take.
+MAX_TOKENS = 4096
+MAX_SECONDS = 1e7
+MAX_SEED = 2**63 - 1
+
 # Options shared by every command that runs the model: declared once, used by each signature.
 ModelOpt = Annotated[str, typer.Option("--model", "-m", callback=_from_settings("model", str), help="Model: v0 (published), v0_s, a local checkpoint file or folder, or a hub id user/repo. Default: v0, or MELLOW_MODEL, or `mellow config set model`.")]
 DeviceOpt = Annotated[Device, typer.Option("--device", callback=_from_settings("device", Device), help="Where the model runs; auto picks cuda, then mps, then cpu. Default: auto, or MELLOW_DEVICE, or `mellow config set device`.")]
 DtypeOpt = Annotated[Optional[Dtype], typer.Option("--dtype", callback=_from_settings("dtype", _dtype), help="Precision [default: float32 on CPU, bfloat16 on CUDA]. On a CPU, float16 keeps the LM's weights in float16 and computes in float32: about 2x faster decoding, may differ from the reference at near ties.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch [default: all cores].")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for --sample, so a sampled answer can be repeated.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", min=0, max=MAX_SEED, help="Seed for --sample, so a sampled answer can be repeated.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only results and errors.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback when something fails.")]
-MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, help="Longest answer, in tokens.")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, max=MAX_TOKENS, help="Longest answer, in tokens.")]
 SampleOpt = Annotated[bool, typer.Option("--sample/--greedy", help="Sample the answer instead of the default greedy decoding (which matches the reference).")]
-TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature (with --sample).")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, max=100.0, help="Sampling temperature (with --sample).")]
 TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --sample).")]
-OffsetOpt = Annotated[float, typer.Option("--offset", min=0.0, help="Start of the 10 s window in each clip, in seconds.")]
+OffsetOpt = Annotated[float, typer.Option("--offset", min=0.0, max=MAX_SECONDS, help="Start of the 10 s window in each clip, in seconds.")]
 DurationOpt = Annotated[Optional[float], typer.Option("--duration", min=0.01, max=10.0, help="Seconds of audio to use from --offset (at most 10; shorter is tiled to 10 s).")]
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="text: the answer (with several rows: tab-separated inputs, then the answer); json: one object (an array of rows for a batch); jsonl, csv, tsv: one row per answer with audio, audio2, question, answer, model, revision, error (and id, start, end, choices, scores when used); srt, vtt: timed captions, with --window.")]
 # Batch runs: many inputs, one row each.
 RecursiveOpt = Annotated[bool, typer.Option("--recursive", "-r", help="Look for audio in subfolders too.")]
 OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Write rows to this file instead of stdout.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Rows answered together; the next batch's audio is decoded meanwhile.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace what --output already holds (without it, a file that holds anything is refused unless --resume).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="With --output (jsonl, csv or tsv): keep the rows already there and do only the rest, e.g. after Ctrl-C or a kill.")]
 ShardOpt = Annotated[Optional[str], typer.Option("--shard", metavar="I/N", help="Do only every N-th row from the I-th (1 <= I <= N), so N processes can share one list.")]
 WindowOpt = Annotated[Optional[float], typer.Option("--window", min=0.5, max=10.0, help="Answer for each WINDOW seconds of a long recording (at most 10), with start and end times in each row.")]
-HopOpt = Annotated[Optional[float], typer.Option("--hop", min=0.1, help="Seconds from one window's start to the next [default: the window length].")]
+HopOpt = Annotated[Optional[float], typer.Option("--hop", min=0.1, max=MAX_SECONDS, help="Seconds from one window's start to the next [default: the window length].")]
 
 
 def setup(quiet: bool, verbose: bool, threads: Optional[int]) -> None:
@@ -87,8 +92,14 @@ def setup(quiet: bool, verbose: bool, threads: Optional[int]) -> None:
 
     render.configure(quiet=quiet, verbose=verbose)
     if threads:
+        import os
+
         import torch
 
+        cores = os.cpu_count() or 1
+        if threads > cores:  # far more threads than cores only slows torch down (or crashes OpenMP)
+            render.warn(f"--threads {threads}: this machine has {cores} cores; using {cores}")
+            threads = cores
         torch.set_num_threads(threads)
 
 
@@ -104,12 +115,3 @@ def load_model(model: str, device: Device, dtype: Optional[Dtype]):
 
     with render.status(f"loading model {model}"):
         return load_model(model, device=device.value, dtype=dtype.value if dtype else None)
-
-
-def open_output(path: Optional[str], append: bool = False):
-    if path is None:
-        return sys.stdout
-    try:
-        return open(path, "a" if append else "w", encoding="utf-8", newline="")
-    except OSError as e:
-        raise MellowError(f"{path}: cannot write the output ({e.strerror or e})") from None

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from mellow_cli.config import DecodingOptions
-from mellow_cli.errors import UsageError
+from mellow_cli.errors import ModelError, UsageError
 from mellow_cli.model.llama import rotate
 
 EOS_TOKEN_ID = 0  # `<|endoftext|>` (MellowConfig.eos_token_id)
@@ -138,6 +138,10 @@ def fp16_weights(lm):
     return lm
 
 
+NOT_FINITE = ("the model's scores became NaN or infinite: the weights or the audio hold values far out of "
+              "range (try --dtype float32)")
+
+
 # --- choosing the next token -----------------------------------------------------------------
 
 
@@ -145,6 +149,8 @@ def next_token(
     logits: torch.Tensor, options: DecodingOptions, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """(B, vocab) -> (B,): argmax unless options.sample; else temperature, top-k, top-p, draw."""
+    if not torch.isfinite(logits).all():
+        raise ModelError(NOT_FINITE)
     if not options.sample or options.temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits / options.temperature

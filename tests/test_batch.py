@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from mellow_cli.batch import FIELDS, Job, RowWriter, decoded_chunks, expand_inputs, row
+from mellow_cli.batch import FIELDS, Job, decoded_chunks, expand_inputs, row
+from mellow_cli.outputs import RowWriter
 from mellow_cli.errors import AudioError, UsageError
 
 
@@ -42,7 +43,7 @@ def test_missing_files_are_kept_for_their_row_to_report(tree):
 @pytest.mark.parametrize("make, message", [
     (lambda t: str(t / "sub" / "*.wav"), "no files match"),
     (lambda t: str((t / "empty").mkdir() or t / "empty"), "no audio files in this folder"),
-    (lambda t: "@" + str(t / "nolist.txt"), "cannot read the list"),
+    (lambda t: "@" + str(t / "nolist.txt"), "no such list of paths"),
 ])
 def test_inputs_that_name_nothing_are_usage_errors(tree, make, message):
     with pytest.raises(UsageError, match=message):
@@ -137,11 +138,3 @@ def test_shards_are_disjoint_balanced_and_cover_the_list():
             parse_shard(bad)
 
 
-def test_rows_done_drops_a_cut_last_line(tmp_path):
-    from mellow_cli.batch import row_key, rows_done
-
-    out = tmp_path / "out.jsonl"
-    full = [dict(r, start=None) for r in ROWS]
-    out.write_text(json.dumps(full[0]) + "\n" + json.dumps(full[1])[:10])
-    assert rows_done(str(out), "jsonl") == {row_key(full[0])}
-    assert out.read_text() == json.dumps(full[0]) + "\n"

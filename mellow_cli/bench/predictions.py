@@ -22,6 +22,7 @@ import os
 
 from ..batch import read_text
 from ..errors import MellowError, UsageError
+from ..outputs import lock
 from .scoring import OUTPUT_KEY
 
 OURS = (OUTPUT_KEY, "mode", "model", "error")  # keys a prediction adds to its item
@@ -83,13 +84,16 @@ class Writer:
         self.count = 0
         tmp = f"{path}.tmp"
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write("[")
-                for record in kept:
-                    f.write(self._line(record))
-                    self.count += 1
+            # The new file is locked before it takes the old one's place, so a second run never
+            # finds the name unlocked (runner.run holds the old file's lock until now).
+            self._file = open(tmp, "w", encoding="utf-8")
+            lock(self._file.fileno(), path)
+            self._file.write("[")
+            for record in kept:
+                self._file.write(self._line(record))
+                self.count += 1
+            self._file.flush()
             os.replace(tmp, path)
-            self._file = open(path, "a", encoding="utf-8")
         except OSError as e:
             raise MellowError(f"{path}: cannot write the predictions ({e.strerror or e})") from None
 
@@ -97,8 +101,11 @@ class Writer:
         return ("\n" if self.count == 0 else ",\n") + json.dumps(record, ensure_ascii=False)
 
     def write(self, record: dict) -> None:
-        self._file.write(self._line(record))
-        self._file.flush()
+        try:
+            self._file.write(self._line(record))
+            self._file.flush()
+        except OSError as e:
+            raise MellowError(f"{self.path}: cannot write the predictions ({e.strerror or e})") from None
         self.count += 1
 
     def close(self) -> None:

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from .. import batch, render
+from .. import batch, outputs, render
 from ..errors import MellowError, UsageError
 from . import items as common
 from . import predictions
@@ -78,27 +78,28 @@ def run(bench, data: str, audio_root: str, output: str, settings: Settings, load
     outside = common.answers_outside_choices(all_items)
     if outside:
         render.warn(f"{data}: {outside} item(s) have an answer that is not one of their choices")
-    existing, complete = _existing(output, settings.resume, bench, all_items, settings.mode)
-    selected = batch.take_shard(all_items, settings.shard)[: settings.limit]
-    done = {bench.key(r) for r in existing if OUTPUT_KEY in r}
-    todo = [item for item in selected if item.key not in done]
-    redo = {item.key for item in todo}
-    kept = [r for r in existing if bench.key(r) not in redo]
-    if existing:
-        render.info(f"resuming: {len(selected) - len(todo)} of {len(selected)} items already in {output}")
-    model_name = revision = None
-    if todo:
-        model = load_model()
-        model_name, revision = model.name, model.revision
-        others = {r["model"] for r in kept if r.get("model") not in (None, model.name)}
-        if others:
-            raise UsageError(f"{output}: holds predictions of model {others.pop()}; resume with that model "
-                             "or write to another --predictions file")
-        _predict_into(output, kept, model, todo, settings)
-    else:
-        render.info("nothing left to predict")
-        if not complete:  # close the list a killed run left open, so evaluation.py can read it
-            predictions.Writer(output, kept).close()
+    with outputs.held(output):  # one run per predictions file
+        existing, complete = _existing(output, settings.resume, bench, all_items, settings.mode)
+        selected = batch.take_shard(all_items, settings.shard)[: settings.limit]
+        done = {bench.key(r) for r in existing if OUTPUT_KEY in r}
+        todo = [item for item in selected if item.key not in done]
+        redo = {item.key for item in todo}
+        kept = [r for r in existing if bench.key(r) not in redo]
+        if existing:
+            render.info(f"resuming: {len(selected) - len(todo)} of {len(selected)} items already in {output}")
+        model_name = revision = None
+        if todo:
+            model = load_model()
+            model_name, revision = model.name, model.revision
+            others = {r["model"] for r in kept if r.get("model") not in (None, model.name)}
+            if others:
+                raise UsageError(f"{output}: holds predictions of model {others.pop()}; resume with that model "
+                                 "or write to another --predictions file")
+            _predict_into(output, kept, model, todo, settings)
+        else:
+            render.info("nothing left to predict")
+            if not complete:  # close the list a killed run left open, so evaluation.py can read it
+                predictions.Writer(output, kept).close()
     records, _ = predictions.read(output)
     result = score(records, bench.GROUPS)
     meta = {

@@ -1,0 +1,396 @@
+"""Result files: the one writer behind `-o` for ask, compare and caption, and the lock that
+bench's predictions file takes too.
+
+A result file is precious (a batch run can take hours), so opening one follows three rules:
+- one writer at a time: the file is locked (flock) while a run writes it, and a second run that
+  names the same file is refused at once instead of silently interleaving or clobbering rows;
+- a file that already holds something is left alone unless the user said `--resume` (keep its
+  rows, do the rest) or `--overwrite` (start over);
+- `--resume` first proves the file is this run's kind of output: the same format and the same
+  fields (jsonl: every line an object with exactly these keys, in this order; csv/tsv: this
+  header), written by the same model. Until that proof nothing is changed, not even a cut last line.
+
+Rows are plain dicts with the same keys in every format, so a script can parse any of them back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import signal
+import sys
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import IO, Iterable, Sequence
+
+from .errors import MellowError, UsageError
+
+FORMATS = ("text", "json", "jsonl", "csv", "tsv", "srt", "vtt")
+RESUMABLE = ("jsonl", "csv", "tsv")
+
+
+# --- what makes two rows the same work ------------------------------------------------------------
+
+
+def row_key(r: dict) -> tuple:
+    """What makes a row the same work on a second run: its id (and window) if it has one, else its
+    inputs. Ids are compared as text (1 and "1" are one id) and paths as normalised paths."""
+    start = r.get("start")
+    at = "" if start in (None, "") else f"{float(start):.3f}"
+    if r.get("id") not in (None, ""):
+        return ("id", str(r["id"]), at)
+    return (_path(r.get("audio")), _path(r.get("audio2")), r.get("question") or "", at)
+
+
+def _path(value) -> str:
+    return os.path.normpath(value) if value else ""
+
+
+def numbered_keys(rows: Iterable[dict]) -> list[tuple]:
+    """Each row's key with its occurrence: the same clip named twice is two rows of work, and a
+    resumed run counts how many of each are already done."""
+    seen: Counter = Counter()
+    out = []
+    for r in rows:
+        key = row_key(r)
+        out.append((key, seen[key]))
+        seen[key] += 1
+    return out
+
+
+def check_unique_ids(ids: Sequence[str | None], source: str) -> None:
+    """Ids name rows: two rows with one id (after reading 1 and "1" as the same) would make a
+    resumed run skip one of them. Refused before any work is done."""
+    first: dict[str, int] = {}
+    for number, ident in enumerate(ids, 1):
+        if ident is None:
+            continue
+        if str(ident) in first:
+            raise UsageError(f"{source}: id {ident!r} is used by rows {first[str(ident)]} and {number}; "
+                             "ids must be unique")
+        first[str(ident)] = number
+
+
+# --- opening a result file ------------------------------------------------------------------------
+
+
+@dataclass
+class Opened:
+    """A result file opened for writing: the stream (at its end), whether rows are appended to
+    rows already there, and what those rows hold."""
+
+    stream: IO[str]
+    append: bool = False
+    done: Counter = field(default_factory=Counter)  # row key -> how many such rows the file holds
+    models: set = field(default_factory=set)  # the models that wrote them
+
+    def close(self) -> None:
+        if self.stream is not sys.stdout:
+            self.stream.close()
+
+    def check_model(self, name: str, path: str) -> None:
+        """Resumed rows must come from the model that writes the rest."""
+        others = sorted(m for m in self.models if m and m != name)
+        if others:
+            raise UsageError(f"{path}: holds rows written by model {others[0]}; resume with --model {others[0]}, "
+                             "or write to another --output")
+
+
+def open_rows(path: str | None, fmt: str, fields: Sequence[str], *, resume: bool = False,
+              overwrite: bool = False) -> Opened:
+    """Open `path` for result rows under the rules above (None: stdout). Every refusal is a
+    UsageError naming the file, raised before a byte of it changes."""
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown format {fmt!r}: use {', '.join(FORMATS)}")
+    if resume and path is None:
+        raise UsageError("--resume needs --output: the file whose rows are kept")
+    if resume and fmt not in RESUMABLE:
+        raise UsageError(f"--resume needs --format {', '.join(RESUMABLE)} (rows a later run can read back)")
+    if path is None:
+        return Opened(sys.stdout)
+    if os.path.isdir(path):
+        raise UsageError(f"{path}: is a folder; --output takes a file name")
+    if os.path.exists(path) and not os.path.isfile(path):  # a pipe or a device: just write to it
+        if resume:
+            raise UsageError(f"{path}: is not a regular file, so there are no rows to resume from")
+        return Opened(_text_stream(path, os.open(path, os.O_WRONLY | os.O_APPEND)))
+    existed = os.path.exists(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise MellowError(f"{path}: cannot write the output ({e.strerror or e})") from None
+    try:
+        lock(fd, path)
+        opened = _take(fd, path, fmt, fields, resume, overwrite)
+    except BaseException:
+        os.close(fd)
+        if not existed:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        raise
+    return opened
+
+
+@contextlib.contextmanager
+def held(path: str):
+    """Hold `path`'s lock for the block (a file another writer replaces under its own lock, as
+    bench's predictions). A file created only to be locked is removed again if still empty."""
+    existed = os.path.exists(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a folder; name a file") from None
+    except OSError as e:
+        raise MellowError(f"{path}: cannot write ({e.strerror or e})") from None
+    try:
+        lock(fd, path)
+        yield
+    finally:
+        os.close(fd)
+        if not existed:
+            with contextlib.suppress(OSError):
+                if os.path.getsize(path) == 0:
+                    os.remove(path)
+
+
+def lock(fd: int, path: str) -> None:
+    """Hold an exclusive lock on the open file `fd` until it is closed; refuse at once if another
+    process holds one. Where the platform has no flock, files are not locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UsageError(f"{path}: another mellow run is writing this file; give each run (each --shard) "
+                         "its own --output") from None
+    except OSError:
+        return  # a file system without locks (some network mounts): write unlocked
+
+
+def _take(fd: int, path: str, fmt: str, fields: Sequence[str], resume: bool, overwrite: bool) -> Opened:
+    size = os.fstat(fd).st_size
+    if size and not (resume or overwrite):
+        raise UsageError(f"{path}: already holds {_size(size)}; add --resume to keep its rows and do the rest, "
+                         "--overwrite to replace it, or choose another --output")
+    if size and overwrite:
+        os.ftruncate(fd, 0)
+        size = 0
+    if not size:
+        return Opened(_text_stream(path, fd))
+    data = os.pread(fd, size, 0)
+    keep, rows = _our_rows(path, data, fmt, fields)
+    if keep < size:  # a last line cut short by a kill: that row is simply done again
+        os.ftruncate(fd, keep)
+    stream = _text_stream(path, fd)
+    stream.seek(0, os.SEEK_END)
+    return Opened(stream, append=keep > 0, done=Counter(key for key, _ in numbered_keys(rows)),
+                  models={r.get("model") for r in rows})
+
+
+def _text_stream(path: str, fd: int) -> IO[str]:
+    return _Named(path, io.TextIOWrapper(io.FileIO(fd, "w", closefd=True), encoding="utf-8", newline=""))
+
+
+class _Named(io.TextIOBase):
+    """A text stream whose write errors name the file (a full disk says which file it could not
+    finish)."""
+
+    def __init__(self, path: str, inner: io.TextIOWrapper):
+        self.path, self.inner = path, inner
+
+    def _guard(self, call, *args):
+        try:
+            return call(*args)
+        except OSError as e:
+            raise MellowError(f"{self.path}: cannot write the output ({e.strerror or e})") from None
+
+    def write(self, text: str) -> int:
+        return self._guard(self.inner.write, text)
+
+    def flush(self) -> None:
+        self._guard(self.inner.flush)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.inner.seek(offset, whence)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.inner.close()
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes" if n < 10_000 else f"{n / 1e6:.1f} MB"
+
+
+def _our_rows(path: str, data: bytes, fmt: str, fields: Sequence[str]) -> tuple[int, list[dict]]:
+    """(bytes to keep, rows) when `data` is an output of this kind of run; otherwise a UsageError
+    that says why and leaves the file as it is. Only the last line may be cut short."""
+    hint = f"is it the output of an earlier run with these options and --format {fmt}?"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not a UTF-8 text file; {hint}") from None
+    whole = text[: text.rfind("\n") + 1]
+    lines = whole.splitlines()
+    if not lines:
+        raise UsageError(f"{path}: holds no whole line; {hint}")
+    if fmt == "jsonl":
+        rows = []
+        for number, line in enumerate(lines, 1):
+            try:
+                obj = json.loads(line)
+            except (ValueError, RecursionError):
+                obj = None
+            if not isinstance(obj, dict) or list(obj) != list(fields):
+                raise UsageError(f"{path}: line {number} is not a row of this run (fields "
+                                 f"{', '.join(fields)}); {hint}")
+            rows.append(obj)
+    else:
+        delimiter = "," if fmt == "csv" else "\t"
+        reader = csv.reader(lines, delimiter=delimiter)
+        header = next(reader)
+        if header != list(fields):
+            raise UsageError(f"{path}: its header is not this run's ({delimiter.join(fields)}); {hint}")
+        rows = []
+        for number, cells in enumerate(reader, 2):
+            if len(cells) != len(fields):
+                raise UsageError(f"{path}: line {number} has {len(cells)} columns, not {len(fields)}; {hint}")
+            rows.append(dict(zip(fields, cells)))
+    return len(whole.encode("utf-8")), rows
+
+
+# --- writing rows ---------------------------------------------------------------------------------
+
+
+class RowWriter:
+    """Writes result rows in one format and flushes each, so `tail -f` and pipes see them at once.
+
+    text: the answer alone, or tab-separated `[id] audio [audio2] [start end] answer` when the run
+    has several rows; failed rows are left out (their error went to stderr). json: one array,
+    closed by `close()`. jsonl: one object per line. csv/tsv: a header, then one line per row
+    (choices joined with "|", scores as `choice=probability|...`). srt/vtt: one timed cue per
+    window. A Ctrl-C that lands during a write waits for the row to be complete.
+    """
+
+    def __init__(self, fmt: str, stream: IO[str], many: bool = True, fields: Sequence[str] = (),
+                 append: bool = False):
+        if fmt not in FORMATS:
+            raise UsageError(f"unknown format {fmt!r}: use {', '.join(FORMATS)}")
+        from .batch import FIELDS
+
+        self.fmt, self.stream, self.many, self.fields = fmt, stream, many, tuple(fields or FIELDS)
+        self._count = 0
+        self._csv = None
+        if fmt in ("csv", "tsv"):
+            self._csv = csv.DictWriter(stream, self.fields, delimiter="," if fmt == "csv" else "\t",
+                                       lineterminator="\n", extrasaction="ignore")
+            if not append:
+                self._csv.writeheader()
+        elif fmt == "json":
+            stream.write("[")
+        elif fmt == "vtt":
+            stream.write("WEBVTT\n\n")
+
+    def write(self, r: dict) -> None:
+        with _finish_before_interrupt():
+            self._write(r)
+            self._count += 1
+            self.stream.flush()
+
+    def _write(self, r: dict) -> None:
+        kept = {k: r.get(k) for k in self.fields}
+        if self.fmt == "text":
+            if r["error"] is None:
+                self.stream.write(self._text_line(r))
+        elif self.fmt == "jsonl":
+            self.stream.write(_json(kept) + "\n")
+        elif self.fmt == "json":
+            self.stream.write(("\n" if self._count == 0 else ",\n") + _json(kept))
+        elif self.fmt in ("srt", "vtt"):
+            if r["error"] is None:
+                self.stream.write(_cue(self.fmt, self._count + 1, r))
+        else:
+            self._csv.writerow({k: _flat(k, v) for k, v in kept.items()})
+
+    def _text_line(self, r: dict) -> str:
+        if not self.many:
+            return f"{r['answer']}\n"
+        parts = [r["id"]] if r.get("id") is not None else []
+        parts.append(r["audio"])
+        if r["audio2"] != r["audio"]:
+            parts.append(r["audio2"])
+        if r.get("start") is not None:
+            parts += [f"{r['start']:g}", f"{r['end']:g}"]
+        return "\t".join(parts + [r["answer"]]) + "\n"
+
+    def close(self) -> None:
+        if self.fmt == "json":
+            self.stream.write("\n]\n" if self._count else "]\n")
+        self.stream.flush()
+
+
+def _json(obj: dict) -> str:
+    """One JSON row; a NaN or infinity (never valid JSON) becomes null rather than a broken file."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(obj), ensure_ascii=False)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _flat(key: str, value) -> str:
+    if value is None:
+        return ""
+    if key == "choices":
+        return "|".join(value)
+    if key == "scores":
+        return "|".join(f"{s['choice']}={s['probability']:.4f}" for s in value)
+    return value
+
+
+def _cue(fmt: str, number: int, r: dict) -> str:
+    sep = "," if fmt == "srt" else "."
+    start, end = _timestamp(r.get("start") or 0.0, sep), _timestamp(r.get("end") or 0.0, sep)
+    head = f"{number}\n" if fmt == "srt" else ""
+    return f"{head}{start} --> {end}\n{r['answer']}\n\n"
+
+
+def _timestamp(seconds: float, sep: str) -> str:
+    ms = round(seconds * 1000)
+    h, ms = divmod(ms, 3_600_000)
+    m, ms = divmod(ms, 60_000)
+    s, ms = divmod(ms, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
+
+
+@contextlib.contextmanager
+def _finish_before_interrupt():
+    """Hold a Ctrl-C (SIGINT) until the block ends, then raise it: a row is written whole or not
+    at all, so `--resume` never meets half a row from an interrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
