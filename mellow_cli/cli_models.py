@@ -107,8 +107,11 @@ def rm(name: NameArg) -> None:
     """
     from . import files, loading
 
+    import os
+
     freed = loading.remove(name)
-    sys.stdout.write(f"removed {name} ({files.megabytes(freed)})\n")
+    what = f"the cached copy of {name}; the file itself is untouched" if os.path.exists(name) else name
+    sys.stdout.write(f"removed {what} ({files.megabytes(freed)})\n")
 
 
 @models_app.command("path")

@@ -15,7 +15,8 @@ from .errors import ModelError
 
 
 def slug(text: str) -> str:
-    return re.sub(r"[^\w.-]+", "-", text).strip("-") or "model"
+    # No leading dots: a slug names a folder, and "." or ".." would name another one.
+    return re.sub(r"[^\w.-]+", "-", text).strip("-").lstrip(".") or "model"
 
 
 def glob_escape(text: str) -> str:

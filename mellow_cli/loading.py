@@ -191,6 +191,9 @@ def resolve(name_or_path: str | os.PathLike) -> ModelSource:
     )
     if _HUB_ID.match(text) and not looks_like_path:
         repo, _, revision = text.partition("@")
+        if revision and not _good_revision(revision):
+            raise ModelError(f"{text}: {revision!r} is not a revision (a branch, tag or commit, without '..', "
+                             "a leading '.' or '/' in a part)")
         key = repo.replace("/", "--") + (f"@{slug(revision)}" if revision else "")
         return ModelSource(text, "hub", key, repo=repo, revision=revision or "main")
     if looks_like_path or os.sep in text:
@@ -198,6 +201,12 @@ def resolve(name_or_path: str | os.PathLike) -> ModelSource:
                          f".safetensors), a model folder, {_names()}, or a hub id user/repo")
     raise ModelError(f"unknown model {text!r}: use {_names()}, a local checkpoint file or folder, "
                      "or a hub id user/repo")
+
+
+def _good_revision(revision: str) -> bool:
+    """A git ref or commit as the hub takes it; never one that could climb out of a cache folder."""
+    parts = revision.split("/")
+    return ".." not in revision and all(p and not p.startswith(".") for p in parts)
 
 
 def _local_source(text: str, path: Path) -> ModelSource:
@@ -292,6 +301,13 @@ def partial_downloads() -> list[tuple[Path, int]]:
 def remove(name: str) -> int:
     """Delete a cached model (and its partial downloads); returns the bytes freed."""
     folder, src = _cached_folder_for(name)
+    try:
+        return _remove(folder, src)
+    except OSError as e:
+        raise ModelError(f"{e.filename or folder}: cannot delete it ({e.strerror or e}); is the cache read-only?") from None
+
+
+def _remove(folder: Path, src: ModelSource | None) -> int:
     freed = 0
     with _lock(folder.name):
         if folder.is_dir():

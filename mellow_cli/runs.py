@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from mellow_cli.errors import MellowError
+from mellow_cli.files import first_line
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -86,10 +87,6 @@ def model_state(net) -> dict[str, torch.Tensor]:
 
 def write_checkpoint(run_dir: Path, step: int, net, tokenizer_dir: Path, trainer: dict, state: dict) -> Path:
     """RUN/checkpoints/step-NNNNNN/: written in a hidden folder, then renamed into place."""
-    from safetensors.torch import save_file
-
-    from mellow_cli.loading import OPTIONAL_TOKENIZER_FILES, TOKENIZER_FILES
-
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_name(step)
@@ -97,23 +94,71 @@ def write_checkpoint(run_dir: Path, step: int, net, tokenizer_dir: Path, trainer
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(model_state(net), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(net.cfg.to_dict(), indent=2) + "\n")
-        for f in (*TOKENIZER_FILES, *OPTIONAL_TOKENIZER_FILES):
-            if (tokenizer_dir / f).is_file():
-                shutil.copyfile(tokenizer_dir / f, tmp / f)
-        torch.save(state, tmp / "state.pt")
-        (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        _write_files(tmp, net, tokenizer_dir, trainer, state)
         if final.exists():  # the same step written again (a best checkpoint at a save step)
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
+    except (OSError, RuntimeError) as e:
+        raise _write_failed(final, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _write_files(tmp: Path, net, tokenizer_dir: Path, trainer: dict, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    from mellow_cli.loading import OPTIONAL_TOKENIZER_FILES, TOKENIZER_FILES
+
+    save_file(model_state(net), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(net.cfg.to_dict(), indent=2) + "\n")
+    for f in (*TOKENIZER_FILES, *OPTIONAL_TOKENIZER_FILES):
+        if (tokenizer_dir / f).is_file():
+            shutil.copyfile(tokenizer_dir / f, tmp / f)
+    torch.save(state, tmp / "state.pt")
+    (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _write_failed(final: Path, e: Exception) -> MellowError:
+    """A checkpoint that could not be written, in one line naming it. torch reports a full disk
+    as an "enforce fail" from its zip writer, so the free space is looked at too."""
+    import errno
+
+    free = shutil.disk_usage(final.parent).free if final.parent.exists() else None
+    if getattr(e, "errno", None) == errno.ENOSPC or (free is not None and free < 64 << 20):
+        return MellowError(f"{final}: cannot write the checkpoint, the disk is full ({free / 1e6:.0f} MB free); "
+                           "free some space and run again with --resume")
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:160]
+    return MellowError(f"{final}: cannot write the checkpoint ({reason})")
+
+
+def keep_tokenizer(run_dir: Path, source: Path) -> Path:
+    """RUN/tokenizer/: the run's own copy of its tokenizer, which every checkpoint copies from.
+    A resumed run would otherwise copy from the checkpoint it resumed from, which `--keep` later
+    deletes, and every checkpoint after that would lack a tokenizer."""
+    from mellow_cli.loading import OPTIONAL_TOKENIZER_FILES, TOKENIZER_FILES
+
+    own = run_dir / "tokenizer"
+    if source.resolve() == own.resolve():
+        return own
+    tmp = run_dir / f".tokenizer.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for f in (*TOKENIZER_FILES, *OPTIONAL_TOKENIZER_FILES):
+            if (source / f).is_file():
+                shutil.copyfile(source / f, tmp / f)
+        shutil.rmtree(own, ignore_errors=True)
+        os.replace(tmp, own)
+    except OSError as e:
+        raise MellowError(f"{own}: cannot copy the tokenizer ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return own
 
 
 def _fsync_dir(path: Path) -> None:
@@ -167,9 +212,13 @@ def clean_stale(run_dir: Path) -> None:
 
 def read_trainer(checkpoint: Path) -> dict:
     try:
-        return json.loads((checkpoint / "trainer.json").read_text())
-    except (OSError, ValueError) as e:
-        raise MellowError(f"{checkpoint}: unreadable trainer.json ({e})") from None
+        data = json.loads((checkpoint / "trainer.json").read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise MellowError(f"{checkpoint}: unreadable trainer.json ({first_line(e)})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("step"), int) or not isinstance(data.get("position"), dict):
+        raise MellowError(f"{checkpoint}: trainer.json is not a checkpoint's record (a JSON object with step and "
+                          "position)")
+    return data
 
 
 def append_metrics(run_dir: Path, row: dict) -> None:

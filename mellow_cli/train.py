@@ -44,9 +44,11 @@ from mellow_cli.config import MellowConfig
 from mellow_cli.errors import MellowError, UsageError
 from mellow_cli.runs import (
     CHECKPOINTS,
+    METRICS,
     append_metrics,
     checkpoints,
     clean_stale,
+    keep_tokenizer,
     mark_best,
     prune,
     read_trainer,
@@ -621,6 +623,10 @@ def _setup(opts: TrainOptions, world: World, device: torch.device, emit: Report)
     train_rows, val_rows = training_rows(opts, emit, world)
     seed_everything(opts.seed)
     net, tokenizer_dir, name = build_model(opts, world.main, resume_from)
+    if world.main:
+        keep_tokenizer(run_dir, tokenizer_dir)
+    world.barrier()
+    tokenizer_dir = run_dir / "tokenizer"
     train_set, val_set = datasets(opts, net.cfg, train_rows, val_rows)
     if opts.init and resume_from is None:
         calibrate_encoder(net, train_set)
@@ -760,25 +766,58 @@ def _absolute(opts: TrainOptions) -> TrainOptions:
 
 
 def _prepare_run_dir(opts: TrainOptions, run_dir: Path, world: World) -> tuple[TrainOptions, Path | None]:
-    """A new run needs a folder without checkpoints; --resume needs one with them."""
+    """A new run needs a folder without checkpoints or metrics; --resume needs one with them, the
+    same rows and the same number of processes."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"{run_dir}: is a file; --out names the run's folder")
     found = checkpoints(run_dir) if run_dir.is_dir() else []
     if not opts.resume:
         if found:
-            raise MellowError(f"{run_dir} already holds a run (last checkpoint {found[-1].name}): pass --resume "
-                              "to continue it, or another --out")
+            raise UsageError(f"{run_dir} already holds a run (last checkpoint {found[-1].name}): pass --resume "
+                             "to continue it, or another --out")
+        if (run_dir / METRICS).exists():
+            raise UsageError(f"{run_dir} holds {METRICS} from an earlier run that left no checkpoint: delete it, "
+                             "or choose another --out")
         if world.main:
             run_dir.mkdir(parents=True, exist_ok=True)
         world.barrier()
         return opts, None
     if not found:
-        raise MellowError(f"{run_dir}: no checkpoint to resume from (a run folder holds {CHECKPOINTS}/step-*)")
+        raise UsageError(f"{run_dir}: no checkpoint to resume from (a run folder holds {CHECKPOINTS}/step-*)")
     if world.main:
         clean_stale(run_dir)
     trainer = read_trainer(found[-1])
     if trainer.get("world_size", 1) != world.size:
         raise MellowError(f"{found[-1]} was written by {trainer.get('world_size', 1)} processes; resume it with "
                           f"the same number (torchrun --nproc-per-node {trainer.get('world_size', 1)})")
-    return resumed_options(trainer.get("options", {}), opts), found[-1]
+    opts = resumed_options(trainer.get("options", {}), opts)
+    _check_same_inputs(trainer, opts, found[-1])
+    return opts, found[-1]
+
+
+def _inputs(opts: TrainOptions) -> dict:
+    """What a bit-exact resume needs unchanged beside the options: the rows' bytes and the
+    thread count (float sums are reordered by another one)."""
+    from mellow_cli.files import sha256
+
+    rows = {name: sha256(path) for name in ("data", "val") if (path := getattr(opts, name)) and os.path.isfile(path)}
+    return {"sha256": rows, "threads": torch.get_num_threads()}
+
+
+def _check_same_inputs(trainer: dict, opts: TrainOptions, checkpoint: Path) -> None:
+    saved = trainer.get("inputs")
+    if not isinstance(saved, dict):
+        return  # written before inputs were recorded
+    now = _inputs(opts)
+    for name, digest in saved.get("sha256", {}).items():
+        if now["sha256"].get(name) != digest:
+            raise UsageError(f"--resume: {getattr(opts, name)} changed since {checkpoint.name} was written; the run's "
+                             "epochs and positions refer to the old rows: restore them, or start a new run")
+    if saved.get("threads") not in (None, now["threads"]):
+        from mellow_cli import render
+
+        render.warn(f"resuming with {now['threads']} threads where the run used {saved['threads']}: the result "
+                    f"will not be bit-identical to an uninterrupted run (--threads {saved['threads']} makes it so)")
 
 
 def _restore(checkpoint: Path, optimizer, scheduler, world: World) -> Position:
@@ -806,7 +845,7 @@ def _save(r: _Run) -> Path:
         trainer = {"step": pos.step, "position": {"epoch": pos.epoch, "batch": pos.batch},
                    "seconds": pos.seconds, "world_size": r.world.size, "metrics": r.last,
                    "best": {"step": pos.best_step, "val_loss": pos.best_val},
-                   "options": dataclasses.asdict(r.opts), "mellow_cli": __version__,
+                   "options": dataclasses.asdict(r.opts), "inputs": _inputs(r.opts), "mellow_cli": __version__,
                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         state = {"optimizer": r.optimizer.state_dict(), "scheduler": r.scheduler.state_dict(), "rng": rngs}
         path = write_checkpoint(r.run_dir, pos.step, r.net, r.tokenizer_dir, trainer, state)

@@ -623,3 +623,28 @@ def test_cli_pulls_a_real_hub_folder_in_a_fresh_process(hub, tiny_mellow, tmp_pa
     hub.stop()
     offline = _mellow("models", "list", env={"HF_HUB_OFFLINE": "1"})
     assert offline.stdout.splitlines()[1].startswith("someone/real-tiny ")
+
+
+@pytest.mark.parametrize("name", ["a/b@..", "a/b@.hidden", "a/b@v1..v2"])
+def test_a_revision_that_could_leave_the_cache_is_refused(name):
+    from mellow_cli.errors import ModelError
+    from mellow_cli.loading import resolve
+
+    with pytest.raises(ModelError, match="is not a revision"):
+        resolve(name)
+
+
+def test_models_rm_on_a_read_only_cache_is_one_line(monkeypatch, tmp_path):
+    from mellow_cli import loading
+    from mellow_cli.errors import ModelError
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    monkeypatch.setattr(loading, "_cached_folder_for", lambda name: (folder, None))
+
+    def refuse(path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(loading.shutil, "rmtree", refuse)
+    with pytest.raises(ModelError, match="cannot delete it .*read-only"):
+        loading.remove("m")

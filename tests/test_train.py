@@ -278,9 +278,11 @@ def test_checkpoint_writing_is_atomic(smollm2_dir, tmp_path, monkeypatch):
 
     net = fresh_tiny(5)
     monkeypatch.setattr(runs.torch, "save", dies)
-    with pytest.raises(OSError):
+    from mellow_cli.errors import MellowError
+
+    with pytest.raises(MellowError, match="step-000001: cannot write the checkpoint, the disk is full"):
         runs.write_checkpoint(run, 1, net, smollm2_dir, {"step": 1}, {})
-    with pytest.raises(OSError):
+    with pytest.raises(MellowError, match="step-000002: cannot write the checkpoint"):
         runs.write_checkpoint(run, 2, net, smollm2_dir, {"step": 2}, {})
     # the old checkpoint is whole and unchanged, the new one never appeared, nothing is left over
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001"]
@@ -335,16 +337,58 @@ def test_usage_errors_are_one_line(task_data, smollm2_dir, tmp_path):
     if not torch.cuda.is_available():
         assert cuda.returncode == 1 and cuda.stderr.count("\n") == 1 and "no CUDA device" in cuda.stderr
     assert mellow(*base[:-2], "-o", str(tmp_path / "f"), "--freeze", "lm").returncode == 2
-    assert mellow("train", "-o", str(tmp_path / "nothing"), "--resume").returncode == 1
+    assert mellow("train", "-o", str(tmp_path / "nothing"), "--resume").returncode == 2
     assert mellow(*base, "-q", "--val-fraction", "0.25").returncode == 0
     assert [r["val_choice_rows"] for r in metrics(tmp_path / "run") if r["event"] == "val"] == [4]
     again = mellow(*base)
-    assert again.returncode == 1 and "already holds a run" in again.stderr and "--resume" in again.stderr
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "--resume" in again.stderr
     changed = mellow("train", "-o", str(tmp_path / "run"), "--resume", "--lr", "0.5")
     assert changed.returncode == 2 and "lr" in changed.stderr
 
 
 # --- resume and DDP, for real ------------------------------------------------------------------
+
+
+def test_run_folders_that_are_not_fit_are_refused(task_data, smollm2_dir, tmp_path):
+    base = ["train", str(task_data[0]), "--init", "tiny", "--tokenizer", str(smollm2_dir), "--workers", "0",
+            "-b", "2", "--max-steps", "1"]
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine\n")
+    out = mellow(*base, "-o", str(a_file))
+    assert out.returncode == 2 and "is a file" in out.stderr and a_file.read_text() == "mine\n"
+    (tmp_path / "died").mkdir()
+    (tmp_path / "died" / "metrics.jsonl").write_text('{"event": "train", "step": 1}\n')
+    out = mellow(*base, "-o", str(tmp_path / "died"))
+    assert out.returncode == 2 and "metrics.jsonl from an earlier run" in out.stderr
+
+
+def test_resume_refuses_edited_rows_and_keeps_the_tokenizer_after_pruning(task_data, smollm2_dir, tmp_path):
+    from mellow_cli.loading import TOKENIZER_FILES
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text(task_data[0].read_text())
+    run = tmp_path / "run"
+    base = ["train", str(data), "--init", "tiny", "--tokenizer", str(smollm2_dir), "--workers", "0", "-b", "2",
+            "--save-every", "1", "--keep", "1", "--audio-root", str(task_data[0].parent), "-o", str(run), "-q"]
+    assert mellow(*base, "--max-steps", "2").returncode == 0
+    assert mellow("train", "-o", str(run), "--resume", "--max-steps", "4", "-q").returncode == 0
+    # step-2, the checkpoint the resume started from, is pruned; later ones still carry a tokenizer
+    found = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert found == ["step-000004"]
+    assert all((run / "checkpoints" / "step-000004" / f).is_file() for f in TOKENIZER_FILES)
+    assert mellow("train", "-o", str(run), "--resume", "--max-steps", "5", "-q").returncode == 0
+    data.write_text(data.read_text() + data.read_text().splitlines(keepends=True)[0])
+    edited = mellow("train", "-o", str(run), "--resume", "--max-steps", "6")
+    assert edited.returncode == 2 and "changed since" in edited.stderr
+
+
+def test_a_trainer_json_that_is_not_a_record_is_one_line(tmp_path):
+    from mellow_cli.errors import MellowError
+    from mellow_cli.runs import read_trainer
+
+    (tmp_path / "trainer.json").write_text("[1, 2]")
+    with pytest.raises(MellowError, match="not a checkpoint's record"):
+        read_trainer(tmp_path)
 
 
 def train_cmd(task_data, smollm2_dir, out: Path, *extra: str) -> list[str]:
