@@ -69,7 +69,7 @@ def in_process(ckpt: Path, clips) -> dict[str, float]:
     import torch
 
     from mellow_cli import load_model
-    from mellow_cli.generate import KVCache, decode_one_token, prefill
+    from mellow_cli.generate import decode_one_token, prefill
 
     t0 = time.perf_counter()
     model = load_model(str(ckpt), device="cpu", progress=False)
@@ -83,12 +83,12 @@ def in_process(ckpt: Path, clips) -> dict[str, float]:
 
         ids = tokenize_prompts(model.tokenizer, ["what do you hear?"], model.cfg)
         prefix = model.net.embed_prefix(emb[:1], emb[1:], ids)
-        cache = KVCache.empty(model.net.lm, 1, prefix.shape[1] + 33)
-        logits = prefill(model.net.lm, prefix, cache)
+        model.net.lm.setup_cache(1, prefix.shape[1] + 33)
+        logits = prefill(model.net.lm, prefix)
         token = logits.argmax(-1)
         t4 = time.perf_counter()
         for i in range(32):
-            token = decode_one_token(model.net.lm, token, prefix.shape[1] + i, cache).argmax(-1)
+            token = decode_one_token(model.net.lm, token, prefix.shape[1] + i).argmax(-1)
         t5 = time.perf_counter()
     return {"load (cached)": t1 - t0, "decode 2 clips": t2 - t1, "encoder, 2 clips": t3 - t2,
             "prefill 389 + first token": t4 - t3, "time to first token (clips->token)": t4 - t1,

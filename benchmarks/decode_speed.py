@@ -4,11 +4,11 @@ inputs_embeds prefix, in one run.
 
 gpt-fast's habits: a warm-up run, then timed repeats; tokens/s, effective memory bandwidth (weight
 bytes / step time: each decode step reads every weight once) and peak RSS. The repeats of the two
-loops are interleaved and medians reported, because these machines are shared and noisy: read the
-ratios. No asserts; this only measures.
+loops are interleaved and medians reported, so that load from other processes hits both alike:
+read the ratios. No asserts; this only measures.
 
     python benchmarks/decode_speed.py --lm-dir .pytest_cache/d/smollm2/hf
-    python benchmarks/decode_speed.py --lm-dir DIR --batch 2 --tokens 32 --fp16 --bf16
+    python benchmarks/decode_speed.py --lm-dir DIR --batch 2 --tokens 32 --dtypes auto,int8
 
 `--lm-dir` is a folder with `lm.safetensors` (LlamaForCausalLM keys, head optional) and tokenizer
 files, as the tests' `smollm2_dir` fixture builds. The audio encoder is not timed here; `mellow
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from mellow_cli.bench.speed import hf_generate, ours, peak_rss_mb, weight_bytes
+from mellow_cli import precision
 from mellow_cli.config import MellowConfig
-from mellow_cli.generate import fp16_weights
 from mellow_cli.model.llama import transformers_twin
 from mellow_cli.model.mellow import load_lm, tokenize_prompts
 from mellow_cli.model.tokenizer import Tokenizer
@@ -74,52 +74,48 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--fp16", action="store_true",
-                    help="also time our loop with float16 matrices (fp16_weights)")
-    ap.add_argument("--bf16", action="store_true",
-                    help="also time our loop in bfloat16 (prefill is slow without AVX512-BF16)")
+    ap.add_argument("--dtypes", default="auto,float16,bfloat16,int8",
+                    help="also time our loop with the matrices prepared in these (--dtype names)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     lm, tokenizer = load(args.lm_dir)
     hf = transformers_twin(lm)  # the same tensors inside transformers' own LlamaForCausalLM
+    exact = copy.deepcopy(lm)
+    precision.apply(exact, precision.EXACT)  # what `--dtype float32` runs: fused, float32
     prefix = make_prefix(lm, tokenizer, args.batch)
-    nbytes = weight_bytes(lm)
+    nbytes = weight_bytes(exact)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch}, prefix "
           f"{prefix.shape[1]} positions, {args.tokens} new tokens; "
           f"decode reads {nbytes / 1e6:.0f} MB of float32 weights per step")
 
-    ours(lm, prefix, 4), hf_generate(hf, prefix, 4)  # warm-up
+    ours(exact, prefix, 4), hf_generate(hf, prefix, 4)  # warm-up
     ours_runs, hf_runs = [], []
     for _ in range(args.repeats):  # interleaved, so load from other processes hits both alike
-        ours_runs.append(ours(lm, prefix, args.tokens))
+        ours_runs.append(ours(exact, prefix, args.tokens))
         hf_runs.append(hf_generate(hf, prefix, args.tokens))
 
     prefill = statistics.median(r.first_token_s for r in ours_runs)
     decode = statistics.median(r.step_s for r in ours_runs)
     hf_pre = statistics.median(r.first_token_s for r in hf_runs)
     hf_decode = statistics.median(r.step_s for r in hf_runs)
-    ours_total = statistics.median(r.first_token_s + r.step_s * (args.tokens - 1) for r in ours_runs)
-    hf_total = statistics.median(r.first_token_s + r.step_s * (args.tokens - 1) for r in hf_runs)
     same = torch.equal(ours_runs[0].ids, hf_runs[0].ids)
 
-    print(f"prefill ({prefix.shape[1]} positions) and first token: ours {prefill * 1e3:.0f} ms, "
+    print(f"prefill ({prefix.shape[1]} positions) and first token: ours float32 {prefill * 1e3:.0f} ms, "
           f"transformers generate {hf_pre * 1e3:.0f} ms")
-    report("ours float32 (KV cache)", decode, args.batch, nbytes, f"{decode * 1e3:.1f} ms/step")
+    report("ours float32 (--dtype float32)", decode, args.batch, nbytes, f"{decode * 1e3:.1f} ms/step")
     report("transformers generate float32", hf_decode, args.batch, nbytes, f"{hf_decode * 1e3:.1f} ms/step")
-    print(f"decode speed-up {hf_decode / decode:.2f}x; "
-          f"prefill + {args.tokens} tokens: ours {ours_total:.2f} s, "
-          f"transformers {hf_total:.2f} s ({hf_total / ours_total:.2f}x); same greedy tokens: {same}")
-    print(f"peak RSS so far (float32 model, both loops) {peak_rss_mb():.0f} MB")
-    if args.fp16:
-        compare("ours, float16 matrices (opt-in)", fp16_weights(copy.deepcopy(lm)), prefix, ours_runs[0].ids,
+    print(f"decode speed-up {hf_decode / decode:.2f}x; same greedy tokens: {same}")
+    del hf
+    for name in filter(None, args.dtypes.split(",")):
+        chosen = precision.named(name, torch.device("cpu"))
+        model = copy.deepcopy(lm)
+        precision.apply(model, chosen)
+        compare(f"ours --dtype {name} ({chosen.describe()})", model, prefix, ours_runs[0].ids,
                 args.tokens, args.repeats)
-    if args.bf16:
-        compare("ours, all bfloat16", copy.deepcopy(lm).to(torch.bfloat16), prefix, ours_runs[0].ids,
-                min(args.tokens, 8), 1)
-    if args.fp16 or args.bf16:
-        print(f"peak RSS with the extra copies {peak_rss_mb():.0f} MB")
+        del model
+    print(f"peak RSS {peak_rss_mb():.0f} MB (float32 model, its transformers twin and the copies)")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import torch
 
     from .generate import ChoiceScore
+    from .precision import Precision
 
 AudioInput = Union[str, os.PathLike, "np.ndarray"]
 Question = tuple  # (audio1, audio2 or None, prompt)
@@ -67,38 +68,21 @@ def pick_device(device: str = "auto") -> "torch.device":
     return torch.device(device)
 
 
-def pick_dtype(device: "torch.device", dtype: str | None = None) -> "torch.dtype":
-    """float32 on CPU and MPS (what the reference numbers are); bfloat16 on a GPU that has it."""
+def set_precision(net, device: "torch.device", dtype: str | None = None) -> "Precision":
+    """Prepare the language model for inference in `dtype` (None: auto; precision.py says what
+    each means). On a GPU a half precision also covers the mapper; the encoder and its front end
+    stay float32 everywhere."""
     import torch
 
-    if dtype is not None:
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        if dtype not in dtypes:
-            raise UsageError(f"unknown dtype {dtype!r}: use {', '.join(dtypes)}")
-        return dtypes[dtype]
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    from . import precision
 
-
-def set_precision(net, device: "torch.device", dtype: str | None = None) -> None:
-    """float32 is the default on a CPU: it is what the reference computes. `float16` on a CPU
-    stores the language model's matrices in float16 and still computes in float32: decoding reads
-    half the bytes, about 2x the tokens/s, and may part from the reference at a near tie
-    (generate.fp16_weights). On a GPU, half precision covers the mapper and the language model;
-    the encoder and its front end stay float32 either way."""
-    import torch
-
-    from .generate import fp16_weights
-
-    half = pick_dtype(device, dtype)
-    if half == torch.float32:
-        return
-    if device.type == "cpu" and half == torch.float16:
-        fp16_weights(net.lm)
-        return
-    net.audio_encoder.projection.to(half)
-    net.caption_decoder.to(half)
+    chosen = precision.named(dtype or "auto", device)
+    if device.type != "cpu" and chosen.name != "float32":
+        half = precision.DTYPES[chosen.name]
+        net.audio_encoder.projection.to(half)
+        net.caption_decoder.to(half)
+    precision.apply(net.lm, chosen)
+    return chosen
 
 
 def load_model(name: str = "v0", device: str = "auto", dtype: str | None = None, progress: bool = True) -> "MellowModel":
@@ -106,18 +90,24 @@ def load_model(name: str = "v0", device: str = "auto", dtype: str | None = None,
     from . import loading
     from .model.tokenizer import Tokenizer
 
+    from .precision import NAMES
+
     target = pick_device(device)
-    pick_dtype(target, dtype)  # an unknown dtype fails before the weights load
+    if dtype is not None and dtype not in NAMES:  # fails before the weights load
+        raise UsageError(f"unknown dtype {dtype!r}: use {', '.join(NAMES)}")
     net, files = loading.load(name, device="cpu", progress=progress)
-    set_precision(net.to(target), target, dtype)
-    return MellowModel(net, Tokenizer(files.tokenizer_dir), name=files.name, revision=files.revision)
+    chosen = set_precision(net.to(target), target, dtype)
+    return MellowModel(net, Tokenizer(files.tokenizer_dir), name=files.name, revision=files.revision,
+                       precision=chosen)
 
 
 class MellowModel:
     """A loaded Mellow with its tokenizer: ask, stream, choose, caption, compare."""
 
-    def __init__(self, net, tokenizer, name: str, revision: str | None = None, clip_cache: int = 256):
+    def __init__(self, net, tokenizer, name: str, revision: str | None = None, clip_cache: int = 256,
+                 precision: "Precision | None" = None):
         self.net = net.eval()
+        self.precision = precision  # how the language model was prepared (None: not prepared)
         self.tokenizer = tokenizer
         self.cfg = net.cfg
         self.name = name

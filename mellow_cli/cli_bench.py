@@ -12,6 +12,7 @@ from .cli_options import (
     DebugOpt,
     Device,
     DeviceOpt,
+    Dtype,
     DtypeOpt,
     MaxTokensOpt,
     ModelOpt,
@@ -58,7 +59,7 @@ def bench_mmau(
     max_tokens: MaxTokensOpt = 300,
     model: ModelOpt = "v0",
     device: DeviceOpt = Device.auto,
-    dtype: DtypeOpt = None,
+    dtype: DtypeOpt = Dtype.auto,
     threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -98,7 +99,7 @@ def bench_qa(
     max_tokens: MaxTokensOpt = 300,
     model: ModelOpt = "v0",
     device: DeviceOpt = Device.auto,
-    dtype: DtypeOpt = None,
+    dtype: DtypeOpt = Dtype.auto,
     threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -170,30 +171,33 @@ def bench_speed(
     tokens: Annotated[int, typer.Option("--tokens", min=2, help="Tokens per timed decode run (which ignores end of text) and at most per caption.")] = 64,
     repeat: Annotated[int, typer.Option("--repeat", min=1, help="Timed runs per figure; the median is shown. One warm-up run comes first.")] = 3,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Clips per batch for the batched encoder and caption figures.")] = 8,
+    prompts: Annotated[int, typer.Option("--prompts", min=0, help="Clips whose answers are compared with float32's (not with --dtype float32).")] = 8,
     skip_baseline: Annotated[bool, typer.Option("--skip-baseline", help="Do not race transformers' generate (saves importing it, a few seconds).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     device: DeviceOpt = Device.auto,
-    dtype: DtypeOpt = None,
+    dtype: DtypeOpt = Dtype.auto,
     threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Measure load time, encoder time, time to first token, tokens/s (beside transformers'
-    generate on the same weights), batched captions/s and peak memory on this machine.
+    """Measure load time, encoder time, time to first token, prefill, tokens/s (beside
+    transformers' generate on the same weights), batched captions/s, peak memory and, for a
+    --dtype other than float32, how often the answers agree with float32's, on this machine.
 
     Everything runs in one process, after a warm-up; the audio is synthesized.
 
     \b
     Examples:
       mellow bench speed --model v0 --threads 4
+      mellow bench speed --model v0 --dtype int8
       mellow bench speed --model v0 --tokens 32 --repeat 5 --json > speed.json
     """
     from . import render
     from .bench import speed
 
     setup(quiet, verbose, threads)
-    report = speed.run(model, device.value, dtype.value if dtype else None, tokens=tokens, repeat=repeat,
+    report = speed.run(model, device.value, dtype.value, tokens=tokens, repeat=repeat, prompts=prompts,
                        batch_size=batch_size, baseline=not skip_baseline, log=render.info)
     if as_json:
         render.result_json(report.as_dict())

@@ -94,30 +94,55 @@ def test_missing_cuda_is_a_clear_error(tiny_model_dir):
         load_model(str(tiny_model_dir), device="cuda")
 
 
-def test_half_precision_keeps_the_encoder_in_float32(tiny_model_dir):
-    """The GPU path (bfloat16 mapper and LM, float32 front end and encoder), exercised on the CPU."""
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
+def test_smaller_dtypes_on_cpu_change_only_the_lm_matrices(tiny_model_dir, model, dtype):
     import torch
 
-    half = load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16", progress=False)
-    assert half.net.audio_encoder.base.c2l.weight.dtype == torch.float32
-    assert half.net.lm.model.embed_tokens.weight.dtype == torch.bfloat16
-    assert half.net.audio_encoder.projection.linear1.weight.dtype == torch.bfloat16
-    answer = half.ask(tone(440), None, "what do you hear?", SHORT)
-    assert isinstance(answer, str)
-    assert half.embed_clips([tone(440)]).dtype == torch.bfloat16
-
-
-def test_float16_on_cpu_stores_lm_matrices_in_half_and_still_answers(tiny_model_dir, model):
-    import torch
-
-    fast = load_model(str(tiny_model_dir), device="cpu", dtype="float16", progress=False)
+    fast = load_model(str(tiny_model_dir), device="cpu", dtype=dtype, progress=False)
     lm = fast.net.lm
-    assert lm.model.layers[0].self_attn.q_proj.weight.dtype == torch.float16
+    assert fast.precision.name == dtype and lm.prepared
+    if dtype != "int8":
+        assert lm.model.layers[0].self_attn.qkv.weight.dtype == getattr(torch, dtype)
     assert lm.model.embed_tokens.weight.dtype == torch.float32  # looked up, not streamed: stays exact
     assert fast.net.audio_encoder.projection.linear1.weight.dtype == torch.float32
+    assert fast.net.audio_encoder.base.c2l.weight.dtype == torch.float32
     a = tone(440)
-    # tiny random weights have no near ties to speak of: the half-weight answer matches float32
+    # tiny random weights have no near ties to speak of: the answer matches float32's
     assert fast.ask(a, None, "q", SHORT) == model.ask(a, None, "q", SHORT)
+
+
+def test_auto_is_measured_once_and_kept_in_the_cache(tiny_model_dir, monkeypatch):
+    import torch
+
+    from mellow_cli import loading, precision
+
+    monkeypatch.setattr(precision, "_measured", {})
+    calls = []
+    real = precision.measure
+    monkeypatch.setattr(precision, "measure", lambda: calls.append(1) or real(layers=2, rows=64))
+    first = load_model(str(tiny_model_dir), device="cpu", progress=False)  # dtype None: auto
+    assert first.precision.chosen_by.startswith("auto: measured now") and calls == [1]
+    assert first.precision.store in precision.DTYPES and first.net.lm.prepared
+    saved = (loading.cache_dir() / "precision.json").read_text()
+    assert precision.machine_key() in saved and "timings_ms" in saved
+    monkeypatch.setattr(precision, "_measured", {})  # a new process: the file answers
+    again = precision.named("auto", torch.device("cpu"))
+    assert calls == [1] and again.chosen_by.startswith("auto: measured before")
+    assert (again.store, again.decode, again.prefill) == (first.precision.store, first.precision.decode,
+                                                          first.precision.prefill)
+
+
+def test_a_broken_precision_cache_is_measured_again(monkeypatch):
+    import torch
+
+    from mellow_cli import loading, precision
+
+    monkeypatch.setattr(precision, "_measured", {})
+    monkeypatch.setattr(precision, "measure", lambda: (precision.EXACT, {}))
+    path = loading.cache_dir() / "precision.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"%s": {"name": "gibberish"}}' % precision.machine_key())
+    assert precision.named("auto", torch.device("cpu")).name == "float32"
 
 
 def test_a_batch_larger_than_the_clip_cache(tiny_model_dir):

@@ -19,6 +19,7 @@ FIELDS = {
     "fetched_first", "load_first_s", "load_cached_s", "encoder_ms_per_clip", "encoder_ms_per_clip_batched",
     "time_to_first_token_s", "prefill_ms", "decode_tok_s", "decode_gb_s", "captions_per_s",
     "peak_rss_one_question_mb", "peak_rss_mb", "baseline", "baseline_prefill_ms", "baseline_decode_tok_s", "decode_ratio", "peak_rss_with_baseline_mb",
+    "agreement_prompts", "same_greedy", "same_choice", "max_logit_diff",
 }
 BASELINE = {"baseline_prefill_ms", "baseline_decode_tok_s", "decode_ratio", "peak_rss_with_baseline_mb"}
 MEASURES = {"load_first_s", "load_cached_s", "encoder_ms_per_clip", "encoder_ms_per_clip_batched",
@@ -33,7 +34,7 @@ def bench(model_dir, *args: str):
 
 @pytest.fixture(scope="module")
 def measured(tiny_model_dir) -> dict:
-    out = bench(tiny_model_dir, "--json")
+    out = bench(tiny_model_dir, "--json", "--prompts", "2")
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr
     return json.loads(out.stdout)
@@ -52,7 +53,7 @@ def test_every_figure_is_positive_and_finite(measured):
     bad = {k: measured[k] for k in MEASURES | BASELINE if not positive(measured[k])}
     assert not bad, bad
     assert measured["tokens"] == 4 and measured["repeat"] == 1 and measured["batch_size"] == 2
-    assert measured["device"] == "cpu" and measured["dtype"] == "float32"
+    assert measured["device"] == "cpu" and measured["dtype"]  # auto: what this CPU runs fastest
     assert measured["threads"] >= 1 and measured["fetched_first"] is False  # a folder is used in place
     assert measured["baseline"].startswith("transformers ")
 
@@ -61,6 +62,24 @@ def test_ratio_is_ours_over_transformers(measured):
     assert measured["decode_ratio"] == pytest.approx(measured["decode_tok_s"] / measured["baseline_decode_tok_s"])
     # a peak only grows
     assert measured["peak_rss_with_baseline_mb"] >= measured["peak_rss_mb"] >= measured["peak_rss_one_question_mb"]
+
+
+def test_agreement_with_float32_is_reported_unless_float32_ran(measured, tiny_model_dir):
+    if measured["dtype"] != "float32":  # auto chose a half precision on this CPU
+        assert measured["agreement_prompts"] == 2
+        for key in ("same_greedy", "same_choice"):
+            assert 0 <= measured[key] <= 1
+        assert measured["max_logit_diff"] > 0  # really computed differently
+    out = bench(tiny_model_dir, "--json", "--skip-baseline", "-q", "--dtype", "float32")
+    exact = json.loads(out.stdout)
+    assert exact["dtype"] == "float32" and exact["agreement_prompts"] == 0 and exact["same_greedy"] is None
+
+
+def test_int8_agrees_with_float32_on_the_tiny_model(tiny_model_dir):
+    out = bench(tiny_model_dir, "--json", "--skip-baseline", "-q", "--dtype", "int8", "--prompts", "2")
+    report = json.loads(out.stdout)
+    assert report["dtype"].startswith("int8") and report["agreement_prompts"] == 2
+    assert 0 < report["max_logit_diff"] < 1 and report["same_choice"] == 1.0
 
 
 def test_skip_baseline_leaves_the_baseline_out(tiny_model_dir):
@@ -97,13 +116,11 @@ def test_the_race_is_fair_same_prefix_same_tokens(tiny_model_dir):
     """Both loops decode exactly the tokens asked for, over the same prefix, and agree on them:
     the baseline is the same computation, not a different one."""
     from mellow_cli.api import load_model
-    from mellow_cli.model.llama import transformers_twin
-
-    model = load_model(str(tiny_model_dir), device="cpu", progress=False)
+    model = load_model(str(tiny_model_dir), device="cpu", dtype="float32", progress=False)
     clip = speed.synth_clips(1, model.cfg.clip_samples, model.cfg.sample_rate, seed=3)[0]
     prefix = model.prefix([(clip, None, speed.QUESTION)])
     ours = speed.ours(model.net.lm, prefix, 6)
-    theirs = speed.hf_generate(transformers_twin(model.net.lm), prefix, 6)
+    theirs = speed.hf_generate(speed.baseline_lm(str(tiny_model_dir), prefix.device), prefix, 6)
     assert ours.ids.shape == theirs.ids.shape == (1, 6)
     eos = model.cfg.eos_token_id  # transformers is kept from choosing it (min_new_tokens); ours is not
     assert eos in ours.ids or torch.equal(ours.ids, theirs.ids)

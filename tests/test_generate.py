@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from mellow_cli.config import DecodingOptions, MellowConfig
+from mellow_cli import precision
 from mellow_cli.generate import (
-    KVCache,
     TextStream,
     decode_one_token,
-    fp16_weights,
     generate,
     generate_tokens,
     prefill,
@@ -188,18 +187,50 @@ def test_score_choices_per_row_and_eos(lm, tokenizer):
     assert scores[1][2].tokens == len(ids)
 
 
+def prepared(lm, name: str):
+    copy_ = copy.deepcopy(lm)
+    precision.apply(copy_, precision.named(name, torch.device("cpu")))
+    return copy_
+
+
+def prefill_and_step(m, prefix, token=None):
+    m.setup_cache(prefix.shape[0], prefix.shape[1] + 1)
+    first = prefill(m, prefix)
+    token = first.argmax(-1) if token is None else token
+    return first, decode_one_token(m, token, prefix.shape[1]), token
+
+
 @torch.inference_mode()
-def test_fp16_weights_stay_close_to_float32(lm):
-    half = fp16_weights(copy.deepcopy(lm))
-    assert half.model.layers[0].mlp.up_proj.weight.dtype == torch.float16
-    assert half.lm_head.weight.dtype == torch.float16
-    assert half.model.embed_tokens.weight.dtype == torch.float32  # prefix and token embeddings exact
+def test_float32_prepared_matrices_give_the_modules_logits(lm):
+    """Fused q/k/v and gate/up (what every command runs) against the modules (what trains)."""
+    fused = prepared(lm, "float32")
+    assert fused.prepared and not lm.prepared
+    assert fused.model.layers[0].self_attn.q_proj.weight.numel() == 0  # the fused matrix is the one copy
     prefix = prefixes(2)
-    caches = [KVCache.empty(m, 2, CFG.prefix_len + 1) for m in (lm, half)]
-    first = [prefill(m, prefix, c) for m, c in zip((lm, half), caches)]
-    token = first[0].argmax(-1)
-    second = [decode_one_token(m, token, CFG.prefix_len, c) for m, c in zip((lm, half), caches)]
-    for full, approx in (first, second):
+    first, second, token = prefill_and_step(lm, prefix)
+    first_f, second_f, _ = prefill_and_step(fused, prefix, token)
+    assert torch.allclose(first, first_f, atol=1e-5) and torch.allclose(second, second_f, atol=1e-5)
+    ids = [torch.stack(list(generate_tokens(m, prefix, DecodingOptions(max_tokens=12), eos_id=NEVER)), 1)
+           for m in (lm, fused)]
+    assert torch.equal(*ids)
+
+
+@pytest.mark.parametrize("name, stored, tolerance", [
+    ("float16", torch.float16, 1e-2), ("bfloat16", torch.bfloat16, 3e-2), ("int8", None, 5e-2)])
+@torch.inference_mode()
+def test_smaller_weights_stay_close_to_float32(lm, name, stored, tolerance):
+    small = prepared(lm, name)
+    gate_up = small.model.layers[0].mlp.gate_up
+    floats = 2 * CFG.intermediate_size * CFG.hidden_size
+    if stored is not None:
+        assert gate_up.weight.dtype == stored and gate_up.nbytes == 2 * floats
+    else:
+        assert gate_up.nbytes == floats + 4 * 2 * CFG.intermediate_size  # a byte per weight, a scale per row
+    assert small.model.embed_tokens.weight.dtype == torch.float32  # prefix and token embeddings exact
+    prefix = prefixes(2)
+    first, second, token = prefill_and_step(lm, prefix)
+    first_s, second_s, _ = prefill_and_step(small, prefix, token)
+    for full, approx in ((first, first_s), (second, second_s)):
         assert approx.dtype == torch.float32
-        assert (approx - full).abs().max() < 1e-2 * full.abs().max()
+        assert (approx - full).abs().max() < tolerance * full.abs().max()
         assert not torch.equal(approx, full)  # really computed differently

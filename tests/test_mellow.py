@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from mellow_cli.config import DecodingOptions, MellowConfig
 from mellow_cli.errors import ModelError
-from mellow_cli.generate import KVCache, generate_tokens, prefill
+from mellow_cli.generate import generate_tokens, prefill
 from mellow_cli.model.mellow import (
     Mellow,
     build_lm,
@@ -202,7 +202,7 @@ def test_golden_projection_and_prefix(golden_model, golden):
 @torch.inference_mode()
 def test_golden_first_logits(golden_model, golden):
     prefix = torch.from_numpy(golden["prefix"])
-    logits = prefill(golden_model.lm, prefix, KVCache.empty(golden_model.lm, 2, V0.prefix_len))
+    logits = first_logits(golden_model.lm, prefix)
     assert max_diff(logits, golden["first_logits"]) <= 1e-3
     assert torch.equal(logits.argmax(-1), torch.from_numpy(golden["first_logits"]).argmax(-1))
 
@@ -220,10 +220,31 @@ def test_golden_teacher_forced_top5(golden_model, golden):
     assert max_diff(top.values, golden["teacher_top5_logits"]) <= 1e-3
 
 
+def first_logits(lm, prefix):
+    lm.setup_cache(prefix.shape[0], prefix.shape[1])
+    return prefill(lm, prefix)
+
+
 @pytest.mark.slow
 def test_golden_greedy_ids(golden_model, golden):
     prefix = torch.from_numpy(golden["prefix"])
     steps = generate_tokens(golden_model.lm, prefix, DecodingOptions(max_tokens=40))
+    assert torch.equal(torch.stack(list(steps), dim=1), torch.from_numpy(golden["greedy_ids"]))
+
+
+@pytest.mark.slow
+def test_golden_greedy_ids_with_the_matrices_prepared_in_float32(golden_model, golden):
+    """--dtype float32 (fused q/k/v and gate/up) is still the exact path."""
+    import copy
+
+    from mellow_cli import precision
+
+    lm = copy.deepcopy(golden_model.lm)
+    precision.apply(lm, precision.EXACT)
+    prefix = torch.from_numpy(golden["prefix"])
+    with torch.inference_mode():
+        assert max_diff(first_logits(lm, prefix), golden["first_logits"]) <= 1e-3
+    steps = generate_tokens(lm, prefix, DecodingOptions(max_tokens=40))
     assert torch.equal(torch.stack(list(steps), dim=1), torch.from_numpy(golden["greedy_ids"]))
 
 
@@ -233,7 +254,7 @@ def test_golden_end_to_end_from_waveforms(golden_model, golden):
     wav = torch.from_numpy(np.stack([golden["wav1"], golden["wav2"]])).float()
     prefix = golden_model.prefix(wav, wav.flip(0), torch.from_numpy(golden["input_ids"]))
     assert max_diff(prefix, golden["prefix"]) < 1e-4
-    logits = prefill(golden_model.lm, prefix, KVCache.empty(golden_model.lm, 2, V0.prefix_len))
+    logits = first_logits(golden_model.lm, prefix)
     assert max_diff(logits, golden["first_logits"]) <= 1e-3
     assert torch.equal(logits.argmax(-1), torch.from_numpy(golden["first_logits"]).argmax(-1))
 

@@ -3,12 +3,12 @@
 gpt-fast's habits (../shared/STYLE.md, Benchmarks): a warm-up before timing, the device
 synchronised before each clock reading, medians of repeats, tokens/s, bytes read per second and
 peak memory, and a baseline measured in the same run: transformers' own `generate` over the very
-same weight tensors (model/llama.py: transformers_twin). These machines are shared and noisy, so
-the ratio of the two means more than either figure.
+same float32 weights (model/llama.py: transformers_twin). Other processes can slow either, so the
+ratio of the two, raced in alternate runs, means more than either figure.
 
 The audio is synthesized (tones over noise, a new clip for every timed run, so the model's clip
-cache never answers for the encoder). benchmarks/decode_speed.py times float16 and bfloat16
-variants with the decode timers below.
+cache never answers for the encoder). With a --dtype other than float32 it also loads the model in
+float32 and reports how often the two agree (greedy answers, choices, first logits).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from ..errors import ModelError
 from ..generate import generate_tokens
 
 QUESTION = "what can you infer about the surroundings from the audio?"
+CHOICE_QUESTION = "which sound is this?"
+CHOICES = ("a dog barking", "rain on a roof", "a car horn", "music playing", "a person speaking")
 NEVER = -1  # an eos id no token has: every timed run decodes exactly the tokens asked for
 
 
@@ -66,6 +68,10 @@ class SpeedReport:
     baseline_decode_tok_s: float | None  # same weights, same prefix, same number of tokens
     decode_ratio: float | None  # decode_tok_s / baseline_decode_tok_s
     peak_rss_with_baseline_mb: float | None  # peak after the baseline ran too
+    agreement_prompts: int  # clips (one prompt each) compared with float32; 0 when dtype is float32
+    same_greedy: float | None  # share of them whose `tokens` greedy tokens equal float32's
+    same_choice: float | None  # share whose pick among CHOICES equals float32's
+    max_logit_diff: float | None  # largest |logit - float32's| for the first token over them
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -110,8 +116,11 @@ def peak_rss_mb() -> float | None:
 
 
 def weight_bytes(lm) -> int:
-    """Bytes one decode step reads: every layer, the final norm and the output head (the input
-    embedding is only looked up, one row)."""
+    """Bytes one decode step reads: every matrix of every layer and the output head, the norms
+    (the input embedding is only looked up, one row)."""
+    if lm.prepared:
+        norms = [p for name, p in lm.named_parameters() if "norm" in name]
+        return sum(m.nbytes for m in lm.matrices()) + sum(p.numel() * p.element_size() for p in norms)
     tensors = [*lm.model.layers.parameters(), lm.model.norm.weight, lm.lm_head.weight]
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -246,23 +255,21 @@ def hf_generate(hf_lm, prefix: torch.Tensor, tokens: int) -> DecodeRun:
     return DecodeRun(first - start, (end - first) / max(tokens - 1, 1), out[:, -tokens:])
 
 
-def baseline_problem(lm) -> str | None:
-    """Why transformers cannot run these weights, or None if it can."""
-    if len({p.dtype for p in lm.parameters()}) > 1:
-        return "float16 matrices with float32 activations (--dtype float16 on a CPU) run only in our loop"
-    return None
+def baseline_lm(name: str, device: torch.device):
+    """transformers' LlamaForCausalLM over the float32 weights as loaded (our prepared matrices
+    are not nn.Linear weights it could read)."""
+    from ..model.llama import transformers_twin
 
-
-def lm_dtype(lm) -> str:
-    dtypes = {str(p.dtype).removeprefix("torch.") for p in lm.parameters()}
-    return "float16 matrices, float32 compute" if len(dtypes) > 1 else dtypes.pop()
+    net, _ = loading.load(name, device="cpu", progress=False)
+    return transformers_twin(net.lm.to(device))
 
 
 # --- the run ---------------------------------------------------------------------------------------
 
 
 def run(model: str = "v0", device: str = "auto", dtype: str | None = None, tokens: int = 64, repeat: int = 3,
-        batch_size: int = 8, baseline: bool = True, log: Callable[[str], None] | None = None) -> SpeedReport:
+        batch_size: int = 8, baseline: bool = True, prompts: int = 8,
+        log: Callable[[str], None] | None = None) -> SpeedReport:
     """Every measure of the report, in order: loads, one-clip encoder, time to first token, the
     batched encoder and captions, our decode, then (after importing transformers) the baseline,
     interleaved with ours so that load from other processes hits both alike."""
@@ -285,25 +292,28 @@ def run(model: str = "v0", device: str = "auto", dtype: str | None = None, token
     ours(lm, prefix, min(tokens, 4))  # warm-up
     rss_alone = peak_rss_mb()
 
-    hf_lm, problem = None, baseline_problem(lm) if baseline else None
-    if problem:
-        note(f"no transformers baseline: {problem}")
-    elif baseline:
-        note("importing transformers for the baseline")
-        from ..model.llama import transformers_twin
-
-        hf_lm = transformers_twin(lm)  # the same tensors inside transformers' LlamaForCausalLM
-        hf_generate(hf_lm, prefix, min(tokens, 4))  # warm-up
+    hf_lm = None
+    if baseline:
+        note("importing transformers for the baseline (float32)")
+        hf_lm = baseline_lm(model, net.device)
+        hf_generate(hf_lm, prefix.float(), min(tokens, 4))  # warm-up
     runs, hf_runs = [], []
     for _ in range(repeat):
         runs.append(ours(lm, prefix, tokens))
         if hf_lm is not None:
-            hf_runs.append(hf_generate(hf_lm, prefix, tokens))
+            hf_runs.append(hf_generate(hf_lm, prefix.float(), tokens))
 
+    rss_baseline = peak_rss_mb() if hf_runs else None
+    agreed = dict(agreement_prompts=0, same_greedy=None, same_choice=None, max_logit_diff=None)
+    if net.precision.name != "float32" and prompts:
+        note(f"agreement with float32 over {prompts} clips")
+        exact = load_model(model, device=device, dtype="float32", progress=False)
+        agreed = agreement(net, exact, clips(prompts), tokens)
+        del exact
     step = statistics.median(r.step_s for r in runs)
     hf_step = statistics.median(r.step_s for r in hf_runs) if hf_runs else None
     return SpeedReport(
-        model=net.name, revision=net.revision, device=str(net.device), dtype=lm_dtype(lm),
+        model=net.name, revision=net.revision, device=str(net.device), dtype=net.precision.describe(),
         threads=torch.get_num_threads(), torch_version=torch.__version__, tokens=tokens, repeat=repeat,
         batch_size=batch_size, fetched_first=fetched, load_first_s=load_first, load_cached_s=load_cached,
         encoder_ms_per_clip=enc1, encoder_ms_per_clip_batched=enc_batched, time_to_first_token_s=ttft,
@@ -314,8 +324,31 @@ def run(model: str = "v0", device: str = "auto", dtype: str | None = None, token
         baseline_prefill_ms=statistics.median(r.first_token_s for r in hf_runs) * 1e3 if hf_runs else None,
         baseline_decode_tok_s=1 / hf_step if hf_step else None,
         decode_ratio=hf_step / step if hf_step else None,
-        peak_rss_with_baseline_mb=peak_rss_mb() if hf_runs else None,
+        peak_rss_with_baseline_mb=rss_baseline,
+        **agreed,
     )
+
+
+@torch.inference_mode()
+def agreement(model: MellowModel, exact: MellowModel, clips: list[np.ndarray], tokens: int) -> dict:
+    """How often `model` answers as the float32 `exact` does over the same clips."""
+    from ..generate import prefill
+
+    same_tokens = same_pick = 0
+    diff = 0.0
+    for clip in clips:
+        ids, logits = [], []
+        for m in (model, exact):
+            prefix = m.prefix([(clip, None, QUESTION)])
+            ids.append(ours(m.net.lm, prefix, tokens).ids)
+            m.net.lm.setup_cache(1, prefix.shape[1])
+            logits.append(prefill(m.net.lm, prefix))
+        same_tokens += torch.equal(*ids)
+        diff = max(diff, float((logits[0] - logits[1]).abs().max()))
+        picks = [m.choose(clip, None, CHOICE_QUESTION, CHOICES).choice for m in (model, exact)]
+        same_pick += picks[0] == picks[1]
+    n = len(clips)
+    return dict(agreement_prompts=n, same_greedy=same_tokens / n, same_choice=same_pick / n, max_logit_diff=diff)
 
 
 def _baseline_name() -> str:
@@ -340,6 +373,7 @@ def table_rows(r: SpeedReport) -> list[tuple[str, str, str]]:
         ("encoder, 1 clip", f"{r.encoder_ms_per_clip:.0f} ms/clip", "10 s clip, encoder and mapper"),
         (f"encoder, batch of {r.batch_size}", f"{r.encoder_ms_per_clip_batched:.0f} ms/clip", "per clip of the batch"),
         ("time to first token", f"{r.time_to_first_token_s:.2f} s", "decoded clip -> first token"),
+        ("prefill", f"{r.prefill_ms:.0f} ms", "the prefix -> first token"),
         ("decode, mellow", f"{r.decode_tok_s:.1f} tok/s", f"greedy, {r.tokens} tokens, {r.decode_gb_s:.2f} GB/s"),
     ]
     if r.baseline is not None:
@@ -350,6 +384,11 @@ def table_rows(r: SpeedReport) -> list[tuple[str, str, str]]:
              ("peak RSS", _mb(r.peak_rss_mb), f"with the batches of {r.batch_size} too")]
     if r.peak_rss_with_baseline_mb is not None:
         rows.append(("peak RSS with baseline", _mb(r.peak_rss_with_baseline_mb), "after the transformers runs"))
+    if r.agreement_prompts:
+        n = r.agreement_prompts
+        rows += [("same greedy answer as float32", f"{r.same_greedy:.0%}", f"{n} clips, {r.tokens} tokens each"),
+                 ("same choice as float32", f"{r.same_choice:.0%}", f"{n} clips, {len(CHOICES)} choices"),
+                 ("first-token logits vs float32", f"{r.max_logit_diff:.3f}", "largest difference")]
     return rows
 
 
@@ -359,8 +398,7 @@ def footnote(r: SpeedReport) -> str:
              "The first load maps the cached safetensors for the first time in this process; the OS page "
              "cache was not dropped, so the file may still be in memory from an earlier run.")
     base = f" Baseline: {r.baseline}, racing ours in alternate runs." if r.baseline else ""
-    return (f"{first} Weights are memory-mapped: the warm-up's first forward reads them.{base} "
-            "Prefill times are in --json.")
+    return f"{first} Weights are memory-mapped: the warm-up's first forward reads them.{base}"
 
 
 def _mb(value: float | None) -> str:

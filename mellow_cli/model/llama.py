@@ -7,12 +7,14 @@ cached model. The network is small and standard; tests/test_llama.py checks it a
 transformers' `LlamaForCausalLM` logit for logit, on random and on the real SmolLM2 weights, and
 transformers stays the baseline that benchmarks compare against.
 
-The full-sequence `forward` here is the reference's view (re-run everything); fast decoding with a
-KV cache lives in generate.py and uses these same modules.
+One forward serves training (the whole sequence, causally) and inference (prefill, decode steps
+and choice scoring against a KV cache held inside each attention module, as in gpt-fast);
+generate.py only drives it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +33,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one kernel, the same sums
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -47,6 +51,7 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (cfg.rope_theta**exponent)
         # Not in the checkpoint: recomputed on the weights' device after a meta build (init_rotary).
         self.register_buffer("inv_freq", inv_freq.to(device or torch.get_default_device()), persistent=False)
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,10 +60,52 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
+    def span(self, start: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (end - start, head_dim) for positions start .. end-1, sliced from a table
+        computed once (and grown when a longer sequence comes), so a decode step allocates none."""
+        table = self._table
+        if table is None or table[0].shape[0] < end or table[0].dtype != dtype or table[0].device != self.inv_freq.device:
+            length = max(end, 1024 if table is None else 2 * table[0].shape[0])
+            positions = torch.arange(length, device=self.inv_freq.device)[None]
+            cos, sin = self(torch.empty(0, dtype=dtype), positions)
+            self._table = (cos[0], sin[0])
+        return self._table[0][start:end], self._table[1][start:end]
+
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+# A weight matrix prepared for inference (precision.py makes them): called on activations (B, T, in)
+# it returns (B, T, out) in their dtype; `nbytes` is what one product reads.
+Matrix = Callable[[torch.Tensor], torch.Tensor]
+
+
+def project(x: torch.Tensor, matrix: Matrix | None, *linears: nn.Linear) -> torch.Tensor:
+    """x through the prepared matrix if there is one, else through the modules (training), their
+    outputs side by side as the prepared matrix stacks them."""
+    if matrix is not None:
+        return matrix(x)
+    outputs = [m(x) for m in linears]
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+
+
+class KVCache(nn.Module):
+    """One layer's keys and values for `max_len` positions of `batch` rows, written in place."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, kv_heads, T, D) at start .. start+T; everything cached up to there."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class Attention(nn.Module):
@@ -66,17 +113,29 @@ class Attention(nn.Module):
         super().__init__()
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         kv = cfg.num_key_value_heads * self.head_dim
+        self.sizes = (cfg.hidden_size, kv, kv)
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, kv, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, kv, bias=False)
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.qkv: Matrix | None = None  # q, k, v as one matrix, and o, for inference (prepare)
+        self.out: Matrix | None = None
+        self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | None,
+                mask: torch.Tensor | None) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        qkv = project(x, self.qkv, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = qkv.split(self.sizes, dim=-1)
+        q, k, v = (y.view(b, t, -1, self.head_dim).transpose(1, 2) for y in (q, k, v))
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+        if start is not None:
+            k, v = self.kv_cache.update(start, k, v)
+        # Without a cache, or from position 0 (prefill), the mask is plain causal; a decode step
+        # (one query) sees every key; several queries after a cached prefix get `mask`.
+        causal = mask is None and t > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        return project(y.transpose(1, 2).reshape(b, t, -1), self.out, self.o_proj)
 
 
 class MLP(nn.Module):
@@ -87,9 +146,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up: Matrix | None = None  # gate and up as one matrix, and down (prepare)
+        self.down: Matrix | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_up, self.gate_proj, self.up_proj).chunk(2, dim=-1)
+        return project(F.silu(gate) * up, self.down, self.down_proj)
 
 
 class DecoderLayer(nn.Module):
@@ -100,8 +162,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -120,29 +183,87 @@ class CausalLMOutput:
 
 
 class LlamaForCausalLM(nn.Module):
-    """The language model: `model.*` and a `lm_head` tied to the token embedding."""
+    """The language model: `model.*` and a `lm_head` tied to the token embedding.
+
+    One forward serves every use. Without `start` it runs the whole sequence causally (training,
+    and the reference's re-run-everything view). With `start` it runs positions start .. start+T-1
+    against the KV cache that `setup_cache` put inside each attention module: prefill (start 0,
+    the whole prefix), a decode step (T = 1) and choice scoring (T = a choice's tokens)."""
 
     def __init__(self, cfg: MellowConfig):
         super().__init__()
-        self.config = cfg  # generate.py reads the sizes by their transformers names, which these are
+        self.config = cfg  # the sizes under their transformers names, which these are
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.model.embed_tokens.weight
+        self.head_matrix: Matrix | None = None
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
-    def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                logits_to_keep: int = 0) -> CausalLMOutput:
-        """The whole sequence at once, causally, as the reference re-runs it each step."""
-        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        positions = torch.arange(x.shape[1], device=x.device)[None]
-        cos, sin = self.model.rotary_emb(x, positions)
-        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        """A fresh KV cache in every layer for `batch` rows of up to `max_len` positions."""
+        c, w = self.config, self.model.embed_tokens.weight
+        head_dim = c.hidden_size // c.num_attention_heads
         for layer in self.model.layers:
-            x = layer(x, cos, sin)
-        x = self.model.norm(x)
-        return CausalLMOutput(self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x))
+            layer.self_attn.kv_cache = KVCache(batch, c.num_key_value_heads, max_len, head_dim,
+                                               dtype or w.dtype, w.device)
+
+    def select_cache_rows(self, index: torch.Tensor) -> None:
+        """Keep the given batch rows of every layer's cache (a row may be taken many times)."""
+        for layer in self.model.layers:
+            cache = layer.self_attn.kv_cache
+            cache.k, cache.v = cache.k[index], cache.v[index]
+
+    def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                logits_to_keep: int = 0, start: int | None = None) -> CausalLMOutput:
+        return CausalLMOutput(self.head(self.hidden(input_ids, inputs_embeds, start), logits_to_keep))
+
+    def hidden(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+               start: int | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, H) after the last norm."""
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        t = x.shape[1]
+        cos, sin = self.model.rotary_emb.span(start or 0, (start or 0) + t, x.dtype)
+        mask = None
+        if start and t > 1:  # query i (at start + i) sees keys 0 .. start + i
+            mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, start, mask)
+        return self.model.norm(x)
+
+    def head(self, hidden: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits (B, T, vocab) of the last `logits_to_keep` positions (0: all)."""
+        hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        return project(hidden, self.head_matrix, self.lm_head)
+
+    @torch.no_grad()
+    def prepare(self, matrix: Callable[[torch.Tensor], Matrix]) -> "LlamaForCausalLM":
+        """For inference: every layer's q, k, v as one matrix and gate, up as another (four
+        products per layer instead of seven), each made by `matrix` from the float weights, which
+        are then dropped (the prepared matrices are the only copy). Training needs the modules'
+        own weights: prepare a copy, or load again."""
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv = matrix(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+            attn.out = matrix(attn.o_proj.weight)
+            mlp.gate_up = matrix(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+            mlp.down = matrix(mlp.down_proj.weight)
+            for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                m.weight = nn.Parameter(m.weight.new_empty(0), requires_grad=False)
+        self.head_matrix = matrix(self.lm_head.weight)  # the embedding itself stays as it is
+        return self
+
+    @property
+    def prepared(self) -> bool:
+        return self.head_matrix is not None
+
+    def matrices(self) -> list:
+        """The prepared matrices, in the order a step reads them."""
+        found = []
+        for layer in self.model.layers:
+            found += [layer.self_attn.qkv, layer.self_attn.out, layer.mlp.gate_up, layer.mlp.down]
+        return [*found, self.head_matrix] if self.prepared else []
 
 
 def init_rotary(lm: LlamaForCausalLM) -> None:

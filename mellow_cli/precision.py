@@ -1,0 +1,288 @@
+"""How the language model's matrices are stored and multiplied: `--dtype`.
+
+- `float32` is the reference's arithmetic: the exact path, token for token the golden vectors.
+- `float16`, `bfloat16` store the matrices in half precision (half the bytes a decode step reads)
+  and multiply in it where the CPU is fast at it; the residual stream, norms, attention and the KV
+  cache stay float32, so answers part from float32's only at near ties.
+- `int8` stores them as 8-bit integers with one scale per output row: a quarter of float32's
+  bytes; the activations stay unquantized, so SmolLM2's logits stay within about 2 of float32's
+  (`mellow bench speed --dtype int8` reports the agreement).
+- `auto`, the default, takes the fastest faithful kernels of this CPU: which half precision (if
+  any) beats float32 at a decode step and at a prefill is not a property of the instruction set
+  alone (the same AVX512 machine can be fast at bfloat16 matrix-matrix products and slow at
+  float16 matrix-vector ones), so it is measured once on matrices of the model's shapes and kept
+  in the cache, keyed by the CPU and torch.
+
+Only the language model's linears and output head change; the encoder, the mapper and the token
+embedding stay float32 on a CPU. On a GPU the language model runs wholly in the half precision.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UsageError
+
+NAMES = ("auto", "float32", "float16", "bfloat16", "int8")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What each prepared matrix is stored in and multiplied in (int8: stored as int8, multiplied
+    by dynamic quantization, activations float32)."""
+
+    name: str  # float32, float16, bfloat16, int8
+    store: str
+    decode: str
+    prefill: str
+    packed: bool = False  # stored in oneDNN's blocked layout (Packed), else a plain tensor (Dense)
+    chosen_by: str = "--dtype"  # or "auto: measured ..."
+
+    def describe(self) -> str:
+        if self.name == "int8":
+            return "int8 (8-bit weights, per-channel scales)"
+        layout = ", oneDNN-packed" if self.packed else ""
+        if self.store == self.decode == self.prefill:
+            return self.name + layout
+        return f"{self.store} weights{layout} (decode in {self.decode}, prefill in {self.prefill})"
+
+
+EXACT = Precision("float32", "float32", "float32", "float32")
+
+
+def named(name: str, device: torch.device) -> Precision:
+    """--dtype NAME on `device` (auto measured or read from the cache on a CPU)."""
+    if name not in NAMES:
+        raise UsageError(f"unknown dtype {name!r}: use {', '.join(NAMES)}")
+    if device.type != "cpu":
+        if name == "auto":
+            name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        if name == "int8":
+            raise UsageError("--dtype int8 runs on the CPU only; use --device cpu, or float16/bfloat16 here")
+        return Precision(name, name, name, name)
+    if name == "auto":
+        return auto()
+    if name == "float16":  # half-precision matrix-matrix products are slow on most CPUs
+        return Precision("float16", "float16", "float16", "float32")
+    if name == "int8":
+        return Precision("int8", "int8", "int8", "int8")
+    return Precision(name, name, name, name)
+
+
+def apply(lm, precision: Precision) -> None:
+    """Prepare the language model's matrices for inference in `precision`, in place."""
+    lm.prepare(maker(precision))
+
+
+def maker(precision: Precision):
+    """weight (out, in) -> the prepared matrix for `precision`."""
+    if precision.name == "int8":
+        return Int8Matrix
+    if precision.packed:
+        return lambda w: Packed(w, DTYPES[precision.store])
+    store, decode, prefill = (DTYPES[d] for d in (precision.store, precision.decode, precision.prefill))
+    return lambda w: Dense(w, store, decode, prefill)
+
+
+# --- the matrices ---------------------------------------------------------------------------
+
+
+class Dense:
+    """A plain tensor stored in `store`, multiplied in `decode` for one position (a decode step,
+    bound by reading the weights) and in `prefill` for several (bound by arithmetic). Inputs and
+    outputs stay in the activations' dtype, so the residual stream and the KV cache keep theirs."""
+
+    def __init__(self, weight: torch.Tensor, store: torch.dtype, decode: torch.dtype, prefill: torch.dtype):
+        self.weight = weight.detach().to(store)
+        self.decode, self.prefill = decode, prefill
+        self.nbytes = self.weight.numel() * self.weight.element_size()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.decode if x.shape[-2] == 1 else self.prefill
+        w = self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
+        return F.linear(x.to(dtype), w).to(x.dtype)
+
+
+class Packed:
+    """A half-precision matrix reordered once into oneDNN's blocked layout, multiplied by oneDNN's
+    linear (what torch.compile's CPU backend uses for frozen weights): its matrix-vector product
+    streams the packed weights at close to memory speed where the plain kernel does not."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
+        self.dtype = dtype
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype).contiguous(), 1)
+        self.nbytes = weight.numel() * torch.finfo(dtype).bits // 8
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, None, "none", [], "").to(x.dtype)
+
+
+def packed_available(dtype: torch.dtype) -> bool:
+    try:
+        Packed(torch.ones(8, 8), dtype)(torch.ones(1, 1, 8))
+        return True
+    except (RuntimeError, AttributeError):
+        return False
+
+
+
+class Int8Matrix:
+    """A matrix as int8 with one scale per output row (symmetric, round to nearest). A decode
+    step multiplies it as it is stored (torch's int8-weight matrix-vector kernel, activations in
+    bfloat16, a quarter of float32's bytes); several positions multiply a bfloat16 copy made on
+    the fly, as compute, not bytes, bounds them. The activations are never quantized: dynamic
+    int8 (activations rounded to 8 bits per token) moved SmolLM2's logits by 10+ where this
+    moves them by about 2."""
+
+    def __init__(self, weight: torch.Tensor):
+        w = weight.detach().float()
+        self.scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        self.q = torch.round(w / self.scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.scale_bf16 = self.scale.to(torch.bfloat16)
+        self.nbytes = self.q.numel() + 4 * self.scale.numel()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        if x.shape[-2] == 1 and _int8_matvec():
+            y = torch._weight_int8pack_mm(flat, self.q, self.scale_bf16)
+        else:
+            y = F.linear(flat, self.q.to(torch.bfloat16) * self.scale_bf16[:, None])
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+_int8_kernel: list[bool] = []
+
+
+def _int8_matvec() -> bool:
+    """Whether this torch has the int8-weight kernel on the CPU (checked once)."""
+    if not _int8_kernel:
+        try:
+            one = torch.ones(1, 8, dtype=torch.bfloat16)
+            torch._weight_int8pack_mm(one, torch.ones(8, 8, dtype=torch.int8), torch.ones(8, dtype=torch.bfloat16))
+            _int8_kernel.append(True)
+        except (RuntimeError, AttributeError):
+            _int8_kernel.append(False)
+    return _int8_kernel[0]
+
+
+# --- auto: measure once per CPU and torch ---------------------------------------------------
+
+# What auto chooses between, all faithful (float32 residual stream, norms, attention and cache).
+CANDIDATES = (
+    EXACT,
+    Precision("float16", "float16", "float16", "float32"),
+    Precision("bfloat16", "bfloat16", "bfloat16", "bfloat16"),
+    Precision("bfloat16", "bfloat16", "bfloat16", "float32"),
+    Precision("bfloat16", "bfloat16", "bfloat16", "bfloat16", packed=True),
+    Precision("float16", "float16", "float16", "float16", packed=True),
+)
+# A workload to choose by: one prefix of two 10 s clips and a prompt, then a short answer.
+PREFIX, ANSWER = 389, 32
+
+
+_measured: dict[str, Precision] = {}  # this process's choices, whatever cache folder is in use
+
+
+def auto() -> Precision:
+    key = machine_key()
+    if key in _measured:
+        return _measured[key]
+    path = _cache_file()
+    known = _read(path)
+    if key in known:
+        choice = Precision(**{**known[key], "chosen_by": f"auto: measured before ({path})"})
+    else:
+        choice, timings = measure()
+        known[key] = {**asdict(choice), "timings_ms": timings}
+        _write(path, known)
+    _measured[key] = choice
+    return choice
+
+
+def machine_key() -> str:
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features", "model name")):
+                flags += line.split(":", 1)[1].strip() + ";"
+                if line.startswith(("flags", "Features")):
+                    break
+    except OSError:
+        pass
+    import hashlib
+    import platform
+
+    cpu = hashlib.sha256((platform.machine() + platform.processor() + flags).encode()).hexdigest()[:16]
+    return f"{cpu}-torch{torch.__version__}-threads{torch.get_num_threads()}"
+
+
+def measure(layers: int = 30, rows: int = 3072, columns: int = 576) -> tuple[Precision, dict[str, float]]:
+    """Time each candidate on `layers` matrices of a layer's gate/up shape (as many bytes as the
+    model's MLPs, so they come from memory as in the model): a decode step (one position) and a
+    prefill (PREFIX positions). The least time for PREFIX + ANSWER wins; leaving float32 needs a
+    10% win."""
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(rows, columns, generator=gen) * 0.02 for _ in range(layers)]
+    one = torch.randn(1, 1, columns, generator=gen)
+    many = torch.randn(1, PREFIX, columns, generator=gen)
+    timings, best = {}, None
+    for candidate in CANDIDATES:
+        if candidate.packed and not packed_available(DTYPES[candidate.store]):
+            continue
+        make = maker(candidate)
+        matrices = [make(w) for w in weights]
+        decode = _time(lambda: [m(one) for m in matrices])
+        prefill = _time(lambda: [m(many) for m in matrices[: layers // 5]], repeat=2) * 5
+        cost = decode * ANSWER + prefill
+        timings[candidate.describe()] = round(cost * 1e3, 1)
+        if best is None or cost < best[0] * 0.9:
+            best = (cost, candidate)
+        del matrices
+    summary = "; ".join(f"{k}: {v} ms" for k, v in timings.items())
+    return replace(best[1], chosen_by=f"auto: measured now ({summary})"), timings
+
+
+def _time(fn, repeat: int = 8) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _cache_file() -> Path:
+    from .loading import cache_dir
+
+    return cache_dir() / "precision.json"
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    fields = set(Precision.__dataclass_fields__) - {"chosen_by"}
+    return {k: {f: v[f] for f in fields} for k, v in data.items()
+            if isinstance(v, dict) and fields <= v.keys() and v.get("name") in NAMES}
+
+
+def _write(path: Path, known: dict) -> None:
+    """Best effort: an unwritable cache only means measuring again next time."""
+    from .files import write_json_atomic
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, known)
+    except OSError:
+        pass
