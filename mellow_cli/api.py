@@ -68,7 +68,7 @@ def pick_device(device: str = "auto") -> "torch.device":
     return torch.device(device)
 
 
-def set_precision(net, device: "torch.device", dtype: str | None = None) -> "Precision":
+def set_precision(net, device: "torch.device", dtype: str | None = None, release=None) -> "Precision":
     """Prepare the language model for inference in `dtype` (None: auto; precision.py says what
     each means). On a GPU a half precision also covers the mapper; the encoder and its front end
     stay float32 everywhere."""
@@ -81,7 +81,7 @@ def set_precision(net, device: "torch.device", dtype: str | None = None) -> "Pre
         half = precision.DTYPES[chosen.name]
         net.audio_encoder.projection.to(half)
         net.caption_decoder.to(half)
-    precision.apply(net.lm, chosen)
+    precision.apply(net.lm, chosen, release)
     return chosen
 
 
@@ -96,7 +96,10 @@ def load_model(name: str = "v0", device: str = "auto", dtype: str | None = None,
     if dtype is not None and dtype not in NAMES:  # fails before the weights load
         raise UsageError(f"unknown dtype {dtype!r}: use {', '.join(NAMES)}")
     net, files = loading.load(name, device="cpu", progress=progress)
-    chosen = set_precision(net.to(target), target, dtype)
+    from .files import drop_file_pages
+
+    chosen = set_precision(net.to(target), target, dtype,
+                           release=lambda originals: drop_file_pages(originals, files.weights))
     return MellowModel(net, Tokenizer(files.tokenizer_dir), name=files.name, revision=files.revision,
                        precision=chosen)
 

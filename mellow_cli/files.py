@@ -82,3 +82,36 @@ def disk_full(folder: Path, name: str, needed: int | None = None, free: int | No
     amount = f" (needs {megabytes(needed)}, {megabytes(free)} free)" if needed is not None else ""
     return ModelError(f"not enough disk space in {folder} for {name}{amount}: free some space, or set "
                       "MELLOW_HOME to a folder on a disk with room")
+
+
+def drop_file_pages(tensors, path: Path) -> int:
+    """Tell the OS that the pages of `tensors` mapped from `path` are no longer needed, so their
+    resident memory goes now instead of when the whole file is unmapped: after the language
+    model's matrices are converted (precision.py), the float32 originals are never read again.
+    Only whole pages inside the tensors and inside a mapping of `path` itself are dropped
+    (checked in /proc/self/maps): a later read would see the file's bytes again, never zeros, and
+    memory of our own is never touched. Elsewhere (not Linux) this does nothing. Returns the
+    bytes dropped."""
+    import ctypes
+    import mmap
+
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return 0
+    target = str(Path(path).resolve())
+    spans = []
+    for line in maps:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5] == target:
+            low, high = (int(a, 16) for a in parts[0].split("-"))
+            spans.append((low, high))
+    page, dropped = mmap.PAGESIZE, 0
+    for t in tensors:
+        start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        first, last = -(-start // page) * page, end // page * page  # whole pages inside the tensor
+        if last > first and any(low <= first and last <= high for low, high in spans):
+            if libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4) == 0:  # MADV_DONTNEED
+                dropped += last - first
+    return dropped

@@ -76,9 +76,10 @@ def named(name: str, device: torch.device) -> Precision:
     return Precision(name, name, name, name)
 
 
-def apply(lm, precision: Precision) -> None:
-    """Prepare the language model's matrices for inference in `precision`, in place."""
-    lm.prepare(maker(precision))
+def apply(lm, precision: Precision, release=None) -> None:
+    """Prepare the language model's matrices for inference in `precision`, in place (`release`:
+    see LlamaForCausalLM.prepare)."""
+    lm.prepare(maker(precision), release)
 
 
 def maker(precision: Precision):

@@ -146,21 +146,6 @@ def encode_answers(tokenizer, answers: list[str], cfg: MellowConfig, max_tokens:
     return ids, mask
 
 
-def prefix_embeddings(net, wav1: torch.Tensor, wav2: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
-    """`Mellow.prefix` for training: the same sequence, with HTSAT and its front end kept in
-    float32 under autocast (STFT kernels and the mel matrix lose too much in bfloat16). A row
-    whose second clip is its first (a one-clip question) encodes it once."""
-    b = wav1.shape[0]
-    own = torch.zeros(b, dtype=torch.bool, device=wav1.device) if wav1 is wav2 else (wav1 != wav2).any(dim=1)
-    wav = torch.cat([wav1, wav2[own]])
-    with torch.autocast(wav.device.type, enabled=False):
-        frames = net.audio_encoder.base(wav.float())
-    clips = net.pool(net.audio_encoder.projection(frames))
-    second = torch.arange(b, device=wav.device)
-    second[own] = torch.arange(b, len(wav), device=wav.device)
-    return net.embed_prefix(clips[:b], clips[second], prompt_ids)
-
-
 def answer_logits(lm, prefix: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
     """Teacher forcing: (B, A, vocab) logits predicting each answer token, from the last prefix
     position on. Right padding needs no attention mask: attention is causal, so padding only
@@ -178,7 +163,7 @@ def token_loss(logits: torch.Tensor, answer_ids: torch.Tensor, answer_mask: torc
 
 def answer_loss(net, wav1, wav2, prompt_ids, answer_ids, answer_mask, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of the answer tokens (mask True) given two clips and the padded prompt."""
-    logits = answer_logits(net.lm, prefix_embeddings(net, wav1, wav2, prompt_ids), answer_ids)
+    logits = answer_logits(net.lm, net.prefix(wav1, wav2, prompt_ids), answer_ids)
     return token_loss(logits, answer_ids, answer_mask, reduction)
 
 
@@ -500,7 +485,7 @@ def evaluate(net, dataset, tokenizer, opts: TrainOptions, world: World, device, 
         ids, mask = encode_answers(tokenizer, batch["answer"], cfg, opts.max_answer_tokens)
         ids, mask = ids.to(device), mask.to(device)
         with autocast():
-            prefix = prefix_embeddings(net, wav1, wav2, prompt)
+            prefix = net.prefix(wav1, wav2, prompt)
             loss_sum += token_loss(answer_logits(net.lm, prefix, ids), ids, mask, "sum").item()
         tokens += mask.sum().item()
         with_choices = [i for i, c in enumerate(batch["choices"]) if c]

@@ -161,3 +161,20 @@ def test_unknown_dtype_is_a_usage_error_before_loading(tmp_path):
 
     with pytest.raises(UsageError, match="unknown dtype 'fp16'"):
         load_model(str(tmp_path / "not-even-there"), device="cpu", dtype="fp16")
+
+
+def test_converted_weights_release_their_file_pages_and_nothing_else(tiny_model_dir, tmp_path):
+    """The pages dropped after conversion are the file's own: reading them again gives the file's
+    bytes, and a tensor in our own memory is left alone."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mellow_cli.files import drop_file_pages
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.arange(8192, dtype=torch.float32), "b": torch.ones(8192)}, str(path))
+    mapped = load_file(str(path))
+    ours = mapped["a"].clone()
+    assert drop_file_pages([mapped["a"]], path) > 0
+    assert torch.equal(mapped["a"], ours) and torch.equal(mapped["b"], torch.ones(8192))
+    assert drop_file_pages([ours], path) == 0 and torch.equal(ours, torch.arange(8192, dtype=torch.float32))

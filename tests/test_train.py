@@ -100,11 +100,13 @@ def test_answer_logits_are_the_full_forward_at_the_answer_positions(tokenizer):
     net = fresh_tiny(0).eval()
     wav1, wav2, prompt, ids, mask = batch_for(tokenizer, ["rises", "the second"])
     with torch.no_grad():
-        prefix = train.prefix_embeddings(net, wav1, wav2, prompt)
-        assert torch.equal(prefix, net.prefix(wav1, wav2, prompt))
+        prefix = net.prefix(wav1, wav2, prompt)
+        each = net.embed_prefix(net.encode_audio(wav1), net.encode_audio(wav2), prompt)
+        torch.testing.assert_close(prefix, each)
         # a one-clip row (its clip twice) among two-clip rows: its clip is encoded once, same prefix
         mixed = torch.stack([wav1[0], wav2[1]])
-        torch.testing.assert_close(train.prefix_embeddings(net, wav1, mixed, prompt), net.prefix(wav1, mixed, prompt))
+        each = net.embed_prefix(net.encode_audio(wav1), net.encode_audio(mixed), prompt)
+        torch.testing.assert_close(net.prefix(wav1, mixed, prompt), each)
         logits = train.answer_logits(net.lm, prefix, ids)
         full = net.lm(inputs_embeds=torch.cat([prefix, net.lm.model.embed_tokens(ids)], 1)).logits
     assert logits.shape == (2, ids.shape[1], TINY.vocab_size)
@@ -153,7 +155,7 @@ def test_training_view_matches_the_golden_teacher_logits(golden_dir, smollm2_dir
     wav = torch.from_numpy(np.stack([golden["wav1"], golden["wav2"]])).float()
     answer = torch.from_numpy(golden["teacher_answer_ids"])
     with torch.no_grad():
-        prefix = train.prefix_embeddings(net, wav, wav.flip(0), torch.from_numpy(golden["input_ids"]))
+        prefix = net.prefix(wav, wav.flip(0), torch.from_numpy(golden["input_ids"]))
         top = train.answer_logits(net.lm, prefix, answer).topk(5, dim=-1)
     assert torch.equal(top.indices, torch.from_numpy(golden["teacher_top5_ids"]))
     assert (top.values - torch.from_numpy(golden["teacher_top5_logits"])).abs().max() <= 1e-3

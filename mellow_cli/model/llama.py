@@ -238,19 +238,25 @@ class LlamaForCausalLM(nn.Module):
         return project(hidden, self.head_matrix, self.lm_head)
 
     @torch.no_grad()
-    def prepare(self, matrix: Callable[[torch.Tensor], Matrix]) -> "LlamaForCausalLM":
+    def prepare(self, matrix: Callable[[torch.Tensor], Matrix],
+                release: Callable[[list[torch.Tensor]], object] | None = None) -> "LlamaForCausalLM":
         """For inference: every layer's q, k, v as one matrix and gate, up as another (four
         products per layer instead of seven), each made by `matrix` from the float weights, which
-        are then dropped (the prepared matrices are the only copy). Training needs the modules'
+        are then dropped (the prepared matrices are the only copy), each layer's handed to
+        `release` first (loading frees their memory-mapped pages). Training needs the modules'
         own weights: prepare a copy, or load again."""
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
+            originals = [m.weight.detach() for m in layer.modules() if isinstance(m, nn.Linear)]
             attn.qkv = matrix(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
             attn.out = matrix(attn.o_proj.weight)
             mlp.gate_up = matrix(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
             mlp.down = matrix(mlp.down_proj.weight)
             for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
                 m.weight = nn.Parameter(m.weight.new_empty(0), requires_grad=False)
+            if release is not None:
+                release(originals)
+            del originals
         self.head_matrix = matrix(self.lm_head.weight)  # the embedding itself stays as it is
         return self
 

@@ -51,7 +51,8 @@ class AudioEncoder(nn.Module):
         # The encoder may stay float32 (its STFT kernels and mel matrix lose too much in half
         # precision) while the mapper and language model run in bfloat16 on a GPU: meet at the
         # mapper's dtype.
-        frames = self.base(wav.to(self.base.c2l.weight.dtype))
+        with torch.autocast(wav.device.type, enabled=False):  # training runs under autocast
+            frames = self.base(wav.to(self.base.c2l.weight.dtype))
         return self.projection(frames.to(self.projection.linear1.weight.dtype))
 
 
@@ -118,13 +119,16 @@ class Mellow(nn.Module):
         return torch.cat([clip1, sep, clip2, sep, prompt], dim=1)
 
     def prefix(self, wav1: torch.Tensor, wav2: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """wavs (B, clip_samples) -> inputs_embeds (B, prefix_len, H). Both clips go through the
-        encoder as one batch; a one-clip question (the same clip twice) encodes it once."""
-        if wav1.shape == wav2.shape and torch.equal(wav1, wav2):
-            clips = self.encode_audio(wav1)
-            return self.embed_prefix(clips, clips, input_ids)
-        clips = self.encode_audio(torch.cat([wav1, wav2]))
-        return self.embed_prefix(*clips.split(wav1.shape[0]), input_ids)
+        """wavs (B, clip_samples) -> inputs_embeds (B, prefix_len, H), for training and for the
+        reference's view (the CLI embeds clips once and caches them, then calls `embed_prefix`).
+        Both clips go through the encoder as one batch; a row whose second clip is its first (a
+        one-clip question) encodes it once."""
+        b = wav1.shape[0]
+        own = torch.zeros(b, dtype=torch.bool, device=wav1.device) if wav1 is wav2 else (wav1 != wav2).any(dim=1)
+        clips = self.encode_audio(torch.cat([wav1, wav2[own]]))
+        second = torch.arange(b, device=wav1.device)
+        second[own] = torch.arange(b, len(clips), device=wav1.device)
+        return self.embed_prefix(clips[:b], clips[second], input_ids)
 
 
 _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_",
