@@ -1,4 +1,5 @@
-"""`mellow models`: what is cached, fetch a model ahead of time, remove one, say where one lives.
+"""`mellow models`: what is cached, fetch a model ahead of time, remove one, say where one lives,
+write one as the authors' checkpoint (export.py does that).
 
 cli.py mounts it with `app.add_typer(models_app, name="models")`. Results go to stdout (one line
 per model, or JSON lines with --json), progress and errors to stderr; every failure is a ModelError
@@ -126,3 +127,31 @@ def path(name: Annotated[Optional[str], typer.Argument(metavar="[NAME]", help="A
     from . import loading
 
     sys.stdout.write(f"{loading.cache_dir() if name is None else loading.model_path(name)}\n")
+
+
+@models_app.command("export")
+def export(
+    name: Annotated[str, typer.Argument(metavar="MODEL", help="v0, v0_s, a hub id, a .ckpt/.safetensors file, or a model folder (a run's checkpoints/step-N or best).", show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", metavar="FILE.ckpt", help="The checkpoint to write (.ckpt, .pt or .pth).", show_default=False)],
+    wrap: Annotated[Optional[str], typer.Option("--wrap", metavar="state_dict", help="Save {\"state_dict\": ...}, the form the authors' resume_checkpoint reads; without it, the bare state dict their evaluation loads.", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace FILE.ckpt if it exists.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; print only the path.")] = False,
+) -> None:
+    """Write a model as the authors' plain torch.save state dict (every official key, the
+    tied lm_head.weight too), which their Mellow class loads with strict=True; print its path.
+
+    Only the v0 architecture has an official layout (v0, v0_s and fine-tunes of them).
+
+    \b
+    Examples:
+      mellow models export v0 -o mellow-v0.ckpt
+      mellow models export runs/birds/checkpoints/best -o birds.ckpt
+      mellow models export runs/birds/checkpoints/best -o birds-resume.ckpt --wrap state_dict
+    """
+    from . import export as exporting
+    from . import files
+
+    done = exporting.export(name, output, exporting.ExportOptions(wrap=wrap, overwrite=overwrite, progress=not quiet))
+    files.note(f"{name}: {done.keys} tensors, {files.megabytes(done.bytes)}"
+               + (" wrapped as {'state_dict': ...}" if done.wrap else ""), not quiet)
+    sys.stdout.write(f"{done.path}\n")
