@@ -203,3 +203,13 @@ def test_big_files_show_progress_on_stderr(tmp_path, monkeypatch, capsys):
     assert f"mellow: writing {tmp_path / 'x.ckpt'}" in err and "x.ckpt:" in err  # the note, then the bar
     export.save_atomic(_small_state(), tmp_path / "y.ckpt", overwrite=False, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_help_shows_the_options_and_examples():
+    from typer.testing import CliRunner
+
+    from mellow_cli.cli import app
+
+    result = CliRunner().invoke(app, ["models", "export", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "mellow models export" in result.output and "--wrap" in result.output and "--overwrite" in result.output
