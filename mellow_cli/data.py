@@ -68,6 +68,7 @@ from mellow_cli.audio import audio_duration, load_clip
 from mellow_cli.batch import json_kind, json_lines, json_list, read_text
 from mellow_cli.config import MellowConfig
 from mellow_cli.errors import AudioError, UsageError
+from mellow_cli.templates import OfficialText, first, realize
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class QARow:
     id: str | None = None
     line: int = 0  # 1-based line of a JSONL, or 0-based position in a JSON list (as jq's `.[i]`)
     in_list: bool = False  # read from a JSON list
+    official: OfficialText | None = None  # text drawn anew each epoch (templates.py); question/answer: one draw
 
     @property
     def where(self) -> str:
@@ -116,38 +118,45 @@ _REASONAQA_PROMPTS: dict[str, tuple[str, Callable[[dict], object]]] = {
 }
 
 
-def read_rows(path: str | os.PathLike, audio_root: str | os.PathLike | None = None) -> list[QARow]:
-    """Every row of a JSONL or ReasonAQA JSON file, paths resolved, nothing checked yet.
+def read_rows(path: str | os.PathLike, audio_root: str | os.PathLike | None = None,
+              text: str = "mellow") -> list[QARow]:
+    """Every row of a JSONL or ReasonAQA JSON file, paths resolved, nothing checked yet. With
+    `text="official"`, rows in the official format (`input`, no `question`) keep their text
+    fields for templates.realize, as the authors' training loader reads them.
 
     A file that is not JSON, or a row that is not an object or has a field of the wrong type, is
     a UsageError naming the file and line (or item); missing or empty fields are left for
     validate_rows to report with the other bad rows.
     """
     name = os.fspath(path)
-    text = read_text(name)
+    body = read_text(name)
     root = Path(audio_root) if audio_root is not None else Path(name).resolve().parent
-    if text.lstrip().startswith("["):
-        return [_row(obj, index, True, name, root) for index, obj in enumerate(json_list(name, text=text))]
-    return [_row(obj, line, False, name, root) for line, obj in json_lines(name, text=text)]
+    if body.lstrip().startswith("["):
+        return [_row(obj, index, True, name, root, text) for index, obj in enumerate(json_list(name, text=body))]
+    return [_row(obj, line, False, name, root, text) for line, obj in json_lines(name, text=body)]
 
 
-def _row(obj: object, line: int, in_list: bool, name: str, root: Path) -> QARow:
+def _row(obj: object, line: int, in_list: bool, name: str, root: Path, text: str) -> QARow:
     where = f"{name}: {_place(line, in_list)}"
     if not isinstance(obj, dict):
         raise UsageError(f"{where}: expected a JSON object, got {json_kind(obj)}")
-    question, answer = _question_answer(obj, where)
-    audio1 = _text(_first(obj, "audio1", "audio", "filepath1"), where, "audio1")
-    audio2 = _text(_first(obj, "audio2", "filepath2"), where, "audio2")
+    official = None
+    if text == "official" and "question" not in obj and "input" in obj:
+        official = OfficialText(*(_text(obj.get(k), where, k) for k in ("input", "answer", "caption1", "caption2")))
+        question, answer = realize(official, first)
+    else:
+        question, answer = _question_answer(obj, where)
     ident = obj.get("id")
     return QARow(
-        audio1=_resolve(audio1, root),
-        audio2=_resolve(audio2, root) or None,
+        audio1=_path(obj, ("audio1", "audio"), "filepath1", root, where),
+        audio2=_path(obj, ("audio2",), "filepath2", root, where) or None,
         question=question,
         answer=answer,
         choices=_choices(obj.get("choices"), where),
         id=None if ident is None else str(ident),
         line=line,
         in_list=in_list,
+        official=official,
     )
 
 
@@ -161,11 +170,14 @@ def _question_answer(obj: dict, where: str) -> tuple[str, str]:
     return question.lower(), answer.lower()
 
 
-def _first(obj: dict, *keys: str) -> object:
-    for key in keys:
+def _path(obj: dict, ours: tuple[str, ...], theirs: str, root: Path, where: str) -> str:
+    """A clip's path, resolved: our fields as written (`~` expanded), else the official field as
+    the authors read it: joined to the root, then every backslash made a separator."""
+    for key in ours:
         if obj.get(key) not in (None, ""):
-            return obj[key]
-    return None
+            return _resolve(_text(obj[key], where, ours[0]), root)
+    path = _text(obj.get(theirs), where, theirs)
+    return str(Path(os.path.join(root, path).replace("\\", "/"))) if path else ""
 
 
 def _text(value: object, where: str, field: str) -> str:
@@ -314,11 +326,14 @@ class QADataset(torch.utils.data.Dataset):
     workers). Call set_epoch before each epoch's iterator is created: workers get a copy of the
     dataset when an iterator starts, so do not combine this with `persistent_workers=True`."""
 
-    def __init__(self, rows: Sequence[QARow], cfg: MellowConfig, seed: int = 0, random_window: bool = True):
+    def __init__(self, rows: Sequence[QARow], cfg: MellowConfig, seed: int = 0, random_window: bool = True,
+                 second_clip: str = "first"):
         self.rows = list(rows)
         self.cfg = cfg
         self.seed = seed
         self.random_window = random_window
+        self.second_clip = second_clip  # a row without audio2: "first" (clip 1 twice) or "random"
+        self.clips = sorted({r.audio1 for r in self.rows})  # what "random" draws from (theirs: every filepath1)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -331,11 +346,15 @@ class QADataset(torch.utils.data.Dataset):
         row = self.rows[index]
         rng = self.window_rng(index)
         wav1 = self._clip(row.audio1, rng)
+        audio2 = row.audio2
+        if audio2 is None and self.second_clip == "random":
+            audio2 = self.clips[int(rng.integers(len(self.clips)))]
         # The same tensor object when there is one clip: the model may encode it once.
-        same = row.audio2 is None or row.audio2 == row.audio1
-        wav2 = wav1 if same else self._clip(row.audio2, rng)
-        return dict(wav1=wav1, wav2=wav2, question=row.question, answer=row.answer,
-                    choices=row.choices, index=index)
+        same = audio2 is None or audio2 == row.audio1
+        wav2 = wav1 if same else self._clip(audio2, rng)
+        question, answer = (row.question, row.answer) if row.official is None else \
+            realize(row.official, lambda items: items[int(rng.integers(len(items)))])
+        return dict(wav1=wav1, wav2=wav2, question=question, answer=answer, choices=row.choices, index=index)
 
     def window_rng(self, index: int) -> np.random.Generator:
         """The generator that picks row `index`'s windows in the current epoch."""

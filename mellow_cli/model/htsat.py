@@ -12,9 +12,12 @@ The path of one 10 s clip (v0 sizes):
   768 -> `latent` = mean over tokens, and the token-semantic head `tscam_conv` -> 32 frames of 527
   class probabilities -> `c2l` to 768, each frame repeated 32 times -> (1 + 1024, 768).
 
-This is the eval-mode function, which inference needs: the reference's training-time parts are
-left out (SpecAugment, mixup, stochastic depth 0.1, attention-map outputs). Call `.eval()`: in
-`train()` mode bn0 would normalise with batch statistics, as any BatchNorm.
+Inference runs it in eval mode. In `train()` mode it does what the reference does in training
+(the official training release, soham97/mellow branch `training`, models/htsat.py): bn0 normalises
+with batch statistics, SpecAugment (torchlibrosa's `SpecAugmentation(64, 2, 8, 2)`) zeroes stripes
+of the normalised log-mel, and DropPath (stochastic depth, rising linearly to 0.1 over the blocks)
+drops residual branches per clip. The reference's mixup and attention-map outputs are left out
+(its training never asks for them). Every random draw comes from torch's global generator.
 
 Meta-device builds: every buffer is persistent and in the checkpoint (STFT kernels, mel matrix,
 bn0 statistics, `relative_position_index`, `attn_mask`) and nothing else is precomputed (position
@@ -33,6 +36,30 @@ from mellow_cli.config import MellowConfig
 from mellow_cli.model.frontend import CPU, LogMel, Spectrogram, constant
 
 MASKED = -100.0  # the reference's additive mask between tokens from different shifted regions
+DROP_PATH = 0.1  # the reference's drop_path_rate: the last block's stochastic depth
+SPEC_AUGMENT = ((2, 64, 2), (3, 8, 2))  # (axis, widest stripe, stripes): time, then frequency
+
+
+def drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Stochastic depth (timm's drop_path): each clip's branch kept with probability 1 - p, scaled."""
+    keep = 1 - p
+    mask = (keep + torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device)).floor_()
+    return x.div(keep) * mask
+
+
+def spec_augment(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, frames, mels) -> the same with random stripes zeroed, drawn as torchlibrosa's
+    DropStripes draws them: for each axis, for each clip, each stripe a width in [0, widest) and
+    a start in [0, size - width)."""
+    keep = torch.ones_like(x, dtype=torch.bool)
+    for axis, widest, stripes in SPEC_AUGMENT:
+        size = x.shape[axis]
+        for clip in keep:
+            for _ in range(stripes):
+                width = int(torch.randint(0, widest, (1,))[0])
+                start = int(torch.randint(0, size - width, (1,))[0])
+                clip.narrow(axis - 1, start, width).fill_(False)
+    return x.masked_fill(~keep, 0.0)
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -116,9 +143,10 @@ class MLP(nn.Module):
 class SwinBlock(nn.Module):
     """Pre-norm window attention + MLP; with `shift`, windows are offset by a cyclic roll."""
 
-    def __init__(self, dim: int, num_heads: int, size: int, window: int, shift: int, mlp_ratio: float):
+    def __init__(self, dim: int, num_heads: int, size: int, window: int, shift: int, mlp_ratio: float,
+                 drop: float = 0.0):
         super().__init__()
-        self.window, self.shift = window, shift
+        self.window, self.shift, self.drop = window, shift, drop
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, num_heads, window)
         self.norm2 = nn.LayerNorm(dim)
@@ -135,8 +163,11 @@ class SwinBlock(nn.Module):
         h = window_merge(self.attn(window_partition(h, self.window), self.attn_mask), H, W, self.window)
         if self.shift:
             h = torch.roll(h, (self.shift, self.shift), dims=(1, 2))
-        x = x + h
-        return x + self.mlp(self.norm2(x))
+        x = x + self._branch(h)
+        return x + self._branch(self.mlp(self.norm2(x)))
+
+    def _branch(self, h: torch.Tensor) -> torch.Tensor:
+        return drop_path(h, self.drop) if self.training and self.drop > 0 else h
 
 
 class PatchMerging(nn.Module):
@@ -157,13 +188,15 @@ class PatchMerging(nn.Module):
 class Stage(nn.Module):
     """Swin blocks at one resolution, alternating plain and shifted windows, then merging."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, size: int, cfg: MellowConfig, downsample: bool):
+    def __init__(self, dim: int, depth: int, num_heads: int, size: int, cfg: MellowConfig, downsample: bool,
+                 drops: list[float]):
         super().__init__()
         # a grid no larger than the window is one window: nothing to shift (the last stage of v0)
         window = min(size, cfg.window_size)
         shift = 0 if size <= cfg.window_size else cfg.window_size // 2
         self.blocks = nn.ModuleList(
-            SwinBlock(dim, num_heads, size, window, shift if i % 2 else 0, cfg.mlp_ratio) for i in range(depth)
+            SwinBlock(dim, num_heads, size, window, shift if i % 2 else 0, cfg.mlp_ratio, drops[i])
+            for i in range(depth)
         )
         self.downsample = PatchMerging(dim) if downsample else None
 
@@ -199,8 +232,12 @@ class HTSAT(nn.Module):
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.embed_dim)
         grid = cfg.spec_size // cfg.patch_size
         n = len(cfg.depths)
+        # the reference's float32 linspace, on the CPU even inside a meta-device build
+        drops = torch.linspace(0, DROP_PATH, sum(cfg.depths), device=CPU).tolist()
+        first = [sum(cfg.depths[:i]) for i in range(n)]
         self.layers = nn.ModuleList(
-            Stage(cfg.embed_dim * 2**i, cfg.depths[i], cfg.num_heads[i], grid // 2**i, cfg, downsample=i < n - 1)
+            Stage(cfg.embed_dim * 2**i, cfg.depths[i], cfg.num_heads[i], grid // 2**i, cfg, downsample=i < n - 1,
+                  drops=drops[first[i]: first[i] + cfg.depths[i]])
             for i in range(n)
         )
         self.norm = nn.LayerNorm(cfg.audio_dim)
@@ -217,6 +254,8 @@ class HTSAT(nn.Module):
     def to_image(self, log_mel: torch.Tensor) -> torch.Tensor:
         """(B, 1, frames, n_mels) -> normalised, resized and folded (B, 1, spec_size, spec_size)."""
         x = self.bn0(log_mel.transpose(1, 3)).transpose(1, 3)  # bn0 normalises each mel band
+        if self.training:
+            x = spec_augment(x)
         B, _, _, M = x.shape
         x = F.interpolate(x, (self.frames, M), mode="bicubic", align_corners=True)
         # (B, 1, T, M) -> rows: chunk * M + mel, columns: time within the chunk
