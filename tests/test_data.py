@@ -256,3 +256,94 @@ def test_split_val_is_deterministic_and_keeps_clips_together():
     assert (len(train), len(val)) == (7, 3)
     with pytest.raises(UsageError):
         split_val(rows, 1.0, seed=0)
+
+
+# ---------------------------------------------------------------- the official format
+
+
+def write_official(path: Path, rows: list[dict]) -> Path:
+    full = [{"filepath1": "", "filepath2": "", "caption1": "", "caption2": "", "input": "", "answer": "", **r}
+            for r in rows]
+    path.write_text(json.dumps(full))
+    return path
+
+
+def test_official_text_templates_and_casing():
+    from mellow_cli import template_lists as T
+    from mellow_cli.templates import OfficialText, first, realize
+
+    caps = dict(caption1="A Dog Barks.", caption2="Rain On A Roof")
+    assert realize(OfficialText("caption both audios", "", **caps), first) == (
+        T.BOTH[0], "The audio 1 is a dog barks. The audio 2 is rain on a roof.")
+    assert realize(OfficialText("caption first audio", "", **caps), first) == (T.FIRST[0], "The audio 1 is a dog barks.")
+    assert realize(OfficialText("caption second audio", "", **caps), first) == (T.SECOND[0], "The audio 2 is rain on a roof.")
+    last = lambda items: items[-1]  # noqa: E731
+    for keyword, paraphrases in (("explain the difference in few words", T.WORDONLY),
+                                 ("explain the difference in a sentence", T.LONGLINEONLY),
+                                 ("explain the difference in detail", T.DETAILONLY)):
+        assert realize(OfficialText(keyword, "The First Is Louder"), last) == (paraphrases[-1], "The First Is Louder")
+    assert realize(OfficialText("Listen. emo_emo_emo Answer Briefly", "Happy"), first) == (
+        f"Listen. {T.EMOTION[0]} Answer Briefly", "Happy")
+    # anything else: both lower-cased; keywords match exactly, so another casing is "anything else"
+    assert realize(OfficialText("Which Clip Is LOUDER?", "The First"), first) == ("which clip is louder?", "the first")
+    assert realize(OfficialText("Caption First Audio", "X"), first) == ("caption first audio", "x")
+    assert (len(T.BOTH), len(T.FIRST), len(T.SECOND), len(T.EMOTION)) == (96, 102, 95, 103)
+
+
+def test_official_rows_paths_data_root_and_backslashes(tmp_path):
+    root = tmp_path / "audio_root"
+    f = write_official(tmp_path / "rows.json", [
+        {"filepath1": "clips\\a.wav", "filepath2": "clips/b.wav", "input": "explain the difference in detail",
+         "answer": "A Is Louder"},
+        {"filepath1": "/abs/c.wav", "input": "caption first audio", "caption1": "A Cat."},
+    ])
+    official = read_rows(f, audio_root=root, text="official")
+    assert official[0].audio1 == str(root / "clips" / "a.wav") and official[0].audio2 == str(root / "clips" / "b.wav")
+    assert official[1].audio1 == "/abs/c.wav" and official[1].audio2 is None
+    assert official[1].official is not None and official[1].answer == "The audio 1 is a cat."
+    # the mellow reading of the same file: fixed phrasing, lower-cased, nothing drawn later
+    mine = read_rows(f, audio_root=root)
+    assert mine[0].official is None and mine[0].answer == "a is louder"
+    assert mine[0].audio1 == official[0].audio1
+    # without a root, paths start at the data file's folder
+    assert read_rows(f, text="official")[0].audio1 == str(tmp_path / "clips" / "a.wav")
+
+
+def test_official_dataset_draws_text_and_second_clip_per_epoch(tmp_path):
+    clips = [write_tone(tmp_path / f"{i}.wav", freq=200 + 100 * i, seconds=1.0) for i in range(6)]
+    f = write_official(tmp_path / "rows.json", [
+        {"filepath1": c.name, "input": "caption first audio", "caption1": f"Tone {i}"} for i, c in enumerate(clips)])
+    rows = read_rows(f, text="official")
+
+    def draws(second_clip, epoch, seed=0):
+        ds = QADataset(rows, CFG, seed=seed, second_clip=second_clip)
+        ds.set_epoch(epoch)
+        return [ds[i] for i in range(len(ds))]
+
+    a, again, later = draws("random", 0), draws("random", 0), draws("random", 1)
+    assert [x["question"] for x in a] == [x["question"] for x in again]  # seeded: a resume draws the same
+    assert all(torch.equal(x["wav2"], y["wav2"]) for x, y in zip(a, again))
+    assert [x["question"] for x in a] != [x["question"] for x in later]  # drawn anew each epoch
+    assert all(x["answer"] == f"The audio 1 is tone {i}." for i, x in enumerate(a))
+    others = sum(not torch.equal(x["wav1"], x["wav2"]) for x in a + later)
+    assert others >= 6  # mostly another clip: 1 in 6 draws its own
+    assert all(x["wav2"] is x["wav1"] for x in draws("first", 0))  # ours: clip 1 twice
+
+
+def test_several_files_are_read_as_one_list(tmp_path):
+    from mellow_cli.recipe import options
+    from mellow_cli.train_data import training_rows
+    from mellow_cli.world import World
+
+    for name in ("a", "b"):
+        write_tone(tmp_path / f"{name}.wav", seconds=1.0)
+    one = write_official(tmp_path / "one.json", [{"filepath1": "a.wav", "input": "What Is It?", "answer": "A Tone"}])
+    two = write_official(tmp_path / "two.json", [{"filepath1": "b.wav", "input": "caption first audio",
+                                                  "caption1": "A Tone"},
+                                                 {"filepath1": "missing.wav", "input": "x", "answer": "y"}])
+    opts = options("official", data=(str(one), str(two)), out=str(tmp_path / "run"), skip_bad=True)
+    events = []
+    train, val = training_rows(opts, events.append, World())
+    assert [r.audio1 for r in train] == [str(tmp_path / "a.wav"), str(tmp_path / "b.wav")] and val == []
+    assert [e["path"] for e in events if e["event"] == "checking"] == [str(one), str(two)]
+    assert any("item [1]" in e.get("message", "") for e in events if e["event"] == "note")
