@@ -33,6 +33,22 @@ class Mode(str, Enum):
     generate = "generate"
 
 
+class PromptStyle(str, Enum):
+    plain = "plain"
+    mellow = "mellow"
+
+
+class MmauScorer(str, Enum):  # bench/mmau.py SCORERS
+    mmau = "mmau"
+    mellow = "mellow"
+
+
+class QaScorer(str, Enum):  # bench/qa.py SCORERS
+    mmau = "mmau"
+    mellow = "mellow"
+    mellow_binary = "mellow-binary"
+
+
 # Options of the multiple-choice benchmarks (mmau, qa), declared once.
 ModeOpt = Annotated[Mode, typer.Option("--mode", help="choices: score each option's likelihood after the question and answer with the likeliest, so every answer names exactly one option (fast, the default); generate: greedy free text after the question and its lettered options, the protocol of the paper's run (an answer naming no option, or two, is wrong).")]
 PredictionsOpt = Annotated[Optional[str], typer.Option("--predictions", "-o", help="Where the predictions go, in the official format (the items plus model_output) [default: DATA-MODEL-MODE.json in the current folder].")]
@@ -41,6 +57,7 @@ LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=1, help="Only th
 ScoreOnlyOpt = Annotated[Optional[List[str]], typer.Option("--score-only", metavar="PREDICTIONS.json", help="Score this predictions file (from any model; repeat for shards) without running a model.")]
 MinAccuracyOpt = Annotated[Optional[float], typer.Option("--min-accuracy", min=0.0, max=100.0, metavar="PERCENT", help="Exit 1 when the overall accuracy is below this (for CI).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON report (data SHA-256, model, revision, mode, counts, accuracies, wall time) instead of the table.")]
+PromptStyleOpt = Annotated[PromptStyle, typer.Option("--prompt-style", help="plain: the question and its lettered options as written, the clip paired with itself; mellow: as the Mellow authors' evaluation asks (lower-cased, end of text appended, an item without a second clip paired with one drawn from the file), the prompt of the paper's 52.11.")]
 
 
 @bench_app.command("mmau")
@@ -56,6 +73,8 @@ def bench_mmau(
     score_only: ScoreOnlyOpt = None,
     min_accuracy: MinAccuracyOpt = None,
     as_json: JsonOpt = False,
+    scorer: Annotated[MmauScorer, typer.Option("--scorer", help="mmau: the benchmark's matcher (evaluation.py: the answer's words, no wrong option's; unanswered items left out); mellow: the Mellow authors' metrics/mmau.py (the text before ')' is the option letter; every item counts), the scorer of the paper's 52.11.")] = MmauScorer.mmau,
+    prompt_style: PromptStyleOpt = PromptStyle.plain,
     max_tokens: MaxTokensOpt = 300,
     model: ModelOpt = "v0",
     device: DeviceOpt = Device.auto,
@@ -65,7 +84,8 @@ def bench_mmau(
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Score a model on MMAU with the benchmark's official matcher (evaluation.py).
+    """Score a model on MMAU with the benchmark's official matcher (evaluation.py) or, with
+    --scorer mellow, the Mellow authors' metric.
 
     Predictions are written item by item; a clip that cannot be read is reported and counted as
     unanswered (exit 1 at the end), the others go on.
@@ -75,12 +95,14 @@ def bench_mmau(
       mellow bench mmau --data mmau-test-mini.json --audio-dir mmau/
       mellow bench mmau --data mmau-test-mini.json --mode generate --resume
       mellow bench mmau --data mmau-test-mini.json --shard 2/4 --json > shard2.json
+      mellow bench mmau --data mmau-test-mini.json --mode generate --prompt-style mellow --scorer mellow
       mellow bench mmau --score-only predictions.json --min-accuracy 40
     """
     from .bench import mmau
 
     _bench(mmau, data, audio_dir, "--data FILE", mode, predictions, resume, limit, shard, batch_size, score_only,
-           min_accuracy, as_json, max_tokens, model, device, dtype, threads, quiet, verbose)
+           min_accuracy, as_json, scorer.value, prompt_style.value, max_tokens, model, device, dtype, threads, quiet,
+           verbose)
 
 
 @bench_app.command("qa")
@@ -96,6 +118,8 @@ def bench_qa(
     score_only: ScoreOnlyOpt = None,
     min_accuracy: MinAccuracyOpt = None,
     as_json: JsonOpt = False,
+    scorer: Annotated[QaScorer, typer.Option("--scorer", help="mmau: MMAU's matcher (evaluation.py); mellow: the Mellow authors' metrics/aqa.py letter rule (the text before ')' is the option letter, anything else counts as 'a'); mellow-binary: their yes/no rule (the answer is a substring of the output). The mellow scorers count every item.")] = QaScorer.mmau,
+    prompt_style: PromptStyleOpt = PromptStyle.plain,
     max_tokens: MaxTokensOpt = 300,
     model: ModelOpt = "v0",
     device: DeviceOpt = Device.auto,
@@ -105,7 +129,8 @@ def bench_qa(
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Score a model on any multiple-choice set in JSON lines, with MMAU's official matcher.
+    """Score a model on any multiple-choice set in JSON lines, with MMAU's official matcher or
+    one of the Mellow authors' metrics (--scorer).
 
     Rows with task, difficulty or sub-category keys also get an accuracy per value.
 
@@ -117,11 +142,13 @@ def bench_qa(
     from .bench import qa
 
     _bench(qa, file, audio_root, "FILE", mode, predictions, resume, limit, shard, batch_size, score_only,
-           min_accuracy, as_json, max_tokens, model, device, dtype, threads, quiet, verbose)
+           min_accuracy, as_json, scorer.value, prompt_style.value, max_tokens, model, device, dtype, threads, quiet,
+           verbose)
 
 
 def _bench(bench, data, audio_root, data_name, mode: Mode, predictions, resume, limit, shard, batch_size,
-           score_only, min_accuracy, as_json, max_tokens, model, device, dtype, threads, quiet, verbose) -> None:
+           score_only, min_accuracy, as_json, scorer_name: str, prompt_style: str, max_tokens, model, device, dtype,
+           threads, quiet, verbose) -> None:
     """Run (or only score) a multiple-choice benchmark, print its report, set the exit code."""
     import os
 
@@ -129,19 +156,21 @@ def _bench(bench, data, audio_root, data_name, mode: Mode, predictions, resume, 
     from .bench import runner
 
     setup(quiet, verbose, threads)
+    scorer = bench.SCORERS[scorer_name]
     if score_only:
-        if predictions or resume or limit or shard:
-            raise UsageError("--score-only scores finished predictions: leave out --predictions, --resume, --limit and --shard")
-        report = runner.score_files(bench, score_only, data)
+        if predictions or resume or limit or shard or prompt_style != "plain":
+            raise UsageError("--score-only scores finished predictions: leave out --predictions, --resume, --limit, "
+                             "--shard and --prompt-style")
+        report = runner.score_files(bench, score_only, data, scorer)
     else:
         if data is None:
             raise UsageError(f"give the benchmark's {data_name} (or --score-only PREDICTIONS.json)")
         shard_spec = batch.parse_shard(shard)
-        output = predictions or runner.default_predictions(data, model, mode.value, shard_spec)
-        settings = runner.Settings(mode=mode.value, batch_size=batch_size, limit=limit, shard=shard_spec, resume=resume,
-                                   max_tokens=max_tokens)
+        output = predictions or runner.default_predictions(data, model, mode.value, shard_spec, prompt_style)
+        settings = runner.Settings(mode=mode.value, prompt_style=prompt_style, batch_size=batch_size, limit=limit,
+                                   shard=shard_spec, resume=resume, max_tokens=max_tokens)
         root = audio_root or os.path.dirname(os.path.abspath(data))
-        report = runner.run(bench, data, root, output, settings, lambda: load_model(model, device, dtype))
+        report = runner.run(bench, data, root, output, settings, lambda: load_model(model, device, dtype), scorer)
     _report(report, min_accuracy, as_json)
 
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from ..batch import json_list
 from ..errors import UsageError
+from . import mellow
 from .items import Item, check_record, check_unique, resolve
+from .scoring import OFFICIAL
 
 NAME = "mmau"
 REQUIRED = ("id", "audio_id", "question", "choices", "answer", "task", "difficulty")
 SCORE_REQUIRED = ("answer", "choices", "task", "difficulty")  # what evaluation.py reads to score
 GROUPS = ("task", "difficulty", "sub-category")
+SCORERS = {"mmau": OFFICIAL, "mellow": mellow.MMAU}  # --scorer: evaluation.py, or the Mellow authors' metrics/mmau.py
 
 
 def key(record: dict) -> str:

@@ -12,7 +12,8 @@ so evaluation.py reads a finished file as it is. A killed run leaves the list wi
 closing bracket, perhaps with half a line at the end; `read` takes every whole line and drops that
 half, and `Writer` rewrites the kept items before appending, so `--resume` continues cleanly.
 An item that could not be answered carries `error` instead of `model_output`: evaluation.py skips
-it, `--resume` tries it again. `mode` and `model` are ours; evaluation.py ignores them.
+it, `--resume` tries it again. `mode`, `prompt_style` and `model` are ours; evaluation.py ignores
+them.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..errors import MellowError, UsageError
 from ..outputs import lock
 from .scoring import OUTPUT_KEY
 
-OURS = (OUTPUT_KEY, "mode", "model", "error")  # keys a prediction adds to its item
+OURS = (OUTPUT_KEY, "mode", "prompt_style", "model", "error")  # keys a prediction adds to its item
 
 
 def read(path: str) -> tuple[list[dict], bool]:

@@ -1,4 +1,5 @@
-"""`mellow bench qa FILE`: any multiple-choice set as JSON lines, scored like MMAU.
+"""`mellow bench qa FILE`: any multiple-choice set as JSON lines, scored like MMAU (or as the
+Mellow authors score their question-answering sets, mellow.py).
 
 Each line: `audio` (a path, relative to --audio-root), optional `audio2` (a second clip; without
 it the clip is paired with itself), `question`, `choices` (a list, or one string "a|b|c"),
@@ -11,11 +12,15 @@ from __future__ import annotations
 
 from ..batch import json_lines
 from ..errors import UsageError
+from . import mellow
 from .items import Item, check_choice_count, check_unique, resolve
+from .scoring import OFFICIAL
 
 NAME = "qa"
 GROUPS = ("task", "difficulty", "sub-category")
 SCORE_REQUIRED = ("answer", "choices")
+# --scorer: MMAU's evaluation.py, or the Mellow authors' metrics/aqa.py (letter, or yes/no by substring)
+SCORERS = {"mmau": OFFICIAL, "mellow": mellow.AQA, "mellow-binary": mellow.BINARY}
 
 
 def key(record: dict) -> str:

@@ -1,5 +1,6 @@
 """A benchmark report as table cells and lines of text (render.py draws them): the accuracy per
-task, difficulty and sub-category, the overall figure, and what it was measured on."""
+task, difficulty and sub-category, the overall figure, what it was measured on and which scorer
+counted it (percentages with as many decimals as that scorer's script prints)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ COLUMNS = ("table", "row", "accuracy %", "correct", "scored")
 
 
 def _cells(table: str, row: str, acc: Accuracy) -> tuple[str, ...]:
-    shown = "-" if acc.percent is None else f"{acc.percent:.2f}"
+    shown = "-" if acc.percent is None else f"{acc.percent:.{acc.decimals}f}"
     return (table, row, shown, str(acc.correct), str(acc.scored))
 
 
@@ -26,7 +27,7 @@ def title(report) -> str:
     parts = [meta["benchmark"].upper(), f"model {meta['model'] or 'unknown'}", f"mode {meta['mode'] or 'unknown'}"]
     if meta.get("shard"):
         parts.append(f"shard {meta['shard']}")
-    return " · ".join(parts) + " · official matcher (evaluation.py)"
+    return " · ".join(parts) + f" · {meta['scored_with']}"
 
 
 def notes(report) -> list[str]:
@@ -34,7 +35,10 @@ def notes(report) -> list[str]:
     without which the figure cannot be compared with another."""
     s, meta = report.score, report.meta
     lines = [f"answered {s.answered}, unanswered {s.unanswered}, skipped {s.skipped} (of {s.items} items in the predictions)"]
-    if s.unanswered:
+    if s.every_item and (s.unanswered or s.skipped):
+        lines.append(f"every item is in the denominator, the unanswered and skipped ones as wrong, as "
+                     f"{meta['scored_with']} counts them")
+    elif s.unanswered:
         strict = s.strict.percent
         lines.append(f"unanswered items are left out of the accuracy, as evaluation.py does; counted as wrong the "
                      f"overall would be {'-' if strict is None else f'{strict:.2f}'}%")

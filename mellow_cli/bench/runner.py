@@ -9,11 +9,15 @@ Two ways to answer (`mode`):
 - "choices": the likelihood of each option (items.candidates) after the same prompt; the most
   likely option's text is the prediction, so every answer names exactly one option.
 
+Two prompts (`prompt_style`): "plain" asks the question and its lettered options as written, the
+clip paired with itself; "mellow" asks as the Mellow authors' evaluation does (mellow.py: lower-
+cased, end of text appended, a clip drawn from the file as the second one).
+
 A clip that cannot be read (missing, corrupt) is reported, written with `error` instead of
 `model_output`, counted as unanswered, and the run goes on.
 
-The score is always that of the predictions file as it ends up, exactly what evaluation.py would
-print for it.
+The score is always that of the predictions file as it ends up, exactly what the scorer's script
+(evaluation.py, or the authors' metrics/mmau.py or metrics/aqa.py) would print for it.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ from typing import Callable, Iterator
 from .. import batch, outputs, render
 from ..errors import MellowError, UsageError
 from . import items as common
-from . import predictions
-from .scoring import OUTPUT_KEY, Score, score
+from . import mellow, predictions
+from .scoring import OFFICIAL, OUTPUT_KEY, Score, Scorer, score
 
 MODES = ("choices", "generate")
+PROMPTS = {"plain": common.prompt, "mellow": mellow.prompt}  # --prompt-style -> the prompt of an item
 
 
 class Interrupted(MellowError):
@@ -42,6 +47,7 @@ class Interrupted(MellowError):
 @dataclass(frozen=True)
 class Settings:
     mode: str = "choices"  # "choices" or "generate" (see the module docstring)
+    prompt_style: str = "plain"  # "plain" or "mellow" (see the module docstring)
     batch_size: int = 8  # items answered together
     limit: int | None = None  # only the first N items (after --shard)
     shard: tuple[int, int] | None = None  # (I, N): every N-th item from the I-th
@@ -60,26 +66,34 @@ class Report:
         return {**self.meta, "score": self.score.as_dict()}
 
 
-def default_predictions(data: str, model: str, mode: str, shard: tuple[int, int] | None) -> str:
-    """`<data name>-<model>-<mode>[-shardIofN].json` in the current folder: a second run of the
-    same command finds its own file (for --resume), another model or mode does not."""
+def default_predictions(data: str, model: str, mode: str, shard: tuple[int, int] | None,
+                        prompt_style: str = "plain") -> str:
+    """`<data name>-<model>-<mode>[-mellow][-shardIofN].json` in the current folder: a second run
+    of the same command finds its own file (for --resume), another model, mode or prompt does not."""
     stem = os.path.splitext(os.path.basename(data))[0]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(os.path.normpath(model))) or "model"
+    style = "" if prompt_style == "plain" else f"-{prompt_style}"
     part = f"-shard{shard[0]}of{shard[1]}" if shard else ""
-    return f"{stem}-{slug}-{mode}{part}.json"
+    return f"{stem}-{slug}-{mode}{style}{part}.json"
 
 
-def run(bench, data: str, audio_root: str, output: str, settings: Settings, load_model: Callable) -> Report:
-    """Predict the selected items of `data` into `output` and score the result."""
+def run(bench, data: str, audio_root: str, output: str, settings: Settings, load_model: Callable,
+        scorer: Scorer = OFFICIAL) -> Report:
+    """Predict the selected items of `data` into `output` and score the result with `scorer`."""
     started = time.perf_counter()
+    if scorer.letters and settings.mode == "choices":
+        raise UsageError(f"--scorer {scorer.name} reads the option letter of a generated answer, and --mode choices "
+                         "records the option's text: use --mode generate")
     if os.path.exists(output) and os.path.samefile(output, data):
         raise UsageError(f"{output}: the predictions would overwrite the data file; choose another --predictions")
     all_items = bench.read(data, audio_root)
+    if settings.prompt_style == "mellow":
+        all_items = mellow.pair_clips(all_items)
     outside = common.answers_outside_choices(all_items)
     if outside:
         render.warn(f"{data}: {outside} item(s) have an answer that is not one of their choices")
     with outputs.held(output):  # one run per predictions file
-        existing, complete = _existing(output, settings.resume, bench, all_items, settings.mode)
+        existing, complete = _existing(output, settings.resume, bench, all_items, settings)
         selected = batch.take_shard(all_items, settings.shard)[: settings.limit]
         done = {bench.key(r) for r in existing if OUTPUT_KEY in r}
         todo = [item for item in selected if item.key not in done]
@@ -101,9 +115,11 @@ def run(bench, data: str, audio_root: str, output: str, settings: Settings, load
             if not complete:  # close the list a killed run left open, so evaluation.py can read it
                 predictions.Writer(output, kept).close()
     records, _ = predictions.read(output)
-    result = score(records, bench.GROUPS)
+    result = score(records, bench.GROUPS, scorer)
     meta = {
         "benchmark": bench.NAME,
+        "scorer": scorer.name,
+        "scored_with": scorer.source,
         "data": data,
         "data_sha256": common.sha256(data),
         "audio_root": audio_root,
@@ -111,6 +127,7 @@ def run(bench, data: str, audio_root: str, output: str, settings: Settings, load
         "model": model_name or _common_value(records, "model"),
         "revision": revision,
         "mode": settings.mode,
+        "prompt_style": settings.prompt_style,
         "items_in_data": len(all_items),
         "items_selected": len(selected),
         "predicted_now": len(todo),
@@ -121,13 +138,13 @@ def run(bench, data: str, audio_root: str, output: str, settings: Settings, load
     return Report(result, meta)
 
 
-def _existing(output: str, resume: bool, bench, data_items: list, mode: str) -> tuple[list[dict], bool]:
-    """(records, complete): what a --resume keeps, checked against the data and the mode, and
-    whether the file's list is closed. Without --resume an existing file is refused rather than
-    overwritten (a benchmark run can take hours)."""
+def _existing(output: str, resume: bool, bench, data_items: list, settings: Settings) -> tuple[list[dict], bool]:
+    """(records, complete): what a --resume keeps, checked against the data, the mode and the
+    prompt style, and whether the file's list is closed. Without --resume an existing file is
+    refused rather than overwritten (a benchmark run can take hours)."""
     if not os.path.exists(output) or os.path.getsize(output) == 0:
         return [], False
-    if not resume:
+    if not settings.resume:
         raise UsageError(f"{output}: already holds predictions; add --resume to keep them and do the rest, "
                          "or delete the file (or choose another --predictions) to start over")
     records, complete = predictions.read(output)
@@ -142,9 +159,12 @@ def _existing(output: str, resume: bool, bench, data_items: list, mode: str) -> 
             raise UsageError(f"{at} (id {bench.key(record)}) is not in the data file: predictions of another file?")
         if any(record.get(k) != item.record.get(k) for k in ("question", "choices", "answer")):
             raise UsageError(f"{at} (id {item.key}) differs from the data file: predictions of another revision?")
-        if record.get("mode", mode) != mode:
+        if record.get("mode", settings.mode) != settings.mode:
             raise UsageError(f"{at} was predicted with --mode {record['mode']}; resume with the same mode "
                              "or write to another --predictions file")
+        if record.get("prompt_style", "plain") != settings.prompt_style:  # files before --prompt-style: plain
+            raise UsageError(f"{at} was predicted with --prompt-style {record.get('prompt_style', 'plain')}; resume "
+                             "with the same prompt style or write to another --predictions file")
         predictions.check_output(record, index, output)
     return records, complete
 
@@ -186,18 +206,19 @@ def predict(model, todo: list, settings: Settings) -> Iterator[tuple[object, dic
 
     for chunk, decoded in batch.decoded_chunks(todo, decode, settings.batch_size):
         good = [(item, clips) for item, (clips, err) in zip(chunk, decoded) if err is None]
-        outputs = dict(zip((id(item) for item, _ in good), _answer(model, good, settings.mode, options)))
+        answers = _answer(model, good, settings.mode, PROMPTS[settings.prompt_style], options)
+        outputs = dict(zip((id(item) for item, _ in good), answers))
         for item, (_, err) in zip(chunk, decoded):
             base = {k: v for k, v in item.record.items() if k not in predictions.OURS}
-            tags = {"mode": settings.mode, "model": model.name}
+            tags = {"mode": settings.mode, "prompt_style": settings.prompt_style, "model": model.name}
             if err is None:
                 yield item, {**base, OUTPUT_KEY: outputs[id(item)], **tags}
             else:
                 yield item, {**base, **tags, "error": err.problem}
 
 
-def _answer(model, good: list, mode: str, options) -> list[str]:
-    questions = [(clips[0], clips[1], common.prompt(item.question, item.choices)) for item, clips in good]
+def _answer(model, good: list, mode: str, prompt: Callable, options) -> list[str]:
+    questions = [(clips[0], clips[1], prompt(item.question, item.choices)) for item, clips in good]
     if mode == "generate":
         return model.ask_batch(questions, options)
     results = model.choose_batch(questions, [common.candidates(item.choices) for item, _ in good])
@@ -205,9 +226,10 @@ def _answer(model, good: list, mode: str, options) -> list[str]:
             for (item, _), r in zip(good, results)]
 
 
-def score_files(bench, paths: list[str], data: str | None = None) -> Report:
-    """`--score-only`: score one or more predictions files (e.g. one per shard) from any model.
-    With `data`, every prediction must belong to it (same id, question, choices and answer)."""
+def score_files(bench, paths: list[str], data: str | None = None, scorer: Scorer = OFFICIAL) -> Report:
+    """`--score-only`: score one or more predictions files (e.g. one per shard) from any model
+    with `scorer`. With `data`, every prediction must belong to it (same id, question, choices
+    and answer)."""
     started = time.perf_counter()
     records: list[dict] = []
     for path in paths:
@@ -224,16 +246,22 @@ def score_files(bench, paths: list[str], data: str | None = None) -> Report:
     common.check_unique(ids, " + ".join(paths), name=lambda i: f"prediction {i}")
     if data is not None:
         _check_against(bench, records, data)
+    if scorer.letters and any(r.get("mode") == "choices" for r in records):
+        render.warn(f"--scorer {scorer.name} reads the option letter of a generated answer; the predictions of "
+                    "--mode choices hold the option's text, which it counts wrong")
     meta = {
         "benchmark": bench.NAME,
+        "scorer": scorer.name,
+        "scored_with": scorer.source,
         "data": data,
         "data_sha256": common.sha256(data) if data else None,
         "predictions": paths if len(paths) > 1 else paths[0],
         "model": _common_value(records, "model"),
         "revision": None,
         "mode": _common_value(records, "mode"),
+        "prompt_style": _common_value(records, "prompt_style"),
     }
-    result = score(records, bench.GROUPS)
+    result = score(records, bench.GROUPS, scorer)
     meta["wall_seconds"] = round(time.perf_counter() - started, 3)
     return Report(result, meta)
 

@@ -1,4 +1,5 @@
-"""The official MMAU matcher and the accuracy table built on it.
+"""The official MMAU matcher, the scorers a benchmark can be scored with, and the accuracy
+tables built on them.
 
 `is_correct` is `string_match` of the benchmark's own `evaluation.py` (GitHub Sakshi113/MMAU,
 last changed 2025-01-29), rule for rule, and `score` aggregates the way its main loop does:
@@ -15,13 +16,17 @@ last changed 2025-01-29), rule for rule, and `score` aggregates the way its main
 
 Where evaluation.py crashes (a `model_output` that is not a string, a task outside sound / music /
 speech) we either refuse the file with a message or, for unknown groups, simply count them.
+
+A `Scorer` is such a rule with its counting policy; `OFFICIAL` is the one above, the default.
+mellow.py holds the Mellow authors' scorers, which judge each item another way and keep every
+item in the denominator; `score` aggregates all of them the same way.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 OUTPUT_KEY = "model_output"  # evaluation.py's key (its README's older name is `model_prediction`)
 GROUPS = ("task", "difficulty", "sub-category")  # the tables evaluation.py prints, in its order
@@ -56,17 +61,34 @@ def is_correct(answer: str, prediction: str, choices: Sequence[str]) -> bool:
 
 
 @dataclass(frozen=True)
+class Scorer:
+    """How a predictions file is scored: which items are right, and which count."""
+
+    name: str  # what --scorer calls it
+    source: str  # the script it follows, as reports name it
+    judge: Callable[[dict], bool]  # a record holding `model_output` -> right?
+    every_item: bool = False  # items without `model_output` count as wrong (else they are left out)
+    decimals: int = 2  # as the script prints its percentages
+    letters: bool = False  # reads the option letter of a generated answer ("b) dog")
+
+
+OFFICIAL = Scorer("mmau", "official matcher (evaluation.py)",
+                  lambda record: is_correct(record["answer"], record[OUTPUT_KEY], record["choices"]))
+
+
+@dataclass(frozen=True)
 class Accuracy:
     correct: int
     scored: int
+    decimals: int = 2
 
     @property
     def percent(self) -> float | None:
-        """correct / scored in percent, rounded to two decimals as evaluation.py prints it; None
-        when nothing was scored (evaluation.py divides by zero there)."""
+        """correct / scored in percent, rounded as the scorer's script prints it (evaluation.py:
+        two decimals); None when nothing was scored (evaluation.py divides by zero there)."""
         if self.scored == 0:
             return None
-        return float(f"{100.0 * self.correct / self.scored:.2f}")
+        return float(f"{100.0 * self.correct / self.scored:.{self.decimals}f}")
 
     def as_dict(self) -> dict:
         return {"accuracy": self.percent, "correct": self.correct, "scored": self.scored}
@@ -82,16 +104,19 @@ class Score:
     unanswered: int  # no model_output because the run could not answer (our `error` key is set)
     skipped: int  # no model_output and no error: never predicted (e.g. another tool's partial file)
     flags: list[bool | None] = field(default_factory=list, repr=False)  # per record; None = not scored
+    every_item: bool = False  # the scorer counted items without model_output as wrong
 
     @property
     def answered(self) -> int:
-        return self.overall.scored
+        return self.items - self.unanswered - self.skipped
 
     @property
     def strict(self) -> Accuracy:
         """Accuracy with every unanswered item counted wrong, for a report that must not let a
         missing file raise the figure; evaluation.py itself leaves them out."""
-        return Accuracy(self.overall.correct, self.overall.scored + self.unanswered)
+        if self.every_item:
+            return self.overall
+        return Accuracy(self.overall.correct, self.overall.scored + self.unanswered, self.overall.decimals)
 
     def as_dict(self) -> dict:
         return {
@@ -113,22 +138,25 @@ def group_name(value) -> str | None:
     return str(value)
 
 
-def score(records: Iterable[dict], groups: Sequence[str] = GROUPS) -> Score:
-    """Score prediction records (each a benchmark item plus `model_output`) the way
-    evaluation.py does. Records are assumed checked (predictions.check_records)."""
+def score(records: Iterable[dict], groups: Sequence[str] = GROUPS, scorer: Scorer = OFFICIAL) -> Score:
+    """Score prediction records (each a benchmark item plus `model_output`) the way the
+    scorer's script does (by default evaluation.py). Records are assumed checked
+    (predictions.check_output)."""
     records = list(records)
     correct = scored = unanswered = skipped = 0
     tally: dict[str, dict[str, list[int]]] = {g: {} for g in groups}
     flags: list[bool | None] = []
     for record in records:
-        if OUTPUT_KEY not in record:
+        answered = OUTPUT_KEY in record
+        if not answered:
             if record.get("error"):
                 unanswered += 1
             else:
                 skipped += 1
-            flags.append(None)
-            continue
-        right = is_correct(record["answer"], record[OUTPUT_KEY], record["choices"])
+            if not scorer.every_item:
+                flags.append(None)
+                continue
+        right = answered and scorer.judge(record)
         flags.append(right)
         correct += right
         scored += 1
@@ -138,8 +166,10 @@ def score(records: Iterable[dict], groups: Sequence[str] = GROUPS) -> Score:
                 cell = tally[g].setdefault(name, [0, 0])
                 cell[0] += right
                 cell[1] += 1
-    table = {g: [(name, Accuracy(*tally[g][name])) for name in _ordered(g, tally[g])] for g in groups if tally[g]}
-    return Score(Accuracy(correct, scored), table, len(records), unanswered, skipped, flags)
+    table = {g: [(name, Accuracy(*tally[g][name], scorer.decimals)) for name in _ordered(g, tally[g])]
+             for g in groups if tally[g]}
+    return Score(Accuracy(correct, scored, scorer.decimals), table, len(records), unanswered, skipped, flags,
+                 scorer.every_item)
 
 
 def _ordered(group: str, seen: dict) -> list[str]:
