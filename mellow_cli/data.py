@@ -30,7 +30,7 @@ Two file formats, told apart by their first non-blank character:
 
   Keyword prompts in `input`, mapped the way the reference's evaluation loader does (its training
   loader instead draws one of ~100 paraphrases at random, which would make rows change between
-  epochs):
+  epochs; `read_rows(..., text="official")` reads them that way: templates.py, drawn per epoch):
 
   | `input` | question | answer |
   | --- | --- | --- |
