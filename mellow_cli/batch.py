@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import IO, Iterable, Sequence
 
 from .errors import UsageError
+from .files import text_lines
 from .outputs import check_unique_ids
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64", ".rf64"}
@@ -61,7 +63,7 @@ def _expand_list(name: str, recursive: bool, stdin: IO[str] | None, lists: tuple
 def _read_list(name: str, stdin: IO[str] | None) -> list[str]:
     """Paths from a list file (`-` for stdin): one per line, blank lines and `#` comments skipped."""
     text = read_text(name, "list of paths", stdin)
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [line.strip() for line in text_lines(text) if line.strip() and not line.lstrip().startswith("#")]
 
 
 def _audio_in(folder: Path, recursive: bool, arg: str) -> list[str]:
@@ -124,7 +126,8 @@ def read_pairs(name: str, prompt: str, stdin: IO[str] | None = None) -> list[Job
     else:
         text = read_text(name, "pairs file", stdin)
         delimiter = "\t" if name.endswith(".tsv") or ("\t" in text.split("\n", 1)[0]) else ","
-        records = [(n + 2, r) for n, r in enumerate(csv.DictReader(text.splitlines(), delimiter=delimiter))]
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)  # quoted newlines are text
+        records = [(reader.line_num, r) for r in reader]
     jobs = []
     for number, rec in records:
         first = rec.get("audio1") or rec.get("audio") or rec.get("a")
@@ -170,7 +173,7 @@ def json_lines(name: str, stdin: IO[str] | None = None, text: str | None = None)
     its contents, already read); a line that is not a JSON object is a UsageError naming the file
     and the line."""
     text = read_text(name, "file", stdin) if text is None else text
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text_lines(text), 1):
         if not line.strip():
             continue
         try:

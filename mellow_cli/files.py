@@ -53,6 +53,16 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def text_lines(text: str) -> list[str]:
+    """The lines of a text, split at "\n" only (a "\r" before it dropped): str.splitlines() also
+    splits at U+2028, U+2029, U+0085 and other characters that a JSON string or a CSV field holds
+    as text, and would cut such a row in two."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def megabytes(n: int | None) -> str:
     """A size for messages: "670.1 MB", "?" when unknown (cli_models.py uses it too)."""
     return "?" if n is None else f"{n / 1e6:.1f} MB"

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import IO, Iterable, Sequence
 
 from .errors import MellowError, UsageError
+from .files import text_lines
 
 FORMATS = ("text", "json", "jsonl", "csv", "tsv", "srt", "vtt")
 RESUMABLE = ("jsonl", "csv", "tsv")
@@ -231,39 +232,60 @@ def _size(n: int) -> str:
 
 def _our_rows(path: str, data: bytes, fmt: str, fields: Sequence[str]) -> tuple[int, list[dict]]:
     """(bytes to keep, rows) when `data` is an output of this kind of run; otherwise a UsageError
-    that says why and leaves the file as it is. Only the last line may be cut short."""
+    that says why and leaves the file as it is. Only the last row may be cut short."""
     hint = f"is it the output of an earlier run with these options and --format {fmt}?"
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise UsageError(f"{path}: not a UTF-8 text file; {hint}") from None
-    whole = text[: text.rfind("\n") + 1]
-    lines = whole.splitlines()
-    if not lines:
+    whole = text[: text.rfind("\n") + 1] if fmt == "jsonl" else text[: _records_end(text)]
+    if not whole.strip():
         raise UsageError(f"{path}: holds no whole line; {hint}")
-    if fmt == "jsonl":
-        rows = []
-        for number, line in enumerate(lines, 1):
-            try:
-                obj = json.loads(line)
-            except (ValueError, RecursionError):
-                obj = None
-            if not isinstance(obj, dict) or list(obj) != list(fields):
-                raise UsageError(f"{path}: line {number} is not a row of this run (fields "
-                                 f"{', '.join(fields)}); {hint}")
-            rows.append(obj)
-    else:
-        delimiter = "," if fmt == "csv" else "\t"
-        reader = csv.reader(lines, delimiter=delimiter)
-        header = next(reader)
-        if header != list(fields):
+    rows = _jsonl_rows(path, whole, fields, hint) if fmt == "jsonl" else _csv_rows(path, whole, fmt, fields, hint)
+    return len(whole.encode("utf-8")), rows
+
+
+def _records_end(text: str) -> int:
+    """Where the last whole CSV/TSV record of `text` ends: after its last newline outside quotes
+    (a quoted field may hold newlines, and a doubled quote inside one keeps the count even)."""
+    end = start = 0
+    for i, part in enumerate(text.split('"')):
+        if i % 2 == 0 and (newline := part.rfind("\n")) >= 0:
+            end = start + newline + 1
+        start += len(part) + 1
+    return end
+
+
+def _jsonl_rows(path: str, whole: str, fields: Sequence[str], hint: str) -> list[dict]:
+    rows = []
+    for number, line in enumerate(text_lines(whole), 1):
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError):
+            obj = None
+        if not isinstance(obj, dict) or list(obj) != list(fields):
+            raise UsageError(f"{path}: line {number} is not a row of this run (fields "
+                             f"{', '.join(fields)}); {hint}")
+        rows.append(obj)
+    return rows
+
+
+def _csv_rows(path: str, whole: str, fmt: str, fields: Sequence[str], hint: str) -> list[dict]:
+    # Read as the csv module reads a file (newline=""): a newline inside a quoted field is text.
+    delimiter = "," if fmt == "csv" else "\t"
+    reader = csv.reader(io.StringIO(whole, newline=""), delimiter=delimiter)
+    try:
+        if next(reader) != list(fields):
             raise UsageError(f"{path}: its header is not this run's ({delimiter.join(fields)}); {hint}")
         rows = []
-        for number, cells in enumerate(reader, 2):
+        for cells in reader:
             if len(cells) != len(fields):
-                raise UsageError(f"{path}: line {number} has {len(cells)} columns, not {len(fields)}; {hint}")
+                raise UsageError(f"{path}: line {reader.line_num} has {len(cells)} columns, not {len(fields)}; "
+                                 f"{hint}")
             rows.append(dict(zip(fields, cells)))
-    return len(whole.encode("utf-8")), rows
+    except csv.Error as e:
+        raise UsageError(f"{path}: line {reader.line_num} is not {fmt.upper()} ({e}); {hint}") from None
+    return rows
 
 
 # --- writing rows ---------------------------------------------------------------------------------

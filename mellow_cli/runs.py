@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from mellow_cli.errors import MellowError
-from mellow_cli.files import first_line
+from mellow_cli.files import first_line, text_lines
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -232,7 +232,7 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     if not path.is_file():
         return
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text_lines(path.read_text(encoding="utf-8")):
         with contextlib.suppress(ValueError):
             if json.loads(line).get("step", 0) <= step:
                 rows.append(line)

@@ -138,3 +138,37 @@ def test_shards_are_disjoint_balanced_and_cover_the_list():
             parse_shard(bad)
 
 
+
+
+# --- reading input files back: only "\n" ends a line -----------------------------------------------
+
+
+def test_questions_may_hold_line_separators_inside_their_strings(tmp_path):
+    from mellow_cli.batch import read_questions
+
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"audio": "a.wav", "question": "one\u2028two\x85three?"}, ensure_ascii=False) + "\r\n"
+                 + json.dumps({"audio": "b.wav", "question": "four?"}) + "\n", encoding="utf-8", newline="")
+    assert [j.question for j in read_questions(str(q))] == ["one\u2028two\x85three?", "four?"]
+
+
+def test_pairs_keep_a_quoted_newline_and_lose_a_bom(tmp_path):
+    from mellow_cli.batch import read_pairs
+
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_bytes('\ufeffaudio1,audio2,prompt\na.wav,b.wav,"first line\nsecond line"\nc.wav,d.wav,\n'.encode())
+    jobs = read_pairs(str(pairs), "default?")
+    assert [(j.audio, j.audio2, j.question) for j in jobs] == [
+        ("a.wav", "b.wav", "first line\nsecond line"), ("c.wav", "d.wav", "default?")]
+    pairs.write_bytes("\ufeffaudio1,audio2\na.wav,\n".encode())
+    with pytest.raises(UsageError, match=r"pairs.csv: line 2: needs two recordings"):
+        read_pairs(str(pairs), "default?")
+
+
+def test_deeply_nested_json_in_questions_is_one_line(tmp_path):
+    from mellow_cli.batch import read_questions
+
+    q = tmp_path / "deep.jsonl"
+    q.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(UsageError, match="deep.jsonl: line 1: JSON nested too deeply"):
+        read_questions(str(q))

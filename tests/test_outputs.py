@@ -9,6 +9,7 @@ import io
 import json
 import multiprocessing
 import os
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -105,6 +106,34 @@ def test_resume_keeps_whole_rows_and_drops_only_a_cut_last_line(tmp_path):
     assert out.read_text() == whole + _jsonl([_row("c.wav")])
     assert opened.append and opened.models == {"m"}
     assert opened.done[outputs.row_key(_row("b.wav"))] == 1  # ./b.wav and b.wav are one path
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
+@pytest.mark.parametrize("question", ["what\nis it?", "what\r\nis it?", "a\u2028b\u2029c\x85d?"])
+def test_resume_reads_back_every_row_whatever_its_text_holds(tmp_path, fmt, question):
+    rows = [{**row(Job(a, a, question), answer=f"x\u2028{question}", model="m")} for a in ("a.wav", "b.wav")]
+    out = tmp_path / f"x.{fmt}"
+    opened = outputs.open_rows(str(out), fmt, ROW_FIELDS)
+    writer = outputs.RowWriter(fmt, opened.stream, fields=ROW_FIELDS)
+    for r in rows:
+        writer.write(r)
+    writer.close()
+    opened.close()
+    whole = out.read_bytes()
+    cut = b'{"audio": "c.w' if fmt == "jsonl" else b'c.wav,c.wav,"half\nof a ro'  # a kill, inside quotes
+    out.write_bytes(whole + cut)
+    again = outputs.open_rows(str(out), fmt, ROW_FIELDS, resume=True)
+    again.close()
+    assert again.done == Counter(key for key, _ in outputs.numbered_keys(rows))
+    assert out.read_bytes() == whole
+
+
+def test_resume_reads_rows_written_with_crlf(tmp_path):
+    out = tmp_path / "x.jsonl"
+    out.write_bytes(_jsonl([_row("a.wav"), _row("b.wav")]).replace("\n", "\r\n").encode())
+    opened = outputs.open_rows(str(out), "jsonl", ROW_FIELDS, resume=True)
+    opened.close()
+    assert sum(opened.done.values()) == 2
 
 
 def test_resume_by_another_model_is_refused(tmp_path):
@@ -221,6 +250,16 @@ def test_one_clip_twice_gets_two_rows_after_resume(tiny_model_dir, clips, tmp_pa
     out.write_text(text[: text.rfind("\n", 0, len(text) - 1) + 1])  # the second row lost to a kill
     assert mellow(*args, "--resume").returncode == 0
     assert len(list(csv.DictReader(io.StringIO(out.read_text())))) == 2
+
+
+def test_a_question_with_a_newline_is_resumed_without_duplicates(tiny_model_dir, clips, tmp_path):
+    out = tmp_path / "q.csv"
+    args = ["ask", *map(str, clips), "what\nis it?", "--model", str(tiny_model_dir), "--max-tokens", "2", "-q",
+            "-f", "csv", "-o", str(out)]
+    assert mellow(*args).returncode == 0
+    first = out.read_text()
+    assert mellow(*args, "--resume").returncode == 0
+    assert out.read_text() == first and len(list(csv.DictReader(io.StringIO(first)))) == 3
 
 
 @pytest.mark.parametrize("extra, message", [
