@@ -152,11 +152,17 @@ def _choices(value, where: str) -> tuple[str, ...] | None:
     return tuple(items)
 
 
+# A list, questions, pairs or data file this large was not written for this tool (and /dev/zero
+# or an endless pipe would fill the memory): refused instead of read without end.
+MAX_TEXT_BYTES = 1 << 30
+
+
 def read_text(name: str, what: str = "file", stdin: IO[str] | None = None) -> str:
     """A UTF-8 text file's contents (`-`: stdin), or a one-line UsageError naming the file and
-    what is wrong: the one reader behind every list, questions, pairs, data and predictions file."""
+    what is wrong: the one reader behind every list, questions, pairs, data and predictions file.
+    Devices (which never end) and anything over MAX_TEXT_BYTES are refused."""
     try:
-        text = (stdin or sys.stdin).read() if name == "-" else Path(name).read_text(encoding="utf-8")
+        text = _read_stdin(stdin or sys.stdin) if name == "-" else _read_file(name, what)
     except FileNotFoundError:
         raise UsageError(f"{name}: no such {what}") from None
     except IsADirectoryError:
@@ -165,7 +171,34 @@ def read_text(name: str, what: str = "file", stdin: IO[str] | None = None) -> st
         raise UsageError(f"{name}: cannot read the {what} ({e.strerror or e})") from None
     except UnicodeDecodeError:
         raise UsageError(f"{name}: not a UTF-8 text file") from None
+    if text is None:
+        raise UsageError(f"{name}: larger than {MAX_TEXT_BYTES >> 30} GiB, too large for a {what}")
     return text.removeprefix("\ufeff")  # a byte-order mark, as spreadsheet programs write
+
+
+def _read_file(name: str, what: str) -> str | None:
+    """The text of a regular file or a pipe, None past MAX_TEXT_BYTES."""
+    import stat
+
+    with open(name, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+            raise UsageError(f"{name}: a device, not a {what} (it never ends)")
+        data = f.read(MAX_TEXT_BYTES + 1)
+    return data.decode("utf-8") if len(data) <= MAX_TEXT_BYTES else None
+
+
+def _read_stdin(stream: IO[str]) -> str | None:
+    """Standard input's text, None past MAX_TEXT_BYTES characters."""
+    parts, size = [], 0
+    while chunk := stream.read(1 << 20):
+        parts.append(chunk)
+        size += len(chunk)
+        if size > MAX_TEXT_BYTES:
+            return None
+    return "".join(parts)
 
 
 def json_lines(name: str, stdin: IO[str] | None = None, text: str | None = None):

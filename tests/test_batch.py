@@ -172,3 +172,26 @@ def test_deeply_nested_json_in_questions_is_one_line(tmp_path):
     q.write_text("[" * 100_000 + "]" * 100_000 + "\n")
     with pytest.raises(UsageError, match="deep.jsonl: line 1: JSON nested too deeply"):
         read_questions(str(q))
+
+
+@pytest.mark.parametrize("reader", ["list", "questions", "pairs"])
+def test_an_endless_input_is_refused_in_one_line(reader):
+    from mellow_cli import batch
+
+    read = {"list": lambda: expand_inputs(["@/dev/zero"]), "questions": lambda: batch.read_questions("/dev/zero"),
+            "pairs": lambda: batch.read_pairs("/dev/zero", "x")}[reader]
+    with pytest.raises(UsageError, match="/dev/zero: a device, not a .* \\(it never ends\\)"):
+        read()
+
+
+def test_an_input_past_the_size_limit_is_refused(tmp_path, monkeypatch):
+    from mellow_cli import batch
+
+    monkeypatch.setattr(batch, "MAX_TEXT_BYTES", 10)
+    big = tmp_path / "list.txt"
+    big.write_text("a.wav\nb.wav\nc.wav\n")
+    with pytest.raises(UsageError, match="list.txt: larger than"):
+        expand_inputs([f"@{big}"])
+    with pytest.raises(UsageError, match="-: larger than"):
+        expand_inputs(["@-"], stdin=io.StringIO("a.wav\n" * 5))
+    assert expand_inputs(["@-"], stdin=io.StringIO("a.wav\n")) == ["a.wav"]
