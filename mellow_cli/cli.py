@@ -407,7 +407,7 @@ def _click_exceptions():
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: run the app, turning every failure into one line on stderr and an exit code."""
-    from . import render
+    from . import outputs, render
 
     click = _click_exceptions()
     argv = sys.argv[1:] if argv is None else argv
@@ -416,14 +416,17 @@ def main(argv: Optional[list[str]] = None) -> None:
         # Without standalone mode click returns a command's typer.Exit code instead of raising it.
         result = app(args=argv, prog_name="mellow", standalone_mode=False)
         code = result if isinstance(result, int) else 0
+        with outputs.writing(outputs.STDOUT):  # a result still buffered fails here, while it can be said
+            sys.stdout.flush()
     except typer.Exit as e:
         code = e.exit_code
-    except SystemExit as e:
-        if not isinstance(e.__context__, BrokenPipeError):
+    except (SystemExit, BrokenPipeError) as e:
+        if isinstance(e, SystemExit) and not isinstance(e.__context__, BrokenPipeError):
             raise
-        # Click turns a closed stdout into exit 1. The reader went away (`mellow caption *.wav |
-        # head -1`): stop quietly, as Unix filters do, with the status a shell reports for
-        # SIGPIPE; stdout goes to /dev/null so the interpreter's flush at exit cannot complain.
+        # Click turns a closed stdout into exit 1 (the flush above raises it as is). The reader
+        # went away (`mellow caption *.wav | head -1`): stop quietly, as Unix filters do, with the
+        # status a shell reports for SIGPIPE; stdout goes to /dev/null so the interpreter's flush
+        # at exit cannot complain.
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

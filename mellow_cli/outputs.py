@@ -91,8 +91,7 @@ class Opened:
     models: set = field(default_factory=set)  # the models that wrote them
 
     def close(self) -> None:
-        if self.stream is not sys.stdout:
-            self.stream.close()
+        self.stream.close()
 
     def check_model(self, name: str, path: str) -> None:
         """Resumed rows must come from the model that writes the rest."""
@@ -113,7 +112,7 @@ def open_rows(path: str | None, fmt: str, fields: Sequence[str], *, resume: bool
     if resume and fmt not in RESUMABLE:
         raise UsageError(f"--resume needs --format {', '.join(RESUMABLE)} (rows a later run can read back)")
     if path is None:
-        return Opened(sys.stdout)
+        return Opened(_Named(STDOUT, sys.stdout, owned=False))
     if os.path.isdir(path):
         raise UsageError(f"{path}: is a folder; --output takes a file name")
     if os.path.exists(path) and not os.path.isfile(path):  # a pipe or a device: just write to it
@@ -199,31 +198,43 @@ def _text_stream(path: str, fd: int) -> IO[str]:
     return _Named(path, io.TextIOWrapper(io.FileIO(fd, "w", closefd=True), encoding="utf-8", newline=""))
 
 
+STDOUT = "standard output"  # how messages name it
+
+
+@contextlib.contextmanager
+def writing(path: str):
+    """Write errors inside the block as one line naming the file, so a full disk says which file it
+    could not finish. On stdout a reader that went away is left to main's quiet exit."""
+    try:
+        yield
+    except OSError as e:
+        if path == STDOUT and isinstance(e, BrokenPipeError):
+            raise
+        raise MellowError(f"{path}: cannot write the output ({e.strerror or e})") from None
+
+
 class _Named(io.TextIOBase):
-    """A text stream whose write errors name the file (a full disk says which file it could not
-    finish)."""
+    """A text stream whose write errors name the file; closing it closes the file only if it is
+    the run's own (never stdout)."""
 
-    def __init__(self, path: str, inner: io.TextIOWrapper):
-        self.path, self.inner = path, inner
-
-    def _guard(self, call, *args):
-        try:
-            return call(*args)
-        except OSError as e:
-            raise MellowError(f"{self.path}: cannot write the output ({e.strerror or e})") from None
+    def __init__(self, path: str, inner: IO[str], owned: bool = True):
+        self.path, self.inner, self.owned = path, inner, owned
 
     def write(self, text: str) -> int:
-        return self._guard(self.inner.write, text)
+        with writing(self.path):
+            return self.inner.write(text)
 
     def flush(self) -> None:
-        self._guard(self.inner.flush)
+        with writing(self.path):
+            self.inner.flush()
 
     def seek(self, offset: int, whence: int = 0) -> int:
         return self.inner.seek(offset, whence)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.inner.close()
+        if self.owned:
+            with contextlib.suppress(OSError):
+                self.inner.close()
 
 
 def _size(n: int) -> str:

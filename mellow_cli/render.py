@@ -13,6 +13,8 @@ import os
 import sys
 from typing import Callable, Iterable, Iterator
 
+from .outputs import STDOUT, writing
+
 QUIET, NORMAL, VERBOSE = 0, 1, 2
 _level = NORMAL
 _consoles: dict[str, object] = {}
@@ -151,23 +153,26 @@ def stream_answer(pieces: Iterable[str]) -> str:
     """
     out = sys.stdout
     parts = []
-    for piece in pieces:
-        parts.append(piece)
-        out.write(piece)
+    with writing(STDOUT):
+        for piece in pieces:
+            parts.append(piece)
+            out.write(piece)
+            out.flush()
+        out.write("\n")
         out.flush()
-    out.write("\n")
-    out.flush()
     return "".join(parts)
 
 
 def result_line(text: str) -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
+    with writing(STDOUT):
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
 
 
 def result_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
-    sys.stdout.flush()
+    with writing(STDOUT):
+        sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
 
 
 def table(columns: Iterable[str], rows: Iterable[Iterable[object]], title: str | None = None,
@@ -186,4 +191,5 @@ def table(columns: Iterable[str], rows: Iterable[Iterable[object]], title: str |
         grid.add_column(Text(name), justify="right" if i in right else "left", overflow="fold")
     for row in rows:
         grid.add_row(*(Text(str(cell)) for cell in row))
-    _console("stdout").print(grid)
+    with writing(STDOUT):
+        _console("stdout").print(grid)

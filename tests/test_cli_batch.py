@@ -307,3 +307,14 @@ def test_progress_bar_on_a_terminal_only(monkeypatch):
     with render.progress(3, "captioned") as advance:
         advance()
     assert piped.file.getvalue() == ""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+@pytest.mark.parametrize("command", [["caption", "{0}", "{1}", "-f", "jsonl"], ["ask", "{0}", "what is it?"]])
+def test_a_full_stdout_is_one_line_naming_it(tiny_model_dir, clips, command):
+    args = [a.format(*clips) for a in command]
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "mellow_cli", *args, "--model", str(tiny_model_dir),
+                               "--max-tokens", "2", "-q"], stdout=full, stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr == "mellow: error: standard output: cannot write the output (No space left on device)\n"
