@@ -61,7 +61,9 @@ def next_token(
         raise ModelError(NOT_FINITE)
     if not options.sample or options.temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits / options.temperature
+    # Shifted so the top token is 0 and in float64: a tiny temperature then sends the others to
+    # -inf (greedy in the limit) instead of overflowing every logit into inf - inf = NaN.
+    logits = (logits.double() - logits.max(dim=-1, keepdim=True).values.double()) / options.temperature
     if options.top_k > 0:
         kth = logits.topk(min(options.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -89,8 +89,16 @@ class Opened:
     append: bool = False
     done: Counter = field(default_factory=Counter)  # row key -> how many such rows the file holds
     models: set = field(default_factory=set)  # the models that wrote them
+    created: str | None = None  # the path, when this run created the file
 
     def close(self) -> None:
+        """Close the file; one this run created and never wrote to (it failed before its first
+        row) is removed, rather than left behind empty."""
+        if self.created:
+            with contextlib.suppress(OSError):
+                self.stream.flush()
+                if os.path.getsize(self.created) == 0:
+                    os.remove(self.created)
         self.stream.close()
 
     def check_model(self, name: str, path: str) -> None:
@@ -127,6 +135,7 @@ def open_rows(path: str | None, fmt: str, fields: Sequence[str], *, resume: bool
     try:
         lock(fd, path)
         opened = _take(fd, path, fmt, fields, resume, overwrite)
+        opened.created = None if existed else path
     except BaseException:
         os.close(fd)
         if not existed:

@@ -234,3 +234,23 @@ def test_smaller_weights_stay_close_to_float32(lm, name, stored, tolerance):
         assert approx.dtype == torch.float32
         assert (approx - full).abs().max() < tolerance * full.abs().max()
         assert not torch.equal(approx, full)  # really computed differently
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324])
+@pytest.mark.parametrize("top_p, top_k", [(1.0, 0), (0.8, 0), (1.0, 5)])
+def test_a_tiny_temperature_samples_the_top_token(temperature, top_p, top_k):
+    from mellow_cli.generate import next_token
+
+    logits = torch.tensor([[1.0, 3.0, 2.0, -50.0], [0.5, -1.0, 0.25, 0.0]])
+    opts = DecodingOptions(sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
+    token = next_token(logits, opts, torch.Generator().manual_seed(0))
+    assert token.tolist() == [1, 0]
+
+
+def test_non_finite_logits_are_one_line_and_never_a_token():
+    from mellow_cli.errors import ModelError
+    from mellow_cli.generate import next_token
+
+    for sample in (False, True):
+        with pytest.raises(ModelError, match="NaN or infinite"):
+            next_token(torch.tensor([[0.0, float("nan")]]), DecodingOptions(sample=sample))

@@ -262,6 +262,31 @@ def test_a_question_with_a_newline_is_resumed_without_duplicates(tiny_model_dir,
     assert out.read_text() == first and len(list(csv.DictReader(io.StringIO(first)))) == 3
 
 
+def test_a_tiny_temperature_answers_every_row(tiny_model_dir, clips, tmp_path):
+    out = tmp_path / "a.jsonl"
+    res = mellow("ask", *map(str, clips), "x?", "--sample", "--temperature", "1e-40", "--model",
+                 str(tiny_model_dir), "--max-tokens", "2", "-q", "-f", "jsonl", "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    assert [json.loads(line)["error"] for line in out.read_text().splitlines()] == [None, None, None]
+
+
+def test_a_run_that_fails_before_its_first_row_leaves_no_new_file(tiny_model_dir, clips, tmp_path, monkeypatch):
+    from mellow_cli.api import MellowModel
+    from mellow_cli.errors import ModelError
+
+    def fails(*args, **kwargs):
+        raise ModelError("the model failed")
+
+    monkeypatch.setattr(MellowModel, "ask_batch", fails)
+    out = tmp_path / "a.jsonl"
+    res = mellow("caption", *map(str, clips[:2]), "--model", str(tiny_model_dir), "-q", "-f", "jsonl", "-o", str(out))
+    assert res.returncode == 1 and "the model failed" in res.stderr and not out.exists()
+    out.write_text("")  # an empty file of the user's own is left as it was
+    assert mellow("caption", *map(str, clips[:2]), "--model", str(tiny_model_dir), "-q", "-f", "jsonl", "-o",
+                  str(out)).returncode == 1
+    assert out.exists()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--offset", "1e308"], "--offset"),
     (["--max-tokens", "100000000000"], "--max-tokens"),
