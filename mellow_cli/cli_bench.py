@@ -8,6 +8,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from .cli_options import (
+    MAX_TOKENS,
     BatchSizeOpt,
     DebugOpt,
     Device,
@@ -194,13 +195,19 @@ def _report(report, min_accuracy, as_json: bool) -> None:
         raise typer.Exit(1)
 
 
+# bench speed's sizes, bounded so that a typo is a usage error before the model loads rather than
+# hours of runs or a batch of clips that cannot fit in memory.
+MAX_SPEED_RUNS = 1000
+MAX_SPEED_BATCH = 256
+
+
 @bench_app.command("speed")
 def bench_speed(
     model: ModelOpt = "v0",
-    tokens: Annotated[int, typer.Option("--tokens", min=2, help="Tokens per timed decode run (which ignores end of text) and at most per caption.")] = 64,
-    repeat: Annotated[int, typer.Option("--repeat", min=1, help="Timed runs per figure; the median is shown. One warm-up run comes first.")] = 3,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Clips per batch for the batched encoder and caption figures.")] = 8,
-    prompts: Annotated[int, typer.Option("--prompts", min=0, help="Clips whose answers are compared with float32's (not with --dtype float32).")] = 8,
+    tokens: Annotated[int, typer.Option("--tokens", min=2, max=MAX_TOKENS, help="Tokens per timed decode run (which ignores end of text) and at most per caption.")] = 64,
+    repeat: Annotated[int, typer.Option("--repeat", min=1, max=MAX_SPEED_RUNS, help="Timed runs per figure; the median is shown. One warm-up run comes first.")] = 3,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, max=MAX_SPEED_BATCH, help="Clips per batch for the batched encoder and caption figures.")] = 8,
+    prompts: Annotated[int, typer.Option("--prompts", min=0, max=MAX_SPEED_RUNS, help="Clips whose answers are compared with float32's (not with --dtype float32).")] = 8,
     skip_baseline: Annotated[bool, typer.Option("--skip-baseline", help="Do not race transformers' generate (saves importing it, a few seconds).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     device: DeviceOpt = Device.auto,

@@ -298,6 +298,12 @@ def test_absurd_values_are_usage_errors(tiny_model_dir, clips, extra, message):
     assert out.returncode == 2 and message in out.stderr and "unexpected" not in out.stderr
 
 
+@pytest.mark.parametrize("flag", ["--tokens", "--repeat", "--batch-size", "--prompts"])
+def test_bench_speed_refuses_absurd_sizes_before_loading(flag):
+    out = mellow("bench", "speed", "--model", "no/such-model", flag, "100000000000")
+    assert out.returncode == 2 and flag in out.stderr and "no/such-model" not in out.stderr
+
+
 def test_a_forgotten_question_is_a_usage_error(tiny_model_dir, clips):
     out = mellow("ask", str(clips[0]), str(clips[1]), "--model", str(tiny_model_dir))
     assert out.returncode == 2 and "an audio file's name" in out.stderr
