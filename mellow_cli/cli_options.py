@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .recipe import MAX_SEED  # noqa: F401  (one seed bound for every command)
 
 
 class Device(str, Enum):
@@ -60,7 +61,6 @@ def _dtype(name: str):
 # model's context, an offset beyond any recording (~115 days), a seed torch cannot take.
 MAX_TOKENS = 4096
 MAX_SECONDS = 1e7
-MAX_SEED = 2**63 - 1
 
 # Options shared by every command that runs the model: declared once, used by each signature.
 ModelOpt = Annotated[str, typer.Option("--model", "-m", callback=_from_settings("model", str), help="Model: v0 (published), v0_s, a local checkpoint file or folder, or a hub id user/repo. Default: v0, or MELLOW_MODEL, or `mellow config set model`.")]
@@ -94,15 +94,22 @@ def setup(quiet: bool, verbose: bool, threads: Optional[int]) -> None:
 
     render.configure(quiet=quiet, verbose=verbose)
     if threads:
-        import os
-
         import torch
 
-        cores = os.cpu_count() or 1
-        if threads > cores:  # far more threads than cores only slows torch down (or crashes OpenMP)
-            render.warn(f"--threads {threads}: this machine has {cores} cores; using {cores}")
-            threads = cores
-        torch.set_num_threads(threads)
+        torch.set_num_threads(at_most_cores("--threads", threads))
+
+
+def at_most_cores(flag: str, count: int) -> int:
+    """`count` threads or processes, at most one per core: far more than cores only slows torch
+    down, and thousands crash OpenMP or exhaust the process table."""
+    import os
+
+    from . import render
+
+    cores = os.cpu_count() or 1
+    if count > cores:
+        render.warn(f"{flag} {count}: this machine has {cores} cores; using {cores}")
+    return min(count, cores)
 
 
 def decoding(max_tokens: int, sample: bool, temperature: float, top_p: float, seed: Optional[int]):

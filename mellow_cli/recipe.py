@@ -118,6 +118,25 @@ FREEZABLE = {  # --freeze part -> the module it freezes
 }
 
 
+# The range of each numeric option, (lowest, highest; None: unbounded): the CLI declares its flags
+# with them and a checkpoint's saved options are checked against them. A learning rate above 1
+# or a seed torch cannot take is a typo, refused before anything loads.
+MAX_SEED = 2**63 - 1
+BOUNDS: dict[str, tuple[float, float | None]] = {
+    "val_fraction": (0.0, 0.5), "epochs": (0.01, 1e6), "max_steps": (1, None), "batch_size": (1, None),
+    "grad_accum": (1, None), "lr": (0.0, 1.0), "min_lr_ratio": (0.0, 1.0), "warmup_steps": (0, None),
+    "weight_decay": (0.0, None), "grad_clip": (0.0, None), "max_answer_tokens": (2, None), "seed": (0, MAX_SEED),
+    "workers": (0, None), "save_every": (1, None), "eval_every": (1, None), "log_every": (1, None),
+    "keep": (1, None),
+}
+
+
+def limits(name: str) -> dict:
+    """min= and max= for the option's typer.Option, from BOUNDS."""
+    low, high = BOUNDS[name]
+    return {"min": low, "max": high}
+
+
 def options(recipe: str, **given) -> TrainOptions:
     """The recipe's preset, then every option in `given` that is not None (an explicit flag)."""
     if recipe not in RECIPES:

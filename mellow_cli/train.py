@@ -280,6 +280,9 @@ def _optimizer_step(r: _Run, stream) -> list[int]:
             (loss / r.opts.grad_accum).backward()
         step_loss += loss.item() / r.opts.grad_accum
         rows += len(batch["answer"])
+    if not math.isfinite(r.world.sum([step_loss], r.device)[0]):  # every process stops together
+        raise MellowError(f"step {r.pos.step + 1}: the training loss is NaN or infinite; stopped before the "
+                          f"weights took that step ({_last_good(r)}); a lower --lr may help")
     clip_gradients(r.net, r.opts, r.clip)
     lr = r.optimizer.param_groups[0]["lr"]
     r.optimizer.step()
@@ -365,7 +368,16 @@ def _check_replicas(net, world: World, trace_dir: Path | None) -> str:
     return digest
 
 
+def _last_good(r: _Run) -> str:
+    return f"the last checkpoint is {r.checkpoint}" if r.checkpoint else "no checkpoint was written"
+
+
 def _save(r: _Run) -> Path:
+    # A finite loss can still come with an update that overflows the weights: such weights are
+    # never saved as a checkpoint (every process holds the same ones, so all stop together).
+    if not all(torch.isfinite(p).all() for p in r.net.parameters()):
+        raise MellowError(f"step {r.pos.step}: the weights became NaN or infinite, so no checkpoint is written for "
+                          f"it ({_last_good(r)}); a lower --lr may help")
     state = {"optimizer": r.optimizer.state_dict(), "scheduler": r.scheduler.state_dict()}
     if r.clip is not None:
         state["clip"] = r.clip.state_dict()

@@ -348,6 +348,44 @@ def test_usage_errors_are_one_line(task_data, smollm2_dir, tmp_path):
     assert changed.returncode == 2 and "lr" in changed.stderr
 
 
+@pytest.mark.parametrize("flag, value", [("--seed", "100000000000000000000000"), ("--seed", "-1"), ("--lr", "1e308"),
+                                         ("--epochs", "1e308")])
+def test_absurd_training_values_are_usage_errors(task_data, tmp_path, flag, value):
+    out = mellow("train", str(task_data[0]), "--init", "tiny", "-o", str(tmp_path / "run"), flag, value)
+    assert out.returncode == 2 and flag in out.stderr and "unexpected" not in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_workers_are_capped_at_the_cores(task_data, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(train, "run", lambda opts, report: seen.append(opts))
+    out = mellow("train", str(task_data[0]), "--init", "tiny", "-o", str(tmp_path / "run"), "--workers", "100000")
+    assert out.returncode == 0 and seen[0].workers == os.cpu_count()
+    assert f"--workers 100000: this machine has {os.cpu_count()} cores" in out.stderr
+
+
+def test_threads_are_capped_at_the_cores(task_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "run", lambda opts, report: None)
+    before = torch.get_num_threads()
+    try:
+        out = mellow("train", str(task_data[0]), "--init", "tiny", "-o", str(tmp_path / "run"), "--threads", "100000")
+        assert out.returncode == 0 and torch.get_num_threads() == os.cpu_count()
+        assert f"--threads 100000: this machine has {os.cpu_count()} cores" in out.stderr
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_non_finite_training_stops_in_one_line_without_a_checkpoint(task_data, smollm2_dir, tmp_path):
+    from mellow_cli.errors import MellowError
+
+    with pytest.raises(MellowError, match=r"^step 1: the weights became NaN or infinite.*no checkpoint was written"):
+        train.run(options(task_data, smollm2_dir, tmp_path / "weights", lr=1e308, max_steps=1))
+    assert runs.checkpoints(tmp_path / "weights") == []
+    with pytest.raises(MellowError, match=r"^step 2: the training loss is NaN or infinite"):
+        train.run(options(task_data, smollm2_dir, tmp_path / "loss", lr=1e308, max_steps=3))
+    assert runs.checkpoints(tmp_path / "loss") == []
+
+
 # --- resume and DDP, for real ------------------------------------------------------------------
 
 
