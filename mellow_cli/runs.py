@@ -136,28 +136,35 @@ def _write_failed(final: Path, e: Exception) -> MellowError:
     return MellowError(f"{final}: cannot write the checkpoint ({reason})")
 
 
-def keep_tokenizer(run_dir: Path, source: Path) -> Path:
+def keep_tokenizer(run_dir: Path, source: Path, resumed: bool = False) -> Path:
     """RUN/tokenizer/: the run's own copy of its tokenizer, which every checkpoint copies from.
     A resumed run would otherwise copy from the checkpoint it resumed from, which `--keep` later
-    deletes, and every checkpoint after that would lack a tokenizer."""
+    deletes, and every checkpoint after that would lack a tokenizer. A resumed run keeps the copy
+    it has (the folder it came from may be gone or changed since); otherwise the copy is replaced
+    by `source`'s files, and only once all of them are copied."""
     from mellow_cli.loading import OPTIONAL_TOKENIZER_FILES, TOKENIZER_FILES
 
     own = run_dir / "tokenizer"
-    if source.resolve() == own.resolve():
+    if (resumed and all((own / f).is_file() for f in TOKENIZER_FILES)) or source.resolve() == own.resolve():
         return own
-    tmp = run_dir / f".tokenizer.tmp-{os.getpid()}"
+    missing = [f for f in TOKENIZER_FILES if not (source / f).is_file()]
+    if missing:
+        raise MellowError(f"{source}: no {missing[0]}: not a tokenizer folder")
+    tmp, old = run_dir / f".tokenizer.tmp-{os.getpid()}", run_dir / f".tokenizer.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         for f in (*TOKENIZER_FILES, *OPTIONAL_TOKENIZER_FILES):
             if (source / f).is_file():
                 shutil.copyfile(source / f, tmp / f)
-        shutil.rmtree(own, ignore_errors=True)
+        if own.exists():
+            os.replace(own, old)
         os.replace(tmp, own)
     except OSError as e:
         raise MellowError(f"{own}: cannot copy the tokenizer ({e.strerror or e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return own
 
 

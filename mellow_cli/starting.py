@@ -57,7 +57,9 @@ def build_model(opts: TrainOptions, progress: bool, checkpoint: Path | None = No
         tokenizer = Path(opts.tokenizer) if opts.tokenizer else loading.tokenizer_folder(cfg, opts.init, progress)
         return fresh_model(cfg, opts.seed), tokenizer, f"{opts.init} (fresh weights)"
     net, files = loading.load(str(checkpoint or opts.model), device="cpu", progress=progress)
-    return net, Path(opts.tokenizer) if opts.tokenizer else files.tokenizer_dir, files.name
+    # A checkpoint carries the run's tokenizer; the --tokenizer it started with may be gone since.
+    own = checkpoint is not None or not opts.tokenizer
+    return net, files.tokenizer_dir if own else Path(opts.tokenizer), files.name
 
 
 def calibrate_encoder(net, dataset, clips: int = 64) -> None:

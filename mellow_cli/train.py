@@ -217,7 +217,7 @@ def _setup(opts: TrainOptions, world: World, device: torch.device, emit: Report)
     seed_everything(opts.seed)
     net, tokenizer_dir, name = build_model(opts, world.main, resume_from)
     if world.main:
-        keep_tokenizer(run_dir, tokenizer_dir)
+        keep_tokenizer(run_dir, tokenizer_dir, resumed=resume_from is not None)
     world.barrier()
     tokenizer_dir = run_dir / "tokenizer"
     train_set, val_set = datasets(opts, net.cfg, train_rows, val_rows)

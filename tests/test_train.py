@@ -422,6 +422,39 @@ def test_resume_refuses_edited_rows_and_keeps_the_tokenizer_after_pruning(task_d
     assert edited.returncode == 2 and "changed since" in edited.stderr
 
 
+def test_resume_keeps_the_runs_own_tokenizer_when_the_original_is_gone(task_data, smollm2_dir, tmp_path):
+    import shutil
+
+    from mellow_cli.loading import TOKENIZER_FILES
+
+    copy = tmp_path / "tokenizer-copy"
+    shutil.copytree(smollm2_dir, copy, ignore=shutil.ignore_patterns("*.safetensors"))
+    run = tmp_path / "run"
+    assert mellow("train", str(task_data[0]), "--init", "tiny", "--tokenizer", str(copy), "--workers", "0", "-b", "2",
+                  "--save-every", "1", "--keep", "1", "-o", str(run), "--max-steps", "2", "-q").returncode == 0
+    own = {f: (run / "tokenizer" / f).read_bytes() for f in TOKENIZER_FILES}
+    shutil.rmtree(copy)
+    out = mellow("train", "-o", str(run), "--resume", "--max-steps", "4", "-q")
+    assert out.returncode == 0, out.stderr
+    assert {f: (run / "tokenizer" / f).read_bytes() for f in TOKENIZER_FILES} == own
+    assert all((run / "checkpoints" / "step-000004" / f).read_bytes() == own[f] for f in TOKENIZER_FILES)
+
+
+def test_the_runs_tokenizer_is_replaced_only_by_a_whole_one(smollm2_dir, tmp_path):
+    from mellow_cli.errors import MellowError
+    from mellow_cli.loading import TOKENIZER_FILES
+
+    run = tmp_path / "run"
+    runs.keep_tokenizer(run, smollm2_dir)
+    before = {f: (run / "tokenizer" / f).read_bytes() for f in TOKENIZER_FILES}
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "tokenizer.json").write_text("{}")
+    with pytest.raises(MellowError, match="half: no tokenizer_config.json"):
+        runs.keep_tokenizer(run, tmp_path / "half")
+    assert {f: (run / "tokenizer" / f).read_bytes() for f in TOKENIZER_FILES} == before
+    assert sorted(p.name for p in run.iterdir()) == ["tokenizer"]
+
+
 def test_a_trainer_json_that_is_not_a_record_is_one_line(tmp_path):
     from mellow_cli.errors import MellowError
     from mellow_cli.runs import read_trainer
