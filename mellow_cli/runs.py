@@ -99,41 +99,68 @@ def write_checkpoint(run_dir: Path, step: int, net, tokenizer_dir: Path, trainer
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-    except (OSError, RuntimeError) as e:
-        raise _write_failed(final, e) from None
+    except _Unwritten as e:
+        raise _write_failed(run_dir, final, e.name, e.error) from None
+    except OSError as e:
+        raise _write_failed(run_dir, final, None, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
+class _Unwritten(Exception):
+    """One file of a checkpoint that could not be written, and why."""
+
+    def __init__(self, name: str, error: Exception):
+        super().__init__(name)
+        self.name, self.error = name, error
+
+
 def _write_files(tmp: Path, net, tokenizer_dir: Path, trainer: dict, state: dict) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from mellow_cli.loading import OPTIONAL_TOKENIZER_FILES, TOKENIZER_FILES
 
-    save_file(model_state(net), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(net.cfg.to_dict(), indent=2) + "\n")
-    for f in (*TOKENIZER_FILES, *OPTIONAL_TOKENIZER_FILES):
-        if (tokenizer_dir / f).is_file():
-            shutil.copyfile(tokenizer_dir / f, tmp / f)
-    torch.save(state, tmp / "state.pt")
-    (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    writers = {
+        "model.safetensors": lambda p: save_file(model_state(net), str(p), metadata={"format": "pt"}),
+        "config.json": lambda p: p.write_text(json.dumps(net.cfg.to_dict(), indent=2) + "\n"),
+        **{f: (lambda p, f=f: shutil.copyfile(tokenizer_dir / f, p))
+           for f in (*TOKENIZER_FILES, *OPTIONAL_TOKENIZER_FILES) if (tokenizer_dir / f).is_file()},
+        "state.pt": lambda p: torch.save(state, p),
+        "trainer.json": lambda p: p.write_text(json.dumps(trainer, indent=2) + "\n"),
+    }
+    for name, write in writers.items():
+        try:
+            write(tmp / name)
+            with open(tmp / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        except (OSError, RuntimeError, SafetensorError) as e:  # torch and safetensors wrap the OS error
+            raise _Unwritten(name, e) from None
 
 
-def _write_failed(final: Path, e: Exception) -> MellowError:
-    """A checkpoint that could not be written, in one line naming it. torch reports a full disk
-    as an "enforce fail" from its zip writer, so the free space is looked at too."""
+def _write_failed(run_dir: Path, final: Path, name: str | None, e: Exception) -> MellowError:
+    """A checkpoint that could not be written, in one line naming it and the file. torch reports
+    a full disk or a file size limit as an "enforce fail ... unexpected pos" from its zip writer
+    and safetensors as "(os error N)", so the free space is looked at too."""
     import errno
+    import re
 
+    code = getattr(e, "errno", None) or next((int(m) for m in re.findall(r"os error (\d+)", str(e))), None)
     free = shutil.disk_usage(final.parent).free if final.parent.exists() else None
-    if getattr(e, "errno", None) == errno.ENOSPC or (free is not None and free < 64 << 20):
-        return MellowError(f"{final}: cannot write the checkpoint, the disk is full ({free / 1e6:.0f} MB free); "
-                           "free some space and run again with --resume")
-    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:160]
-    return MellowError(f"{final}: cannot write the checkpoint ({reason})")
+    file = name or "its folder"
+    if code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < 64 << 20):
+        then = ("run again with --resume" if checkpoints(run_dir) else
+                f"start the run again, after deleting {run_dir / METRICS} (there is no checkpoint to resume from yet)")
+        room = "" if free is None else f"; {free / 1e6:.0f} MB free"
+        return MellowError(f"{final}: cannot write the checkpoint, the disk is full (writing {file}{room}); "
+                           f"free some space and {then}")
+    if code == errno.EFBIG:
+        return MellowError(f"{final}: cannot write the checkpoint, {file} would pass the file size limit (ulimit -f)")
+    if "unexpected pos" in str(e):
+        return MellowError(f"{final}: cannot write the checkpoint, no space left for {file} (or a file size limit)")
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+    return MellowError(f"{final}: cannot write the checkpoint ({file}: {reason})")
 
 
 def keep_tokenizer(run_dir: Path, source: Path, resumed: bool = False) -> Path:

@@ -291,6 +291,47 @@ def test_checkpoint_writing_is_atomic(smollm2_dir, tmp_path, monkeypatch):
     assert all(torch.equal(good[k], v) for k, v in state_of(run / "checkpoints" / "step-000001").items())
 
 
+def test_a_full_disk_under_safetensors_names_the_file_and_what_to_do(smollm2_dir, tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from mellow_cli.errors import MellowError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    run = tmp_path / "run"
+    with pytest.raises(MellowError, match=r"step-000001: cannot write the checkpoint, the disk is full \(writing "
+                       r"model.safetensors.*start the run again.*no checkpoint to resume from yet"):
+        runs.write_checkpoint(run, 1, fresh_tiny(4), smollm2_dir, {"step": 1}, {})
+    (run / "checkpoints" / "step-000001").mkdir()
+    (run / "checkpoints" / "step-000001" / "trainer.json").write_text("{}")
+    with pytest.raises(MellowError, match=r"step-000002: cannot write the checkpoint, the disk is full.*--resume"):
+        runs.write_checkpoint(run, 2, fresh_tiny(4), smollm2_dir, {"step": 2}, {})
+
+
+def test_a_file_size_limit_names_the_file(smollm2_dir, tmp_path, monkeypatch):
+    import resource
+
+    import safetensors.torch
+
+    from mellow_cli.errors import MellowError
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    net, run = fresh_tiny(4), tmp_path / "run"
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, hard))  # Python ignores SIGXFSZ: writes fail with EFBIG
+    try:
+        with pytest.raises(MellowError, match="model.safetensors would pass the file size limit"):
+            runs.write_checkpoint(run, 1, net, smollm2_dir, {"step": 1}, {})
+        monkeypatch.setattr(safetensors.torch, "save_file", lambda tensors, path, metadata: open(path, "wb").close())
+        with pytest.raises(MellowError, match=r"no space left for state.pt \(or a file size limit\)"):
+            runs.write_checkpoint(run, 1, net, tmp_path, {"step": 1}, {"big": torch.zeros(1 << 17)})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert runs.checkpoints(run) == [] and not list((run / "checkpoints").iterdir())
+
+
 def test_prune_keeps_the_last_k_and_the_best(tmp_path):
     for step in (1, 2, 3, 4, 5):
         folder = tmp_path / "checkpoints" / runs.step_name(step)
