@@ -52,6 +52,7 @@ from .cli_options import (
     load_model,
     setup,
 )
+from .cli_serve import serve
 from .cli_train import train
 from .errors import MellowError, UsageError
 
@@ -370,6 +371,7 @@ def caption(
 
 
 # Commands that live in their own modules, in the order --help lists them.
+app.command()(serve)
 app.command()(train)
 app.add_typer(bench_app, name="bench")
 app.add_typer(models_app, name="models")
