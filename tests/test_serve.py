@@ -1,0 +1,413 @@
+"""`mellow serve` with the tiny model: the openai client and raw HTTP against a server on a free
+loopback port (started in a thread for each test, and once as the real command), answers equal to
+`mellow ask`'s, batching, OpenAI-style errors, and shutdown."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import write_tone
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+from mellow_cli.config import DecodingOptions  # noqa: E402
+from mellow_cli.serve import ServeSettings, bind, build_app, make_server  # noqa: E402
+
+QUESTION = "what do you hear?"
+DEADLINE = 60  # seconds any single wait in these tests may take
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with its language model's weights drawn larger (as in test_generate.py):
+    the default draw answers "!" to everything, which would make every comparison below pass."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("lively_tiny")
+    for f in tiny_model_dir.iterdir():
+        shutil.copyfile(f, out / f.name)
+    state = load_file(str(tiny_model_dir / "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    for name, p in state.items():
+        if name.startswith("caption_decoder.lm.") and p.ndim == 2:
+            std = 1.0 if "embed" in name else 0.2
+            state[name] = torch.randn(p.shape, generator=g) * std
+    save_file(state, str(out / "model.safetensors"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    from mellow_cli.api import load_model
+
+    return load_model(str(model_dir), device="cpu", dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve_clips")
+    return write_tone(d / "low.wav", 220), write_tone(d / "high.flac", 880)
+
+
+@contextlib.contextmanager
+def running(model, settings=ServeSettings(), on_batch=None):
+    """The app under uvicorn in a thread on a free 127.0.0.1 port; stopped on the way out."""
+    server = make_server(build_app(model, settings, on_batch))
+    sock = bind("127.0.0.1", 0)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + DEADLINE
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(DEADLINE)
+        sock.close()
+        assert not thread.is_alive(), "the server did not stop"
+
+
+def b64(path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def audio_part(path) -> dict:
+    return {"type": "input_audio", "input_audio": {"data": b64(path), "format": path.suffix[1:]}}
+
+
+def chat_body(*paths, question=QUESTION, **extra) -> dict:
+    content = [audio_part(p) for p in paths] + [{"type": "text", "text": question}]
+    return {"model": "mellow", "messages": [{"role": "user", "content": content}], **extra}
+
+
+def request(url: str, method: str, path: str, body=None, headers=None) -> http.client.HTTPResponse:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=DEADLINE)
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    return conn.getresponse()
+
+
+def post(url: str, body, headers=None) -> tuple[int, dict]:
+    r = request(url, "POST", "/v1/chat/completions", body, headers)
+    return r.status, json.loads(r.read())
+
+
+def events(response) -> list[str]:
+    """The `data:` payloads of a server-sent event stream, in order."""
+    text = response.read().decode()
+    lines = [line for line in text.split("\n") if line]
+    assert all(line.startswith("data: ") for line in lines), text
+    return [line[len("data: "):] for line in lines]
+
+
+def mellow_ask(*args: str) -> str:
+    """`mellow ask ARGS` through the CLI's entry point, in this process: its stdout."""
+    import io
+
+    from mellow_cli.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+        main(["ask", *args, "-q"])
+    assert e.value.code == 0
+    return out.getvalue().removesuffix("\n")
+
+
+def openai_client(url: str, key: str = "unused"):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=DEADLINE)
+
+
+# --- answers --------------------------------------------------------------------------------------
+
+
+def test_openai_client_answers_one_and_two_clips_as_mellow_ask(model, clips, model_dir):
+    low, high = clips
+    with running(model) as url:
+        client = openai_client(url)
+        for paths in ((low,), (low, high)):
+            messages = chat_body(*paths)["messages"]
+            whole = client.chat.completions.create(model="mellow", messages=messages, max_tokens=12)
+            pieces = client.chat.completions.create(model="mellow", messages=messages, max_tokens=12, stream=True)
+            streamed = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+            expected = mellow_ask(*map(str, paths), QUESTION, "--model", str(model_dir), "--dtype",
+                                  "float32", "--max-tokens", "12")
+            assert whole.choices[0].message.content == expected == streamed
+            assert whole.choices[0].finish_reason in ("stop", "length")
+            assert whole.usage.prompt_tokens == model.cfg.prefix_len
+            assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+            assert 1 <= whole.usage.completion_tokens <= 12
+
+
+def test_seeded_sampling_equals_mellow_ask_sample(model, clips, model_dir):
+    low, high = clips
+    with running(model) as url:
+        answer = openai_client(url).chat.completions.create(
+            model="mellow", messages=chat_body(low, high)["messages"], max_tokens=16, temperature=0.9,
+            top_p=0.95, seed=7).choices[0].message.content
+    expected = mellow_ask(str(low), str(high), QUESTION, "--model", str(model_dir), "--dtype", "float32",
+                          "--max-tokens", "16", "--sample", "--temperature", "0.9", "--top-p", "0.95", "--seed", "7")
+    greedy = model.ask(str(low), str(high), QUESTION, DecodingOptions(max_tokens=16))
+    assert answer == expected != greedy  # the sampler ran, with the seed `mellow ask` used
+
+
+def test_stream_is_server_sent_events_ending_in_done(model, clips):
+    with running(model) as url:
+        r = request(url, "POST", "/v1/chat/completions",
+                    chat_body(clips[0], max_tokens=9, stream=True, stream_options={"include_usage": True}))
+        assert r.status == 200 and r.getheader("content-type").startswith("text/event-stream")
+        data = events(r)
+        _, whole = post(url, chat_body(clips[0], max_tokens=9))
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == whole["choices"][0]["message"]["content"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == whole["choices"][0]["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+
+def test_choices_by_likelihood_return_probabilities(model, clips):
+    options = ["a dog barking", "rain", "a tone"]
+    with running(model) as url:
+        status, body = post(url, chat_body(clips[0], mellow={"choices": options}))
+        r = request(url, "POST", "/v1/chat/completions", chat_body(clips[0], mellow={"choices": options}, stream=True))
+        streamed = [json.loads(d) for d in events(r)[:-1]]
+    expected = model.choose(str(clips[0]), None, QUESTION, options)
+    assert status == 200
+    assert body["choices"][0]["message"]["content"] == expected.choice
+    scored = body["mellow"]["choices"]
+    assert [s["choice"] for s in scored] == options
+    assert [s["probability"] for s in scored] == [round(p, 6) for p in expected.probabilities]
+    assert abs(sum(s["probability"] for s in scored) - 1) < 1e-4
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in streamed) == expected.choice
+    assert any(c.get("mellow", {}).get("choices") == scored for c in streamed)
+
+
+def test_models_and_health(model):
+    with running(model) as url:
+        listed = openai_client(url).models.list()
+        r = request(url, "GET", "/health")
+        health = json.loads(r.read())
+        missing = request(url, "GET", "/v1/nothing")
+    assert [m.id for m in listed.data] == [model.name]
+    assert r.status == 200 and health["status"] == "ok"
+    assert missing.status == 404 and "error" in json.loads(missing.read())
+
+
+# --- batching -------------------------------------------------------------------------------------
+
+
+def test_waiting_requests_form_one_batch_with_each_rows_own_options(model, clips):
+    """Requests queued before the worker runs are answered as one batch, greedy, sampled and
+    multiple-choice rows together, each exactly as it would be alone."""
+    from mellow_cli.serve_batch import Batcher, Finished, Pending
+
+    low, high = (model.load_clip(str(p)) for p in clips)
+    sampled = DecodingOptions(max_tokens=10, sample=True, temperature=0.8, seed=3)
+    rows = [(low, None, "q one", DecodingOptions(max_tokens=10), None),
+            (high, low, "q two, longer than the first", DecodingOptions(max_tokens=4), None),
+            (low, high, "q three", sampled, None),
+            (high, None, "which?", DecodingOptions(), ("rain", "a tone"))]
+    got = [[] for _ in rows]
+    sizes = []
+    batcher = Batcher(model, max_batch=8, on_batch=sizes.append)
+    for out, (a, b, q, opts, choices) in zip(got, rows):
+        batcher.submit(Pending(a, b, q, opts, emit=out.append, choices=choices))
+    batcher.start()
+    batcher.stop(DEADLINE)
+    assert sizes == [4]
+    assert all(isinstance(out[-1], Finished) for out in got)
+    for out, (a, b, q, opts, choices) in zip(got[:3], rows[:3]):
+        assert "".join(e for e in out if isinstance(e, str)) == model.ask(a, b, q, opts)
+    assert got[1][-1].reason == "length" and got[1][-1].completion_tokens == 4
+    assert got[3][0].probabilities == model.choose(high, None, "which?", ["rain", "a tone"]).probabilities
+
+
+def test_concurrent_requests_share_a_batch(model, clips):
+    sizes, busy = [], threading.Event()
+
+    def on_batch(n):
+        sizes.append(n)
+        busy.set()
+
+    low, high = clips
+    with running(model, on_batch=on_batch) as url:
+        first = threading.Thread(target=post, args=(url, chat_body(low, question="a long one", max_tokens=1500)))
+        first.start()
+        assert busy.wait(DEADLINE)  # the worker is busy with the first: the next four wait together
+        bodies = [chat_body(low, high, question=f"question {i}", max_tokens=6) for i in range(4)]
+        results = [None] * 4
+
+        def send(i):
+            results[i] = post(url, bodies[i])
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads + [first]:
+            t.join(DEADLINE)
+    assert sizes == [1, 4]
+    for i, (status, body) in enumerate(results):
+        assert status == 200
+        assert body["choices"][0]["message"]["content"] == model.ask(str(low), str(high), f"question {i}",
+                                                                     DecodingOptions(max_tokens=6))
+
+
+def test_a_client_that_does_not_read_or_leaves_blocks_no_one(model, clips):
+    import socket
+
+    with running(model) as url:
+        port = int(url.rsplit(":", 1)[1])
+        body = json.dumps(chat_body(clips[0], max_tokens=400, stream=True)).encode()
+        raw = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(body)) + body
+        idle = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+        idle.sendall(raw)  # ... and never reads
+        gone = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+        gone.sendall(raw)
+        gone.recv(10)
+        gone.close()  # leaves mid-answer
+        start = time.monotonic()
+        status, answer = post(url, chat_body(clips[1], max_tokens=5))
+        assert status == 200 and answer["choices"][0]["message"]["content"]
+        assert time.monotonic() - start < DEADLINE
+        idle.close()
+        again = post(url, chat_body(clips[1], max_tokens=5))
+        assert again[0] == 200 and again[1]["choices"] == answer["choices"]
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+def _bad_requests(clip) -> list[tuple[str, object, int]]:
+    good = chat_body(clip, max_tokens=3)
+    text_only = {"model": "m", "messages": [{"role": "user", "content": "what do you hear?"}]}
+    three = chat_body(clip, clip, clip)
+    garbage = chat_body(clip)
+    garbage["messages"][0]["content"][0]["input_audio"]["data"] = base64.b64encode(b"not audio at all" * 64).decode()
+    not_b64 = chat_body(clip)
+    not_b64["messages"][0]["content"][0]["input_audio"]["data"] = "%%%"
+    bad_format = chat_body(clip)
+    bad_format["messages"][0]["content"][0]["input_audio"]["format"] = "aac"
+    last_not_user = {**good, "messages": good["messages"] + [{"role": "assistant", "content": "hi"}]}
+    return [
+        ("not JSON", b"{nope", 400), ("JSON but not an object", b"[1, 2]", 400),
+        ("no messages", {"model": "m"}, 400), ("no audio", text_only, 400), ("three clips", three, 400),
+        ("undecodable audio", garbage, 400), ("not base64", not_b64, 400), ("unknown format", bad_format, 400),
+        ("no question", chat_body(clip, question="  "), 400), ("last message not the user's", last_not_user, 400),
+        ("max_tokens as text", {**good, "max_tokens": "ten"}, 400),
+        ("max_tokens 0", {**good, "max_tokens": 0}, 422), ("max_tokens huge", {**good, "max_tokens": 10**6}, 422),
+        ("temperature 3", {**good, "temperature": 3}, 422), ("top_p 1.5", {**good, "top_p": 1.5}, 422),
+        ("seed -1", {**good, "seed": -1}, 422), ("n 2", {**good, "n": 2}, 422),
+        ("one choice", {**good, "mellow": {"choices": ["only"]}}, 422),
+    ]
+
+
+def test_bad_requests_get_their_status_and_the_server_keeps_serving(model, clips):
+    with running(model) as url:
+        for name, body, status in _bad_requests(clips[0]):
+            got, reply = post(url, body)
+            assert got == status, (name, reply)
+            assert set(reply["error"]) >= {"message", "type", "param", "code"} and reply["error"]["message"], name
+            ok, answer = post(url, chat_body(clips[0], max_tokens=3))
+            assert ok == 200 and answer["choices"][0]["message"]["content"], name
+
+
+def test_api_key(model, clips):
+    with running(model, ServeSettings(api_key="sesame")) as url:
+        assert post(url, chat_body(clips[0], max_tokens=3))[0] == 401
+        assert post(url, chat_body(clips[0], max_tokens=3), {"Authorization": "Bearer wrong"})[0] == 401
+        assert request(url, "GET", "/v1/models").status == 401
+        assert request(url, "GET", "/health").status == 200  # for load balancers, without the key
+        from openai import AuthenticationError
+
+        with pytest.raises(AuthenticationError):
+            openai_client(url, "wrong").models.list()
+        answer = openai_client(url, "sesame").chat.completions.create(
+            model="m", messages=chat_body(clips[0])["messages"], max_tokens=3)
+        assert answer.choices[0].message.content
+
+
+def test_too_much_audio_is_413(model, clips, tmp_path):
+    long_clip = write_tone(tmp_path / "long.wav", seconds=3.0)
+    settings = ServeSettings(max_audio_seconds=2.0)
+    with running(model, settings) as url:
+        status, reply = post(url, chat_body(long_clip, max_tokens=3))
+        assert status == 413 and "at most 2 s" in reply["error"]["message"]
+        huge = chat_body(clips[0], max_tokens=3)
+        huge["messages"][0]["content"][0]["input_audio"]["data"] = "A" * (settings.max_body_bytes + 4)
+        status, reply = post(url, huge)
+        assert status == 413 and reply["error"]["code"] == "request_too_large"
+        assert post(url, chat_body(clips[0], max_tokens=3))[0] == 200
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+def test_serve_command_listens_on_loopback_and_drains_on_sigterm(model_dir, clips):
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mellow_cli", "serve", "--model", str(model_dir), "--port", "0",
+         "--dtype", "float32"], stderr=subprocess.PIPE, text=True, env={**os.environ, "NO_COLOR": "1"})
+    try:
+        lines = []
+        for line in server.stderr:
+            lines.append(line)
+            found = re.search(r"at (http://[^/\s]+)/v1", line)
+            if found or len(lines) > 20:
+                break
+        assert found, "".join(lines)
+        url = found.group(1)
+        assert url.startswith("http://127.0.0.1:")
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            try:
+                if request(url, "GET", "/health").status == 200:
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the server never answered"
+                time.sleep(0.1)
+        r = request(url, "POST", "/v1/chat/completions", chat_body(clips[0], max_tokens=800, stream=True))
+        assert r.status == 200
+        assert r.readline().startswith(b"data: ")  # the first event: the answer is under way
+        server.send_signal(signal.SIGTERM)
+        data = events(r)  # ... and still ends properly
+        assert data[-1] == "[DONE]" and '"finish_reason": "length"' in data[-2]
+        server.wait(DEADLINE)
+        assert server.returncode in (0, -signal.SIGTERM)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(DEADLINE)
+        server.stderr.close()
+
+
+def test_serve_without_the_extra_says_how_to_install_it(monkeypatch, capsys):
+    from mellow_cli.cli import main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn -> ImportError
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--port", "0"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and 'pip install "mellow-cli[serve]"' in err
