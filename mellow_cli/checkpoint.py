@@ -10,15 +10,19 @@ interrupted run end with exactly the weights of an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import time
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mellow_cli.errors import MellowError, UsageError
-from mellow_cli.recipe import TrainOptions, resumed_options
+from mellow_cli.recipe import BOUNDS, CHOICES, FREEZABLE, TrainOptions, resumed_options
 from mellow_cli.runs import (
     CHECKPOINTS,
     METRICS,
@@ -82,7 +86,7 @@ def prepare_run_dir(opts: TrainOptions, run_dir: Path, world: World) -> tuple[Tr
         raise UsageError(f"{run_dir}: no checkpoint to resume from (a run folder holds {CHECKPOINTS}/step-*)")
     if world.main:
         clean_stale(run_dir)
-    trainer = read_trainer(found[-1])
+    trainer = read_record(found[-1])
     if trainer.get("world_size", 1) != world.size:
         raise MellowError(f"{found[-1]} was written by {trainer.get('world_size', 1)} processes; resume it with "
                           f"the same number (torchrun --nproc-per-node {trainer.get('world_size', 1)})")
@@ -124,9 +128,96 @@ def _check_same_inputs(trainer: dict, opts: TrainOptions, checkpoint: Path) -> N
                     f"will not be bit-identical to an uninterrupted run (--threads {saved['threads']} makes it so)")
 
 
+# --- trainer.json as read back: every field the resume uses has the type it was written with ----
+
+
+def read_record(checkpoint: Path) -> dict:
+    """`checkpoint`'s trainer.json, every field a resume reads checked (a hand-edited file is a
+    one-line error naming the file and the field, never a crash half-way into the resume)."""
+    trainer = read_trainer(checkpoint)
+    where = checkpoint / "trainer.json"
+    _expect(where, "step", trainer.get("step"), int, 0)
+    for key in ("epoch", "batch"):
+        _expect(where, f"position.{key}", _expect(where, "position", trainer.get("position"), dict).get(key), int, 0)
+    _expect(where, "seconds", trainer.get("seconds", 0.0), float, 0)
+    _expect(where, "world_size", trainer.get("world_size", 1), int, 1)
+    best = _expect(where, "best", trainer.get("best", {}), dict)
+    _expect(where, "best.step", best.get("step"), int | None, 0)
+    _expect(where, "best.val_loss", best.get("val_loss"), float | None)
+    _check_options(where, _expect(where, "options", trainer.get("options", {}), dict))
+    inputs = _expect(where, "inputs", trainer.get("inputs"), dict | None) or {}
+    for name, digest in _expect(where, "inputs.sha256", inputs.get("sha256", {}), dict).items():
+        _expect(where, f"inputs.sha256.{name}", digest, str)
+    _expect(where, "inputs.threads", inputs.get("threads"), int | None, 1)
+    return trainer
+
+
+def _check_options(where: Path, saved: dict) -> None:
+    """The saved options: each of the type TrainOptions declares, within recipe.BOUNDS, one of
+    recipe.CHOICES."""
+    hints = typing.get_type_hints(TrainOptions)
+    for name, value in saved.items():
+        if name not in hints:
+            continue  # an option of another version: resumed_options leaves it out
+        low, high = BOUNDS.get(name, (None, None))
+        _expect(where, f"options.{name}", value, hints[name], low, high)
+        allowed = CHOICES.get(name) or (FREEZABLE if name == "freeze" else None)
+        given = value if name == "freeze" else [value]
+        if allowed and not all(v in allowed for v in given):
+            raise MellowError(f"{where}: options.{name} is {value!r}, not one of {', '.join(allowed)}")
+        if name == "betas" and not all(0 <= b < 1 for b in value):
+            raise MellowError(f"{where}: options.betas is {value!r}; each must be in [0, 1)")
+
+
+def _expect(where: Path, field: str, value, kind, low=None, high=None):
+    """`value` itself when it is of `kind` (a type hint: int, float, str, dict, X | None, tuple[X,
+    ...]) and, if a number, within [low, high]; else a MellowError naming the file and the field."""
+    from mellow_cli.batch import json_kind
+
+    if not _fits(value, kind):
+        found = json_kind(value)
+        raise MellowError(f"{where}: {field} is {json.dumps(value)[:40]} ({'an' if found == 'object' else 'a'} "
+                          f"{found}), not {_kind_name(kind)}")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and ((low is not None and value < low) or (high is not None and value > high)):
+        span = f"at least {low:g}" if high is None else f"in [{low:g}, {high:g}]"
+        raise MellowError(f"{where}: {field} is {value!r}, not {span}")
+    return value
+
+
+def _fits(value, kind) -> bool:
+    args = typing.get_args(kind)
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        return any(_fits(value, k) for k in args)
+    if typing.get_origin(kind) is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_fits(v, k) for v, k in zip(value, args))
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind in (int, float):  # JSON writes a whole float as 1.0, and an int is a float
+        whole = isinstance(value, int) or (kind is float and isinstance(value, float) and math.isfinite(value))
+        return whole and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _kind_name(kind) -> str:
+    names = {int: "a whole number", float: "a number", str: "a string", bool: "true or false", dict: "an object",
+             type(None): "null"}
+    if kind in names:
+        return names[kind]
+    if typing.get_origin(kind) is tuple:
+        return "a list"
+    return " or ".join(_kind_name(k) for k in typing.get_args(kind))
+
+
 def restore(checkpoint: Path, world: World) -> tuple[Position, dict]:
     """The position and state.pt of `checkpoint`, this process's RNG states already set."""
-    trainer = read_trainer(checkpoint)
+    trainer = read_record(checkpoint)
     try:
         state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
     except Exception as e:

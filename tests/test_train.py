@@ -505,6 +505,46 @@ def test_a_trainer_json_that_is_not_a_record_is_one_line(tmp_path):
         read_trainer(tmp_path)
 
 
+@pytest.fixture(scope="module")
+def finished_run(task_data, smollm2_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("finished") / "run"
+    train.run(options(task_data, smollm2_dir, run, max_steps=1))
+    return run
+
+
+@pytest.mark.parametrize("field, value", [
+    ("position.epoch", "a"), ("position.batch", -1), ("step", 1.5), ("seconds", "soon"), ("world_size", 0),
+    ("best.val_loss", "low"), ("best", [1]), ("options.lr", "abc"), ("options.batch_size", -3),
+    ("options.freeze", ["wings"]), ("options.optimizer", "sgd"), ("options.betas", [0.9]), ("options.data", 3),
+    ("options", "all"), ("inputs.sha256", [1]), ("inputs.sha256.data", 5), ("inputs.threads", "many"),
+])
+def test_a_hand_edited_trainer_json_is_one_line_naming_the_field(finished_run, tmp_path, field, value):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, symlinks=True)
+    path = runs.checkpoints(run)[-1] / "trainer.json"
+    record = json.loads(path.read_text())
+    *parents, last = field.split(".")
+    node = record
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    path.write_text(json.dumps(record))
+    out = mellow("train", "-o", str(run), "--resume", "--max-steps", "2")
+    assert out.returncode == 1 and "unexpected" not in out.stderr and out.stderr.count("\n") == 1
+    assert f"{path}: {field} " in out.stderr
+
+
+def test_deeply_nested_trainer_json_is_one_line(tmp_path):
+    from mellow_cli.errors import MellowError
+    from mellow_cli.runs import read_trainer
+
+    (tmp_path / "trainer.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(MellowError, match="unreadable trainer.json"):
+        read_trainer(tmp_path)
+
+
 def train_cmd(task_data, smollm2_dir, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "mellow_cli", "train", str(task_data[0]), "--val", str(task_data[1]),
             "--init", "tiny", "--tokenizer", str(smollm2_dir), "-o", str(out), "--seed", "7", "-b", "2",
