@@ -195,10 +195,10 @@ def _take(fd: int, path: str, fmt: str, fields: Sequence[str], resume: bool, ove
         return Opened(_text_stream(path, fd))
     data = os.pread(fd, size, 0)
     keep, rows = _our_rows(path, data, fmt, fields)
-    if keep < size:  # a last line cut short by a kill: that row is simply done again
-        os.ftruncate(fd, keep)
     stream = _text_stream(path, fd)
-    stream.seek(0, os.SEEK_END)
+    stream.seek(keep)
+    if keep < size:  # a last row cut short by a kill is done again; it goes once the resume is under way
+        stream.before_write = lambda: os.ftruncate(fd, keep)
     return Opened(stream, append=keep > 0, done=Counter(key for key, _ in numbered_keys(rows)),
                   models={r.get("model") for r in rows})
 
@@ -228,9 +228,13 @@ class _Named(io.TextIOBase):
 
     def __init__(self, path: str, inner: IO[str], owned: bool = True):
         self.path, self.inner, self.owned = path, inner, owned
+        self.before_write = None  # done once, at the first write (nothing changes before a row comes)
 
     def write(self, text: str) -> int:
         with writing(self.path):
+            if self.before_write is not None:
+                self.before_write()
+                self.before_write = None
             return self.inner.write(text)
 
     def flush(self) -> None:

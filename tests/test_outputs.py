@@ -125,7 +125,13 @@ def test_resume_reads_back_every_row_whatever_its_text_holds(tmp_path, fmt, ques
     again = outputs.open_rows(str(out), fmt, ROW_FIELDS, resume=True)
     again.close()
     assert again.done == Counter(key for key, _ in outputs.numbered_keys(rows))
-    assert out.read_bytes() == whole
+    assert out.read_bytes() == whole + cut  # nothing changes before a row is written
+    again = outputs.open_rows(str(out), fmt, ROW_FIELDS, resume=True)
+    outputs.RowWriter(fmt, again.stream, fields=ROW_FIELDS, append=again.append).write(rows[0])
+    again.close()
+    added = io.StringIO()
+    outputs.RowWriter(fmt, added, fields=ROW_FIELDS, append=True).write(rows[0])
+    assert out.read_bytes() == whole + added.getvalue().encode()
 
 
 def test_resume_reads_rows_written_with_crlf(tmp_path):
@@ -144,6 +150,17 @@ def test_resume_by_another_model_is_refused(tmp_path):
     with pytest.raises(UsageError, match="written by model v0; resume with --model v0"):
         opened.check_model("v0_s", str(out))
     opened.close()
+
+
+def test_a_resume_refused_for_another_model_keeps_even_the_cut_line(tmp_path):
+    out = tmp_path / "x.jsonl"
+    data = _jsonl([_row("a.wav", model="v0")]) + '{"audio": "b.w'
+    out.write_text(data)
+    opened = outputs.open_rows(str(out), "jsonl", ROW_FIELDS, resume=True)
+    with pytest.raises(UsageError, match="written by model v0"):
+        opened.check_model("v0_s", str(out))
+    opened.close()
+    assert out.read_text() == data
 
 
 def test_a_folder_is_refused_and_a_refused_new_file_is_not_left_behind(tmp_path):
