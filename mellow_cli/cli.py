@@ -171,13 +171,16 @@ def _write_rows(writer, results, verb: str, total: int, resumable: str | None) -
         raise typer.Exit(1)
 
 
-def _looks_like_audio(text: str) -> bool:
-    """A question that is an audio file's name: `mellow ask a.wav b.wav` with the question left out."""
+def _forgotten_question(text: str) -> str | None:
+    """What the question names when it is an input, not a question (`mellow ask a.wav b.wav`, or
+    `mellow ask a.wav clips/`, with the question left out); None for a question."""
     import os
 
     from .batch import AUDIO_EXTENSIONS
 
-    return text == "-" or (os.path.splitext(text)[1].lower() in AUDIO_EXTENSIONS and " " not in text.strip())
+    if text == "-" or (os.path.splitext(text)[1].lower() in AUDIO_EXTENSIONS and " " not in text.strip()):
+        return "an audio file's name"
+    return "a folder" if os.path.isdir(text) else None
 
 
 @app.command(no_args_is_help=True)
@@ -239,9 +242,9 @@ def ask(
         audio, question = args[:-1], args[-1]
         if not question.strip():
             raise UsageError("the question is empty")
-        if _looks_like_audio(question):
-            raise UsageError(f"the question is {question!r}, an audio file's name: ask takes AUDIO [AUDIO2] "
-                             "QUESTION, with the question last")
+        if forgotten := _forgotten_question(question):
+            raise UsageError(f"the question is {question!r}, {forgotten}: ask takes AUDIO [AUDIO2] QUESTION, with "
+                             "the question last")
         pair = len(audio) <= 2 and all(_plain(a) for a in audio)
         if pair:
             jobs = [batch.Job(audio[0], audio[-1], question, tuple(choice_list) if choice_list else None)]

@@ -121,6 +121,8 @@ def open_rows(path: str | None, fmt: str, fields: Sequence[str], *, resume: bool
         raise UsageError(f"--resume needs --format {', '.join(RESUMABLE)} (rows a later run can read back)")
     if path is None:
         return Opened(_Named(STDOUT, sys.stdout, owned=False))
+    if not path.strip():
+        raise UsageError("--output is empty: name a file (or leave it out for stdout)")
     if os.path.isdir(path):
         raise UsageError(f"{path}: is a folder; --output takes a file name")
     if os.path.exists(path) and not os.path.isfile(path):  # a pipe or a device: just write to it

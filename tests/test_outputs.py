@@ -324,6 +324,13 @@ def test_bench_speed_refuses_absurd_sizes_before_loading(flag):
 def test_a_forgotten_question_is_a_usage_error(tiny_model_dir, clips):
     out = mellow("ask", str(clips[0]), str(clips[1]), "--model", str(tiny_model_dir))
     assert out.returncode == 2 and "an audio file's name" in out.stderr
+    out = mellow("ask", str(clips[0]), str(clips[0].parent), "--model", str(tiny_model_dir))
+    assert out.returncode == 2 and "a folder: ask takes AUDIO [AUDIO2] QUESTION" in out.stderr
+
+
+def test_an_empty_output_name_is_a_usage_error(tiny_model_dir, clips):
+    out = mellow("caption", str(clips[0]), str(clips[1]), "--model", str(tiny_model_dir), "-o", "")
+    assert out.returncode == 2 and "--output is empty" in out.stderr
 
 
 def test_a_long_hop_keeps_every_window_good(tiny_model_dir, tmp_path):
