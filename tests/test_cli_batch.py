@@ -318,3 +318,28 @@ def test_a_full_stdout_is_one_line_naming_it(tiny_model_dir, clips, command):
                                "--max-tokens", "2", "-q"], stdout=full, stderr=subprocess.PIPE, text=True)
     assert proc.returncode == 1
     assert proc.stderr == "mellow: error: standard output: cannot write the output (No space left on device)\n"
+
+
+@pytest.fixture(scope="module")
+def nan_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model whose language model's last norm is NaN: every logit is NaN."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("nan_model")
+    for f in tiny_model_dir.iterdir():
+        shutil.copyfile(f, out / f.name)
+    state = load_file(str(out / "model.safetensors"))
+    state["caption_decoder.lm.model.norm.weight"] = torch.full_like(state["caption_decoder.lm.model.norm.weight"],
+                                                                     float("nan"))
+    save_file(state, str(out / "model.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize("extra", [["--choices", "yes|no", "-f", "json"], ["-f", "json"], ["--sample", "-f", "json"]])
+def test_nan_logits_are_one_line_and_never_reach_the_json(nan_model_dir, clips, extra):
+    out = mellow("ask", str(clips[0]), "is it a dog?", "--model", str(nan_model_dir), "--max-tokens", "2", "-q", *extra)
+    assert out.returncode == 1 and "NaN" not in out.stdout
+    assert out.stderr.count("\n") == 1 and "NaN or infinite" in out.stderr and "unexpected" not in out.stderr

@@ -545,6 +545,21 @@ def test_deeply_nested_trainer_json_is_one_line(tmp_path):
         read_trainer(tmp_path)
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores for another thread count")
+def test_resume_with_another_thread_count_warns(finished_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, symlinks=True)
+    before = torch.get_num_threads()
+    try:
+        out = mellow("train", "-o", str(run), "--resume", "--max-steps", "2", "--threads", "2")
+    finally:
+        torch.set_num_threads(before)
+    assert out.returncode == 0, out.stderr
+    assert "resuming with 2 threads where the run used 1" in out.stderr and "--threads 1 makes it so" in out.stderr
+
+
 def train_cmd(task_data, smollm2_dir, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "mellow_cli", "train", str(task_data[0]), "--val", str(task_data[1]),
             "--init", "tiny", "--tokenizer", str(smollm2_dir), "-o", str(out), "--seed", "7", "-b", "2",
