@@ -305,11 +305,12 @@ async def _chat(request, model: "MellowModel", settings: ServeSettings, batcher)
     if batcher.stopping:
         raise ApiError(503, "the server is shutting down")
     chat = parse_chat(await _read_body(request, settings.max_body_bytes))
-    clips = [await run_in_threadpool(decode_clip, model, part, settings.max_audio_seconds) for part in chat.audio]
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
-    pending = Pending(clips[0], clips[1] if len(clips) > 1 else None, chat.question, chat.options,
-                      emit=lambda event: _deliver(loop, events, event, pending), choices=chat.choices)
-    batcher.submit(pending)
+    with batcher.preparing():
+        clips = [await run_in_threadpool(decode_clip, model, part, settings.max_audio_seconds) for part in chat.audio]
+        pending = Pending(clips[0], clips[1] if len(clips) > 1 else None, chat.question, chat.options,
+                          emit=lambda event: _deliver(loop, events, event, pending), choices=chat.choices)
+        batcher.submit(pending)
     reply = _Reply(model.name)
     try:
         first = await events.get()  # a failure before the first piece still gets its own status

@@ -15,10 +15,12 @@ HTTP side turns into a put on that request's asyncio queue: the worker never wai
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
 from .config import DecodingOptions
 from .errors import MellowError
@@ -70,6 +72,11 @@ class Pending:
 
 _STOP = object()
 
+# How long the worker, holding a batch, waits for requests whose audio is being decoded at that
+# moment (their bodies are in; the wait is server work, never a client's pace). Short against a
+# prefill, long enough that requests sent together are answered together.
+GATHER_SECONDS = 0.25
+
 
 class Batcher:
     """The model's only user while the server runs: `submit` from any thread, `stop` to finish
@@ -82,12 +89,26 @@ class Batcher:
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="mellow-model", daemon=True)
         self.stopping = False
+        self._preparing = 0  # requests whose audio is being decoded, soon to be submitted
+        self._lock = threading.Lock()
 
     def start(self) -> None:
         self._thread.start()
 
     def submit(self, pending: Pending) -> None:
         self._queue.put(pending)
+
+    @contextlib.contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Around decoding a request's audio and submitting it: a batch being formed waits
+        (up to GATHER_SECONDS) for it."""
+        with self._lock:
+            self._preparing += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._preparing -= 1
 
     def stop(self, timeout: float | None = None) -> None:
         self.stopping = True
@@ -106,14 +127,15 @@ class Batcher:
                 return
 
     def _take(self) -> tuple[list[Pending], bool]:
-        """Block for one request, then take whatever else is already waiting."""
+        """Block for one request, then take whatever else is waiting or about to be."""
         first = self._queue.get()
         if first is _STOP:
             return [], True
-        batch = [first]
+        batch, deadline = [first], time.monotonic() + GATHER_SECONDS
         while len(batch) < self.max_batch:
+            wait = deadline - time.monotonic() if self._preparing else 0
             try:
-                item = self._queue.get_nowait()
+                item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
             if item is _STOP:
