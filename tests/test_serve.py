@@ -193,6 +193,8 @@ def test_choices_by_likelihood_return_probabilities(model, clips):
         status, body = post(url, chat_body(clips[0], mellow={"choices": options}))
         r = request(url, "POST", "/v1/chat/completions", chat_body(clips[0], mellow={"choices": options}, stream=True))
         streamed = [json.loads(d) for d in events(r)[:-1]]
+        client = openai_client(url).chat.completions.create(
+            model="mellow", messages=chat_body(clips[0])["messages"], extra_body={"mellow": {"choices": options}})
     expected = model.choose(str(clips[0]), None, QUESTION, options)
     assert status == 200
     assert body["choices"][0]["message"]["content"] == expected.choice
@@ -202,6 +204,7 @@ def test_choices_by_likelihood_return_probabilities(model, clips):
     assert abs(sum(s["probability"] for s in scored) - 1) < 1e-4
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in streamed) == expected.choice
     assert any(c.get("mellow", {}).get("choices") == scored for c in streamed)
+    assert client.choices[0].message.content == expected.choice and client.model_extra["mellow"]["choices"] == scored
 
 
 def test_models_and_health(model):
