@@ -224,33 +224,39 @@ def machine_key() -> str:
     return f"{cpu}-torch{torch.__version__}-threads{torch.get_num_threads()}"
 
 
-def measure(layers: int = 30, rows: int = 3072, columns: int = 576) -> tuple[Precision, dict[str, float]]:
+def measure(layers: int = 30, rows: int = 3072, columns: int = 576, rounds: int = 3) -> tuple[Precision, dict[str, float]]:
     """Time each candidate on `layers` matrices of a layer's gate/up shape (as many bytes as the
     model's MLPs, so they come from memory as in the model): a decode step (one position) and a
     prefill (PREFIX positions). The least time for PREFIX + ANSWER wins; leaving float32 needs a
-    10% win."""
+    10% win.
+
+    The candidates take turns, `rounds` times, and each keeps its best time: another process
+    that loads the CPU for a while then slows every candidate alike instead of the ones measured
+    while it ran (timing them one after another, a busy minute once made float32 look fastest)."""
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(rows, columns, generator=gen) * 0.02 for _ in range(layers)]
     one = torch.randn(1, 1, columns, generator=gen)
     many = torch.randn(1, PREFIX, columns, generator=gen)
+    runs = [c for c in CANDIDATES if not c.packed or packed_available(DTYPES[c.store])]
+    decode, prefill = [float("inf")] * len(runs), [float("inf")] * len(runs)
+    for _ in range(rounds):
+        for i, candidate in enumerate(runs):
+            matrices = [maker(candidate)(w) for w in weights]  # one candidate in memory at a time
+            decode[i] = min(decode[i], _time(lambda: [m(one) for m in matrices], repeat=3))
+            prefill[i] = min(prefill[i], _time(lambda: [m(many) for m in matrices[: layers // 5]], repeat=1) * 5)
+            del matrices
     timings, best = {}, None
-    for candidate in CANDIDATES:
-        if candidate.packed and not packed_available(DTYPES[candidate.store]):
-            continue
-        make = maker(candidate)
-        matrices = [make(w) for w in weights]
-        decode = _time(lambda: [m(one) for m in matrices])
-        prefill = _time(lambda: [m(many) for m in matrices[: layers // 5]], repeat=2) * 5
-        cost = decode * ANSWER + prefill
+    for candidate, d, f in zip(runs, decode, prefill):
+        cost = d * ANSWER + f
         timings[candidate.describe()] = round(cost * 1e3, 1)
         if best is None or cost < best[0] * 0.9:
             best = (cost, candidate)
-        del matrices
     summary = "; ".join(f"{k}: {v} ms" for k, v in timings.items())
     return replace(best[1], chosen_by=f"auto: measured now ({summary})"), timings
 
 
-def _time(fn, repeat: int = 8) -> float:
+def _time(fn, repeat: int) -> float:
+    """The least of `repeat` timed calls after one untimed call."""
     fn()
     best = float("inf")
     for _ in range(repeat):
