@@ -114,6 +114,8 @@ def check_target(path: Path, overwrite: bool) -> None:
         raise UsageError(f"{path}: is a folder; -o takes the checkpoint file to write")
     if not path.parent.is_dir():
         raise UsageError(f"{path}: no such folder {path.parent}")
+    if path.exists() and not path.is_file():  # a device or a pipe: replacing it is never meant
+        raise UsageError(f"{path}: is not a regular file; -o takes the checkpoint file to write")
     if path.exists() and not overwrite:
         raise UsageError(f"{path}: exists; pass --overwrite to replace it")
 

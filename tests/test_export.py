@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -158,6 +159,16 @@ def test_a_folder_named_as_output_is_refused(tmp_path):
     with pytest.raises(UsageError, match="is a folder"):
         export.check_target(folder, overwrite=True)
 
+
+
+def test_a_device_or_pipe_named_as_output_is_never_replaced(tmp_path):
+    # Writing goes to a temporary file renamed over the target: over a device node (as root) or
+    # a pipe that rename would replace the node itself.
+    fifo = tmp_path / "out.ckpt"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match="not a regular file"):
+        export.check_target(fifo, overwrite=True)
+    assert fifo.is_fifo()
 
 # --- writing ---------------------------------------------------------------------------------------
 
