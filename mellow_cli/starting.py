@@ -42,24 +42,62 @@ def fresh_model(cfg: MellowConfig, seed: int):
     return net
 
 
-def build_model(opts: TrainOptions, progress: bool, checkpoint: Path | None = None):
+def _preset(init: str) -> MellowConfig:
+    """The config --init names (pretrained: v0's, whose encoder sizes the checkpoint then sets)."""
+    try:
+        return MellowConfig.v0() if init == "pretrained" else MellowConfig.preset(init)
+    except KeyError as e:
+        raise UsageError(f"--init: {e.args[0]}") from None
+
+
+def start_tokenizer(opts: TrainOptions, progress: bool, checkpoint: Path | None = None) -> Path | None:
+    """The tokenizer folder a new run reads, found before any audio is decoded, so a missing one
+    fails in a second rather than after every clip was checked: --tokenizer, or with --init the
+    preset's from the cache or the hub. None: the model's own (--model, or the checkpoint a
+    resumed run continues from)."""
+    from mellow_cli import loading
+    from mellow_cli.hub import offline
+
+    if checkpoint is not None:
+        return None
+    if opts.tokenizer:
+        folder = Path(opts.tokenizer)
+        if not folder.is_dir():
+            raise UsageError(f"--tokenizer {folder}: no such folder (it should hold tokenizer.json)")
+        missing = [f for f in loading.TOKENIZER_FILES if not (folder / f).is_file()]
+        if missing:
+            raise UsageError(f"--tokenizer {folder}: no {missing[0]} in this folder: not a tokenizer folder")
+        return folder
+    if not opts.init:
+        return None
+    _check_pretrained(opts)
+    cfg = _preset(opts.init)
+    try:
+        return loading.tokenizer_folder(cfg, opts.init, progress)
+    except ModelError:
+        if not offline():
+            raise
+        # loading's hint (pull the model) does not apply: a preset is not a model one can pull.
+        raise ModelError(f"--init {opts.init} needs the {cfg.tokenizer} tokenizer, which is not in the cache, and "
+                         "HF_HUB_OFFLINE is set: pass --tokenizer DIR (a folder with tokenizer.json), or run once "
+                         "with network") from None
+
+
+def build_model(opts: TrainOptions, progress: bool, checkpoint: Path | None = None, tokenizer: Path | None = None):
     """(net on the CPU, tokenizer folder, name): a run's checkpoint when resuming, else --init's
-    fresh weights (or the authors' pretrained parts) or --model's."""
+    fresh weights (or the authors' pretrained parts) or --model's. `tokenizer`: start_tokenizer's
+    answer, when the caller looked it up already."""
     from mellow_cli import loading
 
     if opts.init == "pretrained" and checkpoint is None:
-        return pretrained_model(opts, progress)
+        return pretrained_model(opts, progress, tokenizer)
+    if checkpoint is None and tokenizer is None:
+        tokenizer = start_tokenizer(opts, progress)
     if opts.init and checkpoint is None:
-        try:
-            cfg = MellowConfig.preset(opts.init)
-        except KeyError as e:
-            raise UsageError(f"--init: {e.args[0]}") from None
-        tokenizer = Path(opts.tokenizer) if opts.tokenizer else loading.tokenizer_folder(cfg, opts.init, progress)
-        return fresh_model(cfg, opts.seed), tokenizer, f"{opts.init} (fresh weights)"
+        return fresh_model(_preset(opts.init), opts.seed), tokenizer, f"{opts.init} (fresh weights)"
     net, files = loading.load(str(checkpoint or opts.model), device="cpu", progress=progress)
     # A checkpoint carries the run's tokenizer; the --tokenizer it started with may be gone since.
-    own = checkpoint is not None or not opts.tokenizer
-    return net, files.tokenizer_dir if own else Path(opts.tokenizer), files.name
+    return net, tokenizer or files.tokenizer_dir, files.name
 
 
 def calibrate_encoder(net, dataset, clips: int = 64) -> None:
@@ -89,14 +127,11 @@ def calibrate_encoder(net, dataset, clips: int = 64) -> None:
         base.c2l.bias.sub_(mean).div_(std)
 
 
-def pretrained_model(opts: TrainOptions, progress: bool):
+def pretrained_model(opts: TrainOptions, progress: bool, tokenizer: Path | None = None):
     """(net, tokenizer folder, name) from the pretrained HTSAT and language model."""
-    from mellow_cli import loading
     from mellow_cli.model.mellow import load_lm
 
-    if not opts.encoder_weights:
-        raise UsageError("--init pretrained needs --encoder-weights: the AudioSet HTSAT checkpoint "
-                         "(HTSAT_AudioSet_Saved_1.ckpt, keys sed_model.*)")
+    _check_pretrained(opts)
     htsat = htsat_state(opts.encoder_weights, progress)
     cfg = dataclasses.replace(htsat_config(htsat, opts.encoder_weights), name="pretrained")
     net = fresh_model(cfg, opts.seed)
@@ -108,8 +143,14 @@ def pretrained_model(opts: TrainOptions, progress: bool):
         net.caption_decoder.lm = load_lm(cfg, lm)
     except ModelError as e:
         raise ModelError(f"{opts.lm_weights}: {e}") from None
-    tokenizer = Path(opts.tokenizer) if opts.tokenizer else loading.tokenizer_folder(cfg, "pretrained", progress)
+    tokenizer = tokenizer or start_tokenizer(opts, progress)
     return net, tokenizer, f"pretrained HTSAT ({opts.encoder_weights}) + {opts.lm_weights}"
+
+
+def _check_pretrained(opts: TrainOptions) -> None:
+    if opts.init == "pretrained" and not opts.encoder_weights:
+        raise UsageError("--init pretrained needs --encoder-weights: the AudioSet HTSAT checkpoint "
+                         "(HTSAT_AudioSet_Saved_1.ckpt, keys sed_model.*)")
 
 
 def htsat_state(name: str, progress: bool) -> dict[str, torch.Tensor]:

@@ -64,7 +64,7 @@ from mellow_cli.runs import (
     truncate_metrics,
     weights_digest,
 )
-from mellow_cli.starting import build_model, calibrate_encoder, fresh_model  # noqa: F401
+from mellow_cli.starting import build_model, calibrate_encoder, fresh_model, start_tokenizer  # noqa: F401
 from mellow_cli.train_data import EpochSampler, datasets, loader, training_rows
 from mellow_cli.world import World, start_world, stop_world
 
@@ -213,9 +213,10 @@ def _setup(opts: TrainOptions, world: World, device: torch.device, emit: Report)
     opts, resume_from = ckpt.prepare_run_dir(opts, run_dir, world)
     if opts.data is None:
         raise UsageError("give the training rows (DATA)")
+    tokenizer_dir = start_tokenizer(opts, world.main, resume_from)  # before any clip is decoded
     train_rows, val_rows = training_rows(opts, emit, world)
     seed_everything(opts.seed)
-    net, tokenizer_dir, name = build_model(opts, world.main, resume_from)
+    net, tokenizer_dir, name = build_model(opts, world.main, resume_from, tokenizer_dir)
     if world.main:
         keep_tokenizer(run_dir, tokenizer_dir, resumed=resume_from is not None)
     world.barrier()

@@ -389,6 +389,19 @@ def test_usage_errors_are_one_line(task_data, smollm2_dir, tmp_path):
     assert changed.returncode == 2 and "lr" in changed.stderr
 
 
+def test_offline_init_without_a_tokenizer_says_so_before_decoding_any_clip(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = tmp_path / "rows.jsonl"  # clips that do not exist: decoding them first would fail on them
+    rows.write_text(json.dumps({"audio1": "gone.wav", "question": "q?", "answer": "a"}) + "\n")
+    out = mellow("train", str(rows), "--init", "tiny", "--workers", "0", "-o", str(tmp_path / "run"))
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert "--tokenizer DIR" in out.stderr and "models pull" not in out.stderr and "gone.wav" not in out.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = mellow("train", str(rows), "--init", "tiny", "--tokenizer", str(empty), "-o", str(tmp_path / "run"))
+    assert out.returncode == 2 and f"--tokenizer {empty}: no tokenizer.json" in out.stderr, out.stderr
+
+
 @pytest.mark.parametrize("flag, value", [("--seed", "100000000000000000000000"), ("--seed", "-1"), ("--lr", "1e308"),
                                          ("--epochs", "1e308")])
 def test_absurd_training_values_are_usage_errors(task_data, tmp_path, flag, value):
