@@ -120,7 +120,8 @@ def generate_tokens(
 class TextStream:
     """One row's tokens -> text pieces. A piece is released only when the decoded text so far no
     longer ends in an incomplete UTF-8 character (U+FFFD), so a multi-byte character is never
-    split, and the pieces joined equal `tokenizer.decode` of all the row's tokens."""
+    split, and the pieces joined equal `tokenizer.decode` of all the row's tokens, except for
+    an incomplete character at the very end, which is dropped."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -135,8 +136,10 @@ class TextStream:
         return self._release(text)
 
     def flush(self) -> str:
-        """Whatever is still held back (at the end, a dangling byte is final)."""
-        return self._release(self.tokenizer.decode(self.ids))
+        """Whatever is still held back. An answer cut by max_tokens can stop inside a multi-byte
+        character; its first bytes decode only to U+FFFD, so that character is left out: an
+        answer holds whole characters only."""
+        return self._release(self.tokenizer.decode(self.ids).rstrip("\ufffd"))
 
     def _release(self, text: str) -> str:
         piece, self.sent = text[len(self.sent):], text

@@ -138,6 +138,16 @@ def test_text_stream_never_splits_a_character(tokenizer):
     assert not any("\ufffd" in p for p in pieces)
 
 
+def test_text_stream_drops_a_character_cut_at_the_end(tokenizer):
+    ids = tokenizer("a cat 🐈", add_special_tokens=False)["input_ids"]
+    whole = TextStream(tokenizer)
+    assert "".join([whole.push(i) for i in ids] + [whole.flush()]) == "a cat 🐈"
+    cut = ids[:-1]  # the answer stopped (max_tokens) inside the emoji's bytes
+    assert tokenizer.decode(cut).endswith("\ufffd")
+    row = TextStream(tokenizer)
+    assert "".join([row.push(i) for i in cut] + [row.flush()]) == "a cat "
+
+
 def test_same_seed_same_sample_different_seed_differs(lm):
     prefix = prefixes(2)
     hot = dict(sample=True, temperature=3.0, top_p=1.0, max_tokens=20)
