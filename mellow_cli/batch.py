@@ -259,8 +259,9 @@ def windows(duration: float, window: float, hop: float) -> list[tuple[float, flo
 
 
 def windowed(jobs: list[Job], window: float, hop: float, duration_of) -> list[Job]:
-    """Each job once per window of its first recording (the second is cut at the same times). A
-    recording whose length cannot be read keeps one job, whose row will carry the error."""
+    """Each job once per window of its first recording (a second recording is heard whole beside
+    each window: see clip_decoder). A recording whose length cannot be read keeps one job, whose
+    row will carry the error."""
     from .errors import AudioError
 
     out = []
@@ -329,13 +330,18 @@ def decoded_chunks(items: list, decode, size: int):
 
 def clip_decoder(offset: float = 0.0, duration: float | None = None):
     """job -> (clip1, clip2 or None): the job's window if it has one, else --offset/--duration. A
-    clip paired with itself is decoded once (clip2 None tells the model so)."""
+    clip paired with itself is decoded once (clip2 None tells the model so). A window walks the
+    first recording only: the second (`ask long.flac short.wav Q --window 10`) is a reference
+    heard whole beside each window, not cut at times it may not reach."""
     from .audio import load_clip
 
     def decode(job: Job):
-        start, length = (job.start, max(job.end - job.start, 0.01)) if job.start is not None else (offset, duration)
-        first = load_clip(job.audio, offset=start, duration=length)
-        second = None if job.audio2 == job.audio else load_clip(job.audio2, offset=start, duration=length)
+        if job.start is not None:
+            first = load_clip(job.audio, offset=job.start, duration=max(job.end - job.start, 0.01))
+            second = None if job.audio2 == job.audio else load_clip(job.audio2)
+        else:
+            first = load_clip(job.audio, offset=offset, duration=duration)
+            second = None if job.audio2 == job.audio else load_clip(job.audio2, offset=offset, duration=duration)
         return first, second
 
     return decode

@@ -127,6 +127,24 @@ def test_windows_cover_the_recording(duration, window, hop, spans):
     assert windows(duration, window, hop) == spans
 
 
+def test_a_window_walks_the_first_recording_and_hears_the_second_whole(tmp_path):
+    import numpy as np
+    from conftest import write_tone
+
+    from mellow_cli.audio import audio_duration, load_clip
+    from mellow_cli.batch import clip_decoder, windowed
+
+    long, short = write_tone(tmp_path / "long.wav", 440, seconds=25), write_tone(tmp_path / "short.wav", 880, seconds=2)
+    jobs = windowed([Job(str(long), str(short), "q")], 10, 10, audio_duration)
+    assert [(j.start, j.end) for j in jobs] == [(0.0, 10.0), (10.0, 20.0), (20.0, 25.0)]
+    decode = clip_decoder()
+    whole = load_clip(str(short))
+    for job in jobs:  # the short clip has nothing at 10 s or 20 s: cutting it there would fail
+        first, second = decode(job)
+        assert np.array_equal(second, whole)
+    assert np.array_equal(decode(jobs[1])[0], load_clip(str(long), offset=10.0, duration=10.0))
+
+
 def test_shards_are_disjoint_balanced_and_cover_the_list():
     from mellow_cli.batch import parse_shard, take_shard
 
