@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence, Union
 
 from .config import DecodingOptions
-from .errors import ModelError, UsageError
+from .errors import UsageError
+from .settings import pick_device
 
 if TYPE_CHECKING:
     import numpy as np
@@ -49,23 +50,6 @@ class ChoiceResult:
             {"choice": s.text, "probability": round(p, 6), "logprob": round(s.logprob, 4)}
             for s, p in zip(self.scores, self.probabilities)
         ]
-
-
-def pick_device(device: str = "auto") -> "torch.device":
-    """auto -> cuda, then mps, then cpu. Asking for a device that is absent is a clear error."""
-    import torch
-
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if device == "auto":
-        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
-    if device == "cuda" and not cuda:
-        raise ModelError(f"--device cuda: no CUDA device is available (torch {torch.__version__}); "
-                         "use --device cpu, or install a CUDA build of torch (see README)")
-    if device == "mps" and not mps:
-        raise ModelError("--device mps: Apple's MPS backend is not available here; use --device cpu")
-    if device not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"unknown device {device!r}: use auto, cpu, cuda or mps")
-    return torch.device(device)
 
 
 def set_precision(net, device: "torch.device", dtype: str | None = None, release=None) -> "Precision":

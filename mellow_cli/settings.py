@@ -1,4 +1,5 @@
-"""The user's standing choices: default model, device and dtype, so offline work needs no `-m`.
+"""The user's standing choices: default model, device and dtype, so offline work needs no `-m`;
+and which device a device setting names (`pick_device`).
 
 Each setting is looked up in this order, first found wins:
 
@@ -16,8 +17,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .errors import MellowError, UsageError
+from .errors import MellowError, ModelError, UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -133,3 +138,21 @@ def write(key: str, value: str | None) -> Path:
 def _toml_string(value: str) -> str:
     escaped = value.replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'
+
+
+def pick_device(device: str = "auto") -> "torch.device":
+    """The torch device a `device` setting names: auto -> cuda, then mps, then cpu. Asking for a
+    device that is absent is a one-line error (torch is imported here, not when settings are read)."""
+    import torch
+
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if device == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if device == "cuda" and not cuda:
+        raise ModelError(f"--device cuda: no CUDA device is available (torch {torch.__version__}); "
+                         "use --device cpu, or install a CUDA build of torch (see README)")
+    if device == "mps" and not mps:
+        raise ModelError("--device mps: Apple's MPS backend is not available here; use --device cpu")
+    if device not in SETTINGS["device"].choices:
+        raise UsageError(f"unknown device {device!r}: use {', '.join(SETTINGS['device'].choices)}")
+    return torch.device(device)
