@@ -90,6 +90,9 @@ class Job:
     id: str | None = None
     start: float | None = None
     end: float | None = None
+    # The other fields of an --input row, in its order, written back under their own names (a
+    # gold "answer" among them: the model's then goes under "prediction").
+    extra: tuple[tuple[str, object], ...] = ()
 
 
 def jobs_for(paths: Iterable[str], question: str, choices: Sequence[str] | None = None) -> list[Job]:
@@ -99,9 +102,13 @@ def jobs_for(paths: Iterable[str], question: str, choices: Sequence[str] | None 
 
 def read_questions(name: str, default_choices: Sequence[str] | None = None, stdin: IO[str] | None = None) -> list[Job]:
     """`--input FILE` (`-` for stdin): JSON lines with `audio`, optional `audio2`, `question`,
-    optional `choices` (a list, or one string split on "|") and optional `id`."""
+    optional `choices` (a list, or one string split on "|") and optional `id`. Any other field
+    is kept, to be written back with the row; when any row has an `answer`, every row keeps one
+    (null where it had none), so that the model's answers all go under `prediction`."""
     jobs = []
-    for number, obj in json_lines(name, stdin):
+    records = list(json_lines(name, stdin))
+    gold = any("answer" in obj for _, obj in records)
+    for number, obj in records:
         where = f"{name}: line {number}"
         audio = obj.get("audio", obj.get("audio1"))
         question = obj.get("question")
@@ -112,7 +119,10 @@ def read_questions(name: str, default_choices: Sequence[str] | None = None, stdi
         audio2 = obj.get("audio2") or audio
         choices = _choices(obj.get("choices"), where) or (tuple(default_choices) if default_choices else None)
         ident = obj.get("id")
-        jobs.append(Job(audio, str(audio2), question, choices, None if ident is None else str(ident)))
+        extra = {"answer": None} if gold else {}
+        extra.update((k, v) for k, v in obj.items() if k not in _READ and k not in _OURS)
+        jobs.append(Job(audio, str(audio2), question, choices, None if ident is None else str(ident),
+                        extra=tuple(extra.items())))
     check_unique_ids([j.id for j in jobs], name)
     return jobs
 
@@ -277,20 +287,30 @@ def windowed(jobs: list[Job], window: float, hop: float, duration_of) -> list[Jo
 
 def row(job: Job, *, answer: str | None = None, scores: list[dict] | None = None, model: str | None = None,
         revision: str | None = None, error: str | None = None) -> dict:
-    """A result row with every field; RowWriter keeps those the run uses."""
-    return {"id": job.id, "audio": job.audio, "audio2": job.audio2, "start": job.start, "end": job.end,
-            "question": job.question, "choices": list(job.choices) if job.choices else None,
-            "answer": answer, "scores": scores, "model": model, "revision": revision, "error": error}
+    """A result row with every field; RowWriter keeps those the run uses. An input row's own
+    fields come after the question; its gold `answer` stays, and the model's is `prediction`."""
+    out = {"id": job.id, "audio": job.audio, "audio2": job.audio2, "start": job.start, "end": job.end,
+           "question": job.question, "choices": list(job.choices) if job.choices else None}
+    out.update(job.extra)
+    if "answer" in out:
+        out["prediction"] = answer
+    else:
+        out["answer"] = answer
+    out.update(scores=scores, model=model, revision=revision, error=error)
+    return out
 
 
-ALL_FIELDS = ("id", "audio", "audio2", "start", "end", "question", "choices", "answer", "scores",
+ALL_FIELDS = ("id", "audio", "audio2", "start", "end", "question", "choices", "answer", "prediction", "scores",
               "model", "revision", "error")
 FIELDS = ("audio", "audio2", "question", "answer", "model", "revision", "error")  # in every row
+_READ = ("audio", "audio1", "audio2", "question", "choices", "id")  # the input fields a Job holds
+_OURS = ("start", "end", "prediction", "scores", "model", "revision", "error")  # a row's own: not taken as input
 
 
 def fields_for(jobs: Sequence[Job]) -> tuple[str, ...]:
     """The row fields a run writes: FIELDS, plus id / start, end / choices, scores when any job
-    has them, so a plain caption run's rows stay short and every row of one run has the same keys."""
+    has them, and an input file's own fields after the question (with `prediction` after a gold
+    `answer`), so a plain caption run's rows stay short and every row of one run has the same keys."""
     used = set(FIELDS)
     if any(j.id is not None for j in jobs):
         used.add("id")
@@ -298,7 +318,12 @@ def fields_for(jobs: Sequence[Job]) -> tuple[str, ...]:
         used |= {"start", "end"}
     if any(j.choices for j in jobs):
         used |= {"choices", "scores"}
-    return tuple(f for f in ALL_FIELDS if f in used)
+    extra = list(dict.fromkeys(k for j in jobs for k, _ in j.extra if k != "answer"))
+    if any(k == "answer" for j in jobs for k, _ in j.extra):
+        used.add("prediction")
+    fields = [f for f in ALL_FIELDS if f in used]
+    at = fields.index("answer")
+    return tuple(fields[:at] + extra + fields[at:])
 
 
 def _decode_all(items: list, decode) -> list[tuple[object, object]]:

@@ -369,19 +369,24 @@ class RowWriter:
 
     def _text_line(self, r: dict) -> str:
         if not self.many:
-            return f"{r['answer']}\n"
+            return f"{said(r)}\n"
         parts = [r["id"]] if r.get("id") is not None else []
         parts.append(r["audio"])
         if r["audio2"] != r["audio"]:
             parts.append(r["audio2"])
         if r.get("start") is not None:
             parts += [f"{r['start']:g}", f"{r['end']:g}"]
-        return "\t".join(parts + [r["answer"]]) + "\n"
+        return "\t".join(parts + [said(r)]) + "\n"
 
     def close(self) -> None:
         if self.fmt == "json":
             self.stream.write("\n]\n" if self._count else "]\n")
         self.stream.flush()
+
+
+def said(r: dict) -> str:
+    """What the model answered: `prediction` when the row also holds a gold `answer`."""
+    return r["prediction"] if "prediction" in r else r["answer"]
 
 
 def _json(obj: dict) -> str:
@@ -409,6 +414,8 @@ def _flat(key: str, value) -> str:
         return "|".join(value)
     if key == "scores":
         return "|".join(f"{s['choice']}={s['probability']:.4f}" for s in value)
+    if isinstance(value, (dict, list, bool)):  # an input row's own field: as JSON, read back the same way
+        return json.dumps(_finite(value), ensure_ascii=False)
     return value
 
 
@@ -416,7 +423,7 @@ def _cue(fmt: str, number: int, r: dict) -> str:
     sep = "," if fmt == "srt" else "."
     start, end = _timestamp(r.get("start") or 0.0, sep), _timestamp(r.get("end") or 0.0, sep)
     head = f"{number}\n" if fmt == "srt" else ""
-    return f"{head}{start} --> {end}\n{r['answer']}\n\n"
+    return f"{head}{start} --> {end}\n{said(r)}\n\n"
 
 
 def _timestamp(seconds: float, sep: str) -> str:

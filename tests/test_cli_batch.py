@@ -70,6 +70,27 @@ def test_batch_choices_match_one_by_one(tiny_model_dir, clips, tmp_path):
     assert [s["probability"] for s in one["scores"]] == pytest.approx([s["probability"] for s in batched[1]["scores"]], abs=1e-4)
 
 
+def test_ask_input_keeps_its_fields_and_a_gold_answer_beside_the_prediction(tiny_model_dir, clips, tmp_path):
+    gold = [{"answer": "the second", "category": "pitch", "meta": {"by": "me"}}, {"category": "species"}]
+    path = tmp_path / "gold.jsonl"
+    path.write_text("".join(json.dumps({"id": f"q{i}", "audio": str(clips[0]), "audio2": str(clips[1]),
+                                        "question": "which is higher?", "choices": ["the first", "the second"], **g})
+                            + "\n" for i, g in enumerate(gold)))
+    args = ("ask", "--input", str(path), "--model", str(tiny_model_dir), "-q")
+    out = mellow(*args, "-f", "jsonl")
+    assert out.returncode == 0, out.stderr
+    rows = _jsonl(out.stdout)
+    assert list(rows[0]) == ["id", "audio", "audio2", "question", "choices", "category", "meta", "answer",
+                             "prediction", "scores", "model", "revision", "error"]
+    assert rows[0]["answer"] == "the second" and rows[1]["answer"] is None  # the gold answers, as given
+    assert rows[0]["category"] == "pitch" and rows[0]["meta"] == {"by": "me"} and rows[1]["meta"] is None
+    assert all(r["prediction"] in ("the first", "the second") for r in rows)
+    text = mellow(*args).stdout.splitlines()  # text shows what the model said
+    assert [line.split("\t")[-1] for line in text] == [r["prediction"] for r in rows]
+    table = list(csv.DictReader(io.StringIO(mellow(*args, "-f", "csv").stdout)))
+    assert json.loads(table[0]["meta"]) == {"by": "me"} and table[0]["prediction"] == rows[0]["prediction"]
+
+
 def test_input_from_stdin_and_default_choices(tiny_model_dir, clips, monkeypatch):
     lines = "".join(json.dumps({"audio": str(c), "question": "what?"}) + "\n" for c in clips)
     monkeypatch.setattr("sys.stdin", io.StringIO(lines))
