@@ -28,7 +28,7 @@ from mellow_cli.runs import (
     METRICS,
     checkpoints,
     clean_stale,
-    mark_best,
+    mark,
     prune,
     read_trainer,
     rng_state,
@@ -244,8 +244,11 @@ def save(run_dir: Path, net, tokenizer_dir: Path, opts: TrainOptions, pos: Posit
                    "options": dataclasses.asdict(opts), "inputs": _inputs(opts), "mellow_cli": __version__,
                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         path = write_checkpoint(run_dir, pos.step, net, tokenizer_dir, trainer, {**state, "rng": rngs})
-        if pos.best_step == pos.step:
-            mark_best(run_dir, path)
+        mark(run_dir, path, "last")
+        # Without validation nothing ranks the checkpoints: `best` is the newest, so that
+        # `--model RUN/checkpoints/best` works for every run.
+        if pos.best_step == pos.step or not (opts.val or opts.val_fraction):
+            mark(run_dir, path, "best")
         prune(run_dir, opts.keep, pos.best_step)
     world.barrier()
     return path

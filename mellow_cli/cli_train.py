@@ -23,7 +23,7 @@ from .recipe import preset_help as _p
 
 
 def train(
-    out: Annotated[str, typer.Option("--out", "-o", metavar="RUN_DIR", help="Run folder: checkpoints/step-NNNNNN (each usable as --model), checkpoints/best, metrics.jsonl.", show_default=False)],
+    out: Annotated[str, typer.Option("--out", "-o", metavar="RUN_DIR", help="Run folder: checkpoints/step-NNNNNN (each usable as --model), checkpoints/last (the newest), checkpoints/best (the lowest validation loss; without validation, the newest), metrics.jsonl.", show_default=False)],
     data: Annotated[Optional[list[str]], typer.Argument(metavar="DATA...", help="Training rows: JSONL (audio1, audio2, question, answer, choices, id) or the official JSON list (filepath1, filepath2, caption1, caption2, input, answer); several files are read as one list. Optional with --resume.", show_default=False)] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Start from these weights: v0 (published), v0_s, a checkpoint of ours (RUN_DIR/checkpoints/step-NNNNNN), a file or hub id.")] = "v0",
     recipe: Annotated[str, typer.Option("--recipe", help="Preset for the options marked [mellow: ...; official: ...]: mellow (fine-tuning a trained Mellow) or official (the authors' training recipe). Explicit options override it.")] = "mellow",
@@ -61,7 +61,7 @@ def train(
     save_every: Annotated[int, typer.Option("--save-every", **_limits("save_every"), help="Checkpoint every N steps (and at the end).")] = 500,
     eval_every: Annotated[int, typer.Option("--eval-every", **_limits("eval_every"), help="Validate every N steps (and at the end): loss, and accuracy on rows with choices.")] = 500,
     log_every: Annotated[int, typer.Option("--log-every", **_limits("log_every"), help="A metrics.jsonl row (and a progress line when stderr is not a terminal) every N steps.")] = 10,
-    keep: Annotated[int, typer.Option("--keep", **_limits("keep"), help="Keep the last K checkpoints, plus the best by validation loss.")] = 3,
+    keep: Annotated[int, typer.Option("--keep", **_limits("keep"), help="Keep the last K checkpoints, plus the best by validation loss (checkpoints/last and best always name kept ones).")] = 3,
     trace: Annotated[bool, typer.Option("--trace-indices", hidden=True, help="Write the row indices each process read to RUN_DIR/trace-rankN.jsonl.")] = False,
     device: DeviceOpt = Device.auto,
     threads: ThreadsOpt = None,
@@ -83,6 +83,7 @@ def train(
       mellow train -o runs/mine --resume
       mellow train a.json b.json --data-root clips/ --recipe official -o runs/official --init pretrained --encoder-weights HTSAT_AudioSet_Saved_1.ckpt
       mellow ask clip.wav "what do you hear?" --model runs/mine/checkpoints/best
+      mellow caption clip.wav --model runs/mine/checkpoints/last
       torchrun --nproc-per-node 4 -m mellow_cli train rows.jsonl -o runs/big -b 16
     """
     from .recipe import options, parse_betas, parse_freeze

@@ -9,7 +9,8 @@
         trainer.json                step, place in the epoch, metrics, best, options
         state.pt                    optimizer, scheduler, every process's RNG states (plain
                                     tensors and tuples: torch.load(weights_only=True) reads it)
-      checkpoints/best -> step-...  the lowest validation loss (a copy where symlinks fail)
+      checkpoints/last -> step-...  the newest checkpoint (a copy where symlinks fail)
+      checkpoints/best -> step-...  the lowest validation loss; without validation, the newest
 
 A checkpoint is written in a hidden folder and renamed into place, so a crash or a SIGKILL leaves
 the previous checkpoints whole and at most a `.step-*.tmp-*` folder, removed on resume.
@@ -204,27 +205,28 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def mark_best(run_dir: Path, checkpoint: Path) -> Path:
-    """RUN/checkpoints/best -> step-NNNNNN (a relative symlink, swapped in atomically; a copy
-    where symlinks are not allowed)."""
-    best = run_dir / CHECKPOINTS / "best"
-    tmp = best.with_name(f".best.tmp-{os.getpid()}")
+def mark(run_dir: Path, checkpoint: Path, name: str) -> Path:
+    """RUN/checkpoints/NAME -> step-NNNNNN (`last`, `best`): a relative symlink, made aside and
+    renamed over the old one, so a reader always finds a whole checkpoint there; a copy where
+    symlinks are not allowed."""
+    alias = run_dir / CHECKPOINTS / name
+    tmp = alias.with_name(f".{name}.tmp-{os.getpid()}")
     try:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         tmp.symlink_to(checkpoint.name, target_is_directory=True)
-        if best.is_dir() and not best.is_symlink():
-            shutil.rmtree(best)
-        os.replace(tmp, best)
+        if alias.is_dir() and not alias.is_symlink():
+            shutil.rmtree(alias)
+        os.replace(tmp, alias)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(checkpoint, tmp)
-        if best.is_symlink():
-            best.unlink()
-        elif best.exists():
-            shutil.rmtree(best)
-        os.replace(tmp, best)
-    return best
+        if alias.is_symlink():
+            alias.unlink()
+        elif alias.exists():
+            shutil.rmtree(alias)
+        os.replace(tmp, alias)
+    return alias
 
 
 def prune(run_dir: Path, keep: int, best_step: int | None) -> None:

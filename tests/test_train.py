@@ -242,8 +242,9 @@ def test_run_writes_checkpoints_metrics_and_best(task_data, smollm2_dir, tmp_pat
     best_step = min(val_rows, key=lambda r: r["val_loss"])["step"]
     # keep=1: the last checkpoint, plus the best one if it is another
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert kept == sorted({"best", "step-000004", runs.step_name(best_step)})
+    assert kept == sorted({"best", "last", "step-000004", runs.step_name(best_step)})
     assert (run / "checkpoints" / "best").resolve().name == runs.step_name(best_step)
+    assert os.readlink(run / "checkpoints" / "last") == "step-000004"  # relative: the run folder may move
     assert result.checkpoint == run / "checkpoints" / "step-000004" and result.steps == 4
     trainer = json.loads((result.checkpoint / "trainer.json").read_text())
     assert trainer["step"] == 4 and trainer["options"]["batch_size"] == 2 and trainer["position"] == {"epoch": 0, "batch": 4}
@@ -268,6 +269,20 @@ def test_run_writes_checkpoints_metrics_and_best(task_data, smollm2_dir, tmp_pat
                  "the first|the second", "-q")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() in ("the first", "the second")
+
+
+def test_last_is_the_newest_checkpoint_and_without_validation_so_is_best(task_data, smollm2_dir, tmp_path):
+    run = tmp_path / "run"
+    seen = []
+    train.run(options(task_data, smollm2_dir, run, max_steps=3, save_every=1, keep=1),
+              lambda e: seen.append(os.readlink(run / "checkpoints" / "last")) if e["event"] == "checkpoint" else None)
+    assert seen == ["step-000001", "step-000002", "step-000003"]  # kept up to date at every save
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "last", "step-000003"]
+    assert os.readlink(run / "checkpoints" / "best") == "step-000003"
+    clip = write_tone(tmp_path / "a.wav", 440)
+    for alias in ("last", "best"):
+        out = mellow("ask", str(clip), "which?", "--model", str(run / "checkpoints" / alias), "--choices", "a|b", "-q")
+        assert out.returncode == 0 and out.stdout.strip() in ("a", "b"), out.stderr
 
 
 def test_checkpoint_writing_is_atomic(smollm2_dir, tmp_path, monkeypatch):
@@ -338,7 +353,7 @@ def test_prune_keeps_the_last_k_and_the_best(tmp_path):
         folder.mkdir(parents=True)
         (folder / "trainer.json").write_text("{}")
     (tmp_path / "checkpoints" / ".step-000006.tmp-1").mkdir()  # a killed write: not a checkpoint
-    runs.mark_best(tmp_path, tmp_path / "checkpoints" / "step-000002")
+    runs.mark(tmp_path, tmp_path / "checkpoints" / "step-000002", "best")
     runs.prune(tmp_path, keep=2, best_step=2)
     assert [p.name for p in runs.checkpoints(tmp_path)] == ["step-000002", "step-000004", "step-000005"]
     assert (tmp_path / "checkpoints" / "best" / "trainer.json").is_file()
