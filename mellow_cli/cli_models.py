@@ -3,7 +3,8 @@ write one as the authors' checkpoint (export.py does that).
 
 cli.py mounts it with `app.add_typer(models_app, name="models")`. Results go to stdout (one line
 per model, or JSON lines with --json), progress and errors to stderr; every failure is a ModelError
-that `mellow`'s main prints as one line. loading.py does the work and is imported inside each
+(exit 1), or a UsageError (exit 2) for a name that cannot be meant, that `mellow`'s main prints as
+one line. loading.py does the work and is imported inside each
 command, so `mellow --help` stays fast.
 """
 

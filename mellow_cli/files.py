@@ -1,5 +1,5 @@
-"""Small helpers for the model cache's files: names, hashes, atomic JSON, and the one-line
-messages that mention them."""
+"""Small helpers for the model cache's files: where the cache is, names, hashes, atomic JSON, and
+the one-line messages that mention them."""
 
 from __future__ import annotations
 
@@ -9,9 +9,20 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import ModelError
+
+
+def cache_dir() -> Path:
+    """Root of everything mellow keeps: MELLOW_HOME if set, else the platform's user cache."""
+    home = os.environ.get("MELLOW_HOME")
+    if home:
+        return Path(home).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("mellow", appauthor=False))
 
 
 def slug(text: str) -> str:
@@ -23,11 +34,14 @@ def glob_escape(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
 
 
-def sha256(path: Path | str) -> str:
+def sha256(path: Path | str, advance: Callable[[int], None] | None = None) -> str:
+    """The file's sha256, in hex; `advance(nbytes)` after each 4 MB read, for a progress bar."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
+            if advance is not None:
+                advance(len(chunk))
     return h.hexdigest()
 
 

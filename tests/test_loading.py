@@ -21,13 +21,13 @@ import torch
 from fakehub import FakeHub
 from torch import nn
 
-from mellow_cli import loading
+from mellow_cli import catalogue, conversion, loading, model_cache, tokenizer_files
 from mellow_cli.config import MellowConfig
 from mellow_cli.errors import ModelError
 
 TINY_REPO = "test/mellow-tiny"
 TINY_COMMIT = "1" * 40
-TINY = loading.Published(TINY_REPO, "tiny.ckpt", "main", "tiny")
+TINY = catalogue.Published(TINY_REPO, "tiny.ckpt", "main", "tiny")
 EMBED, HEAD = "caption_decoder.lm.model.embed_tokens.weight", "caption_decoder.lm.lm_head.weight"
 
 
@@ -120,10 +120,10 @@ def hub(smollm2_dir, tiny_ckpt, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", CHUNK)
     tokenizer = {f: (smollm2_dir / f).read_bytes() for f in loading.TOKENIZER_FILES}
     with FakeHub() as fake:
-        fake.add_repo(loading.TOKENIZER_REPO, tokenizer, commit=loading.TOKENIZER_REVISION, lfs={"tokenizer.json"})
+        fake.add_repo(tokenizer_files.TOKENIZER_REPO, tokenizer, commit=tokenizer_files.TOKENIZER_REVISION, lfs={"tokenizer.json"})
         fake.add_repo(TINY_REPO, {"tiny.ckpt": tiny_ckpt}, commit=TINY_COMMIT, lfs={"tiny.ckpt"})
         monkeypatch.setenv("HF_ENDPOINT", fake.url)
-        monkeypatch.setitem(loading.PUBLISHED, "tiny", TINY)
+        monkeypatch.setitem(catalogue.PUBLISHED, "tiny", TINY)
         yield fake
 
 
@@ -252,7 +252,7 @@ def test_offline_after_a_pull_loads_without_requests(hub, monkeypatch, standin_n
 
 
 def test_unreachable_hub_and_nothing_cached(monkeypatch):
-    monkeypatch.setitem(loading.PUBLISHED, "tiny", TINY)
+    monkeypatch.setitem(catalogue.PUBLISHED, "tiny", TINY)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
     with pytest.raises(ModelError) as e:
         loading.pull("tiny", arch=STANDIN, progress=False)
@@ -498,11 +498,11 @@ def tiny_mellow():
 
 def test_real_mellow_through_the_hub(hub, tiny_mellow):
     hub.add_repo("test/real-tiny", {"tiny.ckpt": _save(_official_state(tiny_mellow))}, lfs={"tiny.ckpt"})
-    loading.PUBLISHED["real-tiny"] = loading.Published("test/real-tiny", "tiny.ckpt", "main", "tiny")
+    catalogue.PUBLISHED["real-tiny"] = catalogue.Published("test/real-tiny", "tiny.ckpt", "main", "tiny")
     try:
         model, files = loading.load("real-tiny", progress=False)
     finally:
-        del loading.PUBLISHED["real-tiny"]
+        del catalogue.PUBLISHED["real-tiny"]
     _assert_same_weights(model, tiny_mellow)
     assert model.lm.lm_head.weight is model.lm.model.embed_tokens.weight
     ids = torch.tensor([[1, 2, 3, 17]])
@@ -565,13 +565,13 @@ def test_rm_deletes_unfinished_downloads(hub, monkeypatch, isolated_home, capsys
     hub.fail(_blob(hub), 503)
     with pytest.raises(ModelError):
         loading.pull("tiny", arch=STANDIN, progress=False)
-    (part,) = loading.partial_downloads()
+    (part,) = model_cache.partial_downloads()
     assert part[1] == 3 * CHUNK
     listed = CliRunner().invoke(_app(), ["models", "list"])
     assert listed.stdout == "" and "unfinished downloads" in listed.stderr
     removed = CliRunner().invoke(_app(), ["models", "rm", "tiny"])
     assert removed.stdout == "removed tiny (0.2 MB)\n"
-    assert loading.partial_downloads() == []
+    assert model_cache.partial_downloads() == []
 
 
 def test_force_offline_is_refused(hub, monkeypatch):
@@ -627,24 +627,66 @@ def test_cli_pulls_a_real_hub_folder_in_a_fresh_process(hub, tiny_mellow, tmp_pa
 
 @pytest.mark.parametrize("name", ["a/b@..", "a/b@.hidden", "a/b@v1..v2"])
 def test_a_revision_that_could_leave_the_cache_is_refused(name):
-    from mellow_cli.errors import ModelError
-    from mellow_cli.loading import resolve
+    from mellow_cli.catalogue import resolve
+    from mellow_cli.errors import UsageError
 
-    with pytest.raises(ModelError, match="is not a revision"):
+    with pytest.raises(UsageError, match="is not a revision"):
         resolve(name)
 
 
 def test_models_rm_on_a_read_only_cache_is_one_line(monkeypatch, tmp_path):
-    from mellow_cli import loading
-    from mellow_cli.errors import ModelError
-
     folder = tmp_path / "m"
     folder.mkdir()
-    monkeypatch.setattr(loading, "_cached_folder_for", lambda name: (folder, None))
+    monkeypatch.setattr(model_cache, "_cached_folder_for", lambda name: (folder, None))
 
     def refuse(path, *a, **k):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(loading.shutil, "rmtree", refuse)
+    monkeypatch.setattr(model_cache.shutil, "rmtree", refuse)
     with pytest.raises(ModelError, match="cannot delete it .*read-only"):
         loading.remove("m")
+
+
+def test_usage_errors_of_models_exit_2(tmp_path):
+    """A model used in place has nothing to remove, and a revision with '..' is not one: both are
+    mistakes in the command line, so they exit 2 like any other usage error."""
+    weights = tmp_path / "mine.safetensors"
+    weights.write_bytes(b"")
+    removed = _mellow("models", "rm", str(weights), env={})
+    assert removed.returncode == 2 and removed.stdout == ""
+    assert removed.stderr == f"mellow: error: {weights} is used in place, not cached: there is nothing to remove\n"
+    bad = _mellow("models", "path", "a/b@..", env={})
+    assert bad.returncode == 2 and "is not a revision" in bad.stderr
+
+
+def test_first_conversion_draws_a_bar_in_megabytes(hub, monkeypatch):
+    import contextlib
+
+    from mellow_cli import render
+
+    bars = []
+
+    @contextlib.contextmanager
+    def recorded(total, description=""):
+        bar = {"total": total, "description": description, "done": 0}
+        bars.append(bar)
+        yield lambda n=1: bar.update(done=bar["done"] + n)
+
+    monkeypatch.setattr(render, "progress", recorded)
+    loading.pull("tiny", arch=STANDIN, progress=False)
+    assert bars == []  # --quiet: no bar
+    loading.pull("tiny", force=True, arch=STANDIN, progress=True)
+    (bar,) = bars
+    assert bar["description"] == "tiny: converting to safetensors (MB)"
+    assert bar["total"] >= 1 and bar["done"] == bar["total"]
+
+    del bars[:]
+    with conversion.conversion_bar("big", 10 * 10**6, True) as advance:
+        for _ in range(4):
+            advance(2_500_000)
+            bars[0]["seen"] = bars[0].get("seen", []) + [bars[0]["done"]]
+    assert bars[0]["total"] == 10 and bars[0]["seen"] == [2, 5, 7, 10]
+    with pytest.raises(RuntimeError), conversion.conversion_bar("big", 10 * 10**6, True) as advance:
+        advance(3_000_000)
+        raise RuntimeError("a failed conversion leaves the bar where it was")
+    assert bars[1]["done"] == 3
