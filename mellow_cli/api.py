@@ -52,7 +52,8 @@ class ChoiceResult:
         ]
 
 
-def set_precision(net, device: "torch.device", dtype: str | None = None, release=None) -> "Precision":
+def set_precision(net, device: "torch.device", dtype: str | None = None, release=None,
+                  progress: bool = False) -> "Precision":
     """Prepare the language model for inference in `dtype` (None: auto; precision.py says what
     each means). On a GPU a half precision also covers the mapper; the encoder and its front end
     stay float32 everywhere."""
@@ -60,7 +61,7 @@ def set_precision(net, device: "torch.device", dtype: str | None = None, release
 
     from . import precision
 
-    chosen = precision.named(dtype or "auto", device)
+    chosen = precision.named(dtype or "auto", device, progress)
     if device.type != "cpu" and chosen.name != "float32":
         half = precision.DTYPES[chosen.name]
         net.audio_encoder.projection.to(half)
@@ -83,7 +84,7 @@ def load_model(name: str = "v0", device: str = "auto", dtype: str | None = None,
     from .files import drop_file_pages
 
     chosen = set_precision(net.to(target), target, dtype,
-                           release=lambda originals: drop_file_pages(originals, files.weights))
+                           release=lambda originals: drop_file_pages(originals, files.weights), progress=progress)
     return MellowModel(net, Tokenizer(files.tokenizer_dir), name=files.name, revision=files.revision,
                        precision=chosen)
 

@@ -57,8 +57,9 @@ class Precision:
 EXACT = Precision("float32", "float32", "float32", "float32")
 
 
-def named(name: str, device: torch.device) -> Precision:
-    """--dtype NAME on `device` (auto measured or read from the cache on a CPU)."""
+def named(name: str, device: torch.device, progress: bool = False) -> Precision:
+    """--dtype NAME on `device` (auto measured or read from the cache on a CPU; `progress` says
+    so on stderr when it measures)."""
     if name not in NAMES:
         raise UsageError(f"unknown dtype {name!r}: use {', '.join(NAMES)}")
     if device.type != "cpu":
@@ -68,7 +69,7 @@ def named(name: str, device: torch.device) -> Precision:
             raise UsageError("--dtype int8 runs on the CPU only; use --device cpu, or float16/bfloat16 here")
         return Precision(name, name, name, name)
     if name == "auto":
-        return auto()
+        return auto(progress)
     if name == "float16":  # half-precision matrix-matrix products are slow on most CPUs
         return Precision("float16", "float16", "float16", "float32")
     if name == "int8":
@@ -179,8 +180,10 @@ def _int8_matvec() -> bool:
 CANDIDATES = (
     EXACT,
     Precision("float16", "float16", "float16", "float32"),
+    # float16's matrix-vector kernel for decode steps, its weights widened to bfloat16 on the fly
+    # for a prefill where the CPU multiplies bfloat16 matrices natively: one copy of the weights
+    Precision("float16", "float16", "float16", "bfloat16"),
     Precision("bfloat16", "bfloat16", "bfloat16", "bfloat16"),
-    Precision("bfloat16", "bfloat16", "bfloat16", "float32"),
     Precision("bfloat16", "bfloat16", "bfloat16", "bfloat16", packed=True),
     Precision("float16", "float16", "float16", "float16", packed=True),
 )
@@ -191,7 +194,7 @@ PREFIX, ANSWER = 389, 32
 _measured: dict[str, Precision] = {}  # this process's choices, whatever cache folder is in use
 
 
-def auto() -> Precision:
+def auto(progress: bool = False) -> Precision:
     key = machine_key()
     if key in _measured:
         return _measured[key]
@@ -200,6 +203,9 @@ def auto() -> Precision:
     if key in known:
         choice = Precision(**{**known[key], "chosen_by": f"auto: measured before ({path})"})
     else:
+        from .files import note
+
+        note("timing this CPU's kernels to choose the fastest precision (once, a few seconds)", progress)
         choice, timings = measure()
         known[key] = {**asdict(choice), "timings_ms": timings}
         _write(path, known)
@@ -224,27 +230,42 @@ def machine_key() -> str:
     return f"{cpu}-torch{torch.__version__}-threads{torch.get_num_threads()}"
 
 
-def measure(layers: int = 30, rows: int = 3072, columns: int = 576, rounds: int = 3) -> tuple[Precision, dict[str, float]]:
-    """Time each candidate on `layers` matrices of a layer's gate/up shape (as many bytes as the
-    model's MLPs, so they come from memory as in the model): a decode step (one position) and a
-    prefill (PREFIX positions). The least time for PREFIX + ANSWER wins; leaving float32 needs a
-    10% win.
+def measure(hidden: int = 576, intermediate: int = 1536, kv: int = 192, vocab: int = 49152, layers: int = 30,
+            timed_layers: int = 10, rounds: int = 3) -> tuple[Precision, dict[str, float]]:
+    """Time each candidate on matrices of the language model's shapes (v0's by default): a decode
+    step (one position through every layer's q/k/v, o, gate/up and down, then the head) and a
+    prefill (PREFIX positions through the layers, the head for the last one only, as
+    `generate.prefill` does). `timed_layers` layers stand for all `layers` (their weights, tens
+    of MB, still come from memory as the model's do). The least time for PREFIX + ANSWER wins;
+    leaving float32 needs a 10% win. The shapes matter: a kernel fast on the MLP's tall matrices
+    can be slow on the head or the small attention ones.
 
     The candidates take turns, `rounds` times, and each keeps its best time: another process
     that loads the CPU for a while then slows every candidate alike instead of the ones measured
     while it ran (timing them one after another, a busy minute once made float32 look fastest)."""
     gen = torch.Generator().manual_seed(0)
-    weights = [torch.randn(rows, columns, generator=gen) * 0.02 for _ in range(layers)]
-    one = torch.randn(1, 1, columns, generator=gen)
-    many = torch.randn(1, PREFIX, columns, generator=gen)
+
+    def weight(rows: int, columns: int) -> torch.Tensor:
+        return torch.randn(rows, columns, generator=gen) * 0.02
+
+    stack = [(weight(hidden + 2 * kv, hidden), weight(hidden, hidden), weight(2 * intermediate, hidden),
+              weight(hidden, intermediate)) for _ in range(timed_layers)]
+    head = weight(vocab, hidden)
+    inputs = {n: (torch.randn(1, 1, n, generator=gen), torch.randn(1, PREFIX, n, generator=gen))
+              for n in (hidden, intermediate)}
+    scale = layers / timed_layers
     runs = [c for c in CANDIDATES if not c.packed or packed_available(DTYPES[c.store])]
     decode, prefill = [float("inf")] * len(runs), [float("inf")] * len(runs)
     for _ in range(rounds):
         for i, candidate in enumerate(runs):
-            matrices = [maker(candidate)(w) for w in weights]  # one candidate in memory at a time
-            decode[i] = min(decode[i], _time(lambda: [m(one) for m in matrices], repeat=3))
-            prefill[i] = min(prefill[i], _time(lambda: [m(many) for m in matrices[: layers // 5]], repeat=1) * 5)
-            del matrices
+            make = maker(candidate)  # one candidate in memory at a time
+            matrices = [(make(w), inputs[w.shape[1]]) for ws in stack for w in ws]
+            top = make(head)
+            one = inputs[hidden][0]
+            step = _time(lambda: [m(x[0]) for m, x in matrices], repeat=3) * scale + _time(lambda: top(one), repeat=3)
+            whole = _time(lambda: [m(x[1]) for m, x in matrices], repeat=1) * scale + _time(lambda: top(one), repeat=3)
+            decode[i], prefill[i] = min(decode[i], step), min(prefill[i], whole)
+            del matrices, top
     timings, best = {}, None
     for candidate, d, f in zip(runs, decode, prefill):
         cost = d * ANSWER + f

@@ -119,7 +119,7 @@ def test_auto_is_measured_once_and_kept_in_the_cache(tiny_model_dir, monkeypatch
     monkeypatch.setattr(precision, "_measured", {})
     calls = []
     real = precision.measure
-    monkeypatch.setattr(precision, "measure", lambda: calls.append(1) or real(layers=2, rows=64))
+    monkeypatch.setattr(precision, "measure", lambda: calls.append(1) or real(hidden=32, intermediate=64, kv=16, vocab=128, layers=2, timed_layers=1))
     first = load_model(str(tiny_model_dir), device="cpu", progress=False)  # dtype None: auto
     assert first.precision.chosen_by.startswith("auto: measured now") and calls == [1]
     assert first.precision.store in precision.DTYPES and first.net.lm.prepared
