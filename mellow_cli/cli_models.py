@@ -85,7 +85,7 @@ def pull(
     """Download a model into the cache and convert it, without running it; print its folder.
 
     A pull of a cached model re-checks every byte (sha256) and repairs what is damaged.
-    An interrupted download resumes where it stopped.
+    A dropped connection resumes where it stopped.
 
     \b
     Examples:

@@ -1,4 +1,9 @@
-"""One file from the Hugging Face hub into the cache: pinned to a commit, resumable, verified.
+"""One file from the Hugging Face hub into the cache: pinned to a commit, verified.
+
+huggingface_hub's public `get_hf_file_metadata` names the file's ETag, size and commit (and, when
+it fails, why, in one line); its `hf_hub_download` fetches the file at that commit, resuming a
+dropped connection within the call with an HTTP Range; our own check of the finished file against
+the ETag (the sha256 of an LFS file, the git blob sha1 of a small one) decides whether it is kept.
 
 Network settings are read when a download starts, not at import: HF_ENDPOINT (a mirror),
 HF_TOKEN (private or gated repos), HF_HUB_OFFLINE=1 (never touch the network).
@@ -10,7 +15,9 @@ import contextlib
 import errno
 import os
 import re
+import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelError
@@ -19,14 +26,20 @@ from .files import (
     disk_full,
     first_line,
     git_blob_sha1,
-    glob_escape,
     megabytes,
-    note,
     read_json,
     sha256,
-    slug,
     write_json_atomic,
 )
+
+
+@dataclass(frozen=True)
+class _Remote:
+    """What the hub says of one file before it is fetched."""
+
+    etag: str  # sha256 (LFS) or git blob sha1, without quotes
+    size: int | None
+    commit: str  # the commit the revision named when asked: every byte comes from it
 
 
 def _endpoint() -> str:
@@ -40,14 +53,44 @@ def offline() -> bool:
 
 def download(repo: str, filename: str, revision: str, dest: Path, *, name: str, progress: bool,
              optional: bool = False, reserve_factor: int = 1) -> dict | None:
-    """One file from the hub into `dest`, resumable and verified.
+    """One file from the hub into `dest`, verified.
 
-    Bytes go to `<dest>.<etag>.part`; an interrupted download keeps it, and the next attempt asks
-    for the rest with an HTTP Range (huggingface_hub's `http_get` also resumes within one attempt
-    when the connection drops). The finished file is checked against the hub's ETag (the sha256
-    of an LFS file, the git blob sha1 of a small one) and only then renamed to `dest`.
-    Returns {path, repo, filename, revision, commit, etag, size, sha256}; None if `optional` and
-    the repo has no such file."""
+    The file comes to `<dest>.incoming/` and is moved to `dest` only once its size and hash match
+    the hub's ETag; a sidecar `<dest>.json` records it, so a later attempt (after a failed
+    conversion, say) uses it without downloading again. `reserve_factor` 2 checks there is room
+    for the converted copy too. Returns {path, repo, filename, revision, commit, etag, size,
+    sha256}; None if `optional` and the repo has no such file."""
+    if offline():
+        raise ModelError(f"{name} is not in the cache and HF_HUB_OFFLINE is set: run "
+                         f"`mellow models pull {name}` with network, or pass --model PATH")
+    remote = _metadata(repo, filename, revision, name, optional)
+    if remote is None:
+        return None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = dest.with_name(f"{dest.name}.json")
+    if dest.is_file():  # downloaded and verified by an earlier attempt that stopped later on
+        done = read_json(sidecar)
+        if done and done.get("etag") == remote.etag and done.get("size") == dest.stat().st_size:
+            return done
+        dest.unlink()
+    if remote.size is not None:
+        check_space(dest.parent, remote.size * reserve_factor, name)
+    incoming = dest.with_name(f"{dest.name}.incoming")
+    shutil.rmtree(incoming, ignore_errors=True)  # an attempt that was killed: nothing in it can be resumed
+    try:
+        got = _fetch(repo, filename, remote, incoming, name, progress)
+        digest = _verified(got, remote, repo, filename, name)
+        os.replace(got, dest)
+    finally:
+        shutil.rmtree(incoming, ignore_errors=True)
+    record = {"path": str(dest), "repo": repo, "filename": filename, "revision": revision,
+              "commit": remote.commit, "etag": remote.etag, "size": dest.stat().st_size, "sha256": digest}
+    write_json_atomic(sidecar, record)
+    return record
+
+
+def _metadata(repo: str, filename: str, revision: str, name: str, optional: bool) -> _Remote | None:
+    """The hub's ETag, size and commit for one file; a one-line ModelError for every failure."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -56,14 +99,9 @@ def download(repo: str, filename: str, revision: str, dest: Path, *, name: str, 
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
-    from huggingface_hub.file_download import http_get
-    from huggingface_hub.utils import build_hf_headers
 
     from . import __version__
 
-    if offline():
-        raise ModelError(f"{name} is not in the cache and HF_HUB_OFFLINE is set: run "
-                         f"`mellow models pull {name}` with network, or pass --model PATH")
     endpoint = _endpoint()
     url = hf_hub_url(repo, filename, revision=revision, endpoint=endpoint)
     try:
@@ -88,67 +126,49 @@ def download(repo: str, filename: str, revision: str, dest: Path, *, name: str, 
     except Exception as e:  # connection refused, DNS, timeout, proxy: the network, not the file
         raise ModelError(f"cannot reach {endpoint} to download {name} ({first_line(e)}): check the "
                          f"network and run `mellow models pull {name}` again, or pass --model PATH") from None
+    return _Remote((meta.etag or "").strip('"'), meta.size, meta.commit_hash or revision)
 
-    etag = (meta.etag or "").strip('"')
-    size = meta.size
-    commit = meta.commit_hash or revision
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    sidecar = dest.with_name(f"{dest.name}.json")
-    if dest.is_file():  # downloaded and verified by an earlier attempt that stopped later on
-        done = read_json(sidecar)
-        if done and done.get("etag") == etag and done.get("size") == dest.stat().st_size:
-            return done
-        dest.unlink()
-    part = dest.with_name(f"{dest.name}.{slug(etag)[:64] or 'noetag'}.part")
-    for stale in dest.parent.glob(f"{glob_escape(dest.name)}.*.part"):
-        if stale != part:
-            stale.unlink(missing_ok=True)
-    have = part.stat().st_size if part.exists() else 0
-    if size is not None and have > size:
-        part.unlink()
-        have = 0
-    if size is not None:
-        check_space(dest.parent, (size - have) + size * (reserve_factor - 1), name)
-    if have:
-        note(f"{name}: resuming {filename} at {megabytes(have)} of {megabytes(size)}", progress)
-    headers = build_hf_headers(library_name="mellow-cli", library_version=__version__)
-    # Download from the commit the metadata came from, so a push in between cannot mix files.
-    pinned = hf_hub_url(repo, filename, revision=commit, endpoint=endpoint)
+
+def _fetch(repo: str, filename: str, remote: _Remote, folder: Path, name: str, progress: bool) -> Path:
+    """hf_hub_download of the file at `remote.commit` into `folder`; its path there."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from . import __version__
+
     try:
-        with _progress_bars(progress), open(part, "ab") as f:
-            http_get(pinned, f, resume_size=have, headers=headers, expected_size=size,
-                     displayed_filename=filename)
+        with _progress_bars(progress):
+            return Path(hf_hub_download(repo, filename, revision=remote.commit, local_dir=folder,
+                                        endpoint=_endpoint(), etag_timeout=_timeout("HF_HUB_ETAG_TIMEOUT", 10.0),
+                                        library_name="mellow-cli", library_version=__version__))
     except HfHubHTTPError as e:  # before OSError: it is one
         status = getattr(getattr(e, "response", None), "status_code", "?")
-        done = part.stat().st_size if part.exists() else 0
-        raise _interrupted(repo, filename, name, done, size, f"HTTP {status}") from None
+        raise _interrupted(repo, filename, name, remote.size, f"HTTP {status}") from None
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise disk_full(dest.parent, name) from None
-        done = part.stat().st_size if part.exists() else 0
-        raise _interrupted(repo, filename, name, done, size, e) from None
-    except Exception as e:  # the connection dropped more often than http_get retries
-        done = part.stat().st_size if part.exists() else 0
-        raise _interrupted(repo, filename, name, done, size, e) from None
+            raise disk_full(folder.parent, name) from None
+        raise _interrupted(repo, filename, name, remote.size, first_line(e.__cause__ or e)) from None
+    except Exception as e:  # the connection dropped more often than hf_hub_download retries
+        raise _interrupted(repo, filename, name, remote.size, first_line(e)) from None
 
-    got = part.stat().st_size
-    digest = sha256(part)
+
+def _verified(path: Path, remote: _Remote, repo: str, filename: str, name: str) -> str:
+    """The file's sha256, once its size and hash match what the hub announced; a damaged file is
+    deleted and refused."""
+    got = path.stat().st_size
+    digest = sha256(path)
     problem = None
-    if size is not None and got != size:
-        problem = f"{got} bytes, expected {size}"
-    elif re.fullmatch(r"[0-9a-f]{64}", etag) and digest != etag:
-        problem = f"sha256 {digest[:12]}…, expected {etag[:12]}…"
-    elif re.fullmatch(r"[0-9a-f]{40}", etag) and git_blob_sha1(part) != etag:
-        problem = f"git sha1 differs from {etag[:12]}…"
+    if remote.size is not None and got != remote.size:
+        problem = f"{got} bytes, expected {remote.size}"
+    elif re.fullmatch(r"[0-9a-f]{64}", remote.etag) and digest != remote.etag:
+        problem = f"sha256 {digest[:12]}…, expected {remote.etag[:12]}…"
+    elif re.fullmatch(r"[0-9a-f]{40}", remote.etag) and git_blob_sha1(path) != remote.etag:
+        problem = f"git sha1 differs from {remote.etag[:12]}…"
     if problem:
-        part.unlink(missing_ok=True)
-        raise ModelError(f"{repo}/{filename} arrived damaged ({problem}); the partial file is deleted: "
+        path.unlink(missing_ok=True)
+        raise ModelError(f"{repo}/{filename} arrived damaged ({problem}); the file is deleted: "
                          f"run `mellow models pull {name}` again to download it afresh")
-    os.replace(part, dest)
-    record = {"path": str(dest), "repo": repo, "filename": filename, "revision": revision,
-              "commit": commit, "etag": etag, "size": got, "sha256": digest}
-    write_json_atomic(sidecar, record)
-    return record
+    return digest
 
 
 def _timeout(var: str, default: float) -> float:
@@ -177,7 +197,6 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
             enable_progress_bars()
 
 
-def _interrupted(repo: str, filename: str, name: str, done: int, size: int | None, why) -> ModelError:
-    reason = why if isinstance(why, str) else first_line(why)
-    return ModelError(f"download of {repo}/{filename} stopped at {megabytes(done)} of {megabytes(size)} ({reason}): "
-                      f"check the network and run `mellow models pull {name}` again; it resumes where it stopped")
+def _interrupted(repo: str, filename: str, name: str, size: int | None, reason: str) -> ModelError:
+    return ModelError(f"download of {repo}/{filename} ({megabytes(size)}) stopped ({reason}): check the "
+                      f"network and run `mellow models pull {name}` again")

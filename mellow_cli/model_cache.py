@@ -9,8 +9,8 @@ Cache layout (files.cache_dir(): MELLOW_HOME, else platformdirs.user_cache_dir("
         tokenizer.json, tokenizer_config.json[, special_tokens_map.json]
         source.json           origin (repo, file, revision, commit, sha256, size) and the
                               size/sha256/mtime of model.safetensors, checked before every load
-    downloads/<owner>--<repo>/               <file>.<etag>.part: partial downloads, resumed by the
-                                             next attempt; <file>: verified, awaiting conversion
+    downloads/<owner>--<repo>/               <file>: verified downloads awaiting conversion
+                                             (hub.py); <file>.incoming/: a download under way
     .locks/<key>.lock         two processes never write the same model at once
 """
 
