@@ -1,7 +1,7 @@
 """How long `mellow --help` takes next to a bare `python -c pass`, measured side by side.
 
 The CLI must not import torch, transformers or numpy to print its help (goal: less than 0.35 s
-more than bare Python). Runs alternate between the two commands so machine noise hits both alike;
+more than bare Python). Runs alternate between the two commands so load from other processes slows both alike;
 the figure that matters is the difference of the medians.
 
     python benchmarks/startup.py [--runs 20]

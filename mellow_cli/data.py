@@ -12,10 +12,9 @@ Two file formats, told apart by their first non-blank character:
   train/val/test JSONs on Zenodo). Messages name a row by its 0-based place in the list, as jq's
   `.[i]` does (`train.json: item [16]`).
   The field names below are the ones the reference repository (soham97/mellow) documents in its
-  README and reads in `data/audiotext_dataset.py` and `data/audiotext_eval_dataset.py`. We could
-  not open the Zenodo record itself offline (the issue cites record 15002886; the reference
-  README links 15036628), so they are confirmed from the reference's own loaders, not from the
-  archive.
+  README and reads in `data/audiotext_dataset.py` and `data/audiotext_eval_dataset.py`: they are
+  confirmed from the reference's own loaders, not from the Zenodo archive itself (the reference
+  README links record 15036628; record 15002886 is cited for the dataset too).
 
   | ReasonAQA field | QARow field | how |
   | --- | --- | --- |

@@ -1,9 +1,8 @@
 """`--scorer mellow` and `--prompt-style mellow` (bench/mellow.py) against the Mellow authors' own
 code: their metrics/mmau.py and metrics/aqa.py score the same predictions file as our CLI, their
 data/audiotext_eval_dataset.py builds the prompt ids we compare with ours. Their code is read
-from the training release kept beside the project (MELLOW_TRAINING, default
-/work/shared/reference/mellow-training); the rules are also pinned by hand-written cases, which
-run without it."""
+from a checkout of that training release named by MELLOW_TRAINING (the tests that need it are
+skipped without it); the rules are also pinned by hand-written cases, which run without it."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """`mellow bench speed` through the CLI with the tiny model: every figure present, positive and
 finite, the ratio consistent with the two rates, the baseline optional, errors one line. Nothing
-here asserts a wall-clock figure: these machines are shared and noisy."""
+here asserts a wall-clock figure: other processes can slow any run, so only the relations between
+figures measured in one run are stable enough to check."""
 
 from __future__ import annotations
 

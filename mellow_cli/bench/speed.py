@@ -1,6 +1,6 @@
 """`mellow bench speed`: how fast a model runs on this machine, every figure from one run.
 
-gpt-fast's habits (../shared/STYLE.md, Benchmarks): a warm-up before timing, the device
+gpt-fast's benchmarking habits: a warm-up before timing, the device
 synchronised before each clock reading, medians of repeats, tokens/s, bytes read per second and
 peak memory, and a baseline measured in the same run: transformers' own `generate` over the very
 same float32 weights (model/llama.py: transformers_twin). Other processes can slow either, so the
