@@ -21,37 +21,7 @@ from .api import (  # api imports torch only inside its functions
 from .cli_bench import bench_app
 from .cli_env import config_app, env
 from .cli_models import models_app
-from .cli_options import (
-    BatchSizeOpt,
-    DebugOpt,
-    Device,
-    DeviceOpt,
-    Dtype,
-    DtypeOpt,
-    DurationOpt,
-    Format,
-    FormatOpt,
-    HopOpt,
-    MaxTokensOpt,
-    ModelOpt,
-    OffsetOpt,
-    OutputOpt,
-    OverwriteOpt,
-    QuietOpt,
-    RecursiveOpt,
-    ResumeOpt,
-    SampleOpt,
-    SeedOpt,
-    ShardOpt,
-    TemperatureOpt,
-    ThreadsOpt,
-    TopPOpt,
-    VerboseOpt,
-    WindowOpt,
-    decoding,
-    load_model,
-    setup,
-)
+from .cli_options import Answering, Format, RecursiveOpt, grouped
 from .cli_serve import serve
 from .cli_train import train
 from .errors import MellowError, UsageError
@@ -77,72 +47,111 @@ def _plain(arg: str) -> bool:
     return not arg.startswith("@") and not os.path.isdir(arg) and not (glob.has_magic(arg) and not os.path.exists(arg))
 
 
-def _interactive(fmt: Format, output, window, shard, resume) -> bool:
-    return fmt in (Format.text, Format.json) and output is None and window is None and shard is None and not resume
+def _interactive(run: Answering) -> bool:
+    """One answer for a person at a terminal: streamed (text) or one object (json)."""
+    out, rows = run.output, run.rows
+    return (out.fmt in (Format.text, Format.json) and out.output is None and out.output_dir is None
+            and rows.window is None and rows.shard is None and not rows.resume)
 
 
-def _answer_one(model_name, device, dtype, job, opts, fmt: Format, offset, duration) -> None:
+def _answer_one(job, run: Answering) -> None:
     """One question at a terminal: decode the clips first (a bad file fails in milliseconds),
     load the model, then stream the answer, or print the chosen choice or one JSON object."""
     from . import batch, render
 
-    clips = batch.clip_decoder(offset, duration)(job)
-    model = load_model(model_name, device, dtype)
+    clips = batch.clip_decoder(run.rows.offset, run.rows.duration)(job)
+    model = run.loading.load()
     question = (clips[0], clips[1], job.question)
     if job.choices:
         picked = model.choose_batch([question], [job.choices])[0]
         answer, scores = picked.choice, picked.as_dict()
-    elif fmt is Format.json:
-        answer, scores = model.ask_batch([question], opts)[0], None
+    elif run.output.fmt is Format.json:
+        answer, scores = model.ask_batch([question], run.decoding.options())[0], None
     else:
-        render.stream_answer(model.stream(*question, opts))
+        render.stream_answer(model.stream(*question, run.decoding.options()))
         return
-    if fmt is Format.json:
+    if run.output.fmt is Format.json:
         record = batch.row(job, answer=answer, scores=scores, model=model.name, revision=model.revision)
         render.result_json({k: record[k] for k in batch.fields_for([job])})
     else:
         render.result_line(answer)
 
 
-def _run_batch(jobs, *, verb: str, model_name, device, dtype, opts, fmt: Format, output, resume: bool,
-               overwrite: bool, shard, window, hop, batch_size: int, offset: float, duration) -> None:
+def _check_run(jobs, run: Answering) -> None:
+    """Options that cannot go together, refused before any audio is read."""
+    out, rows = run.output, run.rows
+    fmt = out.fmt.value
+    if out.fmt in (Format.srt, Format.vtt):
+        if rows.window is None:
+            raise UsageError(f"--format {fmt} needs --window (one timed caption per window)")
+        if out.output_dir is None and len({j.audio for j in jobs}) != 1:
+            raise UsageError(f"--format {fmt} holds one recording's captions: with several, give --output-dir DIR "
+                             "for a file each")
+    if rows.window is not None and (rows.offset or rows.duration):
+        raise UsageError("--window covers the whole recording: leave out --offset and --duration")
+    if rows.resume and out.overwrite:
+        raise UsageError("--resume keeps the rows in --output and --overwrite replaces them: give one of the two")
+    if out.output_dir is not None:
+        # Shards of windows would share a recording's file between processes.
+        clash = ("--output" if out.output is not None else "--resume (it works with --output)" if rows.resume
+                 else "--shard (with --window)" if rows.shard and rows.window is not None else None)
+        if clash:
+            raise UsageError(f"--output-dir writes a file per recording: leave out {clash}")
+
+
+def _run_batch(jobs, verb: str, run: Answering) -> None:
     """Many rows: window, shard and resume the job list, answer it batch by batch, write each row
-    as it is done, report failed files on stderr, end with a summary line and an exit code."""
+    as it is done (to --output, or a file per recording in --output-dir), report failed files on
+    stderr, end with a summary line and an exit code."""
     from . import batch, outputs, render
     from .audio import audio_duration
 
-    if (fmt in (Format.srt, Format.vtt)) and (window is None or len({j.audio for j in jobs}) != 1):
-        raise UsageError(f"--format {fmt.value} needs one recording and --window (one timed caption per window)")
-    if window is not None and (offset or duration):
-        raise UsageError("--window covers the whole recording: leave out --offset and --duration")
-    if resume and overwrite:
-        raise UsageError("--resume keeps the rows in --output and --overwrite replaces them: give one of the two")
-    shard_spec = batch.parse_shard(shard)
-    if window is not None:
-        jobs = batch.windowed(jobs, window, hop or window, audio_duration)
+    out, rows = run.output, run.rows
+    _check_run(jobs, run)
+    shard_spec = batch.parse_shard(rows.shard)
+    paths = None if out.output_dir is None else outputs.per_input_paths(out.output_dir, [j.audio for j in jobs],
+                                                                        out.fmt.value, out.overwrite)
+    if rows.window is not None:
+        jobs = batch.windowed(jobs, rows.window, rows.hop or rows.window, audio_duration)
     jobs = batch.take_shard(jobs, shard_spec)
     fields = batch.fields_for(jobs)
-    out = outputs.open_rows(output, fmt.value, fields, resume=resume, overwrite=overwrite)
+    if paths is not None:
+        sink = outputs.FilePerInput(paths, out.fmt.value, fields, out.overwrite)
+        _write_rows(sink, _answers(run, jobs), verb, len(jobs), None)
+        files = sink.files()
+        render.info(f"wrote {len(files)} file{'' if len(files) == 1 else 's'} to {out.output_dir}")
+        return
+    opened = outputs.open_rows(out.output, out.fmt.value, fields, resume=rows.resume, overwrite=out.overwrite)
     try:
-        left = Counter(out.done)
+        left = Counter(opened.done)
         todo = []
         for job, (key, _) in zip(jobs, outputs.numbered_keys(batch.row(j) for j in jobs)):
             if left[key] > 0:
                 left[key] -= 1
             else:
                 todo.append(job)
-        if out.done:
-            render.info(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} rows already in {output}")
+        if opened.done:
+            render.info(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} rows already in {out.output}")
         if not todo:
             render.info("nothing left to do")
             return
-        model = load_model(model_name, device, dtype)
-        out.check_model(model.name, output)
-        writer = outputs.RowWriter(fmt.value, out.stream, many=len(jobs) > 1, fields=fields, append=out.append)
-        _write_rows(writer, batch.answer_rows(model, todo, opts, batch_size, batch.clip_decoder(offset, duration)),
-                    verb, len(todo), output if fmt.value in outputs.RESUMABLE else None)
+        results = _answers(run, todo, check=lambda model: opened.check_model(model.name, out.output))
+        writer = outputs.RowWriter(out.fmt.value, opened.stream, many=len(jobs) > 1, fields=fields,
+                                   append=opened.append)
+        _write_rows(writer, results, verb, len(todo), out.output if out.fmt.value in outputs.RESUMABLE else None)
     finally:
-        out.close()
+        opened.close()
+
+
+def _answers(run: Answering, jobs, check=None):
+    """(row, error) per job, the model loaded first (and `check`ed against the output's rows)."""
+    from . import batch
+
+    model = run.loading.load()
+    if check is not None:
+        check(model)
+    return batch.answer_rows(model, jobs, run.decoding.options(), run.rows.batch_size,
+                             batch.clip_decoder(run.rows.offset, run.rows.duration))
 
 
 def _write_rows(writer, results, verb: str, total: int, resumable: str | None) -> None:
@@ -184,33 +193,14 @@ def _forgotten_question(text: str) -> str | None:
 
 
 @app.command(no_args_is_help=True)
+@grouped
 def ask(
     args: Annotated[Optional[List[str]], typer.Argument(metavar="AUDIO [AUDIO2] QUESTION", help="One or two audio files (or - for audio on stdin), then the question. A folder, glob, @list.txt or @- (paths on stdin), or three or more files, asks the question about each recording in turn.", show_default=False)] = None,
     choices: Annotated[Optional[str], typer.Option("--choices", "-c", help='Answer by picking one of these, separated by "|": the model scores each and names exactly one.')] = None,
     input_file: Annotated[Optional[str], typer.Option("--input", "-i", help="Questions as JSON lines (- for stdin): audio, optional audio2, question, optional choices (list or \"a|b\"), optional id. Other fields come back in each row; a gold answer stays, and the model's goes under prediction.")] = None,
     recursive: RecursiveOpt = False,
-    output: OutputOpt = None,
-    fmt: FormatOpt = Format.text,
-    batch_size: BatchSizeOpt = 8,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
-    shard: ShardOpt = None,
-    window: WindowOpt = None,
-    hop: HopOpt = None,
-    model: ModelOpt = "v0",
-    max_tokens: MaxTokensOpt = 300,
-    sample: SampleOpt = False,
-    temperature: TemperatureOpt = 1.0,
-    top_p: TopPOpt = 0.8,
-    offset: OffsetOpt = 0.0,
-    duration: DurationOpt = None,
-    device: DeviceOpt = Device.auto,
-    dtype: DtypeOpt = Dtype.auto,
-    threads: ThreadsOpt = None,
-    seed: SeedOpt = None,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    debug: DebugOpt = False,
+    *,
+    run: Answering,
 ) -> None:
     """Ask a question about one or two recordings; the answer streams to stdout.
 
@@ -227,8 +217,7 @@ def ask(
     """
     from . import batch
 
-    setup(quiet, verbose, threads)
-    opts = decoding(max_tokens, sample, temperature, top_p, seed)
+    run.console.setup()
     choice_list = _split_choices(choices)
     if input_file is not None:
         if args:
@@ -250,10 +239,9 @@ def ask(
             jobs = [batch.Job(audio[0], audio[-1], question, tuple(choice_list) if choice_list else None)]
         else:
             jobs = batch.jobs_for(batch.expand_inputs(audio, recursive), question, choice_list)
-        if pair and _interactive(fmt, output, window, shard, resume):
-            return _answer_one(model, device, dtype, jobs[0], opts, fmt, offset, duration)
-    _run_batch(jobs, verb="answered", model_name=model, device=device, dtype=dtype, opts=opts, fmt=fmt, output=output,
-               resume=resume, overwrite=overwrite, shard=shard, window=window, hop=hop, batch_size=batch_size, offset=offset, duration=duration)
+        if pair and _interactive(run):
+            return _answer_one(jobs[0], run)
+    _run_batch(jobs, "answered", run)
 
 
 def _split_choices(choices: Optional[str]) -> Optional[list[str]]:
@@ -266,33 +254,14 @@ def _split_choices(choices: Optional[str]) -> Optional[list[str]]:
 
 
 @app.command(no_args_is_help=True)
+@grouped
 def compare(
     audio1: Annotated[Optional[str], typer.Argument(metavar="A", help="First recording (or - for stdin).", show_default=False)] = None,
     audio2: Annotated[Optional[str], typer.Argument(metavar="B", help="Second recording.", show_default=False)] = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to ask about the pair.")] = COMPARE_PROMPT,
     pairs: Annotated[Optional[str], typer.Option("--pairs", help="Many pairs: a CSV or TSV with a header naming audio1 and audio2 (optional prompt and id columns), or JSON lines (.jsonl); - for stdin.")] = None,
-    output: OutputOpt = None,
-    fmt: FormatOpt = Format.text,
-    batch_size: BatchSizeOpt = 8,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
-    shard: ShardOpt = None,
-    window: WindowOpt = None,
-    hop: HopOpt = None,
-    model: ModelOpt = "v0",
-    max_tokens: MaxTokensOpt = 300,
-    sample: SampleOpt = False,
-    temperature: TemperatureOpt = 1.0,
-    top_p: TopPOpt = 0.8,
-    offset: OffsetOpt = 0.0,
-    duration: DurationOpt = None,
-    device: DeviceOpt = Device.auto,
-    dtype: DtypeOpt = Dtype.auto,
-    threads: ThreadsOpt = None,
-    seed: SeedOpt = None,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    debug: DebugOpt = False,
+    *,
+    run: Answering,
 ) -> None:
     """Describe how two recordings differ.
 
@@ -304,8 +273,7 @@ def compare(
     """
     from . import batch
 
-    setup(quiet, verbose, threads)
-    opts = decoding(max_tokens, sample, temperature, top_p, seed)
+    run.console.setup()
     if pairs is not None:
         if audio1 or audio2:
             raise UsageError("give either --pairs FILE or A B, not both")
@@ -316,39 +284,19 @@ def compare(
         if audio1 is None or audio2 is None:
             raise UsageError("compare takes two recordings, A and B (or --pairs FILE)")
         jobs = [batch.Job(audio1, audio2, prompt)]
-        if _interactive(fmt, output, window, shard, resume):
-            return _answer_one(model, device, dtype, jobs[0], opts, fmt, offset, duration)
-    _run_batch(jobs, verb="compared", model_name=model, device=device, dtype=dtype, opts=opts, fmt=fmt, output=output,
-               resume=resume, overwrite=overwrite, shard=shard, window=window, hop=hop, batch_size=batch_size, offset=offset, duration=duration)
+        if _interactive(run):
+            return _answer_one(jobs[0], run)
+    _run_batch(jobs, "compared", run)
 
 
 @app.command(no_args_is_help=True)
+@grouped
 def caption(
     audio: Annotated[List[str], typer.Argument(metavar="AUDIO...", help="Recordings: files, folders, globs, @list.txt (one path per line), @- (that list on stdin), or - (audio on stdin).", show_default=False)],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The instruction given with each clip.")] = CAPTION_PROMPT,
     recursive: RecursiveOpt = False,
-    output: OutputOpt = None,
-    fmt: FormatOpt = Format.text,
-    batch_size: BatchSizeOpt = 8,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
-    shard: ShardOpt = None,
-    window: WindowOpt = None,
-    hop: HopOpt = None,
-    model: ModelOpt = "v0",
-    max_tokens: MaxTokensOpt = 300,
-    sample: SampleOpt = False,
-    temperature: TemperatureOpt = 1.0,
-    top_p: TopPOpt = 0.8,
-    offset: OffsetOpt = 0.0,
-    duration: DurationOpt = None,
-    device: DeviceOpt = Device.auto,
-    dtype: DtypeOpt = Dtype.auto,
-    threads: ThreadsOpt = None,
-    seed: SeedOpt = None,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    debug: DebugOpt = False,
+    *,
+    run: Answering,
 ) -> None:
     """Write a one-sentence caption for each recording.
 
@@ -366,11 +314,8 @@ def caption(
     """
     from . import batch
 
-    setup(quiet, verbose, threads)
-    jobs = batch.jobs_for(batch.expand_inputs(audio, recursive), prompt)
-    _run_batch(jobs, verb="captioned", model_name=model, device=device, dtype=dtype,
-               opts=decoding(max_tokens, sample, temperature, top_p, seed), fmt=fmt, output=output, resume=resume,
-               overwrite=overwrite, shard=shard, window=window, hop=hop, batch_size=batch_size, offset=offset, duration=duration)
+    run.console.setup()
+    _run_batch(batch.jobs_for(batch.expand_inputs(audio, recursive), prompt), "captioned", run)
 
 
 # Commands that live in their own modules, in the order --help lists them.

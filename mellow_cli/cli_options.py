@@ -1,10 +1,17 @@
 """Options and helpers shared by every `mellow` command module (cli.py, cli_bench.py,
-cli_train.py): each option is declared once here and named in each command's signature (Typer
-has no option groups). Nothing heavy is imported at module level.
+cli_train.py, cli_serve.py): each option is declared once here. Options that travel together
+are frozen dataclasses (option groups: Loading, Decoding, Rows, Output, Console); `grouped`
+spreads a group's options into a command's signature for Typer, which has no groups of its own,
+and hands the command the group built from them. Nothing heavy is imported at module level.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import typing
+from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Optional
 
@@ -81,8 +88,9 @@ FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="text: the ans
 # Batch runs: many inputs, one row each.
 RecursiveOpt = Annotated[bool, typer.Option("--recursive", "-r", help="Look for audio in subfolders too.")]
 OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Write rows to this file instead of stdout.")]
+OutputDirOpt = Annotated[Optional[str], typer.Option("--output-dir", "-d", metavar="DIR", help="One file per recording in DIR, named after it (night.flac -> DIR/night.srt; text: .txt), as whisper writes subtitles. Files that hold anything are refused unless --overwrite.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Rows answered together; the next batch's audio is decoded meanwhile.")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace what --output already holds (without it, a file that holds anything is refused unless --resume).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace what --output (or the files of --output-dir) already holds (without it, a file that holds anything is refused unless --resume).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="With --output (jsonl, csv or tsv): keep the rows already there and do only the rest, e.g. after Ctrl-C or a kill.")]
 ShardOpt = Annotated[Optional[str], typer.Option("--shard", metavar="I/N", help="Do only every N-th row from the I-th (1 <= I <= N), so N processes can share one list.")]
 WindowOpt = Annotated[Optional[float], typer.Option("--window", min=0.5, max=10.0, help="Answer for each WINDOW seconds of a long recording (at most 10), with start and end times in each row.")]
@@ -124,3 +132,121 @@ def load_model(model: str, device: Device, dtype: Dtype):
 
     with render.status(f"loading model {model}"):
         return load_model(model, device=device.value, dtype=dtype.value)
+
+
+# --- option groups --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Console:
+    """What every command prints and how many threads torch takes."""
+
+    threads: ThreadsOpt = None
+    quiet: QuietOpt = False
+    verbose: VerboseOpt = False
+    debug: DebugOpt = False  # main reads it from the arguments, before any command runs
+
+    def setup(self) -> None:
+        setup(self.quiet, self.verbose, self.threads)
+
+
+@dataclass(frozen=True)
+class Loading:
+    """Which model, on which device, in which precision."""
+
+    model: ModelOpt = "v0"
+    device: DeviceOpt = Device.auto
+    dtype: DtypeOpt = Dtype.auto
+
+    def load(self):
+        return load_model(self.model, self.device, self.dtype)
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How a free answer is decoded."""
+
+    max_tokens: MaxTokensOpt = 300
+    sample: SampleOpt = False
+    temperature: TemperatureOpt = 1.0
+    top_p: TopPOpt = 0.8
+    seed: SeedOpt = None
+
+    def options(self):
+        return decoding(self.max_tokens, self.sample, self.temperature, self.top_p, self.seed)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Which rows a run answers and how: batches, shards, resuming, windows, the span of each clip."""
+
+    batch_size: BatchSizeOpt = 8
+    shard: ShardOpt = None
+    resume: ResumeOpt = False
+    window: WindowOpt = None
+    hop: HopOpt = None
+    offset: OffsetOpt = 0.0
+    duration: DurationOpt = None
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where the rows go and in which format."""
+
+    output: OutputOpt = None
+    output_dir: OutputDirOpt = None
+    fmt: FormatOpt = Format.text
+    overwrite: OverwriteOpt = False
+
+
+@dataclass(frozen=True)
+class Answering:
+    """Every option ask, compare and caption share, built once per command."""
+
+    output: Output
+    rows: Rows
+    decoding: Decoding
+    loading: Loading
+    console: Console
+
+
+def _is_group(kind) -> bool:
+    return isinstance(kind, type) and dataclasses.is_dataclass(kind)
+
+
+def _spread(group) -> list[inspect.Parameter]:
+    """A group's options as keyword parameters, nested groups spread too, in declaration order."""
+    hints = typing.get_type_hints(group, include_extras=True)
+    params = []
+    for f in dataclasses.fields(group):
+        kind = hints[f.name]
+        params += _spread(kind) if _is_group(kind) else [
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=kind)]
+    return params
+
+
+def _gather(group, values: dict):
+    """The group built from (and taking out of) the parsed option values."""
+    hints = typing.get_type_hints(group, include_extras=True)
+    return group(**{f.name: _gather(hints[f.name], values) if _is_group(hints[f.name]) else values.pop(f.name)
+                    for f in dataclasses.fields(group)})
+
+
+def grouped(command):
+    """Typer reads a command's options from its signature: each parameter of `command` typed as
+    an option group is replaced there by the group's options, and the command is called with the
+    group built from their values. An option is then declared once however many commands take it."""
+    own = inspect.signature(command, eval_str=True).parameters.values()
+    groups = {p.name: p.annotation for p in own if _is_group(p.annotation)}
+    params = []
+    for p in own:
+        params += _spread(p.annotation) if p.name in groups else [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)]
+
+    @functools.wraps(command)
+    def wrapper(**values):
+        built = {name: _gather(group, values) for name, group in groups.items()}
+        return command(**values, **built)
+
+    wrapper.__signature__ = inspect.Signature(params)
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper

@@ -314,6 +314,76 @@ def _csv_rows(path: str, whole: str, fmt: str, fields: Sequence[str], hint: str)
     return rows
 
 
+# --- a file per recording (--output-dir) ----------------------------------------------------------
+
+EXTENSIONS = {"text": "txt"}  # the file name's extension, where it is not the format's name
+
+
+def per_input_paths(folder: str, inputs: Sequence[str], fmt: str, overwrite: bool = False) -> dict[str, str]:
+    """Where each recording's rows go with --output-dir: DIR/<its name without extension>.<format>,
+    as whisper names its subtitles. Refused at once (UsageError), before any work: audio on stdin
+    (it has no name), two recordings with one name, a recording given twice, and files that
+    already hold anything, unless `overwrite`."""
+    from .render import few
+
+    if not folder.strip():
+        raise UsageError("--output-dir is empty: name a folder")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UsageError(f"{folder}: is a file; --output-dir names a folder")
+    paths: dict[str, str] = {}
+    owner: dict[str, str] = {}
+    for audio in inputs:
+        if audio == "-":
+            raise UsageError("--output-dir names each file after its recording, and audio on stdin (-) has no name: "
+                             "use -o FILE")
+        if audio in paths:
+            raise UsageError(f"{audio}: given twice; --output-dir writes one file per recording")
+        path = os.path.join(folder, f"{os.path.splitext(os.path.basename(audio))[0]}.{EXTENSIONS.get(fmt, fmt)}")
+        if path in owner:
+            raise UsageError(f"{owner[path]} and {audio} would both be written to {path}: rename one, or use -o FILE")
+        paths[audio], owner[path] = path, audio
+    taken = [p for p in paths.values() if os.path.isdir(p) or (os.path.isfile(p) and os.path.getsize(p))]
+    if taken and not overwrite:
+        raise UsageError(f"{few(taken)} already exist{'s' if len(taken) == 1 else ''}; add --overwrite to replace "
+                         f"{'it' if len(taken) == 1 else 'them'}, or choose another --output-dir")
+    return paths
+
+
+class FilePerInput:
+    """Rows to a file per recording (per_input_paths): each file is opened by open_rows (locked,
+    emptied first with `overwrite`) when its recording's first row comes and closed after its
+    last, so the files of a long run appear one by one. A recording's rows come together (its
+    windows in order); text files hold the answers alone, one a line."""
+
+    def __init__(self, paths: dict[str, str], fmt: str, fields: Sequence[str], overwrite: bool = False):
+        self.paths, self.fmt, self.fields, self.overwrite = paths, fmt, tuple(fields), overwrite
+        self.written: list[str] = []
+        self._opened: Opened | None = None
+        self._writer: RowWriter | None = None
+
+    def write(self, r: dict) -> None:
+        path = self.paths[r["audio"]]
+        if not self.written or self.written[-1] != path:
+            self.close()
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self._opened = open_rows(path, self.fmt, self.fields, overwrite=self.overwrite)
+            self._writer = RowWriter(self.fmt, self._opened.stream, many=False, fields=self.fields)
+            self.written.append(path)
+        self._writer.write(r)
+
+    def files(self) -> list[str]:
+        """The files written (one whose rows all failed, in text, is removed empty)."""
+        return [p for p in self.written if os.path.isfile(p)]
+
+    def close(self) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            finally:
+                self._opened.close()
+                self._writer = self._opened = None
+
+
 # --- writing rows ---------------------------------------------------------------------------------
 
 

@@ -41,6 +41,14 @@ def _no_color() -> bool:
     return bool(os.environ.get("NO_COLOR"))
 
 
+def few(items, shown: int = 3) -> str:
+    """`a, b, c and 7 more`: a long list named in a line that stays short."""
+    items = [str(i) for i in items]
+    if len(items) > shown + 1:
+        return f"{', '.join(items[:shown])} and {len(items) - shown} more"
+    return " and ".join(filter(None, [", ".join(items[:-1]), items[-1] if items else ""]))
+
+
 def error(message: str) -> None:
     """`mellow: error: <message>` on one line of stderr, whatever the verbosity."""
     one_line = " ".join(str(message).split())

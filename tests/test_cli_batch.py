@@ -196,9 +196,46 @@ def test_windows_give_timed_rows_and_srt_vtt(tiny_model_dir, long_clip):
     assert vtt.startswith("WEBVTT\n\n00:00:00.000 --> 00:00:10.000\n")
 
 
-def test_srt_needs_a_window(tiny_model_dir, long_clip):
+def test_srt_needs_a_window_and_one_recording_or_an_output_dir(tiny_model_dir, long_clip, clips):
     out = mellow("caption", str(long_clip), "--model", str(tiny_model_dir), "-f", "srt")
-    assert out.returncode == 2 and "--format srt needs one recording and --window" in out.stderr
+    assert out.returncode == 2 and "--format srt needs --window" in out.stderr
+    out = mellow("caption", str(long_clip), str(clips[0]), "--model", str(tiny_model_dir), "-f", "vtt", "--window", "5")
+    assert out.returncode == 2 and "give --output-dir DIR" in out.stderr
+
+
+def test_output_dir_writes_a_file_per_recording_named_after_it(tiny_model_dir, clips, tmp_path):
+    subs = tmp_path / "subs"
+    base = ("caption", str(clips[0]), str(clips[1]), "--model", str(tiny_model_dir), "--max-tokens", "3", "-q",
+            "--output-dir", str(subs))
+    out = mellow(*base, "--window", "1", "-f", "srt")
+    assert out.returncode == 0 and out.stdout == "", out.stderr
+    assert sorted(p.name for p in subs.iterdir()) == ["tone220.srt", "tone440.srt"]
+    srt = (subs / "tone440.srt").read_text()
+    assert srt.startswith("1\n00:00:00,000 --> 00:00:01,000\n") and "\n2\n00:00:01,000 --> 00:00:02,000\n" in srt
+    again = mellow(*base, "--window", "1", "-f", "srt")
+    assert again.returncode == 2 and "already exist" in again.stderr and "--overwrite" in again.stderr
+    assert (subs / "tone440.srt").read_text() == srt  # refused before a byte changed
+    assert mellow(*base, "--window", "1", "-f", "srt", "--overwrite").returncode == 0
+    assert (subs / "tone440.srt").read_text() == srt
+    assert mellow(*base).returncode == 0  # text: the answers alone, in .txt
+    texts = {p.name: p.read_text() for p in subs.glob("*.txt")}
+    assert sorted(texts) == ["tone220.txt", "tone440.txt"] and all(t.count("\n") == 1 for t in texts.values())
+    jsonl = mellow(*base, "-f", "jsonl")
+    assert json.loads((subs / "tone220.jsonl").read_text())["audio"] == str(clips[0]), jsonl.stderr
+
+
+@pytest.mark.parametrize("inputs, message", [
+    (lambda c, d: [str(c[0]), str(d / "tone220.flac")], "would both be written to"),
+    (lambda c, d: ["-"], "audio on stdin (-) has no name"),
+    (lambda c, d: [str(c[0]), str(c[0])], "given twice"),
+])
+def test_output_dir_refuses_names_it_cannot_keep_apart(clips, tmp_path, inputs, message):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "tone220.flac").write_bytes(clips[0].read_bytes())
+    out = mellow("caption", *inputs(clips, other), "--model", "unused", "-d", str(tmp_path / "subs"))
+    assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert not (tmp_path / "subs").exists()
 
 
 def test_ask_with_window_and_choices_at_each_window(tiny_model_dir, long_clip):
