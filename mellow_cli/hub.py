@@ -55,8 +55,8 @@ def download(repo: str, filename: str, revision: str, dest: Path, *, name: str, 
              optional: bool = False, reserve_factor: int = 1) -> dict | None:
     """One file from the hub into `dest`, verified.
 
-    The file comes to `<dest>.incoming/` and is moved to `dest` only once its size and hash match
-    the hub's ETag; a sidecar `<dest>.json` records it, so a later attempt (after a failed
+    The file comes to `<dest>.incoming-<pid>/` and is moved to `dest` only once its size and hash
+    match the hub's ETag; a sidecar `<dest>.json` records it, so a later attempt (after a failed
     conversion, say) uses it without downloading again. `reserve_factor` 2 checks there is room
     for the converted copy too. Returns {path, repo, filename, revision, commit, etag, size,
     sha256}; None if `optional` and the repo has no such file."""
@@ -75,8 +75,9 @@ def download(repo: str, filename: str, revision: str, dest: Path, *, name: str, 
         dest.unlink()
     if remote.size is not None:
         check_space(dest.parent, remote.size * reserve_factor, name)
-    incoming = dest.with_name(f"{dest.name}.incoming")
-    shutil.rmtree(incoming, ignore_errors=True)  # an attempt that was killed: nothing in it can be resumed
+    # One folder per process: two processes fetching the same tokenizer never touch each other's
+    # file. A process killed part-way leaves its folder to `mellow models rm`.
+    incoming = dest.with_name(f"{dest.name}.incoming-{os.getpid()}")
     try:
         got = _fetch(repo, filename, remote, incoming, name, progress)
         digest = _verified(got, remote, repo, filename, name)

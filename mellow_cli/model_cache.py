@@ -10,7 +10,7 @@ Cache layout (files.cache_dir(): MELLOW_HOME, else platformdirs.user_cache_dir("
         source.json           origin (repo, file, revision, commit, sha256, size) and the
                               size/sha256/mtime of model.safetensors, checked before every load
     downloads/<owner>--<repo>/               <file>: verified downloads awaiting conversion
-                                             (hub.py); <file>.incoming/: a download under way
+                                             (hub.py); <file>.incoming-<pid>/: a download under way
     .locks/<key>.lock         two processes never write the same model at once
 """
 

@@ -569,7 +569,7 @@ def test_rm_deletes_unfinished_downloads(hub, monkeypatch, isolated_home):
         m.setattr(safetensors.torch, "save_file", full)
         with pytest.raises(ModelError):
             loading.pull("tiny", arch=STANDIN, progress=False)
-    killed = isolated_home / "downloads" / "test--mellow-tiny" / "tiny.ckpt.incoming" / "tiny.ckpt.1234.incomplete"
+    killed = isolated_home / "downloads" / "test--mellow-tiny" / "tiny.ckpt.incoming-1234" / "tiny.ckpt.abcd.incomplete"
     killed.parent.mkdir()
     killed.write_bytes(b"x" * 1000)  # what a download killed part-way leaves
     left = model_cache.partial_downloads()
