@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Annotated, List, Optional
 
@@ -10,19 +11,11 @@ import typer
 from .cli_options import (
     MAX_TOKENS,
     BatchSizeOpt,
-    DebugOpt,
-    Device,
-    DeviceOpt,
-    Dtype,
-    DtypeOpt,
+    Console,
+    Loading,
     MaxTokensOpt,
-    ModelOpt,
-    QuietOpt,
     ShardOpt,
-    ThreadsOpt,
-    VerboseOpt,
-    load_model,
-    setup,
+    grouped,
 )
 from .errors import UsageError
 
@@ -61,29 +54,33 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON report (da
 PromptStyleOpt = Annotated[PromptStyle, typer.Option("--prompt-style", help="plain: the question and its lettered options as written, the clip paired with itself; mellow: as the Mellow authors' evaluation asks (lower-cased, end of text appended, an item without a second clip paired with one drawn from the file), the prompt of the paper's 52.11.")]
 
 
+@dataclass(frozen=True)
+class Benchmark:
+    """The options of the multiple-choice benchmarks (mmau, qa), built once per run."""
+
+    mode: ModeOpt = Mode.choices
+    prompt_style: PromptStyleOpt = PromptStyle.plain
+    predictions: PredictionsOpt = None
+    resume: BenchResumeOpt = False
+    limit: LimitOpt = None
+    shard: ShardOpt = None
+    batch_size: BatchSizeOpt = 8
+    score_only: ScoreOnlyOpt = None
+    min_accuracy: MinAccuracyOpt = None
+    as_json: JsonOpt = False
+    max_tokens: MaxTokensOpt = 300
+    loading: Loading = field(default_factory=Loading)
+    console: Console = field(default_factory=Console)
+
+
 @bench_app.command("mmau")
+@grouped
 def bench_mmau(
     data: Annotated[Optional[str], typer.Option("--data", help="mmau-test-mini.json (the official file; see docs/bench.md).")] = None,
     audio_dir: Annotated[Optional[str], typer.Option("--audio-dir", help="Folder the items' audio_id paths are relative to [default: the data file's folder].")] = None,
-    mode: ModeOpt = Mode.choices,
-    predictions: PredictionsOpt = None,
-    resume: BenchResumeOpt = False,
-    limit: LimitOpt = None,
-    shard: ShardOpt = None,
-    batch_size: BatchSizeOpt = 8,
-    score_only: ScoreOnlyOpt = None,
-    min_accuracy: MinAccuracyOpt = None,
-    as_json: JsonOpt = False,
     scorer: Annotated[MmauScorer, typer.Option("--scorer", help="mmau: the benchmark's matcher (evaluation.py: the answer's words, no wrong option's; unanswered items left out); mellow: the Mellow authors' metrics/mmau.py (the text before ')' is the option letter; every item counts), the scorer of the paper's 52.11.")] = MmauScorer.mmau,
-    prompt_style: PromptStyleOpt = PromptStyle.plain,
-    max_tokens: MaxTokensOpt = 300,
-    model: ModelOpt = "v0",
-    device: DeviceOpt = Device.auto,
-    dtype: DtypeOpt = Dtype.auto,
-    threads: ThreadsOpt = None,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    debug: DebugOpt = False,
+    *,
+    run: Benchmark,
 ) -> None:
     """Score a model on MMAU with the benchmark's official matcher (evaluation.py) or, with
     --scorer mellow, the Mellow authors' metric.
@@ -101,34 +98,17 @@ def bench_mmau(
     """
     from .bench import mmau
 
-    _bench(mmau, data, audio_dir, "--data FILE", mode, predictions, resume, limit, shard, batch_size, score_only,
-           min_accuracy, as_json, scorer.value, prompt_style.value, max_tokens, model, device, dtype, threads, quiet,
-           verbose)
+    _bench(mmau, data, audio_dir, "--data FILE", scorer.value, run)
 
 
 @bench_app.command("qa")
+@grouped
 def bench_qa(
     file: Annotated[Optional[str], typer.Argument(metavar="FILE", help="Questions as JSON lines: audio, optional audio2, question, choices, answer, optional id.", show_default=False)] = None,
     audio_root: Annotated[Optional[str], typer.Option("--audio-root", help="Folder the rows' audio paths are relative to [default: FILE's folder].")] = None,
-    mode: ModeOpt = Mode.choices,
-    predictions: PredictionsOpt = None,
-    resume: BenchResumeOpt = False,
-    limit: LimitOpt = None,
-    shard: ShardOpt = None,
-    batch_size: BatchSizeOpt = 8,
-    score_only: ScoreOnlyOpt = None,
-    min_accuracy: MinAccuracyOpt = None,
-    as_json: JsonOpt = False,
     scorer: Annotated[QaScorer, typer.Option("--scorer", help="mmau: MMAU's matcher (evaluation.py); mellow: the Mellow authors' metrics/aqa.py letter rule (the text before ')' is the option letter, anything else counts as 'a'); mellow-binary: their yes/no rule (the answer is a substring of the output). The mellow scorers count every item.")] = QaScorer.mmau,
-    prompt_style: PromptStyleOpt = PromptStyle.plain,
-    max_tokens: MaxTokensOpt = 300,
-    model: ModelOpt = "v0",
-    device: DeviceOpt = Device.auto,
-    dtype: DtypeOpt = Dtype.auto,
-    threads: ThreadsOpt = None,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    debug: DebugOpt = False,
+    *,
+    run: Benchmark,
 ) -> None:
     """Score a model on any multiple-choice set in JSON lines, with MMAU's official matcher or
     one of the Mellow authors' metrics (--scorer).
@@ -142,37 +122,35 @@ def bench_qa(
     """
     from .bench import qa
 
-    _bench(qa, file, audio_root, "FILE", mode, predictions, resume, limit, shard, batch_size, score_only,
-           min_accuracy, as_json, scorer.value, prompt_style.value, max_tokens, model, device, dtype, threads, quiet,
-           verbose)
+    _bench(qa, file, audio_root, "FILE", scorer.value, run)
 
 
-def _bench(bench, data, audio_root, data_name, mode: Mode, predictions, resume, limit, shard, batch_size,
-           score_only, min_accuracy, as_json, scorer_name: str, prompt_style: str, max_tokens, model, device, dtype,
-           threads, quiet, verbose) -> None:
+def _bench(bench, data, audio_root, data_name: str, scorer_name: str, run: Benchmark) -> None:
     """Run (or only score) a multiple-choice benchmark, print its report, set the exit code."""
     import os
 
     from . import batch
     from .bench import runner
 
-    setup(quiet, verbose, threads)
+    run.console.setup()
     scorer = bench.SCORERS[scorer_name]
-    if score_only:
-        if predictions or resume or limit or shard or prompt_style != "plain":
+    prompt_style = run.prompt_style.value
+    if run.score_only:
+        if run.predictions or run.resume or run.limit or run.shard or prompt_style != "plain":
             raise UsageError("--score-only scores finished predictions: leave out --predictions, --resume, --limit, "
                              "--shard and --prompt-style")
-        report = runner.score_files(bench, score_only, data, scorer)
+        report = runner.score_files(bench, run.score_only, data, scorer)
     else:
         if data is None:
             raise UsageError(f"give the benchmark's {data_name} (or --score-only PREDICTIONS.json)")
-        shard_spec = batch.parse_shard(shard)
-        output = predictions or runner.default_predictions(data, model, mode.value, shard_spec, prompt_style)
-        settings = runner.Settings(mode=mode.value, prompt_style=prompt_style, batch_size=batch_size, limit=limit,
-                                   shard=shard_spec, resume=resume, max_tokens=max_tokens)
+        shard_spec = batch.parse_shard(run.shard)
+        output = run.predictions or runner.default_predictions(data, run.loading.model, run.mode.value, shard_spec,
+                                                               prompt_style)
+        settings = runner.Settings(mode=run.mode.value, prompt_style=prompt_style, batch_size=run.batch_size,
+                                   limit=run.limit, shard=shard_spec, resume=run.resume, max_tokens=run.max_tokens)
         root = audio_root or os.path.dirname(os.path.abspath(data))
-        report = runner.run(bench, data, root, output, settings, lambda: load_model(model, device, dtype), scorer)
-    _report(report, min_accuracy, as_json)
+        report = runner.run(bench, data, root, output, settings, run.loading.load, scorer)
+    _report(report, run.min_accuracy, run.as_json)
 
 
 def _report(report, min_accuracy, as_json: bool) -> None:
@@ -202,20 +180,17 @@ MAX_SPEED_BATCH = 256
 
 
 @bench_app.command("speed")
+@grouped
 def bench_speed(
-    model: ModelOpt = "v0",
     tokens: Annotated[int, typer.Option("--tokens", min=2, max=MAX_TOKENS, help="Tokens per timed decode run (which ignores end of text) and at most per caption.")] = 64,
     repeat: Annotated[int, typer.Option("--repeat", min=1, max=MAX_SPEED_RUNS, help="Timed runs per figure; the median is shown. One warm-up run comes first.")] = 3,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, max=MAX_SPEED_BATCH, help="Clips per batch for the batched encoder and caption figures.")] = 8,
     prompts: Annotated[int, typer.Option("--prompts", min=0, max=MAX_SPEED_RUNS, help="Clips whose answers are compared with float32's (not with --dtype float32).")] = 8,
     skip_baseline: Annotated[bool, typer.Option("--skip-baseline", help="Do not race transformers' generate (saves importing it, a few seconds).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
-    device: DeviceOpt = Device.auto,
-    dtype: DtypeOpt = Dtype.auto,
-    threads: ThreadsOpt = None,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    debug: DebugOpt = False,
+    *,
+    loading: Loading,
+    console: Console,
 ) -> None:
     """Measure load time, encoder time, time to first token, prefill, tokens/s (beside
     transformers' generate on the same weights), batched captions/s, peak memory and, for a
@@ -232,8 +207,8 @@ def bench_speed(
     from . import render
     from .bench import speed
 
-    setup(quiet, verbose, threads)
-    report = speed.run(model, device.value, dtype.value, tokens=tokens, repeat=repeat, prompts=prompts,
+    console.setup()
+    report = speed.run(loading.model, loading.device.value, loading.dtype.value, tokens=tokens, repeat=repeat, prompts=prompts,
                        batch_size=batch_size, baseline=not skip_baseline, log=render.info)
     if as_json:
         render.result_json(report.as_dict())
