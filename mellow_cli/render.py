@@ -49,11 +49,28 @@ def few(items, shown: int = 3) -> str:
     return " and ".join(filter(None, [", ".join(items[:-1]), items[-1] if items else ""]))
 
 
+ERROR_LINES = 3  # of a message listing many problems (bad rows, say), those shown
+
+
 def error(message: str) -> None:
-    """`mellow: error: <message>` on one line of stderr, whatever the verbosity."""
-    one_line = " ".join(str(message).split())
-    sys.stderr.write(f"mellow: error: {one_line}\n")
+    """`mellow: error: <message>` on one line of stderr, whatever the verbosity. A message of
+    several lines is a list of problems: the first few, then how many more, so that the line
+    stays readable; a closing hint in parentheses is kept, it says what to do."""
+    sys.stderr.write(f"mellow: error: {_one_line(str(message))}\n")
     sys.stderr.flush()
+
+
+def _one_line(message: str) -> str:
+    import re
+
+    lines = [" ".join(line.split()) for line in message.splitlines() if line.strip()]
+    if len(lines) <= ERROR_LINES + 1:
+        return "; ".join(lines)
+    hint = re.search(r" (\([^()]*\))$", lines[-1])
+    # A list may end in its own count of what it left out ("... and 7 more bad rows").
+    counted = re.match(r"\.\.\. and (\d+) more", lines[-1])
+    more = len(lines) - ERROR_LINES + (int(counted.group(1)) - 1 if counted else 0)
+    return "; ".join(lines[:ERROR_LINES]) + f"; and {more} more" + (f" {hint.group(1)}" if hint else "")
 
 
 def warn(message: str) -> None:

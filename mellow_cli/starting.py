@@ -74,13 +74,13 @@ def start_tokenizer(opts: TrainOptions, progress: bool, checkpoint: Path | None 
     cfg = _preset(opts.init)
     try:
         return loading.tokenizer_folder(cfg, opts.init, progress)
-    except ModelError:
-        if not offline():
-            raise
-        # loading's hint (pull the model) does not apply: a preset is not a model one can pull.
-        raise ModelError(f"--init {opts.init} needs the {cfg.tokenizer} tokenizer, which is not in the cache, and "
-                         "HF_HUB_OFFLINE is set: pass --tokenizer DIR (a folder with tokenizer.json), or run once "
-                         "with network") from None
+    except ModelError as e:
+        # The hub's hint (`mellow models pull <preset>`) does not apply: a preset is not a model
+        # one can pull. What is missing is the tokenizer, and --tokenizer gives it.
+        why = "HF_HUB_OFFLINE is set" if offline() else re.split(r"[:;,] (?:check the network and )?run `mellow",
+                                                                     str(e))[0]
+        raise ModelError(f"--init {opts.init} needs the {cfg.tokenizer} tokenizer, which is not in the cache ({why}): "
+                         "pass --tokenizer DIR (a folder with tokenizer.json), or run once with network") from None
 
 
 def build_model(opts: TrainOptions, progress: bool, checkpoint: Path | None = None, tokenizer: Path | None = None):
