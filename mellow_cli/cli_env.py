@@ -89,9 +89,11 @@ def env(as_json: Annotated[bool, typer.Option("--json", help="One JSON object in
       mellow env
       mellow env --json | jq .settings
     """
+    from .render import result_line
+
     info = report()
     if as_json:
-        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        result_line(json.dumps(info, indent=2))
         return
     cpu = info["cpu"]
     lines = [
@@ -107,8 +109,7 @@ def env(as_json: Annotated[bool, typer.Option("--json", help="One JSON object in
     ]
     lines += [(k, f"{v['value']}  [{v['source']}]") for k, v in info["settings"].items()]
     width = max(len(k) for k, _ in lines)
-    for key, value in lines:
-        sys.stdout.write(f"{key.ljust(width)}  {value}\n")
+    result_line("\n".join(f"{key.ljust(width)}  {value}" for key, value in lines))
 
 
 @config_app.command("get")
@@ -120,12 +121,12 @@ def get(key: Annotated[Optional[str], typer.Argument(metavar="[KEY]", help="A se
       mellow config get model
       mellow config get
     """
+    from .render import result_line
+
     if key is not None:
-        sys.stdout.write(settings.lookup(key).value + "\n")
+        result_line(settings.lookup(key).value)
         return
-    for k in settings.SETTINGS:
-        v = settings.lookup(k)
-        sys.stdout.write(f"{k} = {v.value}  [{v.source}]\n")
+    result_line("\n".join(f"{k} = {v.value}  [{v.source}]" for k, v in ((k, settings.lookup(k)) for k in settings.SETTINGS)))
 
 
 @config_app.command("set")
@@ -154,4 +155,6 @@ def unset(key: KeyArg) -> None:
 @config_app.command("path")
 def path() -> None:
     """Print where the config file is (or would be)."""
-    sys.stdout.write(f"{settings.config_path()}\n")
+    from .render import result_line
+
+    result_line(str(settings.config_path()))

@@ -107,13 +107,33 @@ def rm(name: NameArg) -> None:
     Example:
       mellow models rm v0_s
     """
-    from . import files, loading
-
     import os
 
-    freed = loading.remove(name)
-    what = f"the cached copy of {name}; the file itself is untouched" if os.path.exists(name) else name
-    sys.stdout.write(f"removed {what} ({files.megabytes(freed)})\n")
+    from . import files, loading
+    from .render import result_line
+
+    where = _cached_copy(name) if os.path.exists(name) else None  # named before it goes
+    freed = files.megabytes(loading.remove(name))
+    if os.path.exists(name):  # a file of the user's: only the converted copy in the cache went
+        place = f" ({where})" if where else ""
+        result_line(f"removed the cached copy of {name}{place}, {freed}; {name} itself is untouched")
+    else:
+        result_line(f"removed {name} ({freed})")
+
+
+def _cached_copy(name: str):
+    """The cache folder `models rm NAME` deletes, or None if it cannot be told."""
+    import contextlib
+
+    from . import loading
+    from .errors import MellowError
+
+    for entry in loading.cached_models():
+        if name in (entry.name, entry.folder.name):
+            return entry.folder
+    with contextlib.suppress(MellowError):
+        return loading.model_path(name)
+    return None
 
 
 @models_app.command("path")

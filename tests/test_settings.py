@@ -132,3 +132,30 @@ def test_closed_pipe_stops_quietly(tiny_model_dir, tmp_path):
     out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True)
     assert out.stdout.strip() == "141"
     assert "error" not in (tmp_path / "err").read_text()
+
+
+@pytest.mark.parametrize("args", [("env",), ("env", "--json"), ("config", "get"), ("config", "path")])
+def test_a_full_stdout_is_one_line_naming_it(args):
+    with open("/dev/full", "w") as full:
+        out = subprocess.run([sys.executable, "-m", "mellow_cli", *args], stdout=full, stderr=subprocess.PIPE,
+                             text=True)
+    assert out.returncode == 1
+    assert out.stderr == "mellow: error: standard output: cannot write the output (No space left on device)\n"
+
+
+def test_models_rm_of_a_local_file_says_only_its_cached_copy_went(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from test_cli_answers import mellow
+
+    from mellow_cli import loading
+
+    mine = tmp_path / "v0.ckpt"
+    mine.write_bytes(b"the user's own weights")
+    copy = tmp_path / "cache" / "models" / "v0-1234"
+    monkeypatch.setattr(loading, "cached_models", lambda: [SimpleNamespace(name=str(mine), folder=copy)])
+    monkeypatch.setattr(loading, "remove", lambda name: 673_600_000)
+    out = mellow("models", "rm", str(mine))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"removed the cached copy of {mine} ({copy}), 673.6 MB; {mine} itself is untouched\n"
+    assert mine.read_bytes() == b"the user's own weights"
