@@ -366,6 +366,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         # Without standalone mode click returns a command's typer.Exit code instead of raising it.
         result = app(args=argv, prog_name="mellow", standalone_mode=False)
         code = result if isinstance(result, int) else 0
+        render.timings()  # -v: where the time went, on stderr
         with outputs.writing(outputs.STDOUT):  # a result still buffered fails here, while it can be said
             sys.stdout.flush()
     except typer.Exit as e:

@@ -130,8 +130,42 @@ def load_model(model: str, device: Device, dtype: Dtype):
     from . import render
     from .api import load_model
 
-    with render.status(f"loading model {model}"):
-        return load_model(model, device=device.value, dtype=dtype.value)
+    with render.status(f"loading model {model}"), render.timed("load"):
+        loaded = load_model(model, device=device.value, dtype=dtype.value)
+    if render.verbose():
+        _time_stages(loaded.net)
+    return loaded
+
+
+def _time_stages(net) -> None:
+    """-v: forward hooks time the audio encoder and each call of the language model, so the
+    timings need nothing from the model code: a call on the prefix's embeddings is the prefill,
+    one new token per row a decode step, several tokens per row the scoring of choices."""
+    import time
+
+    from . import render
+
+    started = {}
+
+    def lm_stage(kwargs) -> tuple[str, int]:
+        if kwargs.get("inputs_embeds") is not None:
+            return "prefill", 0
+        ids = kwargs.get("input_ids")
+        return ("decode", ids.numel()) if ids is not None and ids.shape[-1] == 1 else ("score", 0)
+
+    def watch(module, stage_of) -> None:
+        def before(mod, args, kwargs):
+            started[id(mod)] = (*stage_of(kwargs), time.perf_counter())
+
+        def after(mod, args, kwargs, output):
+            stage, tokens, start = started.pop(id(mod))
+            render.spent(stage, time.perf_counter() - start, tokens)
+
+        module.register_forward_pre_hook(before, with_kwargs=True)
+        module.register_forward_hook(after, with_kwargs=True)
+
+    watch(net.audio_encoder, lambda kwargs: ("encode", 0))
+    watch(net.lm, lm_stage)
 
 
 # --- option groups --------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from typing import Callable, Iterable, Iterator
 
 from .outputs import STDOUT, writing
@@ -23,6 +24,46 @@ _consoles: dict[str, object] = {}
 def configure(quiet: bool = False, verbose: bool = False) -> None:
     global _level
     _level = QUIET if quiet else VERBOSE if verbose else NORMAL
+    _spent.clear()
+
+
+def verbose() -> bool:
+    return _level >= VERBOSE
+
+
+# --- -v: where a command's time went --------------------------------------------------------------
+
+STAGES = ("load", "encode", "prefill", "decode", "score")  # in the order a command meets them
+_spent: dict[str, list] = {}  # stage -> [seconds, tokens]
+
+
+def spent(stage: str, seconds: float, tokens: int = 0) -> None:
+    """Add to a stage's time (and, for decode, its tokens); shown by `timings` with -v."""
+    total = _spent.setdefault(stage, [0.0, 0])
+    total[0] += seconds
+    total[1] += tokens
+
+
+@contextlib.contextmanager
+def timed(stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        spent(stage, time.perf_counter() - start)
+
+
+def timings() -> None:
+    """With -v, one line on stderr at the end of a command: load, encode, prefill and decode
+    times, and decode tokens per second (stdout keeps the results alone)."""
+    if _level < VERBOSE or not _spent:
+        return
+    parts = []
+    for stage in sorted(_spent, key=lambda s: STAGES.index(s) if s in STAGES else len(STAGES)):
+        seconds, tokens = _spent[stage]
+        rate = f", {tokens} tokens, {tokens / seconds:.1f} tok/s" if tokens and seconds > 0 else ""
+        parts.append(f"{stage} {seconds:.2f} s{rate}")
+    debug("timings: " + "; ".join(parts))
 
 
 def _console(stream: str):

@@ -174,3 +174,16 @@ def test_caption_list_on_stdin_batched_equals_one_by_one(tiny_model_dir, clips, 
     single = [mellow("caption", str(c), "--model", str(tiny_model_dir), "--max-tokens", "5", "-q").stdout for c in clips]
     assert batched.returncode == 0, batched.stderr
     assert batched.stdout == "".join(f"{c}\t{s}" for c, s in zip(clips, single))
+
+
+@pytest.mark.parametrize("command", [("ask", "what is it?"), ("caption",), ("compare",)])
+def test_verbose_times_each_stage_on_stderr_and_leaves_stdout_alone(tiny_model_dir, clips, command):
+    audio = [str(clips[0]), str(clips[1])] if command[0] == "compare" else [str(clips[0])]
+    args = (command[0], *audio, *command[1:], "--model", str(tiny_model_dir), "--max-tokens", "5")
+    quiet, verbose = mellow(*args, "-q"), mellow(*args, "-v")
+    assert verbose.returncode == 0, verbose.stderr
+    assert verbose.stdout == quiet.stdout  # results only
+    line = next(x for x in verbose.stderr.splitlines() if x.startswith("timings: "))
+    assert [part.split()[0] for part in line.removeprefix("timings: ").split("; ")] == ["load", "encode", "prefill",
+                                                                                        "decode"]
+    assert line.endswith("tok/s") and "timings" not in mellow(*args).stderr  # only with -v
