@@ -8,20 +8,18 @@ from typing import Annotated, Optional
 import typer
 
 from .cli_options import (
-    DebugOpt,
+    Console,
     Device,
     DeviceOpt,
-    QuietOpt,
-    ThreadsOpt,
-    VerboseOpt,
     at_most_cores,
-    setup,
+    grouped,
 )
 from .errors import UsageError
 from .recipe import limits as _limits
 from .recipe import preset_help as _p
 
 
+@grouped
 def train(
     out: Annotated[str, typer.Option("--out", "-o", metavar="RUN_DIR", help="Run folder: checkpoints/step-NNNNNN (each usable as --model), checkpoints/last (the newest), checkpoints/best (the lowest validation loss; without validation, the newest), metrics.jsonl.", show_default=False)],
     data: Annotated[Optional[list[str]], typer.Argument(metavar="DATA...", help="Training rows: JSONL (audio1, audio2, question, answer, choices, id) or the official JSON list (filepath1, filepath2, caption1, caption2, input, answer); several files are read as one list. Optional with --resume.", show_default=False)] = None,
@@ -64,10 +62,8 @@ def train(
     keep: Annotated[int, typer.Option("--keep", **_limits("keep"), help="Keep the last K checkpoints, plus the best by validation loss (checkpoints/last and best always name kept ones).")] = 3,
     trace: Annotated[bool, typer.Option("--trace-indices", hidden=True, help="Write the row indices each process read to RUN_DIR/trace-rankN.jsonl.")] = False,
     device: DeviceOpt = Device.auto,
-    threads: ThreadsOpt = None,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    debug: DebugOpt = False,
+    *,
+    console: Console,
 ) -> None:
     """Fine-tune the model on your own recordings and questions.
 
@@ -89,7 +85,7 @@ def train(
     from .recipe import options, parse_betas, parse_freeze
     from .train import run
 
-    setup(quiet, verbose, threads)
+    console.setup()
     if init is not None and resume:
         raise UsageError("--init starts a new run; --resume continues one: pass one of them")
     if val is not None and val_fraction:
