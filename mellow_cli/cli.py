@@ -310,6 +310,7 @@ def caption(
       mellow caption field/ --recursive --format jsonl -o captions.jsonl
       find . -name '*.flac' | mellow caption @- --format csv
       mellow caption night.flac --window 10 --format srt > night.srt
+      mellow caption nights/*.flac --window 10 -f srt --output-dir subs/
       mellow caption big/ -r -f jsonl -o part2.jsonl --shard 2/4 --resume
     """
     from . import batch
