@@ -362,6 +362,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     click = _click_exceptions()
     argv = sys.argv[1:] if argv is None else argv
+    render.configure()  # each run starts from the defaults (and no timings), even in one process
     debug = "--debug" in argv
     try:
         # Without standalone mode click returns a command's typer.Exit code instead of raising it.
