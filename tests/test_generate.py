@@ -219,7 +219,9 @@ def test_float32_prepared_matrices_give_the_modules_logits(lm):
     prefix = prefixes(2)
     first, second, token = prefill_and_step(lm, prefix)
     first_f, second_f, _ = prefill_and_step(fused, prefix, token)
-    assert torch.allclose(first, first_f, atol=1e-5) and torch.allclose(second, second_f, atol=1e-5)
+    # The same sums up to rounding order (oneDNN's packed kernel where the CPU has it): logits of
+    # up to ~35 here agree to a few units in the sixth significant digit.
+    assert torch.allclose(first, first_f, atol=1e-4) and torch.allclose(second, second_f, atol=1e-4)
     ids = [torch.stack(list(generate_tokens(m, prefix, DecodingOptions(max_tokens=12), eos_id=NEVER)), 1)
            for m in (lm, fused)]
     assert torch.equal(*ids)
