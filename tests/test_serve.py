@@ -19,11 +19,8 @@ import time
 import pytest
 from conftest import write_tone
 
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
-
-from mellow_cli.config import DecodingOptions  # noqa: E402
-from mellow_cli.serve import ServeSettings, bind, build_app, make_server  # noqa: E402
+from mellow_cli.config import DecodingOptions
+from mellow_cli.serve import ServeSettings, bind, build_app, make_server
 
 QUESTION = "what do you hear?"
 DEADLINE = 60  # seconds any single wait in these tests may take
