@@ -131,7 +131,8 @@ def load_model(model: str, device: Device, dtype: Dtype):
     from .api import load_model
 
     with render.status(f"loading model {model}"), render.timed("load"):
-        loaded = load_model(model, device=device.value, dtype=dtype.value)
+        # -q: no download bars or notes either, only results and errors
+        loaded = load_model(model, device=device.value, dtype=dtype.value, progress=not render.quiet())
     if render.verbose():
         _time_stages(loaded.net)
     return loaded

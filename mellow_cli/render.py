@@ -31,6 +31,10 @@ def verbose() -> bool:
     return _level >= VERBOSE
 
 
+def quiet() -> bool:
+    return _level < NORMAL
+
+
 # --- -v: where a command's time went --------------------------------------------------------------
 
 STAGES = ("load", "encode", "prefill", "decode", "score")  # in the order a command meets them
