@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from mellow_cli.config import MellowConfig
-from mellow_cli.errors import MellowError
+from mellow_cli.errors import UsageError
 from mellow_cli.recipe import TrainOptions
 
 Report = Callable[[dict], None]
@@ -64,10 +64,10 @@ def read_checked(path: str, opts: TrainOptions, report: Report, world) -> list:
             keep = [i for i, r in enumerate(rows) if id(r) in good_ids]
     keep = world.broadcast(keep)
     if isinstance(keep, str):
-        raise MellowError(keep)
+        raise UsageError(keep)  # a data file that cannot be trained on: bad input, as in bench (exit 2)
     rows = [rows[i] for i in keep]
     if not rows:
-        raise MellowError(f"{path}: no usable rows")
+        raise UsageError(f"{path}: no usable rows")
     return rows
 
 

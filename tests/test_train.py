@@ -377,7 +377,7 @@ def test_bad_rows_are_named_by_line_and_skip_bad_drops_them(task_data, smollm2_d
     args = ["train", str(rows), "--init", "tiny", "--tokenizer", str(smollm2_dir), "--workers", "0",
             "-b", "2", "--max-steps", "1"]
     out = mellow(*args, "-o", str(tmp_path / "stopped"))
-    assert out.returncode == 1
+    assert out.returncode == 2  # a data file that cannot be trained on is a usage error
     errors = [line for line in out.stderr.splitlines() if line.startswith("mellow: error: ")]
     assert len(errors) == 1 and out.stderr.endswith(errors[0] + "\n")
     assert f"{rows}: line 2: audio1" in out.stderr and "missing.wav" in out.stderr
