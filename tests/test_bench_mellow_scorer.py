@@ -21,7 +21,9 @@ from mellow_cli.bench import mellow, mmau, runner
 from mellow_cli.bench.items import prompt as plain_prompt
 from mellow_cli.bench.scoring import score
 
-REFERENCE = Path(os.environ.get("MELLOW_TRAINING", "/work/shared/reference/mellow-training"))
+# Default: the release as a `reference/mellow-training` folder in a `shared/` checkout beside this one.
+_BESIDE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mellow-training"
+REFERENCE = Path(os.environ.get("MELLOW_TRAINING", _BESIDE))
 needs_reference = pytest.mark.skipif(not (REFERENCE / "metrics" / "mmau.py").is_file(),
                                      reason="the authors' training release is not on this machine")
 
