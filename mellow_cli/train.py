@@ -129,7 +129,7 @@ def _same_answer(a: str, b: str) -> bool:
 # --- the loop ------------------------------------------------------------------------------------
 
 
-def batches(dataset, sampler, opts, device, pos: Position, per_epoch: int) -> Iterator[tuple[int, int, dict]]:
+def batches(dataset, sampler, opts, device, pos: Position) -> Iterator[tuple[int, int, dict]]:
     """(epoch, batch index, batch) from `pos` on, epoch after epoch, forever."""
     epoch, start = pos.epoch, pos.batch
     while True:
@@ -182,7 +182,7 @@ class _Run:
 
 def _run(opts: TrainOptions, world: World, device: torch.device, emit: Report) -> TrainResult:
     r = _setup(opts, world, device, emit)
-    stream = batches(r.train_set, r.sampler, r.opts, device, r.pos, r.per_epoch)
+    stream = batches(r.train_set, r.sampler, r.opts, device, r.pos)
     trace = open(r.run_dir / f"trace-rank{world.rank}.jsonl", "a") if r.opts.trace else None
     try:
         while r.pos.step < r.total:
