@@ -62,7 +62,7 @@ class World:
 
 def start_world(device_name: str) -> tuple[World, torch.device]:
     """Join the process group torchrun set up (WORLD_SIZE > 1), else run alone."""
-    from mellow_cli.api import pick_device
+    from mellow_cli.settings import pick_device
 
     size = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(device_name)
