@@ -9,8 +9,8 @@ import json
 import pytest
 
 from mellow_cli.batch import FIELDS, Job, decoded_chunks, expand_inputs, row
-from mellow_cli.outputs import RowWriter
 from mellow_cli.errors import AudioError, UsageError
+from mellow_cli.formats import RowWriter
 
 
 @pytest.fixture

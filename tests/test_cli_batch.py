@@ -177,7 +177,7 @@ def test_every_format_parses_back_to_the_same_rows(tiny_model_dir, clips, tmp_pa
 
 
 def _as_csv(key, value):
-    from mellow_cli.outputs import _flat
+    from mellow_cli.formats import _flat
 
     return _flat(key, value)
 
