@@ -1,8 +1,8 @@
 """The authors' prompt and answer text for the official data format, drawn anew for every epoch.
 
 Follows `AudioTextDataset._create_answer_input` of the official training release (soham97/mellow,
-branch `training`, data/audiotext_dataset.py, MIT licence), case for case; the paraphrase lists
-are in template_lists.py. `input` is matched exactly (no trimming, no case folding), as there:
+branch `training`, data/audiotext_dataset.py, MIT licence), case for case. `input` is matched
+exactly (no trimming, no case folding), as there:
 
 | `input` | prompt | answer |
 | --- | --- | --- |
@@ -18,23 +18,45 @@ are in template_lists.py. `input` is matched exactly (no trimming, no case foldi
 In the caption answers ".." becomes "." (a caption that already ends with a full stop).
 Where the authors call `random.choice`, `pick` is called with the same list; data.py passes a
 generator seeded by (seed, epoch, row), so a resumed run draws what an uninterrupted one did.
+
+The paraphrase lists are data, in templates.json: copied from the same release (`data/template.py`)
+in the same order and with the same repeats, so a uniform draw from a list weights each prompt as
+the authors' `random.choice` does. Only the lists their loader draws from are kept. The file is
+read once, at the first draw or the first use of a list's name (`templates.BOTH` and so on).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-from mellow_cli import template_lists as T
+from importlib import resources
 
 Pick = Callable[[Sequence[str]], str]
 
-_PARAPHRASED = {
-    "explain the difference in few words": T.WORDONLY,
-    "explain the difference in a sentence": T.LONGLINEONLY,
-    "explain the difference in detail": T.DETAILONLY,
+_PARAPHRASED = {  # the list drawn from for each of these inputs
+    "explain the difference in few words": "WORDONLY",
+    "explain the difference in a sentence": "LONGLINEONLY",
+    "explain the difference in detail": "DETAILONLY",
 }
 EMOTION_SLOT = "emo_emo_emo"
+
+
+@functools.cache
+def _lists() -> dict[str, tuple[str, ...]]:
+    """The lists by name (BOTH, FIRST, SECOND, WORDONLY, LONGLINEONLY, DETAILONLY, EMOTION), as
+    the package's templates.json holds them."""
+    with resources.files(__package__).joinpath("templates.json").open(encoding="utf-8") as f:
+        return {name: tuple(items) for name, items in json.load(f).items()}
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    # The lists' names are module attributes read at first use, not at import; other names
+    # (the dunders that tools probe a module for) never read the file.
+    if name.isupper() and name in _lists():
+        return _lists()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -49,18 +71,18 @@ class OfficialText:
 
 def realize(row: OfficialText, pick: Pick) -> tuple[str, str]:
     """(prompt, answer) for one draw."""
-    text = row.input
+    text, lists = row.input, _lists()
     if text == "caption both audios":
         answer = f"The audio 1 is {row.caption1.lower()}. The audio 2 is {row.caption2.lower()}."
-        return pick(T.BOTH), answer.replace("..", ".")
+        return pick(lists["BOTH"]), answer.replace("..", ".")
     if text == "caption first audio":
-        return pick(T.FIRST), f"The audio 1 is {row.caption1.lower()}.".replace("..", ".")
+        return pick(lists["FIRST"]), f"The audio 1 is {row.caption1.lower()}.".replace("..", ".")
     if text == "caption second audio":
-        return pick(T.SECOND), f"The audio 2 is {row.caption2.lower()}.".replace("..", ".")
+        return pick(lists["SECOND"]), f"The audio 2 is {row.caption2.lower()}.".replace("..", ".")
     if text in _PARAPHRASED:
-        return pick(_PARAPHRASED[text]), row.answer
+        return pick(lists[_PARAPHRASED[text]]), row.answer
     if EMOTION_SLOT in text:
-        return text.replace(EMOTION_SLOT, pick(T.EMOTION)), row.answer
+        return text.replace(EMOTION_SLOT, pick(lists["EMOTION"])), row.answer
     return text.lower(), row.answer.lower()
 
 

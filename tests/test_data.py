@@ -269,7 +269,7 @@ def write_official(path: Path, rows: list[dict]) -> Path:
 
 
 def test_official_text_templates_and_casing():
-    from mellow_cli import template_lists as T
+    from mellow_cli import templates as T
     from mellow_cli.templates import OfficialText, first, realize
 
     caps = dict(caption1="A Dog Barks.", caption2="Rain On A Roof")
