@@ -6,10 +6,8 @@ conversion.py turns a published `.ckpt` into tensors once, model_cache.py writes
 folder); `load` builds the network on the meta device and adopts the folder's safetensors through
 mmap (pytorch-labs/gpt-fast's recipe), so a cached model starts in a fraction of a second and never
 touches the network. The cache's listing and removal (model_cache.py) are reached from here too,
-so callers need one module for the model cache.
-
-Network settings are read when a download starts, not at import: HF_ENDPOINT (a mirror),
-HF_TOKEN (private or gated repos), HF_HUB_OFFLINE=1 (never touch the network).
+so callers need one module for the model cache. The network settings (a mirror, a token,
+offline) are hub.py's, read when a download starts.
 """
 
 from __future__ import annotations
