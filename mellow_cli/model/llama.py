@@ -61,20 +61,24 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
     def span(self, start: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (end - start, head_dim) for positions start .. end-1, sliced from a table
-        computed once (and grown when a longer sequence comes), so a decode step allocates none."""
+        """cos and signed sin (end - start, 1, head_dim) for positions start .. end-1, to multiply
+        activations laid out (B, T, heads, head_dim) (see `rotate`); sliced from a table computed
+        once (and grown when a longer sequence comes), so a decode step allocates none."""
         table = self._table
         if table is None or table[0].shape[0] < end or table[0].dtype != dtype or table[0].device != self.inv_freq.device:
             length = max(end, 1024 if table is None else 2 * table[0].shape[0])
             positions = torch.arange(length, device=self.inv_freq.device)[None]
             cos, sin = self(torch.empty(0, dtype=dtype), positions)
-            self._table = (cos[0], sin[0])
+            half = sin.shape[-1] // 2
+            signed = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)  # negation is exact
+            self._table = (cos[0, :, None], signed[:, None])
         return self._table[0][start:end], self._table[1][start:end]
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Llama's "rotate half": x * cos + (-x2, x1) * sin, with x2's minus sign kept in the table
+    (`span`), so the swap of halves is one roll and the products and sums are the reference's."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 # A weight matrix prepared for inference (precision.py makes them): called on activations (B, T, in)
@@ -126,9 +130,12 @@ class Attention(nn.Module):
                 mask: torch.Tensor | None) -> torch.Tensor:
         b, t, _ = x.shape
         qkv = project(x, self.qkv, self.q_proj, self.k_proj, self.v_proj)
-        q, k, v = qkv.split(self.sizes, dim=-1)
-        q, k, v = (y.view(b, t, -1, self.head_dim).transpose(1, 2) for y in (q, k, v))
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        heads = qkv.view(b, t, -1, self.head_dim)  # q's heads, then k's, then v's
+        q_heads = self.sizes[0] // self.head_dim
+        kv_heads = self.sizes[1] // self.head_dim
+        qk = rotate(heads[:, :, : q_heads + kv_heads], cos, sin)  # q and k in one pass
+        q, k = qk[:, :, :q_heads].transpose(1, 2), qk[:, :, q_heads:].transpose(1, 2)
+        v = heads[:, :, q_heads + kv_heads :].transpose(1, 2)
         if start is not None:
             k, v = self.kv_cache.update(start, k, v)
         # Without a cache, or from position 0 (prefill), the mask is plain causal; a decode step
