@@ -117,7 +117,7 @@ def read_questions(name: str, default_choices: Sequence[str] | None = None, stdi
         if not isinstance(question, str) or not question.strip():
             raise UsageError(f"{where}: needs a non-empty \"question\"")
         audio2 = obj.get("audio2") or audio
-        choices = _choices(obj.get("choices"), where) or (tuple(default_choices) if default_choices else None)
+        choices = parse_choices(obj.get("choices"), f"{where}: choices") or (tuple(default_choices) if default_choices else None)
         ident = obj.get("id")
         extra = {"answer": None} if gold else {}
         extra.update((k, v) for k, v in obj.items() if k not in _READ and k not in _OURS)
@@ -150,16 +150,33 @@ def read_pairs(name: str, prompt: str, stdin: IO[str] | None = None) -> list[Job
     return jobs
 
 
-def _choices(value, where: str) -> tuple[str, ...] | None:
+CHOICES_RULE = 'needs at least two non-empty choices: one string like "dog|cat", or a list of strings'
+
+
+def parse_choices(value: object, where: str) -> tuple[str, ...] | None:
+    """Choices as a user writes them (`--choices`, a questions file, training rows, bench qa
+    data) -> the stripped choices, or None when there are none (None, "" or []). Anything else
+    that is not at least two non-empty strings is a UsageError naming `where`."""
+    items = read_choices(value, where)
+    if items is not None and choices_problem(items):
+        raise UsageError(f"{where}: {CHOICES_RULE}")
+    return items
+
+
+def read_choices(value: object, where: str) -> tuple[str, ...] | None:
+    """The choices split on "|" and stripped, their count not yet checked (training keeps a row
+    with too few for `validate_rows` to report with the row's other problems)."""
     if value in (None, "", []):
         return None
     items = value.split("|") if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(c, str) for c in items):
-        raise UsageError(f"{where}: \"choices\" must be a list of strings or one string like \"dog|cat\"")
-    items = [c.strip() for c in items]
-    if len(items) < 2 or not all(items):
-        raise UsageError(f"{where}: needs at least two non-empty choices")
-    return tuple(items)
+        raise UsageError(f"{where}: {CHOICES_RULE}")
+    return tuple(c.strip() for c in items)
+
+
+def choices_problem(items: Sequence[str]) -> str | None:
+    """What is wrong with stripped choices, or None: the one rule every reader of choices keeps."""
+    return None if len(items) >= 2 and all(items) else CHOICES_RULE
 
 
 # A list, questions, pairs or data file this large was not written for this tool (and /dev/zero

@@ -218,7 +218,7 @@ def ask(
     from . import batch
 
     run.console.setup()
-    choice_list = _split_choices(choices)
+    choice_list = batch.parse_choices(choices, "--choices")
     if input_file is not None:
         if args:
             raise UsageError("give either --input FILE or AUDIO [AUDIO2] QUESTION, not both")
@@ -242,15 +242,6 @@ def ask(
         if pair and _interactive(run):
             return _answer_one(jobs[0], run)
     _run_batch(jobs, "answered", run)
-
-
-def _split_choices(choices: Optional[str]) -> Optional[list[str]]:
-    if choices is None:
-        return None
-    items = [c.strip() for c in choices.split("|")]
-    if len(items) < 2 or not all(items):
-        raise UsageError('--choices needs at least two non-empty choices separated by "|", e.g. "dog|cat"')
-    return items
 
 
 @app.command(no_args_is_help=True)

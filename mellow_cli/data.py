@@ -64,7 +64,7 @@ import numpy as np
 import torch
 
 from mellow_cli.audio import audio_duration, load_clip
-from mellow_cli.batch import json_kind, json_lines, json_list, read_text
+from mellow_cli.batch import choices_problem, json_kind, json_lines, json_list, read_choices, read_text
 from mellow_cli.config import MellowConfig
 from mellow_cli.errors import AudioError, UsageError
 from mellow_cli.templates import OfficialText, first, realize
@@ -151,7 +151,7 @@ def _row(obj: object, line: int, in_list: bool, name: str, root: Path, text: str
         audio2=_path(obj, ("audio2",), "filepath2", root, where) or None,
         question=question,
         answer=answer,
-        choices=_choices(obj.get("choices"), where),
+        choices=read_choices(obj.get("choices"), f"{where}: choices"),
         id=None if ident is None else str(ident),
         line=line,
         in_list=in_list,
@@ -191,15 +191,6 @@ def _text(value: object, where: str, field: str) -> str:
 def _sentence(value: object) -> str:
     text = str(value or "").strip().lower()
     return text if text.endswith(".") else text + "."
-
-
-def _choices(value: object, where: str) -> tuple[str, ...] | None:
-    if value in (None, "", []):
-        return None
-    items = value.split("|") if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(c, str) for c in items):
-        raise UsageError(f"{where}: \"choices\" must be a list of strings or one string like \"a|b|c\"")
-    return tuple(c.strip() for c in items)
 
 
 def _resolve(path: str, root: Path) -> str:
@@ -250,8 +241,8 @@ def _text_problems(row: QARow) -> list[str]:
     if not row.answer.strip():
         problems.append("empty answer")
     if row.choices is not None:
-        if len(row.choices) < 2 or not all(row.choices):
-            problems.append(f"needs at least two non-empty choices, got {list(row.choices)}")
+        if problem := choices_problem(row.choices):
+            problems.append(f"choices: {problem}, got {list(row.choices)}")
         elif len(set(row.choices)) < len(row.choices):
             problems.append(f"choices repeat: {list(row.choices)}")
         elif row.answer.strip() and row.answer.strip() not in row.choices:

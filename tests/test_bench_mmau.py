@@ -146,7 +146,7 @@ def test_qa_reads_the_training_format(tmp_path):
 
 @pytest.mark.parametrize("line, message", [
     ("not json", "line 1: not JSON"),
-    ('{"audio": "a.wav", "question": "q", "choices": ["a"], "answer": "a"}', "line 1: \"choices\" must be at least two"),
+    ('{"audio": "a.wav", "question": "q", "choices": ["a"], "answer": "a"}', "line 1: choices: needs at least two non-empty choices"),
     ('{"audio": "a.wav", "choices": ["a", "b"], "answer": "a"}', "line 1: needs a non-empty \"question\""),
     ('{"audio": "a.wav", "question": "q", "choices": ["a", "b"], "answer": "a", "id": 1}\n'
      '{"audio": "b.wav", "question": "q", "choices": ["a", "b"], "answer": "a", "id": 1}', "line 2 repeats id 1 of line 1"),

@@ -118,7 +118,7 @@ def test_a_bad_row_does_not_stop_the_others(tiny_model_dir, clips, tmp_path):
     ('{"audio": "a.wav"}\n', "line 1: needs a non-empty \"question\""),
     ('{"question": "q"}\n', "line 1: needs an \"audio\" path"),
     ('{"audio": "a.wav", "question": "q"}\nnot json\n', "line 2: not JSON"),
-    ('{"audio": "a.wav", "question": "q", "choices": ["only"]}\n', "line 1: needs at least two non-empty choices"),
+    ('{"audio": "a.wav", "question": "q", "choices": ["only"]}\n', "line 1: choices: needs at least two non-empty choices"),
     ('[1, 2]\n', "line 1: expected a JSON object"),
     ("", "no questions in the file"),
 ])

@@ -10,7 +10,7 @@ for the paper's other sets (Clotho / AudioCaps MCQ, audio entailment) or a home-
 
 from __future__ import annotations
 
-from ..batch import json_lines
+from ..batch import CHOICES_RULE, json_lines, parse_choices
 from ..errors import UsageError
 from . import mellow
 from .items import Item, check_choice_count, check_unique, resolve
@@ -47,13 +47,11 @@ def check(obj, number: int, path: str) -> dict:
             raise UsageError(f"{at}: needs a non-empty \"{field}\" string")
     if obj.get("audio2") is not None and not isinstance(obj["audio2"], str):
         raise UsageError(f"{at}: \"audio2\" must be a path")
-    choices = obj.get("choices")
-    if isinstance(choices, str):
-        choices = [c.strip() for c in choices.split("|")]
-    if not isinstance(choices, list) or not all(isinstance(c, str) and c.strip() for c in choices) or len(choices) < 2:
-        raise UsageError(f"{at}: \"choices\" must be at least two non-empty strings (a list, or \"a|b\")")
+    choices = parse_choices(obj.get("choices"), f"{at}: choices")
+    if choices is None:
+        raise UsageError(f"{at}: choices: {CHOICES_RULE}")
     check_choice_count(choices, at)
-    return {**obj, "choices": choices, "line": number}
+    return {**obj, "choices": list(choices), "line": number}
 
 
 def read(path: str, audio_root: str) -> list[Item]:
