@@ -81,8 +81,23 @@ class TrainResult:
     seconds: float  # training time of this process's share (since the run started, resumes included)
 
 
-Event = dict
+# One thing a run reports, a JSON-able dict with an "event" key naming its kind: checking /
+# checked / checked_all (the data's clips read, train_data.py), note, start (model, rows, steps),
+# step (each optimizer step: loss, lr, eta), train and val (the metrics rows of metrics.jsonl),
+# checkpoint (path, best), done (TrainResult's fields). `mellow train --json` prints them as they
+# are, one a line; cli_train.py draws them otherwise.
+Event = dict[str, object]
 Report = Callable[[Event], None]
+
+
+@dataclass
+class Interval:
+    """What the steps since the last metrics row add up to."""
+
+    loss: float = 0.0  # the sum of their losses
+    rows: int = 0  # training rows, over every process
+    steps: int = 0
+    seconds: float = 0.0  # time spent in them (data waits included, validation not)
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -141,8 +156,7 @@ def batches(dataset, sampler, opts, device, pos: Position) -> Iterator[tuple[int
 
 
 def run(opts: TrainOptions, report: Report | None = None) -> TrainResult:
-    """Train as `opts` say; `report(event)` is called on rank 0 with progress events (dicts with
-    an "event" key: start, step, train, val, checkpoint, note, done)."""
+    """Train as `opts` say; `report(event)` is called on rank 0 with each Event as it happens."""
     world, device = start_world(opts.device)
     emit = (report or (lambda event: None)) if world.main else (lambda event: None)
     try:
@@ -177,7 +191,7 @@ class _Run:
     checkpoint: Path | None = None  # the last one written
     last: dict = dataclasses.field(default_factory=lambda: {"loss": None, "val_loss": None, "val_accuracy": None,
                                                             "samples_per_s": 0.0})
-    window: list = dataclasses.field(default_factory=lambda: [0.0, 0, 0, 0.0])  # loss, rows, steps, seconds since the last log
+    interval: Interval = dataclasses.field(default_factory=Interval)  # since the last metrics row
 
 
 def _run(opts: TrainOptions, world: World, device: torch.device, emit: Report) -> TrainResult:
@@ -295,8 +309,9 @@ def _optimizer_step(r: _Run, stream) -> list[int]:
     pos.epoch, pos.batch = (epoch + 1, 0) if index + 1 == r.per_epoch else (epoch, index + 1)
     seconds = time.perf_counter() - t0
     pos.seconds += seconds
-    w = r.window
-    w[0], w[1], w[2], w[3] = w[0] + step_loss, w[1] + rows * r.world.size, w[2] + 1, w[3] + seconds
+    span = r.interval
+    span.loss, span.rows, span.steps, span.seconds = (span.loss + step_loss, span.rows + rows * r.world.size,
+                                                      span.steps + 1, span.seconds + seconds)
     r.last["lr"] = lr
     r.emit({"event": "step", "step": pos.step, "total": r.total, "loss": step_loss, "lr": lr, "eta": _eta(r)})
     return consumed
@@ -318,9 +333,9 @@ def _eta(r: _Run) -> float:
 def _log(r: _Run) -> None:
     """A metrics row for the steps since the last one: mean loss (over every process), lr, and
     samples/s over the time spent in steps (data waits included, validation not)."""
-    loss, rows, steps, seconds = r.window
-    r.last["loss"] = r.world.mean(loss / steps, r.device)
-    r.last["samples_per_s"] = rows / seconds if seconds > 0 else 0.0
+    span = r.interval
+    r.last["loss"] = r.world.mean(span.loss / span.steps, r.device)
+    r.last["samples_per_s"] = span.rows / span.seconds if span.seconds > 0 else 0.0
     pos = r.pos
     row = {"event": "train", "step": pos.step, "epoch": round(pos.epoch + pos.batch / r.per_epoch, 4),
            "loss": r.last["loss"], "lr": r.last["lr"], "samples_per_s": r.last["samples_per_s"],
@@ -328,7 +343,7 @@ def _log(r: _Run) -> None:
     if r.world.main:
         append_metrics(r.run_dir, row)
     r.emit({**row, "total": r.total, "eta": _eta(r)})
-    r.window[:] = [0.0, 0, 0, 0.0]
+    r.interval = Interval()
 
 
 def _validate(r: _Run) -> bool:

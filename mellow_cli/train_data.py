@@ -17,7 +17,7 @@ from mellow_cli.config import MellowConfig
 from mellow_cli.errors import UsageError
 from mellow_cli.recipe import TrainOptions
 
-Report = Callable[[dict], None]
+Report = Callable[[dict], None]  # train.Report: called with each of the run's events (train.Event)
 
 
 class EpochSampler(DistributedSampler):
