@@ -4,6 +4,9 @@ huggingface_hub's public `get_hf_file_metadata` names the file's ETag, size and 
 it fails, why, in one line); its `hf_hub_download` fetches the file at that commit, resuming a
 dropped connection within the call with an HTTP Range; our own check of the finished file against
 the ETag (the sha256 of an LFS file, the git blob sha1 of a small one) decides whether it is kept.
+A download that fails for good starts over on the next run: huggingface_hub writes each attempt
+to a file of its own and deletes it on failure (so that processes whose file lock the filesystem
+ignores cannot append to one file), and we keep no partial file either.
 
 Network settings are read when a download starts, not at import: HF_ENDPOINT (a mirror),
 HF_TOKEN (private or gated repos), HF_HUB_OFFLINE=1 (never touch the network).
