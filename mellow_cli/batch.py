@@ -389,21 +389,44 @@ def clip_decoder(offset: float = 0.0, duration: float | None = None):
     return decode
 
 
+def answer_in_batches(model, items: list, decode, batch_size: int, pose, options):
+    """(item, result, error) per item, in order, `batch_size` items at a time; the next batch's
+    audio decodes meanwhile. `decode(item)` gives the item's (clip1, clip2 or None) or raises an
+    AudioError, which comes back as `error` (result None) while the others go on. `pose(item)`
+    gives (prompt, candidates): candidates None asks for a free answer (result: its text, all of
+    a batch's decoded together), else the candidates are scored (result: a ChoiceResult, all of a
+    batch's scored together). The one prediction loop of `mellow ask` and the benchmarks."""
+    for chunk, decoded in decoded_chunks(items, decode, batch_size):
+        posed = []
+        for item, (clips, err) in zip(chunk, decoded):
+            if err is None:
+                prompt, candidates = pose(item)
+                posed.append((item, (clips[0], clips[1], prompt), candidates))
+        free = [(item, q) for item, q, candidates in posed if candidates is None]
+        picked = [(item, q, candidates) for item, q, candidates in posed if candidates is not None]
+        results = {}
+        if free:
+            answers = model.ask_batch([q for _, q in free], options)
+            results.update((id(item), a) for (item, _), a in zip(free, answers))
+        if picked:
+            chosen = model.choose_batch([q for _, q, _ in picked], [c for _, _, c in picked])
+            results.update((id(item), r) for (item, _, _), r in zip(picked, chosen))
+        for item, (_, err) in zip(chunk, decoded):
+            yield item, results.get(id(item)), err
+
+
 def answer_rows(model, jobs: list[Job], options, batch_size: int, decode):
     """One (row, error) per job, in order, `batch_size` jobs at a time: free answers decoded
     together, choice questions scored together. A job whose audio failed gets a row with the error."""
-    for chunk, decoded in decoded_chunks(jobs, decode, batch_size):
-        good = [(job, clips) for job, (clips, err) in zip(chunk, decoded) if err is None]
-        free = [(j, c) for j, c in good if not j.choices]
-        picked = [(j, c) for j, c in good if j.choices]
-        answers = model.ask_batch([(c[0], c[1], j.question) for j, c in free], options)
-        chosen = model.choose_batch([(c[0], c[1], j.question) for j, c in picked], [j.choices for j, _ in picked])
-        results = {id(j): (a, None) for (j, _), a in zip(free, answers)}
-        results.update({id(j): (r.choice, r.as_dict()) for (j, _), r in zip(picked, chosen)})
-        for job, (_, err) in zip(chunk, decoded):
-            answer, scores = results.get(id(job), (None, None))
-            yield row(job, answer=answer, scores=scores, model=model.name, revision=model.revision,
-                      error=err.problem if err else None), err
+
+    def pose(job: Job):
+        return job.question, job.choices
+
+    for job, result, err in answer_in_batches(model, jobs, decode, batch_size, pose, options):
+        chose = result is not None and not isinstance(result, str)
+        answer, scores = (result.choice, result.as_dict()) if chose else (result, None)
+        yield row(job, answer=answer, scores=scores, model=model.name, revision=model.revision,
+                  error=err.problem if err else None), err
 
 
 # --- sharing a run out, and picking it up again ---------------------------------------------------

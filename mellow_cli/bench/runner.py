@@ -204,26 +204,26 @@ def predict(model, todo: list, settings: Settings) -> Iterator[tuple[object, dic
         second = None if item.audio2 is None else load_clip(item.audio2, sr=cfg.sample_rate, clip_seconds=cfg.clip_seconds)
         return first, second
 
-    for chunk, decoded in batch.decoded_chunks(todo, decode, settings.batch_size):
-        good = [(item, clips) for item, (clips, err) in zip(chunk, decoded) if err is None]
-        answers = _answer(model, good, settings.mode, PROMPTS[settings.prompt_style], options)
-        outputs = dict(zip((id(item) for item, _ in good), answers))
-        for item, (_, err) in zip(chunk, decoded):
-            base = {k: v for k, v in item.record.items() if k not in predictions.OURS}
-            tags = {"mode": settings.mode, "prompt_style": settings.prompt_style, "model": model.name}
-            if err is None:
-                yield item, {**base, OUTPUT_KEY: outputs[id(item)], **tags}
-            else:
-                yield item, {**base, **tags, "error": err.problem}
+    prompt = PROMPTS[settings.prompt_style]
+
+    def pose(item):  # --mode choices scores each lettered option; generate answers freely
+        candidates = None if settings.mode == "generate" else common.candidates(item.choices)
+        return prompt(item.question, item.choices), candidates
+
+    tags = {"mode": settings.mode, "prompt_style": settings.prompt_style, "model": model.name}
+    for item, result, err in batch.answer_in_batches(model, todo, decode, settings.batch_size, pose, options):
+        base = {k: v for k, v in item.record.items() if k not in predictions.OURS}
+        if err is None:
+            yield item, {**base, OUTPUT_KEY: _prediction(item, result), **tags}
+        else:
+            yield item, {**base, **tags, "error": err.problem}
 
 
-def _answer(model, good: list, mode: str, prompt: Callable, options) -> list[str]:
-    questions = [(clips[0], clips[1], prompt(item.question, item.choices)) for item, clips in good]
-    if mode == "generate":
-        return model.ask_batch(questions, options)
-    results = model.choose_batch(questions, [common.candidates(item.choices) for item, _ in good])
-    return [item.choices[max(range(len(r.probabilities)), key=r.probabilities.__getitem__)]
-            for (item, _), r in zip(good, results)]
+def _prediction(item, result) -> str:
+    """The generated text, or the text of the most probable option (its lettered candidate won)."""
+    if isinstance(result, str):
+        return result
+    return item.choices[max(range(len(result.probabilities)), key=result.probabilities.__getitem__)]
 
 
 def score_files(bench, paths: list[str], data: str | None = None, scorer: Scorer = OFFICIAL) -> Report:
