@@ -236,12 +236,7 @@ def json_lines(name: str, stdin: IO[str] | None = None, text: str | None = None)
     for number, line in enumerate(text_lines(text), 1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{name}: line {number}: not JSON ({e.msg})") from None
-        except RecursionError:
-            raise UsageError(f"{name}: line {number}: JSON nested too deeply") from None
+        obj = _loads(line, f"{name}: line {number}")
         if not isinstance(obj, dict):
             raise UsageError(f"{name}: line {number}: expected a JSON object, got {json_kind(obj)}")
         yield number, obj
@@ -252,15 +247,24 @@ def json_list(name: str, what: str = "file", text: str | None = None) -> list:
     UsageError saying what is wrong with it. A list spans many lines: the error gives the text
     line an editor can jump to."""
     text = read_text(name, what) if text is None else text
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{name}: not JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    except RecursionError:
-        raise UsageError(f"{name}: JSON nested too deeply") from None
+    data = _loads(text, name, located=True)
     if not isinstance(data, list):
         raise UsageError(f"{name}: expected a JSON list of items, found a JSON {json_kind(data)}")
     return data
+
+
+def _loads(text: str, where: str, located: bool = False):
+    """json.loads, with every way it refuses a text as a one-line UsageError naming `where`;
+    `located` adds the line and column of a syntax error (a text of many lines)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        place = f" at line {e.lineno}, column {e.colno}" if located else ""
+        raise UsageError(f"{where}: not JSON ({e.msg}{place})") from None
+    except RecursionError:
+        raise UsageError(f"{where}: JSON nested too deeply") from None
+    except ValueError:  # an integer longer than Python converts (sys.get_int_max_str_digits)
+        raise UsageError(f"{where}: a number longer than {sys.get_int_max_str_digits()} digits") from None
 
 
 def json_kind(value: object) -> str:

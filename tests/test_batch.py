@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from mellow_cli.batch import FIELDS, Job, decoded_chunks, expand_inputs, row
+from mellow_cli.batch import FIELDS, Job, decoded_chunks, expand_inputs, json_lines, json_list, row
 from mellow_cli.errors import AudioError, UsageError
 from mellow_cli.formats import RowWriter
 
@@ -190,6 +190,17 @@ def test_deeply_nested_json_in_questions_is_one_line(tmp_path):
     q.write_text("[" * 100_000 + "]" * 100_000 + "\n")
     with pytest.raises(UsageError, match="deep.jsonl: line 1: JSON nested too deeply"):
         read_questions(str(q))
+
+
+@pytest.mark.parametrize("name, read", [("long.jsonl", lambda p: list(json_lines(p))), ("long.json", json_list)])
+def test_a_number_too_long_to_read_is_one_line_in_both_json_readers(tmp_path, name, read):
+    """JSON lines and a JSON list fail the same ways: here, an integer past Python's digit limit."""
+    path = tmp_path / name
+    path.write_text('[{"audio": "a.wav", "n": ' + "1" * 5000 + "}]\n")
+    with pytest.raises(UsageError) as e:
+        read(str(path))
+    place = ": line 1" if name.endswith("jsonl") else ""
+    assert str(e.value) == f"{path}{place}: a number longer than 4300 digits"
 
 
 @pytest.mark.parametrize("reader", ["list", "questions", "pairs"])
