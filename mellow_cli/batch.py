@@ -155,8 +155,9 @@ CHOICES_RULE = 'needs at least two non-empty choices: one string like "dog|cat",
 
 def parse_choices(value: object, where: str) -> tuple[str, ...] | None:
     """Choices as a user writes them (`--choices`, a questions file, training rows, bench qa
-    data) -> the stripped choices, or None when there are none (None, "" or []). Anything else
-    that is not at least two non-empty strings is a UsageError naming `where`."""
+    data) -> the stripped choices, or None when none were given (None: no option, a missing or
+    null field). Anything else that is not at least two non-empty strings, "" and [] included, is
+    a UsageError naming `where`."""
     items = read_choices(value, where)
     if items is not None and choices_problem(items):
         raise UsageError(f"{where}: {CHOICES_RULE}")
@@ -166,7 +167,7 @@ def parse_choices(value: object, where: str) -> tuple[str, ...] | None:
 def read_choices(value: object, where: str) -> tuple[str, ...] | None:
     """The choices split on "|" and stripped, their count not yet checked (training keeps a row
     with too few for `validate_rows` to report with the row's other problems)."""
-    if value in (None, "", []):
+    if value is None:
         return None
     items = value.split("|") if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(c, str) for c in items):

@@ -14,7 +14,7 @@ from mellow_cli.bench import qa
 from mellow_cli.data import read_rows, validate_rows
 from mellow_cli.errors import UsageError
 
-BAD = ["dog", "dog|", "|cat", " | ", "dog| |cat"]
+BAD = ["dog", "dog|", "|cat", " | ", "dog| |cat", ""]
 GOOD = [("dog|cat", ("dog", "cat")), (" dog | cat ", ("dog", "cat")), ([" dog", "cat "], ("dog", "cat")),
         ("a|b|c", ("a", "b", "c"))]
 
@@ -62,6 +62,18 @@ def test_choices_of_the_wrong_type_name_where(tmp_path, value):
         assert str(e.value) == f"{data}: line 1: choices: {CHOICES_RULE}"
 
 
-@pytest.mark.parametrize("value", [None, "", []])
-def test_no_choices_is_none_in_files(value):
-    assert parse_choices(value, "here") is None
+@pytest.mark.parametrize("value", [[], ["dog"], ["dog", " "]])
+def test_lists_of_fewer_than_two_choices_are_refused_in_files(tmp_path, value):
+    data = _jsonl(tmp_path, "q.jsonl", {"audio": "a.wav", "question": "q?", "choices": value, "answer": "dog"})
+    for read in (read_questions, lambda p: qa.read(p, str(tmp_path))):
+        with pytest.raises(UsageError) as e:
+            read(data)
+        assert str(e.value) == f"{data}: line 1: choices: {CHOICES_RULE}"
+    _, (bad,) = validate_rows(read_rows(data), check_audio=False)
+    assert bad.problem.startswith(f"choices: {CHOICES_RULE}")
+
+
+def test_no_choices_only_when_none_are_given(tmp_path):
+    assert parse_choices(None, "--choices") is None
+    data = _jsonl(tmp_path, "q.jsonl", {"audio": "a.wav", "question": "q?", "choices": None, "answer": "a"})
+    assert read_questions(data)[0].choices is None and read_rows(data)[0].choices is None
