@@ -2,7 +2,7 @@
 
     import mellow_cli
     model = mellow_cli.load_model("v0")
-    print(model.ask("dog.wav", None, "is there a dog barking?"))
+    print(model.ask("dog.wav", "is there a dog barking?"))
 """
 
 __version__ = "0.1.0"

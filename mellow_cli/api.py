@@ -2,12 +2,13 @@
 
     import mellow_cli
     model = mellow_cli.load_model("v0")                 # a name, a checkpoint path or user/repo
-    model.ask("dog.wav", None, "is there a dog barking?")
-    model.choose("street.wav", None, "what is the main sound?", ["car", "rain", "birds"]).choice
+    model.ask("dog.wav", "is there a dog barking?")
+    model.ask("a.wav", "which clip is louder?", audio2="b.wav")
+    model.choose("street.wav", "what is the main sound?", ["car", "rain", "birds"]).choice
 
 Audio arguments are paths (`-` for stdin) or float32 mono arrays at 32 kHz. Mellow always hears two
-clips: `audio2=None` pairs a clip with itself. Each clip's embedding is computed once per model and
-reused when the same clip appears in many questions.
+clips: without `audio2` a clip is paired with itself. Each clip's embedding is computed once per
+model and reused when the same clip appears in many questions.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence, Union
+from typing import TYPE_CHECKING, Iterator, NamedTuple, Optional, Sequence, Union
 
 from .config import DecodingOptions
 from .errors import UsageError
@@ -31,7 +32,15 @@ if TYPE_CHECKING:
     from .precision import Precision
 
 AudioInput = Union[str, os.PathLike, "np.ndarray"]
-Question = tuple  # (audio1, audio2 or None, prompt)
+
+
+class Question(NamedTuple):
+    """One question about a pair of clips, as the batch methods take them (a plain 3-tuple works too)."""
+
+    audio1: AudioInput
+    audio2: Optional[AudioInput]  # None: audio1 paired with itself
+    prompt: str
+
 
 CAPTION_PROMPT = "caption the audio."  # the reference's captioning example
 COMPARE_PROMPT = "explain the difference between the two audios in detail."  # ... and its difference example
@@ -144,7 +153,7 @@ class MellowModel:
             self._clips.popitem(last=False)
 
     def prefix(self, questions: Sequence[Question]) -> "torch.Tensor":
-        """(B, prefix_len, hidden) input embeddings for B (audio1, audio2|None, prompt) rows."""
+        """(B, prefix_len, hidden) input embeddings for B questions (audio1, audio2 or None, prompt)."""
         import torch
 
         from .model.mellow import tokenize_prompts
@@ -158,38 +167,41 @@ class MellowModel:
 
     # --- answers ---------------------------------------------------------------------------------
 
-    def stream(self, audio1: AudioInput, audio2: AudioInput | None, question: str,
+    def stream(self, audio: AudioInput, question: str, *, audio2: AudioInput | None = None,
                options: DecodingOptions = DecodingOptions()) -> Iterator[str]:
         """The answer as text pieces, each yielded as soon as it is decoded."""
         from .generate import stream
 
-        prefix = self.prefix([(audio1, audio2, question)])
+        prefix = self.prefix([Question(audio, audio2, question)])
         for _, piece in stream(self.net.lm, self.tokenizer, prefix, options, self.cfg.eos_token_id):
             yield piece
 
-    def ask(self, audio1: AudioInput, audio2: AudioInput | None, question: str,
+    def ask(self, audio: AudioInput, question: str, *, audio2: AudioInput | None = None,
             options: DecodingOptions = DecodingOptions()) -> str:
-        return self.ask_batch([(audio1, audio2, question)], options)[0]
+        """The answer to `question` about `audio` (heard beside `audio2`, or beside itself)."""
+        return self.ask_batch([Question(audio, audio2, question)], options)[0]
 
     def ask_batch(self, questions: Sequence[Question], options: DecodingOptions = DecodingOptions()) -> list[str]:
-        """Answers for many (audio1, audio2|None, question) rows, decoded together as one batch."""
+        """Answers for many questions, decoded together as one batch."""
         from .generate import generate
 
         if not questions:
             return []
         return generate(self.net.lm, self.tokenizer, self.prefix(questions), options, eos_id=self.cfg.eos_token_id)
 
-    def caption(self, audio: AudioInput, prompt: str = CAPTION_PROMPT, options: DecodingOptions = DecodingOptions()) -> str:
-        return self.ask(audio, None, prompt, options)
-
-    def compare(self, audio1: AudioInput, audio2: AudioInput, prompt: str = COMPARE_PROMPT,
+    def caption(self, audio: AudioInput, prompt: str = CAPTION_PROMPT, *,
                 options: DecodingOptions = DecodingOptions()) -> str:
-        return self.ask(audio1, audio2, prompt, options)
+        return self.ask(audio, prompt, options=options)
 
-    def choose(self, audio1: AudioInput, audio2: AudioInput | None, question: str, choices: Sequence[str]) -> ChoiceResult:
+    def compare(self, audio1: AudioInput, audio2: AudioInput, prompt: str = COMPARE_PROMPT, *,
+                options: DecodingOptions = DecodingOptions()) -> str:
+        return self.ask(audio1, prompt, audio2=audio2, options=options)
+
+    def choose(self, audio: AudioInput, question: str, choices: Sequence[str], *,
+               audio2: AudioInput | None = None) -> ChoiceResult:
         """Pick one of `choices` by the probability the model gives each as the whole answer
         (its tokens, then the end of text), after the question as asked."""
-        return self.choose_batch([(audio1, audio2, question)], [choices])[0]
+        return self.choose_batch([Question(audio, audio2, question)], [choices])[0]
 
     def choose_batch(self, questions: Sequence[Question], choices: Sequence[Sequence[str]]) -> list[ChoiceResult]:
         """`choose` for many rows at once: one prefix pass for the batch, then every (row, choice)

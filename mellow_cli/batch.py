@@ -401,12 +401,14 @@ def answer_in_batches(model, items: list, decode, batch_size: int, pose, options
     gives (prompt, candidates): candidates None asks for a free answer (result: its text, all of
     a batch's decoded together), else the candidates are scored (result: a ChoiceResult, all of a
     batch's scored together). The one prediction loop of `mellow ask` and the benchmarks."""
+    from .api import Question
+
     for chunk, decoded in decoded_chunks(items, decode, batch_size):
         posed = []
         for item, (clips, err) in zip(chunk, decoded):
             if err is None:
                 prompt, candidates = pose(item)
-                posed.append((item, (clips[0], clips[1], prompt), candidates))
+                posed.append((item, Question(clips[0], clips[1], prompt), candidates))
         free = [(item, q) for item, q, candidates in posed if candidates is None]
         picked = [(item, q, candidates) for item, q, candidates in posed if candidates is not None]
         results = {}

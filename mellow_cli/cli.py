@@ -17,6 +17,7 @@ from . import __version__
 from .api import (  # api imports torch only inside its functions
     CAPTION_PROMPT,
     COMPARE_PROMPT,
+    Question,
 )
 from .cli_bench import bench_app
 from .cli_env import config_app, env
@@ -61,14 +62,14 @@ def _answer_one(job, run: Answering) -> None:
 
     clips = batch.clip_decoder(run.rows.offset, run.rows.duration)(job)
     model = run.loading.load()
-    question = (clips[0], clips[1], job.question)
+    question = Question(clips[0], clips[1], job.question)
     if job.choices:
         picked = model.choose_batch([question], [job.choices])[0]
         answer, scores = picked.choice, picked.as_dict()
     elif run.output.fmt is Format.json:
         answer, scores = model.ask_batch([question], run.decoding.options())[0], None
     else:
-        render.stream_answer(model.stream(*question, run.decoding.options()))
+        render.stream_answer(model.stream(clips[0], job.question, audio2=clips[1], options=run.decoding.options()))
         return
     if run.output.fmt is Format.json:
         record = batch.row(job, answer=answer, scores=scores, model=model.name, revision=model.revision)

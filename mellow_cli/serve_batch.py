@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
+from .api import Question
 from .config import DecodingOptions
 from .errors import MellowError
 
@@ -66,8 +67,8 @@ class Pending:
     cancelled: threading.Event = field(default_factory=threading.Event)  # the client went away
 
     @property
-    def row(self) -> tuple:
-        return (self.clip1, self.clip2, self.question)
+    def row(self) -> Question:
+        return Question(self.clip1, self.clip2, self.question)
 
 
 _STOP = object()

@@ -7,6 +7,7 @@ import pytest
 from conftest import write_tone
 
 from mellow_cli import load_model
+from mellow_cli.api import Question
 from mellow_cli.config import DecodingOptions
 from mellow_cli.errors import ModelError
 
@@ -30,35 +31,47 @@ def test_loads_with_its_config_and_name(model, tiny_model_dir):
 
 
 def test_ask_answers_text_within_the_token_budget(model):
-    answer = model.ask(tone(440), None, "what do you hear?", SHORT)
+    answer = model.ask(tone(440), "what do you hear?", options=SHORT)
     assert isinstance(answer, str)
     assert len(model.tokenizer(answer, add_special_tokens=False)["input_ids"]) <= SHORT.max_tokens
 
 
 def test_one_clip_is_paired_with_itself(model):
     a = tone(440)
-    assert model.ask(a, None, "what do you hear?", SHORT) == model.ask(a, a, "what do you hear?", SHORT)
+    assert model.ask(a, "what do you hear?", options=SHORT) == model.ask(a, "what do you hear?", audio2=a, options=SHORT)
 
 
 def test_paths_and_arrays_give_the_same_answer(model, tmp_path):
     path = write_tone(tmp_path / "a.wav", 440, seconds=10.0, sr=32000)
-    assert model.ask(str(path), None, "q", SHORT) == model.ask(tone(440), None, "q", SHORT)
+    assert model.ask(str(path), "q", options=SHORT) == model.ask(tone(440), "q", options=SHORT)
 
 
 def test_stream_pieces_join_to_the_answer(model):
     a, b = tone(440), tone(880)
-    pieces = list(model.stream(a, b, "which is higher?", SHORT))
-    assert "".join(pieces) == model.ask(a, b, "which is higher?", SHORT)
+    pieces = list(model.stream(a, "which is higher?", audio2=b, options=SHORT))
+    assert "".join(pieces) == model.ask(a, "which is higher?", audio2=b, options=SHORT)
 
 
 def test_batch_equals_one_by_one(model):
-    rows = [(tone(440), None, "what is it?"), (tone(880), tone(220), "compare them."), (tone(330), None, "caption the audio.")]
-    assert model.ask_batch(rows, SHORT) == [model.ask(*row, SHORT) for row in rows]
+    rows = [Question(tone(440), None, "what is it?"), Question(tone(880), tone(220), "compare them."),
+            (tone(330), None, "caption the audio.")]  # a plain tuple is a question too
+    one_by_one = [model.ask(audio1, prompt, audio2=audio2, options=SHORT) for audio1, audio2, prompt in rows]
+    assert model.ask_batch(rows, SHORT) == one_by_one
+    assert one_by_one[0] == model.caption(tone(440), "what is it?", options=SHORT)
+    assert one_by_one[1] == model.compare(tone(880), tone(220), "compare them.", options=SHORT)
+
+
+def test_a_question_is_a_named_triple_and_the_second_clip_a_keyword(model):
+    q = Question(tone(440), None, "what is it?")
+    audio1, audio2, prompt = q
+    assert (q.audio1 is audio1, q.audio2, q.prompt) == (True, None, "what is it?")
+    with pytest.raises(TypeError):  # a third positional argument could be taken for the second clip
+        model.ask(tone(440), "what is it?", tone(880))
 
 
 def test_prefix_depends_on_the_audio(model):
-    p1 = model.prefix([(tone(440), None, "q")])
-    p2 = model.prefix([(tone(880), None, "q")])
+    p1 = model.prefix([Question(tone(440), None, "q")])
+    p2 = model.prefix([Question(tone(880), None, "q")])
     assert p1.shape == (1, model.cfg.prefix_len, model.cfg.hidden_size)
     assert not np.allclose(p1.numpy(), p2.numpy())
     # the prompt part is the same text, so those positions agree
@@ -70,14 +83,14 @@ def test_each_clip_is_encoded_once(model, monkeypatch):
     encode = model.net.encode_audio
     monkeypatch.setattr(model.net, "encode_audio", lambda wav: calls.append(len(wav)) or encode(wav))
     a, b = tone(123), tone(321)
-    model.ask(a, b, "q1", SHORT)
-    model.ask(a, b, "q2", SHORT)
-    model.ask(b, None, "q3", SHORT)
+    model.ask(a, "q1", audio2=b, options=SHORT)
+    model.ask(a, "q2", audio2=b, options=SHORT)
+    model.ask(b, "q3", options=SHORT)
     assert sum(calls) == 2
 
 
 def test_choose_names_exactly_one_choice_with_probabilities(model):
-    result = model.choose(tone(440), None, "what is it?", ["a dog", "a cat", "a car engine"])
+    result = model.choose(tone(440), "what is it?", ["a dog", "a cat", "a car engine"])
     assert result.choice in ("a dog", "a cat", "a car engine")
     assert sum(result.probabilities) == pytest.approx(1.0)
     best = max(range(3), key=lambda i: result.probabilities[i])
@@ -108,7 +121,7 @@ def test_smaller_dtypes_on_cpu_change_only_the_lm_matrices(tiny_model_dir, model
     assert fast.net.audio_encoder.base.c2l.weight.dtype == torch.float32
     a = tone(440)
     # tiny random weights have no near ties to speak of: the answer matches float32's
-    assert fast.ask(a, None, "q", SHORT) == model.ask(a, None, "q", SHORT)
+    assert fast.ask(a, "q", options=SHORT) == model.ask(a, "q", options=SHORT)
 
 
 def test_auto_is_measured_once_and_kept_in_the_cache(tiny_model_dir, monkeypatch):

@@ -163,7 +163,7 @@ def test_seeded_sampling_equals_mellow_ask_sample(model, clips, model_dir):
             top_p=0.95, seed=7).choices[0].message.content
     expected = mellow_ask(str(low), str(high), QUESTION, "--model", str(model_dir), "--dtype", "float32",
                           "--max-tokens", "16", "--sample", "--temperature", "0.9", "--top-p", "0.95", "--seed", "7")
-    greedy = model.ask(str(low), str(high), QUESTION, DecodingOptions(max_tokens=16))
+    greedy = model.ask(str(low), QUESTION, audio2=str(high), options=DecodingOptions(max_tokens=16))
     assert answer == expected != greedy  # the sampler ran, with the seed `mellow ask` used
 
 
@@ -192,7 +192,7 @@ def test_choices_by_likelihood_return_probabilities(model, clips):
         streamed = [json.loads(d) for d in events(r)[:-1]]
         client = openai_client(url).chat.completions.create(
             model="mellow", messages=chat_body(clips[0])["messages"], extra_body={"mellow": {"choices": options}})
-    expected = model.choose(str(clips[0]), None, QUESTION, options)
+    expected = model.choose(str(clips[0]), QUESTION, options)
     assert status == 200
     assert body["choices"][0]["message"]["content"] == expected.choice
     scored = body["mellow"]["choices"]
@@ -239,9 +239,9 @@ def test_waiting_requests_form_one_batch_with_each_rows_own_options(model, clips
     assert sizes == [4]
     assert all(isinstance(out[-1], Finished) for out in got)
     for out, (a, b, q, opts, choices) in zip(got[:3], rows[:3]):
-        assert "".join(e for e in out if isinstance(e, str)) == model.ask(a, b, q, opts)
+        assert "".join(e for e in out if isinstance(e, str)) == model.ask(a, q, audio2=b, options=opts)
     assert got[1][-1].reason == "length" and got[1][-1].completion_tokens == 4
-    assert got[3][0].probabilities == model.choose(high, None, "which?", ["rain", "a tone"]).probabilities
+    assert got[3][0].probabilities == model.choose(high, "which?", ["rain", "a tone"]).probabilities
 
 
 def test_concurrent_requests_share_a_batch(model, clips):
@@ -270,8 +270,8 @@ def test_concurrent_requests_share_a_batch(model, clips):
     assert sizes == [1, 4]
     for i, (status, body) in enumerate(results):
         assert status == 200
-        assert body["choices"][0]["message"]["content"] == model.ask(str(low), str(high), f"question {i}",
-                                                                     DecodingOptions(max_tokens=6))
+        assert body["choices"][0]["message"]["content"] == model.ask(str(low), f"question {i}", audio2=str(high),
+                                                                     options=DecodingOptions(max_tokens=6))
 
 
 def test_a_client_that_does_not_read_or_leaves_blocks_no_one(model, clips):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .. import loading
-from ..api import CAPTION_PROMPT, MellowModel, load_model
+from ..api import CAPTION_PROMPT, MellowModel, Question, load_model
 from ..config import DecodingOptions
 from ..errors import ModelError
 from ..generate import generate_tokens
@@ -192,7 +192,7 @@ def encoder_ms_per_clip(model: MellowModel, clips: Callable[[int], list], batch:
 def time_to_first_token(model: MellowModel, clips: Callable[[int], list], repeat: int) -> float:
     """Median seconds from a decoded clip to the first token, the way `mellow ask` goes."""
     def first_token():
-        prefix = model.prefix([(clips(1)[0], None, QUESTION)])
+        prefix = model.prefix([Question(clips(1)[0], None, QUESTION)])
         return next(generate_tokens(model.net.lm, prefix, DecodingOptions(max_tokens=1), eos_id=NEVER))
 
     timed(first_token, model.device)
@@ -202,7 +202,7 @@ def time_to_first_token(model: MellowModel, clips: Callable[[int], list], repeat
 def captions_per_s(model: MellowModel, clips: Callable[[int], list], batch: int, tokens: int, repeat: int) -> float:
     """Median clips/s for one `ask_batch` caption of `batch` new clips, greedy, up to `tokens`."""
     def caption(max_tokens: int):
-        rows = [(c, None, CAPTION_PROMPT) for c in clips(batch)]
+        rows = [Question(c, None, CAPTION_PROMPT) for c in clips(batch)]
         return timed(lambda: model.ask_batch(rows, DecodingOptions(max_tokens=max_tokens)), model.device)
 
     caption(2)
@@ -288,7 +288,7 @@ def run(model: str = "v0", device: str = "auto", dtype: str | None = None, token
     note(f"captions, batch of {batch_size}")
     caps = captions_per_s(net, clips, batch_size, tokens, repeat)
     note(f"decode, {tokens} tokens")
-    prefix = net.prefix([(clips(1)[0], None, QUESTION)])
+    prefix = net.prefix([Question(clips(1)[0], None, QUESTION)])
     ours(lm, prefix, min(tokens, 4))  # warm-up
     rss_alone = peak_rss_mb()
 
@@ -339,13 +339,13 @@ def agreement(model: MellowModel, exact: MellowModel, clips: list[np.ndarray], t
     for clip in clips:
         ids, logits = [], []
         for m in (model, exact):
-            prefix = m.prefix([(clip, None, QUESTION)])
+            prefix = m.prefix([Question(clip, None, QUESTION)])
             ids.append(ours(m.net.lm, prefix, tokens).ids)
             m.net.lm.setup_cache(1, prefix.shape[1])
             logits.append(prefill(m.net.lm, prefix))
         same_tokens += torch.equal(*ids)
         diff = max(diff, float((logits[0] - logits[1]).abs().max()))
-        picks = [m.choose(clip, None, CHOICE_QUESTION, CHOICES).choice for m in (model, exact)]
+        picks = [m.choose(clip, CHOICE_QUESTION, CHOICES).choice for m in (model, exact)]
         same_pick += picks[0] == picks[1]
     n = len(clips)
     return dict(agreement_prompts=n, same_greedy=same_tokens / n, same_choice=same_pick / n, max_logit_diff=diff)
