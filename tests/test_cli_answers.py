@@ -1,4 +1,5 @@
-"""ask / compare / caption through the real entry point with the tiny model from a local folder:
+"""ask / compare / caption through the real entry point, with the tiny model from a local folder
+or, where only the CLI's behaviour is checked, a model whose answers the test scripts (fakes.py):
 stdout carries only answers, stderr only logs and errors, exit codes say what happened."""
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ import sys
 
 import pytest
 from conftest import write_tone
+from fakes import ScriptedModel, install
+
+from mellow_cli.api import COMPARE_PROMPT
 
 
 def mellow(*args: str) -> subprocess.CompletedProcess:
@@ -35,21 +39,32 @@ def clips(tmp_path_factory):
     return write_tone(d / "low tone.wav", 220), write_tone(d / "hôhe.flac", 880)
 
 
-def test_ask_streams_the_answer_to_stdout(tiny_model_dir, clips):
-    out = mellow("ask", str(clips[0]), "what do you hear?", "--model", str(tiny_model_dir), "--max-tokens", "5", "-q")
+@pytest.fixture
+def scripted(monkeypatch):
+    """scripted(answers=[...], picks=[...]): the model every --model loads in this test."""
+    return lambda **script: install(monkeypatch, ScriptedModel(**script))
+
+
+def test_ask_streams_the_answer_to_stdout(scripted, clips):
+    model = scripted(answers=[["a low", " hum"]])
+    out = mellow("ask", str(clips[0]), "what do you hear?", "--model", "any", "--max-tokens", "5", "-q")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.endswith("\n") and out.stdout.count("\n") >= 1
+    assert out.stdout == "a low hum\n"
     assert out.stderr == ""  # -q: nothing but results
+    (asked,) = model.asked
+    assert asked.prompt == "what do you hear?" and asked.audio2 is None  # one clip: paired with itself
+    assert [load["name"] for load in model.loaded_as] == ["any"]
 
 
-def test_ask_json_is_one_parseable_object(tiny_model_dir, clips):
-    out = mellow("ask", str(clips[0]), str(clips[1]), "which is higher?", "--model", str(tiny_model_dir),
-                 "--max-tokens", "5", "--format", "json")
+def test_ask_json_is_one_parseable_object(scripted, clips):
+    scripted(answers=["the second"])
+    out = mellow("ask", str(clips[0]), str(clips[1]), "which is higher?", "--model", "any", "--max-tokens", "5",
+                 "--format", "json")
     assert out.returncode == 0, out.stderr
     row = json.loads(out.stdout)
     assert row["audio"] == str(clips[0]) and row["audio2"] == str(clips[1])
     assert row["question"] == "which is higher?"
-    assert isinstance(row["answer"], str)
+    assert (row["answer"], row["model"]) == ("the second", "scripted")
     assert "loading model" in out.stderr  # progress went to stderr, not into the JSON
 
 
@@ -60,15 +75,24 @@ def test_greedy_text_and_json_agree(tiny_model_dir, clips):
     assert text == as_json["answer"] + "\n"
 
 
-def test_choices_print_exactly_one_choice(tiny_model_dir, clips):
-    out = mellow("ask", str(clips[0]), "what is it?", "--choices", "dog|cat|car", "--model", str(tiny_model_dir), "-q")
+def test_choices_print_exactly_one_choice(scripted, clips):
+    scripted(picks=["cat", "car"])
+    out = mellow("ask", str(clips[0]), "what is it?", "--choices", "dog| cat |car", "--model", "any", "-q")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() in {"dog", "cat", "car"}
-    out = mellow("ask", str(clips[0]), "what is it?", "--choices", "dog|cat|car", "--model", str(tiny_model_dir),
+    assert out.stdout == "cat\n"
+    out = mellow("ask", str(clips[0]), "what is it?", "--choices", "dog|cat|car", "--model", "any",
                  "-q", "--format", "json")
     row = json.loads(out.stdout)
     assert row["choices"] == ["dog", "cat", "car"]
     assert [c["choice"] for c in row["scores"]] == ["dog", "cat", "car"]
+    assert [c["probability"] for c in row["scores"]] == [0.15, 0.15, 0.7]
+    assert row["answer"] == "car"
+
+
+def test_choices_from_the_model_are_real_probabilities(tiny_model_dir, clips):
+    out = mellow("ask", str(clips[0]), "what is it?", "--choices", "dog|cat|car", "--model", str(tiny_model_dir),
+                 "-q", "--format", "json")
+    row = json.loads(out.stdout)
     assert abs(sum(c["probability"] for c in row["scores"]) - 1) < 1e-4
     assert row["answer"] in {"dog", "cat", "car"}
 
@@ -83,25 +107,31 @@ def test_audio_from_stdin(tiny_model_dir, clips):
     assert piped.stdout.decode() == direct.stdout
 
 
-def test_compare_uses_both_clips(tiny_model_dir, clips):
-    out = mellow("compare", str(clips[0]), str(clips[1]), "--model", str(tiny_model_dir), "--max-tokens", "5",
-                 "-q", "--format", "json")
+def test_compare_uses_both_clips(scripted, clips):
+    model = scripted(answers=["the second is higher"])
+    out = mellow("compare", str(clips[0]), str(clips[1]), "--model", "any", "--max-tokens", "5", "-q",
+                 "--format", "json")
     assert out.returncode == 0, out.stderr
     row = json.loads(out.stdout)
-    assert row["question"] == "explain the difference between the two audios in detail."
+    assert row["question"] == COMPARE_PROMPT == "explain the difference between the two audios in detail."
+    assert row["answer"] == "the second is higher"
+    (asked,) = model.asked
+    assert asked.prompt == COMPARE_PROMPT and asked.audio2 is not None  # the model heard the second clip
 
 
-def test_caption_goes_on_past_a_bad_file_and_exits_1(tiny_model_dir, clips, tmp_path):
+def test_caption_goes_on_past_a_bad_file_and_exits_1(scripted, clips, tmp_path):
     bad = tmp_path / "broken.wav"
     bad.write_bytes(b"RIFF....WAVEfmt nonsense")
-    out = mellow("caption", str(clips[0]), str(bad), str(clips[1]), "--model", str(tiny_model_dir),
-                 "--max-tokens", "4", "--format", "jsonl", "-q")
+    model = scripted(answers=["a low tone", "a high tone"])
+    out = mellow("caption", str(clips[0]), str(bad), str(clips[1]), "--model", "any", "--max-tokens", "4",
+                 "--format", "jsonl", "-q")
     assert out.returncode == 1
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["audio"] for r in rows] == [str(clips[0]), str(bad), str(clips[1])]
     assert [r["error"] is None for r in rows] == [True, False, True]
     assert rows[1]["answer"] is None and "not an audio file" in rows[1]["error"]
-    assert all(isinstance(r["answer"], str) for r in (rows[0], rows[2]))
+    assert [rows[0]["answer"], rows[2]["answer"]] == ["a low tone", "a high tone"]
+    assert len(model.asked) == 2  # the broken file never reached the model
     assert out.stderr.count("\n") == 1 and out.stderr.startswith(f"mellow: error: {bad}: ")
 
 
