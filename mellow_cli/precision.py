@@ -51,6 +51,8 @@ class Precision:
         layout = ", oneDNN-packed" if self.packed else ""
         if self.store == self.decode == self.prefill:
             return self.name + layout
+        if self.prefill not in (self.store, "float32"):  # Dense keeps a copy for several rows
+            return f"{self.store} weights for one row, a {self.prefill} copy for several"
         return f"{self.store} weights{layout} (decode in {self.decode}, prefill in {self.prefill})"
 
 
@@ -99,17 +101,34 @@ def maker(precision: Precision):
 
 
 class Dense:
-    """A plain tensor stored in `store`, multiplied in `decode` for one position (a decode step,
-    bound by reading the weights) and in `prefill` for several (bound by arithmetic). Inputs and
-    outputs stay in the activations' dtype, so the residual stream and the KV cache keep theirs."""
+    """A plain tensor stored in `store`, multiplied in `decode` for one row (a decode step, bound
+    by reading the weights) and in `prefill` for several (a prefill, choice scoring, a batch of
+    decode steps: bound by arithmetic). Inputs and outputs stay in the activations' dtype, so the
+    residual stream and the KV cache keep theirs.
+
+    A half-precision `prefill` other than `store` gets a copy of its own, made once (oneDNN-packed
+    where it can be): on a CPU whose float16 matrix-vector product is fast, that product gains
+    nothing from more rows (it costs ~6x at 8 rows) while a bfloat16 matrix-matrix one does, and
+    converting every weight for each call would cost a prefill ~20%. A float32 `prefill` widens
+    the weights per call instead (a float32 copy would triple the memory), and only for several
+    positions: a batch of decode steps stays on the stored kernel."""
 
     def __init__(self, weight: torch.Tensor, store: torch.dtype, decode: torch.dtype, prefill: torch.dtype):
         self.weight = weight.detach().to(store)
         self.decode, self.prefill = decode, prefill
-        self.nbytes = self.weight.numel() * self.weight.element_size()
+        self.copy = None
+        if prefill != store and prefill != torch.float32:
+            self.copy = (Packed(weight, prefill) if weight.device.type == "cpu" and packed_available(prefill)
+                         else Dense(weight, prefill, prefill, prefill))
+        self.nbytes = self.weight.numel() * self.weight.element_size()  # what one decode step reads
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.decode if x.shape[-2] == 1 else self.prefill
+        if self.copy is not None:
+            if x.numel() != x.shape[-1]:  # several rows
+                return self.copy(x)
+            dtype = self.decode
+        else:
+            dtype = self.decode if x.shape[-2] == 1 else self.prefill
         w = self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
         return F.linear(x.to(dtype), w).to(x.dtype)
 
@@ -202,13 +221,16 @@ def _int8_matvec() -> bool:
 CANDIDATES = (
     EXACT,
     Precision("float16", "float16", "float16", "float32"),
-    # float16's matrix-vector kernel for decode steps, its weights widened to bfloat16 on the fly
-    # for a prefill where the CPU multiplies bfloat16 matrices natively: one copy of the weights
+    # float16's matrix-vector kernel for one row, a bfloat16 copy for several where the CPU
+    # multiplies bfloat16 matrices natively: twice the memory of one half-precision copy
     Precision("float16", "float16", "float16", "bfloat16"),
     Precision("bfloat16", "bfloat16", "bfloat16", "bfloat16"),
     Precision("bfloat16", "bfloat16", "bfloat16", "bfloat16", packed=True),
     Precision("float16", "float16", "float16", "float16", packed=True),
 )
+# Bumped whenever what a candidate runs changes while its fields stay the same (2: Dense keeps a
+# copy for several rows), so that caches measured on the old kernels are measured again.
+KERNELS = 2
 # A workload to choose by: one prefix of two 10 s clips and a prompt, then a short answer.
 PREFIX, ANSWER = 389, 32
 
@@ -250,7 +272,7 @@ def machine_key() -> str:
 
     cpu = hashlib.sha256((platform.machine() + platform.processor() + flags).encode()).hexdigest()[:16]
     # A choice made among other candidates (an older or newer release's) is measured again.
-    among = hashlib.sha256(repr(CANDIDATES).encode()).hexdigest()[:8]
+    among = hashlib.sha256(repr((KERNELS, CANDIDATES)).encode()).hexdigest()[:8]
     return f"{cpu}-torch{torch.__version__}-threads{torch.get_num_threads()}-among{among}"
 
 
