@@ -117,7 +117,8 @@ def read_questions(name: str, default_choices: Sequence[str] | None = None, stdi
         if not isinstance(question, str) or not question.strip():
             raise UsageError(f"{where}: needs a non-empty \"question\"")
         audio2 = obj.get("audio2") or audio
-        choices = parse_choices(obj.get("choices"), f"{where}: choices") or (tuple(default_choices) if default_choices else None)
+        choices = parse_choices(obj.get("choices"), f"{where}: choices")
+        choices = choices or (tuple(default_choices) if default_choices else None)
         ident = obj.get("id")
         extra = {"answer": None} if gold else {}
         extra.update((k, v) for k, v in obj.items() if k not in _READ and k not in _OURS)
