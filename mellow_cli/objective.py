@@ -56,7 +56,7 @@ def answer_logits(lm, prefix: torch.Tensor, answer_ids: torch.Tensor) -> torch.T
     """Teacher forcing: (B, A, vocab) logits predicting each answer token, from the last prefix
     position on. Right padding needs no attention mask: attention is causal, so padding only
     follows the tokens whose logits are read."""
-    answer = lm.get_input_embeddings()(answer_ids[:, :-1])  # the last token predicts nothing we train
+    answer = lm.embed(answer_ids[:, :-1])  # the last token predicts nothing we train
     x = torch.cat([prefix, answer.to(prefix.dtype)], dim=1)
     return lm(inputs_embeds=x, logits_to_keep=answer_ids.shape[1]).logits
 

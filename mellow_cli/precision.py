@@ -13,8 +13,11 @@
   float16 matrix-vector ones), so it is measured once on matrices of the model's shapes and kept
   in the cache, keyed by the CPU and torch.
 
-Only the language model's linears and output head change; the encoder, the mapper and the token
-embedding stay float32 on a CPU. On a GPU the language model runs wholly in the half precision.
+Only the language model's linears and output head change; the encoder and the mapper stay float32
+on a CPU. Where the head is a plain matrix (float16, bfloat16), token embeddings are read from it
+(the two are tied) and the float32 table is dropped: the prompt's embeddings then carry the
+head's rounding, as every product already does. On a GPU the language model runs wholly in the
+half precision.
 """
 
 from __future__ import annotations
@@ -121,6 +124,10 @@ class Dense:
             self.copy = (Packed(weight, prefill) if weight.device.type == "cpu" and packed_available(prefill)
                          else Dense(weight, prefill, prefill, prefill))
         self.nbytes = self.weight.numel() * self.weight.element_size()  # what one decode step reads
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of the stored matrix (the head's are the token embeddings), in its dtype."""
+        return F.embedding(ids, self.weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.copy is not None:

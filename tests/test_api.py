@@ -116,7 +116,17 @@ def test_smaller_dtypes_on_cpu_change_only_the_lm_matrices(tiny_model_dir, model
     assert fast.precision.name == dtype and lm.prepared
     if dtype != "int8":
         assert lm.model.layers[0].self_attn.qkv.weight.dtype == getattr(torch, dtype)
-    assert lm.model.embed_tokens.weight.dtype == torch.float32  # looked up, not streamed: stays exact
+    assert lm.model.embed_tokens.weight.dtype == torch.float32  # the activations' dtype
+    ids = torch.tensor([[0, 5, 17]])
+    looked_up = lm.embed(ids)
+    assert looked_up.dtype == torch.float32 and looked_up.shape == (1, 3, model.cfg.hidden_size)
+    exact = load_model(str(tiny_model_dir), device="cpu", dtype="float32", progress=False)
+    table = exact.net.lm.model.embed_tokens.weight[ids]  # float32 keeps its table
+    if dtype == "int8":  # its head holds no plain copy of the table: the float32 table stays
+        assert torch.equal(looked_up, table)
+    else:  # the tied table is read from the head's half-precision matrix, and the float32 one is gone
+        assert lm.model.embed_tokens.weight.numel() == 0
+        assert torch.equal(looked_up, table.to(getattr(torch, dtype)).float())
     assert fast.net.audio_encoder.projection.linear1.weight.dtype == torch.float32
     assert fast.net.audio_encoder.base.c2l.weight.dtype == torch.float32
     a = tone(440)

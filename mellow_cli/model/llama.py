@@ -205,8 +205,12 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head.weight = self.model.embed_tokens.weight
         self.head_matrix: Matrix | None = None
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (..., H) in the activations' dtype: rows of the table, or, once
+        `prepare` has dropped the table, the same rows of the head's matrix (the two are tied)."""
+        if self.model.embed_tokens.weight.numel() == 0 and self.head_matrix is not None:
+            return self.head_matrix.lookup(input_ids).to(self.model.embed_tokens.weight.dtype)
+        return self.model.embed_tokens(input_ids)
 
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
         """A fresh KV cache in every layer for `batch` rows of up to `max_len` positions."""
@@ -229,7 +233,7 @@ class LlamaForCausalLM(nn.Module):
     def hidden(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                start: int | None = None) -> torch.Tensor:
         """Final hidden states (B, T, H) after the last norm."""
-        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         t = x.shape[1]
         cos, sin = self.model.rotary_emb.span(start or 0, (start or 0) + t, x.dtype)
         mask = None
@@ -264,7 +268,17 @@ class LlamaForCausalLM(nn.Module):
             if release is not None:
                 release(originals)
             del originals
-        self.head_matrix = matrix(self.lm_head.weight)  # the embedding itself stays as it is
+        self.head_matrix = matrix(self.lm_head.weight)
+        if hasattr(self.head_matrix, "lookup"):
+            # The head keeps the table's values as a plain matrix (half precision, say): token
+            # embeddings are read from it and the table itself goes (113 MB in float32 for v0).
+            # The parameter stays, empty, to name the activations' dtype and device.
+            table = self.model.embed_tokens.weight.detach()
+            self.model.embed_tokens.weight = nn.Parameter(table.new_empty(0), requires_grad=False)
+            self.lm_head.weight = self.model.embed_tokens.weight
+            if release is not None:
+                release([table])
+            del table
         return self
 
     @property

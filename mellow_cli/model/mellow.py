@@ -113,9 +113,8 @@ class Mellow(nn.Module):
     def embed_prefix(self, clip1: torch.Tensor, clip2: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """clips (B, audio_tokens, H) from `encode_audio`, input_ids (B, prompt_tokens) from
         `tokenize_prompts` -> inputs_embeds (B, prefix_len, H)."""
-        embed = self.lm.get_input_embeddings()
-        prompt = embed(input_ids)
-        sep = embed.weight[self.cfg.sep_token_id].expand(prompt.shape[0], 1, -1)
+        prompt = self.lm.embed(input_ids)
+        sep = self.lm.embed(input_ids.new_full((prompt.shape[0], 1), self.cfg.sep_token_id))
         return torch.cat([clip1, sep, clip2, sep, prompt], dim=1)
 
     def prefix(self, wav1: torch.Tensor, wav2: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
