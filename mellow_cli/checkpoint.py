@@ -172,7 +172,7 @@ def _check_options(where: Path, saved: dict) -> None:
 def _expect(where: Path, field: str, value, kind, low=None, high=None):
     """`value` itself when it is of `kind` (a type hint: int, float, str, dict, X | None, tuple[X,
     ...]) and, if a number, within [low, high]; else a MellowError naming the file and the field."""
-    from mellow_cli.batch import json_kind
+    from mellow_cli.inputs import json_kind
 
     if not _fits(value, kind):
         found = json_kind(value)

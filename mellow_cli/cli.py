@@ -186,7 +186,7 @@ def _forgotten_question(text: str) -> str | None:
     `mellow ask a.wav clips/`, with the question left out); None for a question."""
     import os
 
-    from .batch import AUDIO_EXTENSIONS
+    from .inputs import AUDIO_EXTENSIONS
 
     if text == "-" or (os.path.splitext(text)[1].lower() in AUDIO_EXTENSIONS and " " not in text.strip()):
         return "an audio file's name"
@@ -216,10 +216,10 @@ def ask(
       mellow ask --input questions.jsonl --format jsonl -o answers.jsonl --resume
       mellow ask field.flac "is a bird singing?" --window 10 --choices "yes|no" -f csv
     """
-    from . import batch
+    from . import batch, inputs
 
     run.console.setup()
-    choice_list = batch.parse_choices(choices, "--choices")
+    choice_list = inputs.parse_choices(choices, "--choices")
     if input_file is not None:
         if args:
             raise UsageError("give either --input FILE or AUDIO [AUDIO2] QUESTION, not both")
@@ -239,7 +239,7 @@ def ask(
         if pair:
             jobs = [batch.Job(audio[0], audio[-1], question, tuple(choice_list) if choice_list else None)]
         else:
-            jobs = batch.jobs_for(batch.expand_inputs(audio, recursive), question, choice_list)
+            jobs = batch.jobs_for(inputs.expand_inputs(audio, recursive), question, choice_list)
         if pair and _interactive(run):
             return _answer_one(jobs[0], run)
     _run_batch(jobs, "answered", run)
@@ -305,10 +305,10 @@ def caption(
       mellow caption nights/*.flac --window 10 -f srt --output-dir subs/
       mellow caption big/ -r -f jsonl -o part2.jsonl --shard 2/4 --resume
     """
-    from . import batch
+    from . import batch, inputs
 
     run.console.setup()
-    _run_batch(batch.jobs_for(batch.expand_inputs(audio, recursive), prompt), "captioned", run)
+    _run_batch(batch.jobs_for(inputs.expand_inputs(audio, recursive), prompt), "captioned", run)
 
 
 # Commands that live in their own modules, in the order --help lists them.

@@ -64,7 +64,7 @@ import numpy as np
 import torch
 
 from mellow_cli.audio import audio_duration, load_clip
-from mellow_cli.batch import choices_problem, json_kind, json_lines, json_list, read_choices, read_text
+from mellow_cli.inputs import choices_problem, json_kind, json_lines, json_list, read_choices, read_text
 from mellow_cli.config import MellowConfig
 from mellow_cli.errors import AudioError, UsageError
 from mellow_cli.templates import OfficialText, first, realize

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from mellow_cli.batch import FIELDS, Job, decoded_chunks, expand_inputs, json_lines, json_list, row
+from mellow_cli.batch import FIELDS, Job, decoded_chunks, row
+from mellow_cli.inputs import expand_inputs, json_lines, json_list
 from mellow_cli.errors import AudioError, UsageError
 from mellow_cli.formats import RowWriter
 
@@ -214,9 +215,9 @@ def test_an_endless_input_is_refused_in_one_line(reader):
 
 
 def test_an_input_past_the_size_limit_is_refused(tmp_path, monkeypatch):
-    from mellow_cli import batch
+    from mellow_cli import inputs
 
-    monkeypatch.setattr(batch, "MAX_TEXT_BYTES", 10)
+    monkeypatch.setattr(inputs, "MAX_TEXT_BYTES", 10)
     big = tmp_path / "list.txt"
     big.write_text("a.wav\nb.wav\nc.wav\n")
     with pytest.raises(UsageError, match="list.txt: larger than"):

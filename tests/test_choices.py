@@ -9,7 +9,8 @@ import json
 import pytest
 from test_cli_answers import mellow
 
-from mellow_cli.batch import CHOICES_RULE, parse_choices, read_questions
+from mellow_cli.batch import read_questions
+from mellow_cli.inputs import CHOICES_RULE, parse_choices
 from mellow_cli.bench import qa
 from mellow_cli.data import read_rows, validate_rows
 from mellow_cli.errors import UsageError

@@ -18,7 +18,8 @@ from conftest import write_tone
 from test_cli_answers import mellow
 
 from mellow_cli import outputs
-from mellow_cli.batch import FIELDS, Job, expand_inputs, read_questions, row, windows
+from mellow_cli.batch import FIELDS, Job, read_questions, row, windows
+from mellow_cli.inputs import expand_inputs
 from mellow_cli.errors import AudioError, UsageError
 
 ROW_FIELDS = FIELDS

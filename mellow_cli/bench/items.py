@@ -20,7 +20,7 @@ import os
 import string
 from dataclasses import dataclass
 
-from ..batch import json_kind
+from ..inputs import json_kind
 from ..errors import UsageError
 
 LETTERS = string.ascii_lowercase

@@ -10,7 +10,7 @@ below; the rest are carried into the predictions untouched, as evaluation.py exp
 
 from __future__ import annotations
 
-from ..batch import json_list
+from ..inputs import json_list
 from ..errors import UsageError
 from . import mellow
 from .items import Item, check_record, check_unique, resolve

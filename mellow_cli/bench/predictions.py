@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..batch import read_text
+from ..inputs import read_text
 from ..errors import MellowError, UsageError
 from ..outputs import lock
 from .scoring import OUTPUT_KEY

@@ -10,7 +10,7 @@ for the paper's other sets (Clotho / AudioCaps MCQ, audio entailment) or a home-
 
 from __future__ import annotations
 
-from ..batch import CHOICES_RULE, json_lines, parse_choices
+from ..inputs import CHOICES_RULE, json_lines, parse_choices
 from ..errors import UsageError
 from . import mellow
 from .items import Item, check_choice_count, check_unique, resolve
