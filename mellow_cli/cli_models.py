@@ -57,7 +57,7 @@ def list_models(
     partial = loading.partial_downloads()
     if partial:
         files.note(f"{files.megabytes(sum(size for _, size in partial))} of unfinished downloads in "
-              f"{loading.cache_dir() / 'downloads'}: the next pull resumes them, `mellow models rm NAME` deletes them")
+              f"{loading.cache_dir() / 'downloads'}: the next pull uses those that finished (the others start over), `mellow models rm NAME` deletes them")
 
 
 def _catalogue(as_json: bool) -> None:
@@ -85,7 +85,8 @@ def pull(
     """Download a model into the cache and convert it, without running it; print its folder.
 
     A pull of a cached model re-checks every byte (sha256) and repairs what is damaged.
-    A dropped connection resumes where it stopped.
+    A dropped connection resumes where it stopped, within the run; a download that fails for
+    good starts over the next time.
 
     \b
     Examples:
