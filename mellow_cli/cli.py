@@ -104,7 +104,7 @@ def _run_batch(jobs, verb: str, run: Answering) -> None:
     """Many rows: window, shard and resume the job list, answer it batch by batch, write each row
     as it is done (to --output, or a file per recording in --output-dir), report failed files on
     stderr, end with a summary line and an exit code."""
-    from . import batch, outputs, render
+    from . import batch, formats, outputs, render
     from .audio import audio_duration
 
     out, rows = run.output, run.rows
@@ -137,7 +137,7 @@ def _run_batch(jobs, verb: str, run: Answering) -> None:
             render.info("nothing left to do")
             return
         results = _answers(run, todo, check=lambda model: opened.check_model(model.name, out.output))
-        writer = outputs.RowWriter(out.fmt.value, opened.stream, many=len(jobs) > 1, fields=fields,
+        writer = formats.RowWriter(out.fmt.value, opened.stream, many=len(jobs) > 1, fields=fields,
                                    append=opened.append)
         _write_rows(writer, results, verb, len(todo), out.output if out.fmt.value in outputs.RESUMABLE else None)
     finally:
