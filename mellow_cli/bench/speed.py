@@ -276,26 +276,26 @@ def run(model: str = "v0", device: str = "auto", dtype: str | None = None, token
     note = log or (lambda message: None)
     fetched = make_local(model, progress=log is not None)
     note(f"loading {model} twice")
-    load_first, load_cached, net = load_twice(model, device, dtype)
-    lm, clips = net.net.lm, clip_maker(net)
+    load_first, load_cached, loaded = load_twice(model, device, dtype)
+    lm, clips = loaded.net.lm, clip_maker(loaded)
     note("encoder, one clip")
-    enc1 = encoder_ms_per_clip(net, clips, 1, repeat)
+    enc1 = encoder_ms_per_clip(loaded, clips, 1, repeat)
     note("time to first token")
-    ttft = time_to_first_token(net, clips, repeat)
+    ttft = time_to_first_token(loaded, clips, repeat)
     rss_one = peak_rss_mb()
     note(f"encoder, batch of {batch_size}")
-    enc_batched = encoder_ms_per_clip(net, clips, batch_size, repeat)
+    enc_batched = encoder_ms_per_clip(loaded, clips, batch_size, repeat)
     note(f"captions, batch of {batch_size}")
-    caps = captions_per_s(net, clips, batch_size, tokens, repeat)
+    caps = captions_per_s(loaded, clips, batch_size, tokens, repeat)
     note(f"decode, {tokens} tokens")
-    prefix = net.prefix([Question(clips(1)[0], None, QUESTION)])
+    prefix = loaded.prefix([Question(clips(1)[0], None, QUESTION)])
     ours(lm, prefix, min(tokens, 4))  # warm-up
     rss_alone = peak_rss_mb()
 
     hf_lm = None
     if baseline:
         note("importing transformers for the baseline (float32)")
-        hf_lm = baseline_lm(model, net.device)
+        hf_lm = baseline_lm(model, loaded.device)
         hf_generate(hf_lm, prefix.float(), min(tokens, 4))  # warm-up
     runs, hf_runs = [], []
     for _ in range(repeat):
@@ -305,15 +305,16 @@ def run(model: str = "v0", device: str = "auto", dtype: str | None = None, token
 
     rss_baseline = peak_rss_mb() if hf_runs else None
     agreed = dict(agreement_prompts=0, same_greedy=None, same_choice=None, max_logit_diff=None)
-    if net.precision.name != "float32" and prompts:
+    if loaded.precision.name != "float32" and prompts:
         note(f"agreement with float32 over {prompts} clips")
         exact = load_model(model, device=device, dtype="float32", progress=False)
-        agreed = agreement(net, exact, clips(prompts), tokens)
+        agreed = agreement(loaded, exact, clips(prompts), tokens)
         del exact
     step = statistics.median(r.step_s for r in runs)
     hf_step = statistics.median(r.step_s for r in hf_runs) if hf_runs else None
     return SpeedReport(
-        model=net.name, revision=net.revision, device=str(net.device), dtype=net.precision.describe(),
+        model=loaded.name, revision=loaded.revision, device=str(loaded.device),
+        dtype=loaded.precision.describe(),
         threads=torch.get_num_threads(), torch_version=torch.__version__, tokens=tokens, repeat=repeat,
         batch_size=batch_size, fetched_first=fetched, load_first_s=load_first, load_cached_s=load_cached,
         encoder_ms_per_clip=enc1, encoder_ms_per_clip_batched=enc_batched, time_to_first_token_s=ttft,
