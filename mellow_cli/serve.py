@@ -148,8 +148,10 @@ def _audio_part(spec: dict, where: str) -> AudioPart:
 def _choices(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
         raise ApiError(400, "mellow.choices: give a list of strings", "mellow.choices")
-    items = tuple(c.strip() for c in value)
-    if not 2 <= len(items) <= MAX_CHOICES or not all(items):
+    from .inputs import choices_problem
+
+    items = tuple(c.strip() for c in value)  # the rule of every reader of choices, and a cap per request
+    if choices_problem(items) or len(items) > MAX_CHOICES:
         raise ApiError(422, f"mellow.choices: give 2 to {MAX_CHOICES} non-empty choices", "mellow.choices")
     return items
 
