@@ -250,12 +250,14 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.no_grad()
     def prepare(self, matrix: Callable[[torch.Tensor], Matrix],
-                release: Callable[[list[torch.Tensor]], object] | None = None) -> "LlamaForCausalLM":
+                release: Callable[[list[torch.Tensor]], object] | None = None,
+                head: Callable[[torch.Tensor], Matrix] | None = None) -> "LlamaForCausalLM":
         """For inference: every layer's q, k, v as one matrix and gate, up as another (four
         products per layer instead of seven), each made by `matrix` from the float weights, which
         are then dropped (the prepared matrices are the only copy), each layer's handed to
-        `release` first (loading frees their memory-mapped pages). Training needs the modules'
-        own weights: prepare a copy, or load again."""
+        `release` first (loading frees their memory-mapped pages); the output head is made by
+        `head` (default: `matrix`). Training needs the modules' own weights: prepare a copy, or
+        load again."""
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             originals = [m.weight.detach() for m in layer.modules() if isinstance(m, nn.Linear)]
@@ -268,7 +270,7 @@ class LlamaForCausalLM(nn.Module):
             if release is not None:
                 release(originals)
             del originals
-        self.head_matrix = matrix(self.lm_head.weight)
+        self.head_matrix = (head or matrix)(self.lm_head.weight)
         if hasattr(self.head_matrix, "lookup"):
             # The head keeps the table's values as a plain matrix (half precision, say): token
             # embeddings are read from it and the table itself goes (113 MB in float32 for v0).
