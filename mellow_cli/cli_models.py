@@ -37,7 +37,7 @@ def list_models(
       mellow models list
       mellow models list --available
     """
-    from . import files, loading
+    from . import files, loading, render
 
     if available:
         return _catalogue(as_json)
@@ -53,15 +53,15 @@ def list_models(
         for r in rows:
             sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3] + "\n")
     else:
-        files.note(f"no models in {loading.cache_dir()}: `mellow models pull v0` fetches the published one")
+        render.info(f"no models in {loading.cache_dir()}: `mellow models pull v0` fetches the published one")
     partial = loading.partial_downloads()
     if partial:
-        files.note(f"{files.megabytes(sum(size for _, size in partial))} of unfinished downloads in "
-              f"{loading.cache_dir() / 'downloads'}: the next pull uses those that finished (the others start over), `mellow models rm NAME` deletes them")
+        render.info(f"{files.megabytes(sum(size for _, size in partial))} of unfinished downloads in "
+                    f"{loading.cache_dir() / 'downloads'}: the next pull uses those that finished (the others start over), `mellow models rm NAME` deletes them")
 
 
 def _catalogue(as_json: bool) -> None:
-    from . import files, loading
+    from . import loading, render
 
     cached = {e.name for e in loading.cached_models()}
     for name, p in loading.PUBLISHED.items():
@@ -72,8 +72,8 @@ def _catalogue(as_json: bool) -> None:
             mark = "cached" if name in cached else "-"
             sys.stdout.write(f"{name:<6}  {mark:<6}  {p.repo}/{p.filename}  {p.about}\n")
     if not as_json:
-        files.note("also usable as --model: a hub folder of ours, user/repo[@revision], or a local "
-                   ".ckpt/.safetensors file or model folder")
+        render.info("also usable as --model: a hub folder of ours, user/repo[@revision], or a local "
+                    ".ckpt/.safetensors file or model folder")
 
 
 @models_app.command("pull")
@@ -171,9 +171,10 @@ def export(
       mellow models export runs/birds/checkpoints/best -o birds-resume.ckpt --wrap state_dict
     """
     from . import export as exporting
-    from . import files
+    from . import files, render
 
     done = exporting.export(name, output, exporting.ExportOptions(wrap=wrap, overwrite=overwrite, progress=not quiet))
-    files.note(f"{name}: {done.keys} tensors, {files.megabytes(done.bytes)}"
-               + (" wrapped as {'state_dict': ...}" if done.wrap else ""), not quiet)
+    if not quiet:
+        render.info(f"{name}: {done.keys} tensors, {files.megabytes(done.bytes)}"
+                    + (" wrapped as {'state_dict': ...}" if done.wrap else ""))
     sys.stdout.write(f"{done.path}\n")

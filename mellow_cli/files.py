@@ -89,7 +89,9 @@ def first_line(e: BaseException | str) -> str:
 
 def note(message: str, enabled: bool = True) -> None:
     """`mellow: <message>` on stderr, beside huggingface_hub's bars; silent when not enabled.
-    cli_models.py uses it too."""
+    How the core (loading, the cache, precision, export) says what it is doing without importing
+    the terminal renderer, which a script calling the API does not need; the CLI's own notes go
+    through render."""
     if enabled:
         sys.stderr.write(f"mellow: {message}\n")
         sys.stderr.flush()
