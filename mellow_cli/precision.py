@@ -54,8 +54,8 @@ class Precision:
         layout = ", oneDNN-packed" if self.packed else ""
         if self.store == self.decode == self.prefill:
             return self.name + layout
-        if self.prefill not in (self.store, "float32"):  # Dense keeps a copy for several rows
-            return f"{self.store} weights for one row, a {self.prefill} copy for several"
+        if self.prefill not in (self.store, "float32"):  # the layers' Dense keep a copy (head_maker)
+            return f"{self.store} weights for one row, a {self.prefill} copy of the layers' for several"
         return f"{self.store} weights{layout} (decode in {self.decode}, prefill in {self.prefill})"
 
 
@@ -240,8 +240,8 @@ def _int8_matvec() -> bool:
 CANDIDATES = (
     EXACT,
     Precision("float16", "float16", "float16", "float32"),
-    # float16's matrix-vector kernel for one row, a bfloat16 copy for several where the CPU
-    # multiplies bfloat16 matrices natively: twice the memory of one half-precision copy
+    # float16's matrix-vector kernel for one row, a bfloat16 copy of the layers' for several
+    # where the CPU multiplies bfloat16 matrices natively: about twice one copy's memory
     Precision("float16", "float16", "float16", "bfloat16"),
     Precision("bfloat16", "bfloat16", "bfloat16", "bfloat16"),
     Precision("bfloat16", "bfloat16", "bfloat16", "bfloat16", packed=True),
