@@ -221,22 +221,25 @@ def answer_in_batches(model, items: list, decode, batch_size: int, pose, options
     from .api import Question
 
     for chunk, decoded in decoded_chunks(items, decode, batch_size):
-        posed = []
-        for item, (clips, err) in zip(chunk, decoded):
+        free, picked = [], []  # (position in the chunk, question[, candidates])
+        for i, (item, (clips, err)) in enumerate(zip(chunk, decoded)):
             if err is None:
                 prompt, candidates = pose(item)
-                posed.append((item, Question(clips[0], clips[1], prompt), candidates))
-        free = [(item, q) for item, q, candidates in posed if candidates is None]
-        picked = [(item, q, candidates) for item, q, candidates in posed if candidates is not None]
-        results = {}
+                question = Question(clips[0], clips[1], prompt)
+                if candidates is None:
+                    free.append((i, question))
+                else:
+                    picked.append((i, question, candidates))
+        results = [None] * len(chunk)
         if free:
-            answers = model.ask_batch([q for _, q in free], options)
-            results.update((id(item), a) for (item, _), a in zip(free, answers))
+            for (i, _), answer in zip(free, model.ask_batch([q for _, q in free], options)):
+                results[i] = answer
         if picked:
-            chosen = model.choose_batch([q for _, q, _ in picked], [c for _, _, c in picked])
-            results.update((id(item), r) for (item, _, _), r in zip(picked, chosen))
-        for item, (_, err) in zip(chunk, decoded):
-            yield item, results.get(id(item)), err
+            for (i, _, _), chosen in zip(picked, model.choose_batch([q for _, q, _ in picked],
+                                                                    [c for _, _, c in picked])):
+                results[i] = chosen
+        for item, result, (_, err) in zip(chunk, results, decoded):
+            yield item, result, err
 
 
 def answer_rows(model, jobs: list[Job], options, batch_size: int, decode):
