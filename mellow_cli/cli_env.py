@@ -56,6 +56,7 @@ def report() -> dict:
     import torch
 
     from . import hub, loading
+    from .model import fused
 
     cuda = torch.cuda.is_available()
     return {
@@ -68,6 +69,7 @@ def report() -> dict:
         "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
         "cpu": cpu_features(),
         "threads": torch.get_num_threads(),
+        "decode_step": fused.status() + "; float32 runs torch's, the exact path",
         "cache": str(loading.cache_dir()),
         "cached_models": [m.name for m in loading.cached_models()],
         "config_file": str(settings.config_path()),
@@ -103,6 +105,7 @@ def env(as_json: Annotated[bool, typer.Option("--json", help="One JSON object in
         ("devices", ", ".join(info["devices"]) + (f" ({info['cuda_device']})" if info["cuda_device"] else "")),
         ("cpu", f"{cpu['name']}, {cpu['cores']} cores, {info['threads']} threads; "
                 f"kernels {cpu['torch_capability']}; {' '.join(cpu['flags']) or 'no avx2'}"),
+        ("decode step", info["decode_step"]),
         ("cache", info["cache"] + (f" ({', '.join(info['cached_models'])})" if info["cached_models"] else " (empty)")),
         ("hub", "offline (HF_HUB_OFFLINE)" if info["offline"] else info["hf_endpoint"]),
         ("config", info["config_file"] + ("" if os.path.exists(info["config_file"]) else " (not created)")),

@@ -82,10 +82,15 @@ def named(name: str, device: torch.device, progress: bool = False) -> Precision:
     return Precision(name, name, name, name)
 
 
-def apply(lm, precision: Precision, release=None) -> None:
+def apply(lm, precision: Precision, release=None, fused: bool = True) -> None:
     """Prepare the language model's matrices for inference in `precision`, in place (`release`:
-    see LlamaForCausalLM.prepare)."""
+    see LlamaForCausalLM.prepare), and, with `fused`, give it the one-call decode step of
+    model/fused.py where this machine can build it and the matrices are of a kind it reads."""
     lm.prepare(maker(precision), release, head=head_maker(precision))
+    if fused:
+        from .model.fused import attach
+
+        lm.fused = attach(lm)
 
 
 def head_maker(precision: Precision):

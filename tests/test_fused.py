@@ -1,0 +1,126 @@
+"""The one-call decode step (model/step.c through model/fused.py): the arithmetic of the torch
+step on the same rounded weights, used only where it applies, and torch's step wherever it cannot
+be built or does not agree."""
+
+import shutil
+
+import pytest
+import torch
+
+from mellow_cli import precision
+from mellow_cli.config import DecodingOptions, MellowConfig
+from mellow_cli.generate import generate_tokens
+from mellow_cli.model import fused
+from mellow_cli.model.llama import LlamaForCausalLM
+
+needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                    reason="no C compiler")
+CFG = MellowConfig(vocab_size=120, hidden_size=96, intermediate_size=112, num_hidden_layers=3,
+                   num_attention_heads=6, num_key_value_heads=2)
+
+
+@pytest.fixture(autouse=True)
+def fresh_library(monkeypatch):
+    """Each test builds (or finds) the library in its own cache folder and checks it anew."""
+    monkeypatch.setattr(fused, "_library", [])
+
+
+def random_state(cfg: MellowConfig, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=g) * (1.0 if "norm" in name or "embed" in name else 0.1)
+            for name, shape in fused._shapes(cfg).items()}
+
+
+def prepared(name: str, state: dict, cfg: MellowConfig = CFG) -> LlamaForCausalLM:
+    lm = LlamaForCausalLM(cfg)
+    lm.load_state_dict(state)
+    precision.apply(lm.eval(), precision.named(name, torch.device("cpu")))
+    return lm
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", ["float16", "bfloat16", "int8"])
+def test_step_is_float32_arithmetic_on_the_rounded_weights(name):
+    lib = fused.library()
+    assert lib is not None, fused.status()
+    prompt = torch.randn(1, 7, CFG.hidden_size, generator=torch.Generator().manual_seed(1))
+    # float32 sums in another order differ in the last bits only; a wrong index or a missing
+    # term would move the logits by far more.
+    assert fused._error(lib, CFG, random_state(CFG), prompt, name, steps=6) < 1e-5
+
+
+@needs_compiler
+def test_a_step_that_does_nothing_is_refused_and_torch_steps_instead(monkeypatch):
+    class Idle:
+        def mellow_step(self, *args):
+            pass  # leaves the logits as torch.empty made them
+
+    monkeypatch.setattr(fused, "_build", lambda: (Idle(), "one call into C (a fake)"))
+    assert fused.library() is None
+    assert "disagreed" in fused.status()
+    assert prepared("float16", random_state(CFG)).fused is None
+
+
+@needs_compiler
+def test_generation_runs_the_fused_step_and_gives_the_rounded_float32_tokens():
+    state = random_state(CFG, seed=3)
+    lm = prepared("float16", state)
+    assert lm.fused is not None
+    calls = []
+
+    class Counting:  # the same step, counted
+        def __init__(self, inner):
+            self.inner = inner
+
+        def takes(self, *args):
+            return self.inner.takes(*args)
+
+        def __call__(self, token, pos):
+            calls.append(pos)
+            return self.inner(token, pos)
+
+    lm.fused = Counting(lm.fused)
+    prefix = torch.randn(1, 6, CFG.hidden_size, generator=torch.Generator().manual_seed(4))
+    options = DecodingOptions(max_tokens=12)
+    got = [int(t) for t in generate_tokens(lm, prefix, options, eos_id=-1)]
+    assert calls == list(range(6, 6 + 11))  # every step after the prefill's first token
+
+    lm.fused = None  # the torch step on the same prepared weights
+    eager = [int(t) for t in generate_tokens(lm, prefix, options, eos_id=-1)]
+    assert got == eager
+
+
+@needs_compiler
+def test_only_one_row_of_half_precision_or_int8_takes_the_fused_step():
+    state = random_state(CFG)
+    assert prepared("float32", state).fused is None  # the exact path stays torch's
+    lm = prepared("int8", state)
+    assert lm.fused is not None
+    lm.setup_cache(2, 16)
+    assert not lm.fused.takes(torch.tensor([[1], [2]]), None, 5)  # two rows: torch's batched step
+    lm.setup_cache(1, 16)
+    assert lm.fused.takes(torch.tensor([[1]]), None, 5)
+    assert not lm.fused.takes(torch.tensor([[1, 2]]), None, 5)  # several positions (choices)
+    assert not lm.fused.takes(torch.tensor([[1]]), None, 16)  # past the cache: never written out of it
+
+
+def test_switched_off_or_without_a_compiler_torch_steps(monkeypatch):
+    monkeypatch.setenv("MELLOW_FUSED_STEP", "0")
+    assert fused.library() is None and "MELLOW_FUSED_STEP=0" in fused.status()
+    assert prepared("float16", random_state(CFG)).fused is None
+
+    monkeypatch.setattr(fused, "_library", [])
+    monkeypatch.delenv("MELLOW_FUSED_STEP")
+    monkeypatch.setenv("CC", "/no/such/compiler")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert fused.library() is None and "no C compiler" in fused.status()
+
+
+def test_a_compiler_that_fails_is_reported_in_one_line(monkeypatch, tmp_path):
+    failing = tmp_path / "cc"
+    failing.write_text("#!/bin/sh\necho 'cc: error: unsupported option' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CC", str(failing))
+    assert fused.library() is None
+    assert "could not build" in fused.status() and "unsupported option" in fused.status()
+    assert "\n" not in fused.status()
