@@ -5,7 +5,8 @@
   and multiply in it where the CPU is fast at it; the residual stream, norms, attention and the KV
   cache stay float32, so answers part from float32's only at near ties.
 - `int8` stores them as 8-bit integers with one scale per output row: a quarter of float32's
-  bytes; the activations stay unquantized, so SmolLM2's logits stay within about 2 of float32's
+  bytes; the activations are never rounded to 8 bits (the one-call decode step of model/fused.py
+  rounds them to 16, per block of 64), so SmolLM2's logits stay within about 2 of float32's
   (`mellow bench speed --dtype int8` reports the agreement).
 - `auto`, the default, takes the fastest faithful kernels of this CPU: which half precision (if
   any) beats float32 at a decode step and at a prefill is not a property of the instruction set
@@ -204,9 +205,10 @@ class Int8Matrix:
     """A matrix as int8 with one scale per output row (symmetric, round to nearest). A decode
     step multiplies it as it is stored (torch's int8-weight matrix-vector kernel, activations in
     bfloat16, a quarter of float32's bytes); several positions multiply a bfloat16 copy made on
-    the fly, as compute, not bytes, bounds them. The activations are never quantized: dynamic
-    int8 (activations rounded to 8 bits per token) moved SmolLM2's logits by 10+ where this
-    moves them by about 2."""
+    the fly, as compute, not bytes, bounds them. The activations are never rounded to 8 bits:
+    dynamic int8 (activations rounded to 8 bits per token) moved SmolLM2's logits by 10+ where
+    this moves them by about 2. (The one-call step, model/fused.py, reads `q` and `scale` as
+    they are, and rounds activations to 16 bits per block of 64: far finer than the weights.)"""
 
     def __init__(self, weight: torch.Tensor):
         w = weight.detach().float()

@@ -9,13 +9,14 @@
    The arithmetic is llama.py's: RMSNorm, q/k/v as one matrix, rotary ("rotate half", with the
    signed sine table of RotaryEmbedding.span), grouped-query attention over the float32 KV cache
    that the torch prefill filled (laid out (kv_heads, max_len, head_dim) per layer), the output
-   projection, SwiGLU, the last norm and the head. Activations stay float32 throughout; only the
-   weights are narrow, widened as they are read. */
+   projection, SwiGLU, the last norm and the head. Activations stay float32 throughout, and
+   half-precision weights are widened as they are read; int8 weights meet the activations rounded
+   to 16-bit integers (see quantize16). */
 
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX512F__) || defined(__F16C__)
+#if defined(__AVX512F__) || defined(__F16C__) || defined(__AVX512BW__)
 #include <immintrin.h>
 #endif
 
@@ -70,9 +71,60 @@ static inline float dot_f16(const uint16_t *w, const float *x, int64_t n) {
     return sum;
 }
 
-/* y[r] = sum_c w[r, c] * x[c] (times scale[r] for int8), rows split among the threads. */
+/* int8 weights meet the activations rounded to 16-bit integers, one scale per block of QBLOCK:
+   integer products (two instructions per 32 weights on AVX512) where widening every weight to
+   float would make the step compute-bound. The rounding moves an activation by at most 1/65534
+   of its block's largest, far below the weights' own 8-bit rounding. */
+#define QBLOCK 64
+
+static void quantize16(const float *x, int16_t *q, float *scales, int64_t n) {
+    for (int64_t b = 0; b * QBLOCK < n; b++) {
+        int64_t start = b * QBLOCK, end = start + QBLOCK < n ? start + QBLOCK : n;
+        float top = 0.0f;
+        for (int64_t i = start; i < end; i++) top = fabsf(x[i]) > top ? fabsf(x[i]) : top;
+        float inv = top > 0.0f ? 32767.0f / top : 0.0f;
+        scales[b] = top / 32767.0f;
+        for (int64_t i = start; i < end; i++) q[i] = (int16_t)lrintf(x[i] * inv);
+    }
+}
+
+static inline float dot_i8(const int8_t *w, const int16_t *q, const float *scales, int64_t n) {
+    float sum = 0.0f;
+    int64_t b = 0;
+#if defined(__AVX512BW__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; (b + 1) * QBLOCK <= n; b++) {
+        const int8_t *wb = w + b * QBLOCK;
+        const int16_t *qb = q + b * QBLOCK;
+        __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)wb));
+        __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wb + 32)));
+#if defined(__AVX512VNNI__)
+        __m512i s = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(qb));
+        s = _mm512_dpwssd_epi32(s, w1, _mm512_loadu_si512(qb + 32));
+#else
+        __m512i s = _mm512_add_epi32(_mm512_madd_epi16(w0, _mm512_loadu_si512(qb)),
+                                     _mm512_madd_epi16(w1, _mm512_loadu_si512(qb + 32)));
+#endif
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(scales[b]), acc);
+    }
+    sum = _mm512_reduce_add_ps(acc);
+#endif
+    for (; b * QBLOCK < n; b++) {
+        int64_t start = b * QBLOCK, end = start + QBLOCK < n ? start + QBLOCK : n;
+        int32_t block = 0;
+        for (int64_t i = start; i < end; i++) block += (int32_t)w[i] * q[i];
+        sum += (float)block * scales[b];
+    }
+    return sum;
+}
+
+/* y[r] = sum_c w[r, c] * x[c] (times scale[r] for int8), rows split among the threads; `work`
+   holds the int8 path's rounded activations (2 * cols + 4 * (cols / QBLOCK + 1) bytes). */
 static void matvec(const void *w, const float *scale, int kind, const float *x, float *y, int64_t rows,
-                   int64_t cols, int threads) {
+                   int64_t cols, int threads, void *work) {
+    int16_t *xq = work;
+    float *xs = (float *)(xq + cols + (cols & 1));
+    if (kind == INT8) quantize16(x, xq, xs, cols);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         float sum = 0.0f;
@@ -83,10 +135,7 @@ static void matvec(const void *w, const float *scale, int kind, const float *x, 
 #pragma omp simd reduction(+ : sum)
             for (int64_t c = 0; c < cols; c++) sum += widen_bf16(row[c]) * x[c];
         } else {
-            const int8_t *row = (const int8_t *)w + r * cols;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t c = 0; c < cols; c++) sum += (float)row[c] * x[c];
-            sum *= scale[r];
+            sum = dot_i8((const int8_t *)w + r * cols, xq, xs, cols) * scale[r];
         }
         y[r] = sum;
     }
@@ -138,7 +187,8 @@ static void attend(const float *q, const float *k, const float *v, float *out, f
 
 /* x (hidden) holds the token's embedding and is overwritten (the residual stream); `cos`,
    `signed_sin` are the rotary rows of position `pos`; `scratch` holds at least
-   Dims.hidden * 4 + intermediate * 2 + heads * max_len floats; logits (vocab) are written. */
+   hidden * 3 + (heads + 2 * kv_heads) * head_dim + intermediate * 2 + max(hidden, intermediate)
+   + heads * max_len + 16 floats; logits (vocab) are written. */
 void mellow_step(const Dims *dims, void *const *p, float *x, int64_t pos, const float *cos,
                  const float *signed_sin, float *scratch, float *logits) {
     const int64_t h = dims->hidden, d = dims->head_dim, heads = dims->heads, kvh = dims->kv_heads;
@@ -146,13 +196,13 @@ void mellow_step(const Dims *dims, void *const *p, float *x, int64_t pos, const 
     const int kind = (int)dims->kind, threads = (int)dims->threads;
     const int64_t qkv_rows = (heads + 2 * kvh) * d;
     float *normed = scratch, *qkv = normed + h, *mixed = qkv + qkv_rows, *delta = mixed + h;
-    float *gate_up = delta + h, *scores = gate_up + 2 * inter;
+    float *gate_up = delta + h, *scores = gate_up + 2 * inter, *work = scores + heads * len;
 
     for (int64_t l = 0; l < dims->layers; l++) {
         void *const *w = p + l * PER_LAYER;
         float *k_cache = w[K_CACHE], *v_cache = w[V_CACHE];
         rms_norm(x, w[NORM_IN], normed, h, dims->eps);
-        matvec(w[QKV], w[QKV_S], kind, normed, qkv, qkv_rows, h, threads);
+        matvec(w[QKV], w[QKV_S], kind, normed, qkv, qkv_rows, h, threads, work);
         for (int64_t j = 0; j < heads + kvh; j++) rotate(qkv + j * d, cos, signed_sin, d);
         for (int64_t j = 0; j < kvh; j++) {
             memcpy(k_cache + (j * len + pos) * d, qkv + (heads + j) * d, d * sizeof(float));
@@ -163,18 +213,18 @@ void mellow_step(const Dims *dims, void *const *p, float *x, int64_t pos, const 
             int64_t g = j / (heads / kvh);  /* q head j reads kv head g, as SDPA's enable_gqa */
             attend(qkv + j * d, k_cache + g * len * d, v_cache + g * len * d, mixed + j * d, scores + j * len, n, d);
         }
-        matvec(w[O], w[O_S], kind, mixed, delta, h, h, threads);
+        matvec(w[O], w[O_S], kind, mixed, delta, h, h, threads, work);
         for (int64_t i = 0; i < h; i++) x[i] += delta[i];
         rms_norm(x, w[NORM_POST], normed, h, dims->eps);
-        matvec(w[GATE_UP], w[GATE_UP_S], kind, normed, gate_up, 2 * inter, h, threads);
+        matvec(w[GATE_UP], w[GATE_UP_S], kind, normed, gate_up, 2 * inter, h, threads, work);
         for (int64_t i = 0; i < inter; i++) {
             float g = gate_up[i];
             gate_up[i] = g / (1.0f + expf(-g)) * gate_up[inter + i];
         }
-        matvec(w[DOWN], w[DOWN_S], kind, gate_up, delta, h, inter, threads);
+        matvec(w[DOWN], w[DOWN_S], kind, gate_up, delta, h, inter, threads, work);
         for (int64_t i = 0; i < h; i++) x[i] += delta[i];
     }
     void *const *last = p + dims->layers * PER_LAYER;
     rms_norm(x, last[0], normed, h, dims->eps);
-    matvec(last[1], last[2], kind, normed, logits, dims->vocab, h, threads);
+    matvec(last[1], last[2], kind, normed, logits, dims->vocab, h, threads, work);
 }
