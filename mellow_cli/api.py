@@ -64,8 +64,8 @@ class ChoiceResult:
 def set_precision(net, device: "torch.device", dtype: str | None = None, release=None,
                   progress: bool = False) -> "Precision":
     """Prepare the language model for inference in `dtype` (None: auto; precision.py says what
-    each means). On a GPU a half precision also covers the mapper; the encoder and its front end
-    stay float32 everywhere."""
+    each means). On a GPU a half precision also covers the mapper; on a CPU, a bfloat16 prefill
+    also covers the encoder's linears (precision.apply_encoder); the front end stays float32."""
     import torch
 
     from . import precision
@@ -76,6 +76,8 @@ def set_precision(net, device: "torch.device", dtype: str | None = None, release
         net.audio_encoder.projection.to(half)
         net.caption_decoder.to(half)
     precision.apply(net.lm, chosen, release)
+    if device.type == "cpu":
+        precision.apply_encoder(net.audio_encoder.base.htsat, chosen)
     return chosen
 
 

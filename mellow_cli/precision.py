@@ -14,8 +14,10 @@
   float16 matrix-vector ones), so it is measured once on matrices of the model's shapes and kept
   in the cache, keyed by the CPU and torch.
 
-Only the language model's linears and output head change; the encoder and the mapper stay float32
-on a CPU. Where the head is a plain matrix (float16, bfloat16), token embeddings are read from it
+Only the language model's linears and output head change, and, where several rows are multiplied
+in bfloat16 (auto on a CPU that is fast at it, or `bfloat16`), the HTSAT encoder's linears too
+(`apply_encoder`): its convolution, norms and attention, and the mapper, stay float32 on a CPU.
+Where the head is a plain matrix (float16, bfloat16), token embeddings are read from it
 (the two are tied) and the float32 table is dropped: the prompt's embeddings then carry the
 head's rounding, as every product already does. On a GPU the language model runs wholly in the
 half precision.
@@ -92,6 +94,34 @@ def apply(lm, precision: Precision, release=None, fused: bool = True) -> None:
         from .model.fused import attach
 
         lm.fused = attach(lm)
+
+
+def apply_encoder(htsat, precision: Precision) -> bool:
+    """Multiply the HTSAT encoder's linears (two thirds of its time) through a bfloat16 copy,
+    oneDNN-packed, where `precision` multiplies several rows in bfloat16 on a CPU that packs it:
+    a 10 s clip's embeddings then stay within 0.2% of float32's (their norm) for a third less
+    time. The exact path (float32) and float16 leave the encoder as it is. Whether it changed."""
+    if precision.prefill != "bfloat16" or not packed_available(torch.bfloat16):
+        return False
+    for module in list(htsat.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear) and child.weight.device.type == "cpu":
+                setattr(module, name, PackedLinear(child, torch.bfloat16))
+    return True
+
+
+class PackedLinear(torch.nn.Module):
+    """An encoder's nn.Linear multiplied through a Packed copy in `dtype`; the bias is added in
+    float32. The float32 weight goes (the copy is the only one)."""
+
+    def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype):
+        super().__init__()
+        self.matrix = Packed(linear.weight, dtype)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matrix(x)
+        return y if self.bias is None else y + self.bias
 
 
 def head_maker(precision: Precision):

@@ -79,3 +79,31 @@ def test_the_head_keeps_no_bfloat16_copy():
     assert torch.equal(head(rows), torch.nn.functional.linear(rows.half(), table.half()).float())
     positions = torch.randn(2, 3, table.shape[1])  # choice tokens
     assert torch.allclose(head(positions), positions @ table.half().float().T, atol=1e-5)
+
+
+def test_a_bfloat16_prefill_takes_the_encoder_linears_and_float32_or_float16_leave_them():
+    from mellow_cli.config import MellowConfig
+    from mellow_cli.model.mellow import Mellow
+
+    torch.manual_seed(0)
+    cfg = MellowConfig.tiny()
+    wav = torch.randn(2, cfg.clip_samples) * 0.1
+    nets = {}
+    for name in ("float32", "float16", "bfloat16"):
+        torch.manual_seed(1)
+        nets[name] = Mellow.from_config(cfg, device="cpu").eval()
+        changed = precision.apply_encoder(nets[name].audio_encoder.base.htsat, precision.named(name, torch.device("cpu")))
+        linears = [m for m in nets[name].audio_encoder.base.htsat.modules() if isinstance(m, torch.nn.Linear)]
+        packed = [m for m in nets[name].audio_encoder.base.htsat.modules() if isinstance(m, precision.PackedLinear)]
+        if name == "bfloat16" and precision.packed_available(torch.bfloat16):
+            assert changed and packed and not linears
+        else:
+            assert not changed and linears and not packed
+    with torch.inference_mode():
+        exact = nets["float32"].encode_audio(wav)
+        assert torch.equal(nets["float16"].encode_audio(wav), exact)
+        rounded = nets["bfloat16"].encode_audio(wav)
+    error = float((rounded - exact).norm() / exact.norm())
+    assert error < 0.01  # bfloat16's 8-bit mantissa, through a few layers
+    if precision.packed_available(torch.bfloat16):
+        assert error > 0  # it did run in bfloat16
