@@ -225,9 +225,18 @@ def _choices_per_row(choices, batch: int) -> list[list[str]]:
 def _choice_logprobs(lm, prefix, row_of: torch.Tensor, ids: list[list[int]]) -> list[torch.Tensor]:
     """Per choice, the log-probability of each of its tokens (a 1-D tensor)."""
     batch, length, _ = prefix.shape
+    fused = getattr(lm, "fused", None)
+    rows = row_of.tolist()
     longest = max(len(t) for t in ids)
-    lm.setup_cache(batch, length + longest, activation_dtype(lm))
+    lm.setup_cache(batch, length + (fused.slots_needed(rows, ids) if fused is not None else longest),
+                   activation_dtype(lm))
     first = prefill(lm, prefix).log_softmax(dim=-1)[row_of]  # predicts each choice's token 0
+    if fused is not None:
+        # Each choice in slots of its own after its row's prefix (model/fused.py): no copy of the
+        # prefix's cache per choice, one pass over the weights for every choice's tokens.
+        after = fused.choices(rows, ids, length)
+        return [torch.cat([first[i, None], later.log_softmax(dim=-1)]).gather(-1, torch.tensor(t)[:, None])[:, 0]
+                for i, (later, t) in enumerate(zip(after, ids))]
     tokens = torch.tensor([t + [0] * (longest - len(t)) for t in ids], device=prefix.device)
     steps = [first]
     if longest > 1:

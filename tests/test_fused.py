@@ -9,7 +9,7 @@ import torch
 
 from mellow_cli import precision
 from mellow_cli.config import DecodingOptions, MellowConfig
-from mellow_cli.generate import generate_tokens
+from mellow_cli.generate import _choice_logprobs, generate_tokens
 from mellow_cli.model import fused
 from mellow_cli.model.llama import LlamaForCausalLM
 
@@ -50,7 +50,10 @@ def test_step_is_float32_arithmetic_on_the_rounded_weights(name):
 @needs_compiler
 def test_a_step_that_does_nothing_is_refused_and_torch_steps_instead(monkeypatch):
     class Idle:
-        def mellow_step(self, *args):
+        def mellow_scratch_floats(self, *args):
+            return 1 << 16
+
+        def mellow_forward(self, *args):
             pass  # leaves the logits as torch.empty made them
 
     monkeypatch.setattr(fused, "_build", lambda: (Idle(), "one call into C (a fake)"))
@@ -89,17 +92,49 @@ def test_generation_runs_the_fused_step_and_gives_the_rounded_float32_tokens():
 
 
 @needs_compiler
-def test_only_one_row_of_half_precision_or_int8_takes_the_fused_step():
+def test_decode_steps_of_any_rows_take_the_fused_forward_and_the_exact_path_never():
     state = random_state(CFG)
     assert prepared("float32", state).fused is None  # the exact path stays torch's
     lm = prepared("int8", state)
     assert lm.fused is not None
     lm.setup_cache(2, 16)
-    assert not lm.fused.takes(torch.tensor([[1], [2]]), None, 5)  # two rows: torch's batched step
-    lm.setup_cache(1, 16)
-    assert lm.fused.takes(torch.tensor([[1]]), None, 5)
-    assert not lm.fused.takes(torch.tensor([[1, 2]]), None, 5)  # several positions (choices)
-    assert not lm.fused.takes(torch.tensor([[1]]), None, 16)  # past the cache: never written out of it
+    assert lm.fused.takes(torch.tensor([[1], [2]]), None, 5)  # a step of two rows
+    assert not lm.fused.takes(torch.tensor([[1]]), None, 5)  # one token for a cache of two rows
+    assert not lm.fused.takes(torch.tensor([[1, 2], [3, 4]]), None, 5)  # several positions: torch's
+    assert not lm.fused.takes(None, torch.zeros(2, 1, CFG.hidden_size), 5)  # embeddings (a prefill)
+    assert not lm.fused.takes(torch.tensor([[1], [2]]), None, 16)  # past the cache: never written out of it
+
+
+@needs_compiler
+def test_a_batch_decodes_the_same_tokens_fused_or_not():
+    lm = prepared("float16", random_state(CFG, seed=5))
+    prefix = torch.randn(3, 6, CFG.hidden_size, generator=torch.Generator().manual_seed(6))
+    options = DecodingOptions(max_tokens=10)
+    got = torch.stack(list(generate_tokens(lm, prefix, options, eos_id=-1)))
+    lm.fused = None
+    assert torch.equal(got, torch.stack(list(generate_tokens(lm, prefix, options, eos_id=-1))))
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", ["float16", "int8"])
+def test_choices_score_alike_fused_or_not_without_copying_the_cache(name, monkeypatch):
+    lm = prepared(name, random_state(CFG, seed=7))
+    prefix = torch.randn(2, 6, CFG.hidden_size, generator=torch.Generator().manual_seed(8))
+    row_of = torch.tensor([0, 0, 0, 1, 1])
+    ids = [[3, 4, 5], [6], [7, 8], [9, 10, 11, 12], [13, 14]]
+    copies = []
+    monkeypatch.setattr(type(lm), "select_cache_rows", lambda self, index: copies.append(index))
+    got = _choice_logprobs(lm, prefix, row_of, ids)
+    assert copies == []  # each choice read its row's prefix in place
+    monkeypatch.undo()
+    lm.fused = None
+    expected = _choice_logprobs(lm, prefix, row_of, ids)
+    for g, e, t in zip(got, expected, ids):
+        assert g.shape == (len(t),)
+        # torch's several-row products round the activations to half precision; step.c's keep
+        # float32: the same choice wins, the log-probabilities agree to the third digit
+        assert torch.allclose(g, e, atol=2e-2), (g, e)
+    assert [int(torch.stack([g.sum() for g in got[:3]]).argmax())] == [int(torch.stack([e.sum() for e in expected[:3]]).argmax())]
 
 
 def test_switched_off_or_without_a_compiler_torch_steps(monkeypatch):

@@ -100,16 +100,18 @@ def _build():
         lib = ctypes.CDLL(str(target))
     except OSError as e:
         return None, f"torch's (the one-call step would not load: {e})"
-    lib.mellow_step.restype = None
-    lib.mellow_step.argtypes = [ctypes.POINTER(_Dims), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.mellow_scratch_floats.restype = ctypes.c_int64
+    lib.mellow_scratch_floats.argtypes = [ctypes.POINTER(_Dims), ctypes.c_int64, ctypes.c_int64]
+    lib.mellow_forward.restype = None
+    lib.mellow_forward.argtypes = [ctypes.POINTER(_Dims), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                   *[ctypes.c_void_p] * 4, ctypes.c_int64, *[ctypes.c_void_p] * 4]
     return lib, f"one call into C ({target}, built with {compiler} for this CPU)"
 
 
 def _agrees(lib) -> bool:
-    """Whether the built step gives, on a small random model in float16 and in int8, the logits
-    that float32 arithmetic gives on the same rounded weights (a compiler that miscompiles step.c
-    must not change answers)."""
+    """Whether the built library gives, on a small random model in float16 and in int8, the
+    logits that float32 arithmetic gives on the same rounded weights, for decode steps of two rows
+    and for choices (a compiler that miscompiles step.c must not change answers)."""
     from mellow_cli.config import MellowConfig
 
     cfg = MellowConfig(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
@@ -117,7 +119,7 @@ def _agrees(lib) -> bool:
     generator = torch.Generator().manual_seed(0)
     state = {name: torch.randn(shape, generator=generator) * (1.0 if "norm" in name or "embed" in name else 0.1)
              for name, shape in _shapes(cfg).items()}
-    prompt = torch.randn(1, 5, cfg.hidden_size, generator=generator)
+    prompt = torch.randn(2, 5, cfg.hidden_size, generator=generator)
     return all(_error(lib, cfg, state, prompt, name) < BOUNDS[name] for name in ("float16", "int8"))
 
 
@@ -127,48 +129,69 @@ def _shapes(cfg) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg).state_dict().items()}
 
 
-@torch.inference_mode()
-def _error(lib, cfg, state: dict, prompt: torch.Tensor, name: str, steps: int = 3) -> float:
-    """The largest difference between the fused step's logits and float32 arithmetic on the same
-    rounded weights, relative to the largest logit, over `steps` steps after a prefill of
-    `prompt`."""
+def _twins(cfg, state: dict, name: str):
+    """(a model prepared in `name`, a float32 model holding the same rounded weights)."""
     from mellow_cli.model.llama import LlamaForCausalLM
     from mellow_cli.precision import Precision, apply, head_maker, maker
 
     precision = Precision(name, name, name, "float32")
 
-    def rounded(weight: torch.Tensor) -> torch.Tensor:
-        m = maker(precision)(weight)
-        return m.q.float() * m.scale[:, None] if name == "int8" else m.weight.float()
+    def rounded(matrix) -> torch.nn.Parameter:
+        return torch.nn.Parameter(matrix.q.float() * matrix.scale[:, None] if name == "int8" else matrix.weight.float())
 
-    models = []
-    for prepare in (True, False):
-        lm = LlamaForCausalLM(cfg)
+    prepared, exact = LlamaForCausalLM(cfg), LlamaForCausalLM(cfg)
+    for lm in (prepared, exact):
         lm.load_state_dict(state)
-        if prepare:
-            apply(lm, precision, fused=False)
-        else:  # float32 on the weights as `prepare` rounds them; the head untied where int8 keeps the table
-            for module in lm.model.layers.modules():
-                if isinstance(module, torch.nn.Linear):
-                    module.weight = torch.nn.Parameter(rounded(module.weight))
-            head = head_maker(precision)(lm.lm_head.weight)
-            lm.lm_head.weight = torch.nn.Parameter(head.q.float() * head.scale[:, None] if name == "int8"
-                                                   else head.weight.float())
-            if name != "int8":
-                lm.model.embed_tokens.weight = lm.lm_head.weight
-        lm.eval().setup_cache(1, prompt.shape[1] + steps)
-        models.append(lm)
-    fused, exact = FusedStep(models[0], lib), models[1]
+        lm.eval()
+    apply(prepared, precision, fused=False)
+    for module in exact.model.layers.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight = rounded(maker(precision)(module.weight))
+    exact.lm_head.weight = rounded(head_maker(precision)(exact.lm_head.weight))
+    if name != "int8":  # the token embeddings are the head's rows; int8 keeps the float32 table
+        exact.model.embed_tokens.weight = exact.lm_head.weight
+    return prepared, exact
+
+
+@torch.inference_mode()
+def _error(lib, cfg, state: dict, prompt: torch.Tensor, name: str, steps: int = 3) -> float:
+    """The largest difference between the library's logits and float32 arithmetic on the same
+    rounded weights, relative to the largest logit: `steps` decode steps of every row of `prompt`
+    (B, P, hidden) after its prefill, then choices of several lengths after each row's prefix,
+    from the same cache as float32's."""
+    prepared, exact = _twins(cfg, state, name)
+    fused = FusedStep(prepared, lib)
+    batch, length = prompt.shape[:2]
+
+    def same_cache(extra: int) -> None:
+        prepared.setup_cache(batch, length + extra)
+        for mine, theirs in zip(prepared.model.layers, exact.model.layers):
+            k = theirs.self_attn.kv_cache.k[:, :, :length]
+            mine.self_attn.kv_cache.k[:, :, :length] = k
+            mine.self_attn.kv_cache.v[:, :, :length] = theirs.self_attn.kv_cache.v[:, :, :length]
+
+    def error(got: torch.Tensor, expected: torch.Tensor) -> float:
+        return float((got - expected).abs().max() / expected.abs().max())
+
+    exact.setup_cache(batch, length + steps)
     token = exact(inputs_embeds=prompt, start=0).logits[:, -1].argmax(-1)
-    for mine, theirs in zip(models[0].model.layers, exact.model.layers):  # the same cache to start from
-        mine.self_attn.kv_cache.k.copy_(theirs.self_attn.kv_cache.k)
-        mine.self_attn.kv_cache.v.copy_(theirs.self_attn.kv_cache.v)
+    same_cache(steps)
     worst = 0.0
-    for pos in range(prompt.shape[1], prompt.shape[1] + steps):
-        got = fused(token, pos)[0, -1]
-        expected = exact(input_ids=token[:, None], start=pos).logits[0, -1]
-        worst = max(worst, float((got - expected).abs().max() / expected.abs().max()))
-        token = expected.argmax()[None]
+    for pos in range(length, length + steps):
+        expected = exact(input_ids=token[:, None], start=pos).logits[:, -1]
+        worst = max(worst, error(fused(token, pos)[:, -1], expected))
+        token = expected.argmax(-1)
+
+    ids = [[5, 7, 9], [11], [13, 15], [17, 19, 21, 23]]
+    row_of = [i * batch // len(ids) for i in range(len(ids))]
+    exact.setup_cache(batch, length)
+    exact(inputs_embeds=prompt, start=0)
+    same_cache(fused.slots_needed(row_of, ids))
+    for (r, tokens), got in zip(zip(row_of, ids), fused.choices(row_of, ids, length)):
+        if len(tokens) > 1:
+            exact.setup_cache(1, length + len(tokens))
+            exact(inputs_embeds=prompt[r, None], start=0)
+            worst = max(worst, error(got, exact(input_ids=torch.tensor([tokens[:-1]]), start=length).logits[0]))
     return worst
 
 
@@ -185,8 +208,9 @@ def _stored(matrix) -> tuple[torch.Tensor, torch.Tensor | None] | None:
 
 
 class FusedStep:
-    """Decode steps of one prepared language model through step.c, on the cache that
-    `lm.setup_cache` made (re-read whenever the cache changes)."""
+    """One prepared language model's forward over a few new tokens through step.c, on the cache
+    that `lm.setup_cache` made (re-read whenever the cache changes): decode steps of any number
+    of rows (`__call__`) and the scoring of answer choices after a prefill (`choices`)."""
 
     def __init__(self, lm, lib):
         self.lm, self.lib = lm, lib
@@ -199,7 +223,8 @@ class FusedStep:
         self.dims = _Dims(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
                           c.hidden_size // c.num_attention_heads, c.intermediate_size, c.vocab_size, 0,
                           kinds.pop(), torch.get_num_threads(), c.rms_norm_eps)
-        self._cache_key = None
+        self._cache_key, self._caches = None, None
+        self.scratch = torch.empty(0)
 
     @staticmethod
     def supports(lm) -> bool:
@@ -210,16 +235,20 @@ class FusedStep:
         stored = [_stored(m) for m in lm.matrices()]
         return all(s is not None for s in stored) and len({w.dtype for w, _ in stored}) == 1
 
-    def _pointers(self):
-        caches = [layer.self_attn.kv_cache for layer in self.lm.model.layers]
-        key = tuple((c.k.data_ptr(), c.v.data_ptr()) for c in caches)
+    def _cache(self):
+        """The layers' caches (one float32 tensor each for k and v, rows contiguous), or None;
+        the pointers step.c reads, re-read when `setup_cache` or `select_cache_rows` changed them
+        (all layers change together, so the first layer's tell)."""
+        first = self.lm.model.layers[0].self_attn.kv_cache
+        key = None if first is None else (id(first), first.k.data_ptr(), first.v.data_ptr())
         if key == self._cache_key:
-            return
-        first = caches[0].k
-        if first.shape[0] != 1 or any(not (c.k.is_contiguous() and c.v.is_contiguous()) for c in caches):
-            raise ValueError("the cache is not one contiguous row")
-        self.dims.max_len = first.shape[2]
-        self.dims.threads = torch.get_num_threads()
+            return self._caches
+        self._cache_key, self._caches = key, None
+        caches = [layer.self_attn.kv_cache for layer in self.lm.model.layers]
+        if first is None or any(not (c.k.is_contiguous() and c.v.is_contiguous()) or c.k.dtype != torch.float32
+                                for c in caches):
+            return None
+        self.dims.max_len = caches[0].k.shape[2]
         pointers, stored = [], iter(self.weights)
         for layer, cache in zip(self.lm.model.layers, caches):
             mats = [next(stored) for _ in range(4)]
@@ -230,27 +259,67 @@ class FusedStep:
         head, scale = next(stored)
         pointers += [self.lm.model.norm.weight.data_ptr(), head.data_ptr(), scale.data_ptr() if scale is not None else 0]
         self.pointers = (ctypes.c_void_p * len(pointers))(*pointers)
-        c = self.dims
-        self.scratch = torch.empty(c.hidden * 3 + (c.heads + 2 * c.kv_heads) * c.head_dim + c.intermediate * 2
-                                   + max(c.hidden, c.intermediate) + c.heads * c.max_len + 16)  # see step.c
-        self.cos, self.sin = self.lm.model.rotary_emb.span(0, c.max_len, torch.float32)
-        self._cache_key = key
+        self.cos, self.sin = self.lm.model.rotary_emb.span(0, self.dims.max_len, torch.float32)
+        self._caches = caches
+        return caches
+
+    def forward(self, ids: torch.Tensor, row: list[int], pos: list[int], slot: list[int], group: list[int],
+                visible: int) -> torch.Tensor:
+        """Tokens `ids` (T,) through the model (step.c's mellow_forward says what row, pos, slot,
+        group and visible mean) -> float32 logits (T, vocab). The caller keeps every row, slot and
+        position inside the cache."""
+        self._cache()
+        self.dims.threads = torch.get_num_threads()
+        tokens = len(ids)
+        x = self.lm.embed(ids).float().contiguous()
+        logits = torch.empty(tokens, self.dims.vocab)
+        need = self.lib.mellow_scratch_floats(ctypes.byref(self.dims), tokens, visible)
+        if self.scratch.numel() < need:
+            self.scratch = torch.empty(need)
+        index = torch.tensor([row, pos, slot, group], dtype=torch.int64)
+        self.lib.mellow_forward(ctypes.byref(self.dims), self.pointers, x.data_ptr(), tokens,
+                                index[0].data_ptr(), index[1].data_ptr(), index[2].data_ptr(), index[3].data_ptr(),
+                                visible, self.cos.data_ptr(), self.sin.data_ptr(), self.scratch.data_ptr(),
+                                logits.data_ptr())
+        return logits
 
     def takes(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, start: int | None) -> bool:
-        """Whether a forward call is a decode step this can run: one token of one row, at a
-        position inside a cache of one row."""
-        if input_ids is None or inputs_embeds is not None or start is None or input_ids.shape != (1, 1):
+        """Whether a forward call is a decode step this can run: one token in each row of the
+        cache, at a position inside it."""
+        if input_ids is None or inputs_embeds is not None or start is None or input_ids.shape[1] != 1:
             return False
-        cache = self.lm.model.layers[0].self_attn.kv_cache
-        return cache is not None and cache.k.shape[0] == 1 and start < cache.k.shape[2]
+        caches = self._cache()
+        return caches is not None and caches[0].k.shape[0] == input_ids.shape[0] and start < caches[0].k.shape[2]
 
-    def __call__(self, token: torch.Tensor, pos: int) -> torch.Tensor:
-        """token (1,) at position `pos` -> float32 logits (1, 1, vocab)."""
-        self._pointers()
-        x = self.lm.embed(token[:1]).float().contiguous()
-        logits = torch.empty(1, 1, self.dims.vocab)
-        d = self.dims.head_dim
-        self.lib.mellow_step(ctypes.byref(self.dims), self.pointers, x.data_ptr(), pos,
-                             self.cos.data_ptr() + pos * d * 4, self.sin.data_ptr() + pos * d * 4,
-                             self.scratch.data_ptr(), logits.data_ptr())
-        return logits
+    def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """The next token of every cache row, (B,), at position `pos` -> float32 logits (B, 1, vocab)."""
+        rows = list(range(len(tokens)))
+        return self.forward(tokens, rows, [pos] * len(rows), [pos] * len(rows), rows, pos)[:, None]
+
+    def choices(self, row_of: list[int], ids: list[list[int]], length: int) -> list[torch.Tensor]:
+        """After a prefill of `length` positions: float32 logits (len(ids[i]) - 1, vocab) after
+        each token but the last of each choice i, which follows the prefix of cache row
+        row_of[i]. A row's choices take slots of their own after its prefix, each seeing the
+        prefix and its own earlier tokens, so the prefix's cache is shared, not copied; the cache
+        needs `length` plus the most tokens any row's choices have."""
+        flat, row, pos, slot, group = [], [], [], [], []
+        used = {}
+        for i, (r, tokens) in enumerate(zip(row_of, ids)):
+            for j, token in enumerate(tokens[:-1]):
+                flat.append(token)
+                row.append(r)
+                pos.append(length + j)
+                slot.append(length + used.get(r, 0))
+                used[r] = used.get(r, 0) + 1
+                group.append(i)
+        if not flat:
+            return [torch.empty(0, self.dims.vocab) for _ in ids]
+        logits = self.forward(torch.tensor(flat), row, pos, slot, group, length)
+        return list(logits.split([max(len(t) - 1, 0) for t in ids]))
+
+    def slots_needed(self, row_of: list[int], ids: list[list[int]]) -> int:
+        """The most cache slots past the prefix that `choices` uses in any one row."""
+        used: dict[int, int] = {}
+        for r, tokens in zip(row_of, ids):
+            used[r] = used.get(r, 0) + max(len(tokens) - 1, 0)
+        return max(used.values(), default=0)
