@@ -87,8 +87,9 @@ def named(name: str, device: torch.device, progress: bool = False) -> Precision:
 
 def apply(lm, precision: Precision, release=None, fused: bool = True) -> None:
     """Prepare the language model's matrices for inference in `precision`, in place (`release`:
-    see LlamaForCausalLM.prepare), and, with `fused`, give it the one-call decode step of
-    model/fused.py where this machine can build it and the matrices are of a kind it reads."""
+    see LlamaForCausalLM.prepare), and, with `fused`, give it the one-call decode steps and
+    choice scoring of model/fused.py where this machine can build them and the matrices are of
+    a kind step.c reads (plain float16, bfloat16 or int8)."""
     lm.prepare(maker(precision), release, head=head_maker(precision))
     if fused:
         from .model.fused import attach

@@ -1,16 +1,19 @@
-"""The language model's decode step for one row as one call into C (step.c), built on this machine.
+"""The language model over a few new tokens as one call into C (step.c), built on this machine:
+decode steps (one token in every row of the cache) and answer choices after a prefill.
 
-A step in eager torch is ~25 small operations per layer of a few microseconds each around the
-matrix-vector products; at 135M parameters that overhead is a third of the step. step.c does the
-same arithmetic as llama.py's forward in one call, reading the prepared matrices (float16,
+A decode step in eager torch is ~25 small operations per layer of a few microseconds each around
+the matrix-vector products; at 135M parameters that overhead is a third of the step. step.c does
+the same arithmetic as llama.py's forward in one call, reading the prepared matrices (float16,
 bfloat16 or int8 weights; float32 activations, sums and KV cache) where `prepare` put them, and
-writing keys and values into the same cache the torch prefill filled. float32 (the exact path)
-never uses it.
+writing keys and values into the same cache the torch prefill filled. Choices go to slots of
+their own after their row's prefix, so the prefix's cache is shared instead of copied per
+choice. float32 (the exact path) and prefills (bound by arithmetic, where oneDNN's kernels are
+the fast ones) never use it.
 
 It is compiled once per machine with the system's C compiler for the CPU it runs on
 (`-march=native`), and kept in the cache beside the models, keyed by the source and the CPU. No
-compiler, a failed build, or a build whose step disagrees with torch's on a small random model:
-the torch step is used, as everywhere else, and `mellow env` says which step runs.
+compiler, a failed build, or a build that disagrees with float32 arithmetic on a small random
+model: torch's forward is used, as everywhere else, and `mellow env` says which runs.
 """
 
 from __future__ import annotations

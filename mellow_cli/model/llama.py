@@ -195,10 +195,11 @@ class LlamaForCausalLM(nn.Module):
     One forward serves every use. Without `start` it runs the whole sequence causally (training,
     and the reference's re-run-everything view). With `start` it runs positions start .. start+T-1
     against the KV cache that `setup_cache` put inside each attention module: prefill (start 0,
-    the whole prefix), a decode step (T = 1) and choice scoring (T = a choice's tokens). A decode
-    step of one row, once prepared in half precision or int8, runs as one call into C where the
-    machine can build it (model/fused.py): the same arithmetic on the same cache, without the
-    per-operation overhead that is a third of an eager step."""
+    the whole prefix), a decode step (T = 1) and choice scoring (T = a choice's tokens). Once
+    prepared in half precision or int8, a decode step (of any number of rows) runs as one call
+    into C where the machine can build it (model/fused.py, which also scores choices for
+    generate.py): the same arithmetic on the same cache, without the per-operation overhead
+    that is a third of an eager step."""
 
     def __init__(self, cfg: MellowConfig):
         super().__init__()
