@@ -286,9 +286,9 @@ CANDIDATES = (
     Precision("float16", "float16", "float16", "float16", packed=True),
 )
 # Bumped whenever what a candidate runs changes while its fields stay the same (2: Dense keeps a
-# copy for several rows; 3: but not for the head), so that caches measured on the old kernels are
-# measured again.
-KERNELS = 3
+# copy for several rows; 3: but not for the head; 4: the one-call decode step), so that caches
+# measured on the old kernels are measured again.
+KERNELS = 4
 # A workload to choose by: one prefix of two 10 s clips and a prompt, then a short answer.
 PREFIX, ANSWER = 389, 32
 
@@ -335,7 +335,8 @@ def machine_key() -> str:
 
 
 def measure(hidden: int = 576, intermediate: int = 1536, kv: int = 192, vocab: int = 49152, layers: int = 30,
-            timed_layers: int = 10, rounds: int = 3) -> tuple[Precision, dict[str, float]]:
+            heads: int = 9, timed_layers: int = 10, rounds: int = 3, fused: bool = True
+            ) -> tuple[Precision, dict[str, float]]:
     """Time each candidate on matrices of the language model's shapes (v0's by default): a decode
     step (one position through every layer's q/k/v, o, gate/up and down, then the head) and a
     prefill (PREFIX positions through the layers, the head for the last one only, as
@@ -346,7 +347,14 @@ def measure(hidden: int = 576, intermediate: int = 1536, kv: int = 192, vocab: i
 
     The candidates take turns, `rounds` times, and each keeps its best time: another process
     that loads the CPU for a while then slows every candidate alike instead of the ones measured
-    while it ran (timing them one after another, a busy minute once made float32 look fastest)."""
+    while it ran (timing them one after another, a busy minute once made float32 look fastest).
+
+    With `fused`, a candidate whose matrices the one-call step of model/fused.py reads has its
+    decode step timed through it too, attention over PREFIX positions and all, and keeps the
+    faster of the two; torch's kernels are timed on their products alone, so the comparison
+    leans toward them (and toward float32, the exact path)."""
+    from .model.fused import decode_seconds
+
     gen = torch.Generator().manual_seed(0)
 
     def weight(rows: int, columns: int) -> torch.Tensor:
@@ -368,6 +376,11 @@ def measure(hidden: int = 576, intermediate: int = 1536, kv: int = 192, vocab: i
             one = inputs[hidden][0]
             last = _time(lambda: top(one), repeat=3)  # one position through the head, in both
             step = _time(lambda: [m(x[0]) for m, x in matrices], repeat=3) * scale + last
+            if fused:  # the one-call step where it can run these matrices (model/fused.py)
+                fast = decode_seconds([tuple(m for m, _ in matrices[j:j + 4]) for j in range(0, len(matrices), 4)],
+                                      top, heads, kv // (hidden // heads), layers, PREFIX,
+                                      lambda fn: _time(fn, repeat=3))
+                step = step if fast is None else min(step, fast)
             whole = _time(lambda: [m(x[1]) for m, x in matrices], repeat=1) * scale + last
             decode[i], prefill[i] = min(decode[i], step), min(prefill[i], whole)
             del matrices, top

@@ -157,3 +157,29 @@ def test_a_compiler_that_fails_is_reported_in_one_line(monkeypatch, tmp_path):
     assert fused.library() is None
     assert "could not build" in fused.status() and "unsupported option" in fused.status()
     assert "\n" not in fused.status()
+
+
+@needs_compiler
+def test_decode_seconds_times_the_matrices_step_c_reads_and_declines_the_others():
+    calls = []
+
+    def timer(fn):
+        fn()
+        calls.append(fn)
+        return 0.002 if len(calls) % 2 else 0.001  # with the head, then without
+
+    def stack(make):
+        g = torch.Generator().manual_seed(0)
+        w = lambda r, c: torch.randn(r, c, generator=g) * 0.02  # noqa: E731
+        return [(make(w(64 + 2 * 32, 64)), make(w(64, 64)), make(w(2 * 80, 64)), make(w(64, 80))) for _ in range(2)], \
+            make(w(120, 64))
+
+    half = precision.maker(precision.Precision("float16", "float16", "float16", "float32"))
+    layers, head = stack(half)
+    # two timed layers stand for six; the head (0.002 - 0.001) counts once
+    assert fused.decode_seconds(layers, head, 4, 2, 6, 10, timer) == pytest.approx(0.001 * 3 + 0.001)
+    assert len(calls) == 2
+    layers, head = stack(precision.Int8Matrix)
+    assert fused.decode_seconds(layers, head, 4, 2, 6, 10, timer) is not None
+    layers, head = stack(precision.maker(precision.EXACT))
+    assert fused.decode_seconds(layers, head, 4, 2, 6, 10, timer) is None  # oneDNN-packed float32

@@ -107,3 +107,24 @@ def test_a_bfloat16_prefill_takes_the_encoder_linears_and_float32_or_float16_lea
     assert error < 0.01  # bfloat16's 8-bit mantissa, through a few layers
     if precision.packed_available(torch.bfloat16):
         assert error > 0  # it did run in bfloat16
+
+
+def test_auto_counts_the_one_call_step_where_it_runs_a_candidate(monkeypatch):
+    from mellow_cli.model import fused
+
+    monkeypatch.setattr(precision, "_time", lambda fn, repeat: 1.0)  # every torch kernel alike
+    readable = []
+
+    def instant(stack, head, *args):  # the one-call step, where it can run the matrices
+        ok = fused._stored(head) is not None
+        readable.append(ok)
+        return 0.0 if ok else None
+
+    monkeypatch.setattr(fused, "decode_seconds", instant)
+    shapes = dict(hidden=64, intermediate=80, kv=32, vocab=120, layers=4, heads=4, timed_layers=2, rounds=1)
+    choice, timings = precision.measure(**shapes)
+    # float32 first, then float16 (plain float16 matrices): a free decode step makes it the first win
+    assert choice.name == "float16" and choice.prefill == "float32" and not choice.packed
+    assert readable[:2] == [False, True]
+    without, _ = precision.measure(**shapes, fused=False)
+    assert without.name == "float32"  # all alike: nothing beats the exact path by 10%

@@ -198,6 +198,46 @@ def _error(lib, cfg, state: dict, prompt: torch.Tensor, name: str, steps: int = 
     return worst
 
 
+def decode_seconds(stack: list[tuple], head, heads: int, kv_heads: int, layers: int, positions: int,
+                   timer) -> float | None:
+    """What a decode step at `positions` cached positions takes through step.c for a model of
+    `layers` layers like those of `stack` (prepared (qkv, o, gate_up, down) matrices) and output
+    head `head`, or None where step.c cannot run them. `timer(fn)` times a call; the layers of
+    `stack` stand for all `layers`, and the head is timed apart (once with it, once without) so
+    that it is counted once. For precision.measure, which compares this with torch's kernels."""
+    lib = library()
+    stored = [_stored(m) for ms in stack for m in ms] + [_stored(head)]
+    if lib is None or any(s is None for s in stored) or len({w.dtype for w, _ in stored}) != 1:
+        return None
+    hidden, intermediate = stored[-1][0].shape[1], stored[2][0].shape[0] // 2
+    head_dim = hidden // heads
+    dims = _Dims(len(stack), hidden, heads, kv_heads, head_dim, intermediate, stored[-1][0].shape[0],
+                 positions + 1, KINDS[stored[0][0].dtype], torch.get_num_threads(), 1e-5)
+    norm = torch.ones(hidden)
+    caches = [torch.zeros(2, kv_heads, positions + 1, head_dim) for _ in stack]
+    pointers, it = [], iter(stored)
+    for cache in caches:
+        mats = [next(it) for _ in range(4)]
+        pointers += [w.data_ptr() for w, _ in mats] + [s.data_ptr() if s is not None else 0 for _, s in mats]
+        pointers += [norm.data_ptr(), norm.data_ptr(), cache[0].data_ptr(), cache[1].data_ptr()]
+    w, scale = next(it)
+    pointers += [norm.data_ptr(), w.data_ptr(), scale.data_ptr() if scale is not None else 0]
+    table = (ctypes.c_void_p * len(pointers))(*pointers)
+    rotary = torch.zeros(positions + 1, head_dim)
+    x, logits = torch.randn(hidden), torch.empty(dims.vocab)
+    scratch = torch.empty(lib.mellow_scratch_floats(ctypes.byref(dims), 1, positions))
+    index = torch.tensor([[0], [positions], [positions], [0]])
+
+    def step(vocab: int) -> float:
+        dims.vocab = vocab
+        return timer(lambda: lib.mellow_forward(ctypes.byref(dims), table, x.data_ptr(), 1, *(i.data_ptr() for i in index),
+                                                positions, rotary.data_ptr(), rotary.data_ptr(), scratch.data_ptr(),
+                                                logits.data_ptr()))
+
+    whole, without_head = step(w.shape[0]), step(1)
+    return without_head * layers / len(stack) + (whole - without_head)
+
+
 def _stored(matrix) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(weights, per-row scales or None) of a prepared matrix step.c can read, else None."""
     from mellow_cli.precision import Dense, Int8Matrix
