@@ -77,7 +77,7 @@ def set_precision(net, device: "torch.device", dtype: str | None = None, release
         net.caption_decoder.to(half)
     precision.apply(net.lm, chosen, release)
     if device.type == "cpu":
-        precision.apply_encoder(net.audio_encoder.base.htsat, chosen)
+        precision.apply_encoder(net.audio_encoder.base.htsat, chosen, release)
     return chosen
 
 
