@@ -83,6 +83,9 @@ def load(name_or_path: str | ModelSource, *, device: str = "cpu", progress: bool
 
     Cached models load without network: the safetensors are mmapped and adopted by a network built
     on the meta device, so nothing is initialised twice and pages come in as they are used."""
+    from .memory import keep_freed_blocks
+
+    keep_freed_blocks()  # a process that runs a model makes and frees large tensors all along
     src = name_or_path if isinstance(name_or_path, ModelSource) else resolve(name_or_path)
     files = _ensure(src, verify=False, force=False, progress=progress, arch=arch)
     model = load_weights(files, arch=arch)
