@@ -2,6 +2,7 @@
 step on the same rounded weights, used only where it applies, and torch's step wherever it cannot
 be built or does not agree."""
 
+import platform
 import shutil
 
 import pytest
@@ -45,6 +46,18 @@ def test_step_is_float32_arithmetic_on_the_rounded_weights(name):
     assert lib is not None, fused.status()
     prompt = torch.randn(1, 7, CFG.hidden_size, generator=torch.Generator().manual_seed(1))
     assert fused._error(lib, CFG, random_state(CFG), prompt, name, steps=6) < fused.BOUNDS[name]
+
+
+@needs_compiler
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction sets")
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])  # AVX2 with F16C, and the plain loops
+def test_builds_for_other_instruction_sets_agree_too(march, tmp_path):
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    fused.compile_step(compiler, tmp_path / f"step-{march}.so", march=march)
+    lib = fused.load_library(tmp_path / f"step-{march}.so")
+    prompt = torch.randn(2, 7, CFG.hidden_size, generator=torch.Generator().manual_seed(1))
+    for name in ("float16", "bfloat16", "int8"):
+        assert fused._error(lib, CFG, random_state(CFG), prompt, name, steps=4) < fused.BOUNDS[name]
 
 
 @needs_compiler

@@ -85,30 +85,41 @@ def _build():
     target = cache_dir() / "kernels" / f"step-{key}.so"
     if not target.exists():
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                built = Path(tmp) / "step.so"
-                # -fno-math-errno lets expf vectorize; the sums stay in source order except where
-                # step.c marks a loop `omp simd` (reordered as torch's own kernels reorder them).
-                command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11",
-                           "-fno-math-errno", str(SOURCE), "-o", str(built), "-lm"]
-                subprocess.run(command, check=True, capture_output=True, timeout=120)
-                os.replace(built, target)  # whole or not at all, if another process builds it too
+            compile_step(compiler, target)
         except subprocess.CalledProcessError as e:
             last = (e.stderr or b"").decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
             return None, f"torch's ({compiler} could not build the one-call step: {last[0]})"
         except (OSError, subprocess.SubprocessError) as e:
             return None, f"torch's (building the one-call step failed: {e})"
     try:
-        lib = ctypes.CDLL(str(target))
+        lib = load_library(target)
     except OSError as e:
         return None, f"torch's (the one-call step would not load: {e})"
+    return lib, f"one call into C ({target}, built with {compiler} for this CPU)"
+
+
+def compile_step(compiler: str, target: Path, march: str = "native") -> None:
+    """Build step.c into `target` for `march` (raises what the compiler run raises)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / "step.so"
+        # -fno-math-errno lets expf vectorize; the sums stay in source order except where step.c
+        # marks a loop `omp simd` (reordered as torch's own kernels reorder them).
+        command = [compiler, "-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-std=gnu11",
+                   "-fno-math-errno", str(SOURCE), "-o", str(built), "-lm"]
+        subprocess.run(command, check=True, capture_output=True, timeout=120)
+        os.replace(built, target)  # whole or not at all, if another process builds it too
+
+
+def load_library(path: Path):
+    """A built step.c, its functions typed."""
+    lib = ctypes.CDLL(str(path))
     lib.mellow_scratch_floats.restype = ctypes.c_int64
     lib.mellow_scratch_floats.argtypes = [ctypes.POINTER(_Dims), ctypes.c_int64, ctypes.c_int64]
     lib.mellow_forward.restype = None
     lib.mellow_forward.argtypes = [ctypes.POINTER(_Dims), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                    *[ctypes.c_void_p] * 4, ctypes.c_int64, *[ctypes.c_void_p] * 4]
-    return lib, f"one call into C ({target}, built with {compiler} for this CPU)"
+    return lib
 
 
 def _agrees(lib) -> bool:
