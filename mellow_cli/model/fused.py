@@ -286,6 +286,8 @@ class FusedStep:
             return False
         if lm.model.embed_tokens.weight.dtype != torch.float32:
             return False
+        if lm.config.hidden_size // lm.config.num_attention_heads > 512:  # step.c's rotate holds a head on the stack
+            return False
         stored = [_stored(m) for m in lm.matrices()]
         return all(s is not None for s in stored) and len({w.dtype for w, _ in stored}) == 1
 
