@@ -324,7 +324,8 @@ class FusedStep:
         """Tokens `ids` (T,) through the model (step.c's mellow_forward says what row, pos, slot,
         group and visible mean) -> float32 logits (T, vocab). The caller keeps every row, slot and
         position inside the cache."""
-        self._cache()
+        if self._cache() is None:
+            raise ValueError("the KV cache is not float32 rows step.c can read: run torch's forward")
         self.dims.threads = torch.get_num_threads()
         tokens = len(ids)
         x = self.lm.embed(ids).float().contiguous()
