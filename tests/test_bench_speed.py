@@ -14,9 +14,10 @@ import torch
 from test_cli_answers import mellow
 
 from mellow_cli.bench import speed
+from mellow_cli.model import fused
 
 FIELDS = {
-    "model", "revision", "device", "dtype", "threads", "torch_version", "tokens", "repeat", "batch_size",
+    "model", "revision", "device", "dtype", "decode_step", "threads", "torch_version", "tokens", "repeat", "batch_size",
     "fetched_first", "load_first_s", "load_cached_s", "encoder_ms_per_clip", "encoder_ms_per_clip_batched",
     "time_to_first_token_s", "prefill_ms", "decode_tok_s", "decode_gb_s", "captions_per_s",
     "peak_rss_one_question_mb", "peak_rss_mb", "baseline", "baseline_prefill_ms", "baseline_decode_tok_s", "decode_ratio", "peak_rss_with_baseline_mb",
@@ -74,12 +75,14 @@ def test_agreement_with_float32_is_reported_unless_float32_ran(measured, tiny_mo
     out = bench(tiny_model_dir, "--json", "--skip-baseline", "-q", "--dtype", "float32")
     exact = json.loads(out.stdout)
     assert exact["dtype"] == "float32" and exact["agreement_prompts"] == 0 and exact["same_greedy"] is None
+    assert exact["decode_step"] == "torch"  # the exact path never runs step.c
 
 
 def test_int8_agrees_with_float32_on_the_tiny_model(tiny_model_dir):
     out = bench(tiny_model_dir, "--json", "--skip-baseline", "-q", "--dtype", "int8", "--prompts", "2")
     report = json.loads(out.stdout)
     assert report["dtype"].startswith("int8") and report["agreement_prompts"] == 2
+    assert report["decode_step"] == ("c" if fused.library() is not None else "torch")
     assert 0 < report["max_logit_diff"] < 1 and report["same_choice"] == 1.0
 
 

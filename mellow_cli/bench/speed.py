@@ -44,6 +44,7 @@ class SpeedReport:
     revision: str | None  # hub commit of the weights, None for local files
     device: str  # where it ran: cpu, cuda:0, mps
     dtype: str  # of the language model's weights
+    decode_step: str  # "c": one call into model/step.c per step; "torch": the eager forward
     threads: int  # torch's CPU threads
     torch_version: str
     tokens: int  # tokens decoded per timed decode run
@@ -314,7 +315,7 @@ def run(model: str = "v0", device: str = "auto", dtype: str | None = None, token
     hf_step = statistics.median(r.step_s for r in hf_runs) if hf_runs else None
     return SpeedReport(
         model=loaded.name, revision=loaded.revision, device=str(loaded.device),
-        dtype=loaded.precision.describe(),
+        dtype=loaded.precision.describe(), decode_step="torch" if lm.fused is None else "c",
         threads=torch.get_num_threads(), torch_version=torch.__version__, tokens=tokens, repeat=repeat,
         batch_size=batch_size, fetched_first=fetched, load_first_s=load_first, load_cached_s=load_cached,
         encoder_ms_per_clip=enc1, encoder_ms_per_clip_batched=enc_batched, time_to_first_token_s=ttft,
@@ -375,7 +376,8 @@ def table_rows(r: SpeedReport) -> list[tuple[str, str, str]]:
         (f"encoder, batch of {r.batch_size}", f"{r.encoder_ms_per_clip_batched:.0f} ms/clip", "per clip of the batch"),
         ("time to first token", f"{r.time_to_first_token_s:.2f} s", "decoded clip -> first token"),
         ("prefill", f"{r.prefill_ms:.0f} ms", "the prefix -> first token"),
-        ("decode, mellow", f"{r.decode_tok_s:.1f} tok/s", f"greedy, {r.tokens} tokens, {r.decode_gb_s:.2f} GB/s"),
+        ("decode, mellow", f"{r.decode_tok_s:.1f} tok/s",
+         f"greedy, {r.tokens} tokens, {r.decode_gb_s:.2f} GB/s, {'one call into C' if r.decode_step == 'c' else 'torch'} a step"),
     ]
     if r.baseline is not None:
         rows += [("decode, transformers", f"{r.baseline_decode_tok_s:.1f} tok/s", "generate, same weights"),
