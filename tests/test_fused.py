@@ -27,9 +27,7 @@ def fresh_library(monkeypatch):
 
 
 def random_state(cfg: MellowConfig, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {name: torch.randn(shape, generator=g) * (1.0 if "norm" in name or "embed" in name else 0.1)
-            for name, shape in fused._shapes(cfg).items()}
+    return fused.random_state(cfg, torch.Generator().manual_seed(seed))
 
 
 def prepared(name: str, state: dict, cfg: MellowConfig = CFG) -> LlamaForCausalLM:

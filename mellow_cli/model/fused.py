@@ -131,16 +131,19 @@ def _agrees(lib) -> bool:
     cfg = MellowConfig(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2)
     generator = torch.Generator().manual_seed(0)
-    state = {name: torch.randn(shape, generator=generator) * (1.0 if "norm" in name or "embed" in name else 0.1)
-             for name, shape in _shapes(cfg).items()}
+    state = random_state(cfg, generator)
     prompt = torch.randn(2, 5, cfg.hidden_size, generator=generator)
     return all(_error(lib, cfg, state, prompt, name) < BOUNDS[name] for name in ("float16", "int8"))
 
 
-def _shapes(cfg) -> dict[str, tuple[int, ...]]:
+def random_state(cfg, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random weights for a LlamaForCausalLM of `cfg`: norms and embeddings of unit scale,
+    matrices of 0.1, so the activations stay in range through a few layers."""
     from mellow_cli.model.llama import LlamaForCausalLM
 
-    return {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg).state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg).state_dict().items()}
+    return {name: torch.randn(shape, generator=generator) * (1.0 if "norm" in name or "embed" in name else 0.1)
+            for name, shape in shapes.items()}
 
 
 def _twins(cfg, state: dict, name: str):
@@ -226,14 +229,8 @@ def decode_seconds(stack: list[tuple], head, heads: int, kv_heads: int, layers: 
                  positions + 1, KINDS[stored[0][0].dtype], torch.get_num_threads(), 1e-5)
     norm = torch.ones(hidden)
     caches = [torch.zeros(2, kv_heads, positions + 1, head_dim) for _ in stack]
-    pointers, it = [], iter(stored)
-    for cache in caches:
-        mats = [next(it) for _ in range(4)]
-        pointers += [w.data_ptr() for w, _ in mats] + [s.data_ptr() if s is not None else 0 for _, s in mats]
-        pointers += [norm.data_ptr(), norm.data_ptr(), cache[0].data_ptr(), cache[1].data_ptr()]
-    w, scale = next(it)
-    pointers += [norm.data_ptr(), w.data_ptr(), scale.data_ptr() if scale is not None else 0]
-    table = (ctypes.c_void_p * len(pointers))(*pointers)
+    table = _pointer_table(stored, [(norm, norm, k, v) for k, v in caches], norm)
+    w = stored[-1][0]
     rotary = torch.zeros(positions + 1, head_dim)
     x, logits = torch.randn(hidden), torch.empty(dims.vocab)
     scratch = torch.empty(lib.mellow_scratch_floats(ctypes.byref(dims), 1, positions))
@@ -247,6 +244,24 @@ def decode_seconds(stack: list[tuple], head, heads: int, kv_heads: int, layers: 
 
     whole, without_head = step(w.shape[0]), step(1)
     return without_head * layers / len(stack) + (whole - without_head)
+
+
+def _pointer_table(stored: list, layers: list[tuple], final_norm: torch.Tensor):
+    """The pointers step.c's mellow_forward reads, in its order (PER_LAYER a layer, then three):
+    `stored` is `_stored` of every matrix in `LlamaForCausalLM.matrices` order, `layers` each
+    layer's (input norm, post-attention norm, k cache, v cache)."""
+    def address(t: torch.Tensor | None) -> int:
+        return 0 if t is None else t.data_ptr()
+
+    pointers, it = [], iter(stored)
+    for norms_and_cache in layers:
+        mats = [next(it) for _ in range(4)]
+        pointers += [address(w) for w, _ in mats] + [address(scale) for _, scale in mats]
+        pointers += [address(t) for t in norms_and_cache]
+    head, scale = next(it)
+    pointers += [address(final_norm), address(head), address(scale)]
+    assert len(pointers) == PER_LAYER * len(layers) + 3
+    return (ctypes.c_void_p * len(pointers))(*pointers)
 
 
 def _stored(matrix) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -305,16 +320,9 @@ class FusedStep:
                                 for c in caches):
             return None
         self.dims.max_len = caches[0].k.shape[2]
-        pointers, stored = [], iter(self.weights)
-        for layer, cache in zip(self.lm.model.layers, caches):
-            mats = [next(stored) for _ in range(4)]
-            pointers += [w.data_ptr() for w, _ in mats]
-            pointers += [s.data_ptr() if s is not None else 0 for _, s in mats]
-            pointers += [layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
-                         cache.k.data_ptr(), cache.v.data_ptr()]
-        head, scale = next(stored)
-        pointers += [self.lm.model.norm.weight.data_ptr(), head.data_ptr(), scale.data_ptr() if scale is not None else 0]
-        self.pointers = (ctypes.c_void_p * len(pointers))(*pointers)
+        layers = [(layer.input_layernorm.weight, layer.post_attention_layernorm.weight, cache.k, cache.v)
+                  for layer, cache in zip(self.lm.model.layers, caches)]
+        self.pointers = _pointer_table(self.weights, layers, self.lm.model.norm.weight)
         self.cos, self.sin = self.lm.model.rotary_emb.span(0, self.dims.max_len, torch.float32)
         self._caches = caches
         return caches
