@@ -89,12 +89,19 @@ def apply(lm, precision: Precision, release=None, fused: bool = True) -> None:
     """Prepare the language model's matrices for inference in `precision`, in place (`release`:
     see LlamaForCausalLM.prepare), and, with `fused`, give it the one-call decode steps and
     choice scoring of model/fused.py where this machine can build them and the matrices are of
-    a kind step.c reads (plain float16, bfloat16 or int8)."""
+    a kind step.c reads (plain float16, bfloat16 or int8), and step.c's attention for prefills
+    (any precision but float32)."""
     lm.prepare(maker(precision), release, head=head_maker(precision))
     if fused:
-        from .model.fused import attach
+        from .model.fused import PrefillLayer, attach, attention
 
         lm.fused = attach(lm)
+        # float32, the exact path, keeps torch's attention as well as its decode step.
+        attend = attention() if precision.name != "float32" else None
+        layer_pass = PrefillLayer(attend.lib, attend) if attend is not None and precision.prefill == "bfloat16" else None
+        for layer in lm.model.layers:
+            layer.self_attn.attend = attend
+            layer.prefill = layer_pass
 
 
 def apply_encoder(htsat, precision: Precision, release=None) -> bool:

@@ -56,6 +56,83 @@ def test_builds_for_other_instruction_sets_agree_too(march, tmp_path):
     prompt = torch.randn(2, 7, CFG.hidden_size, generator=torch.Generator().manual_seed(1))
     for name in ("float16", "bfloat16", "int8"):
         assert fused._error(lib, CFG, random_state(CFG), prompt, name, steps=4) < fused.BOUNDS[name]
+    assert fused.attention_error(fused.Attend(lib)) < fused.ATTENTION_BOUND
+    assert fused.prefill_error(lib) < fused.PREFILL_BOUND
+
+
+@needs_compiler
+def test_prefill_attention_is_torchs_and_its_bfloat16_output_is_float32s_rounded():
+    lib = fused.library()
+    assert lib is not None, fused.status()
+    attend = fused.Attend(lib)
+    assert fused.attention_error(attend) < fused.ATTENTION_BOUND
+    from mellow_cli.model.llama import KVCache
+
+    generator = torch.Generator().manual_seed(3)
+    qk = torch.randn(3, 40, 12, 64, generator=generator)  # SmolLM2's heads: 9 for q, 3 for k
+    cache = KVCache(3, 3, 50, 64, torch.float32, "cpu")
+    cache.k.normal_(generator=generator)
+    cache.v.normal_(generator=generator)
+    exact = attend(qk, 9, cache, 5)
+    assert exact.shape == (3, 40, 9 * 64)
+    assert torch.equal(attend(qk, 9, cache, 5, torch.bfloat16), exact.bfloat16())
+    assert attend(qk.bfloat16(), 9, cache, 5) is None  # not a layout it reads: torch's runs
+
+
+@needs_compiler
+def test_a_bfloat16_prefill_runs_its_layers_in_c_and_matches_torchs_layers():
+    lib = fused.library()
+    assert lib is not None, fused.status()
+    assert fused.prefill_error(lib) < fused.PREFILL_BOUND
+    lm = prepared("bfloat16", random_state(CFG))
+    layer_pass = lm.model.layers[0].prefill
+    if not lib.mellow_attention_native():
+        assert layer_pass is None
+        pytest.skip("no 16-lane vectors here: torch's layers run")
+    assert isinstance(layer_pass, fused.PrefillLayer)
+    calls = []
+    for layer in lm.model.layers:
+        layer.prefill = lambda *args: calls.append(1) or layer_pass(*args)
+    prompt = torch.randn(2, 9, CFG.hidden_size, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        lm.setup_cache(2, 12)
+        got = lm(inputs_embeds=prompt, start=0).logits
+        assert len(calls) == CFG.num_hidden_layers
+        lm(input_ids=torch.tensor([[1], [2]]), start=9)  # a decode step: not a prefill
+        assert len(calls) == CFG.num_hidden_layers
+        for layer in lm.model.layers:
+            layer.prefill = None
+        lm.setup_cache(2, 12)
+        expected = lm(inputs_embeds=prompt, start=0).logits
+    assert float((got - expected).abs().max() / expected.abs().max()) < fused.PREFILL_BOUND
+
+
+@needs_compiler
+def test_which_precisions_take_the_c_prefill():
+    lib = fused.library()
+    assert lib is not None, fused.status()
+    native = bool(lib.mellow_attention_native())
+    state = random_state(CFG)
+    for name, attends, layers in (("float32", False, False), ("float16", native, False),
+                                  ("int8", native, False), ("bfloat16", native, native)):
+        layer = prepared(name, state).model.layers[1]
+        assert (layer.self_attn.attend is not None, layer.prefill is not None) == (attends, layers), name
+
+
+@needs_compiler
+def test_a_library_whose_prefill_pass_is_wrong_is_refused(monkeypatch):
+    built, _ = fused._build()
+
+    class Broken:  # the real library but for SwiGLU, which leaves its output as torch.empty made it
+        def __getattr__(self, name):
+            return getattr(built, name)
+
+        def mellow_swiglu(self, *args):
+            pass
+
+    monkeypatch.setattr(fused, "_build", lambda: (Broken(), "one call into C (a broken one)"))
+    assert fused.library() is None
+    assert "disagreed" in fused.status()
 
 
 @needs_compiler

@@ -35,6 +35,11 @@ PER_LAYER = 12  # pointers per layer, step.c's enum
 # activations to 16 bits (step.c), about 1e-4 on a small random model, while rounding the
 # weights to 8 bits moves logits by 1e-2. A wrong index or a lost term moves them by far more.
 BOUNDS = {"float16": 1e-5, "bfloat16": 1e-5, "int8": 1e-3}
+ATTENTION_BOUND = 1e-5  # the same for attention, which is float32 throughout (step.c: ~3e-7)
+# And for a bfloat16 prefill through PrefillLayer against torch's layers (see prefill_error):
+# ~2e-4 measured; a norm over one element too few moves it by 2e-2, truncating instead of
+# rounding to bfloat16 by 5e-3.
+PREFILL_BOUND = 2e-3
 KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.int8: 2}
 
 
@@ -119,13 +124,29 @@ def load_library(path: Path):
     lib.mellow_forward.restype = None
     lib.mellow_forward.argtypes = [ctypes.POINTER(_Dims), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                    *[ctypes.c_void_p] * 4, ctypes.c_int64, *[ctypes.c_void_p] * 4]
+    lib.mellow_attention_scratch_floats.restype = ctypes.c_int64
+    lib.mellow_attention_scratch_floats.argtypes = [ctypes.c_int64] * 5
+    lib.mellow_attention.restype = None
+    lib.mellow_attention.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 5, ctypes.c_void_p, ctypes.c_void_p,
+                                     *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                     ctypes.c_int64]
+    lib.mellow_attention_native.restype = ctypes.c_int
+    lib.mellow_attention_native.argtypes = []
+    for name, args in (("mellow_add_norm", [ctypes.c_void_p] * 3 + [ctypes.c_double] + [ctypes.c_void_p] * 2
+                        + [ctypes.c_int64] * 3),
+                       ("mellow_rotate_store", [ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 5
+                        + [ctypes.c_int64] * 2),
+                       ("mellow_swiglu", [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3)):
+        getattr(lib, name).restype = None
+        getattr(lib, name).argtypes = args
     return lib
 
 
 def _agrees(lib) -> bool:
     """Whether the built library gives, on a small random model in float16 and in int8, the
     logits that float32 arithmetic gives on the same rounded weights, for decode steps of two rows
-    and for choices (a compiler that miscompiles step.c must not change answers)."""
+    and for choices, and torch's results for a prefill's attention and bfloat16 layers (a
+    compiler that miscompiles step.c must not change answers)."""
     from mellow_cli.config import MellowConfig
 
     cfg = MellowConfig(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
@@ -133,7 +154,8 @@ def _agrees(lib) -> bool:
     generator = torch.Generator().manual_seed(0)
     state = random_state(cfg, generator)
     prompt = torch.randn(2, 5, cfg.hidden_size, generator=generator)
-    return all(_error(lib, cfg, state, prompt, name) < BOUNDS[name] for name in ("float16", "int8"))
+    return (all(_error(lib, cfg, state, prompt, name) < BOUNDS[name] for name in ("float16", "int8"))
+            and attention_error(Attend(lib)) < ATTENTION_BOUND and prefill_error(lib) < PREFILL_BOUND)
 
 
 def random_state(cfg, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -210,6 +232,157 @@ def _error(lib, cfg, state: dict, prompt: torch.Tensor, name: str, steps: int = 
             exact(inputs_embeds=prompt[r, None], start=0)
             worst = max(worst, error(got, exact(input_ids=torch.tensor([tokens[:-1]]), start=length).logits[0]))
     return worst
+
+
+@torch.inference_mode()
+def attention_error(attend: "Attend") -> float:
+    """The largest difference between `attend` and torch's attention over the same cache, relative
+    to the largest output, for a prefill (queries from position 0) and for queries after three
+    cached positions, with two rows and two query heads per key/value head."""
+    import torch.nn.functional as F
+
+    from mellow_cli.model.llama import KVCache
+
+    generator = torch.Generator().manual_seed(1)
+    batch, heads, kv_heads, head_dim, tokens = 2, 4, 2, 16, 21
+    worst = 0.0
+    for start in (0, 3):
+        qk = torch.randn(batch, tokens, heads + kv_heads, head_dim, generator=generator)
+        cache = KVCache(batch, kv_heads, start + tokens + 2, head_dim, torch.float32, "cpu")
+        cache.k.normal_(generator=generator)
+        cache.v.normal_(generator=generator)
+        k, v = cache.k[:, :, : start + tokens], cache.v[:, :, : start + tokens]
+        mask = torch.ones(tokens, start + tokens, dtype=torch.bool).tril(diagonal=start)
+        expected = F.scaled_dot_product_attention(qk[:, :, :heads].transpose(1, 2), k, v, attn_mask=mask,
+                                                  enable_gqa=True).transpose(1, 2).reshape(batch, tokens, -1)
+        got = attend(qk, heads, cache, start)
+        worst = max(worst, float((got - expected).abs().max() / expected.abs().max()))
+    return worst
+
+
+@torch.inference_mode()
+def prefill_error(lib) -> float:
+    """The largest difference between a prefill through PrefillLayer and through torch's layers,
+    on the same small random model in bfloat16, relative to the largest value: of the final
+    hidden states and of the keys and values cached. Both round to bfloat16 at the same points,
+    so they differ where a float32 sum summed in another order rounds the other way (a bfloat16
+    step, 0.4% of an element); a wrong index or a lost term moves them by the elements themselves."""
+    from mellow_cli.config import MellowConfig
+    from mellow_cli.model.llama import LlamaForCausalLM
+    from mellow_cli.precision import Precision, apply, packed_available
+
+    cfg = MellowConfig(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2)
+    generator = torch.Generator().manual_seed(2)
+    lm = LlamaForCausalLM(cfg)
+    lm.load_state_dict(random_state(cfg, generator))
+    apply(lm.eval(), Precision("bfloat16", "bfloat16", "bfloat16", "bfloat16",
+                               packed=packed_available(torch.bfloat16)), fused=False)
+    prompt = torch.randn(2, 21, cfg.hidden_size, generator=generator)
+
+    def run(layer_pass):
+        for layer in lm.model.layers:
+            layer.prefill = layer_pass
+        lm.setup_cache(2, 23)
+        hidden = lm.hidden(inputs_embeds=prompt, start=0)
+        return [hidden] + [t.clone() for layer in lm.model.layers for t in (layer.self_attn.kv_cache.k,
+                                                                             layer.self_attn.kv_cache.v)]
+
+    expected, got = run(None), run(PrefillLayer(lib, Attend(lib)))
+    return max(float((g - e).abs().max() / e.abs().max()) for g, e in zip(got, expected))
+
+
+def attention(lib=None) -> "Attend | None":
+    """step.c's attention for several queries where the library is here and its vectors are the
+    CPU's own (else torch's flash kernel is the faster one), or None."""
+    lib = lib or library()
+    return Attend(lib) if lib is not None and lib.mellow_attention_native() else None
+
+
+class Attend:
+    """A prefill's attention (several queries a row, causal, grouped-query) through step.c's
+    mellow_attention: what Attention.forward's scaled_dot_product_attention computes, in float32,
+    in about half its time at a prefix's sizes. Called with the rotated q and k of the new
+    positions (B, T, heads + kv_heads, head_dim), the number of query heads and the layer's
+    KVCache, already holding positions 0 .. start+T-1 -> (B, T, heads * head_dim), or None where
+    the tensors are not float32 in the layout step.c reads (torch's attention then runs)."""
+
+    def __init__(self, lib):
+        self.lib = lib
+        self.scratch = torch.empty(0)
+
+    def __call__(self, qk: torch.Tensor, heads: int, cache, start: int,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        """`dtype` float32, or bfloat16 (the outputs rounded as a bfloat16 product rounds its inputs)."""
+        batch, tokens, _, head_dim = qk.shape
+        k, v = cache.k, cache.v
+        if (head_dim % 16 or qk.dtype != torch.float32 or k.dtype != torch.float32 or qk.device.type != "cpu"
+                or qk.stride(3) != 1 or qk.stride(2) != head_dim or not (k.is_contiguous() and v.is_contiguous())):
+            return None
+        kv_heads, max_len = k.shape[1], k.shape[2]
+        threads = torch.get_num_threads()
+        need = self.lib.mellow_attention_scratch_floats(batch, kv_heads, head_dim, start + tokens, threads)
+        if self.scratch.numel() < need:
+            self.scratch = torch.empty(need)
+        out = torch.empty(batch, tokens, heads * head_dim, dtype=dtype)
+        self.lib.mellow_attention(qk.data_ptr(), qk.stride(0), qk.stride(1), batch, tokens, start, k.data_ptr(),
+                                  v.data_ptr(), kv_heads, max_len, heads, head_dim, out.data_ptr(),
+                                  int(dtype == torch.bfloat16), self.scratch.data_ptr(), threads)
+        return out
+
+
+class PrefillLayer:
+    """A decoder layer over several positions a row (a prefill) where its products take and give
+    bfloat16 (several rows of a bfloat16-prefill precision): the four products as prepared, and
+    between them step.c's passes (norms, rotary and the cache, attention, SwiGLU, the residual
+    sums) instead of torch's ~20 elementwise operations, with bfloat16 where the products round
+    their inputs and outputs anyway. DecoderLayer.forward calls it; None: torch's layer runs."""
+
+    def __init__(self, lib, attend: Attend):
+        self.lib, self.attend = lib, attend
+
+    def __call__(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor | None:
+        """DecoderLayer.forward's arguments (cos and sin: RotaryEmbedding.span of the new positions)."""
+        attn, mlp, lib = layer.self_attn, layer.mlp, self.lib
+        cache = attn.kv_cache
+        batch, tokens, hidden = x.shape
+        d = attn.head_dim
+        heads, kv_heads = attn.sizes[0] // d, attn.sizes[1] // d
+        if (x.dtype != torch.float32 or x.device.type != "cpu" or d % 16 or cache.k.dtype != torch.float32
+                or not (cache.k.is_contiguous() and cache.v.is_contiguous() and cos.is_contiguous()
+                        and sin.is_contiguous())):
+            return None
+        n, threads, eps = batch * tokens, torch.get_num_threads(), layer.input_layernorm.eps
+        x = x.contiguous()
+        normed = torch.empty(batch, tokens, hidden, dtype=torch.bfloat16)
+        lib.mellow_add_norm(x.data_ptr(), None, layer.input_layernorm.weight.data_ptr(), eps, x.data_ptr(),
+                            normed.data_ptr(), n, hidden, threads)
+        qkv = _bfloat16(attn.qkv(normed))
+        qk = torch.empty(batch, tokens, heads + kv_heads, d)
+        lib.mellow_rotate_store(qkv.data_ptr(), batch, tokens, start, heads, kv_heads, d, cos.data_ptr(),
+                                sin.data_ptr(), qk.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(),
+                                cache.k.shape[2], threads)
+        mixed = self.attend(qk, heads, cache, start, torch.bfloat16)
+        # Every tensor C reads is held by a name until the call returns: a temporary's memory
+        # could be handed back (and written by the allocator) while C reads it.
+        out = _bfloat16(attn.out(mixed))
+        summed = torch.empty_like(x)
+        lib.mellow_add_norm(x.data_ptr(), out.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(), eps,
+                            summed.data_ptr(), normed.data_ptr(), n, hidden, threads)
+        gate_up = _bfloat16(mlp.gate_up(normed))
+        inter = gate_up.shape[-1] // 2
+        acted = torch.empty(batch, tokens, inter, dtype=torch.bfloat16)
+        lib.mellow_swiglu(gate_up.data_ptr(), acted.data_ptr(), n, inter, threads)
+        down = _bfloat16(mlp.down(acted))
+        lib.mellow_add_norm(summed.data_ptr(), down.data_ptr(), None, 0.0, summed.data_ptr(), None, n, hidden, threads)
+        return summed
+
+
+def _bfloat16(product: torch.Tensor) -> torch.Tensor:
+    """A product's output as PrefillLayer reads it (its matrices give bfloat16 for bfloat16)."""
+    if product.dtype != torch.bfloat16:
+        raise ValueError(f"a bfloat16 product gave {product.dtype}: PrefillLayer is for bfloat16 prefills")
+    return product.contiguous()
 
 
 def decode_seconds(stack: list[tuple], head, heads: int, kv_heads: int, layers: int, positions: int,

@@ -125,6 +125,9 @@ class Attention(nn.Module):
         self.qkv: Matrix | None = None  # q, k, v as one matrix, and o, for inference (prepare)
         self.out: Matrix | None = None
         self.kv_cache: KVCache | None = None
+        # Several queries' attention against the cache, the same arithmetic as the
+        # scaled_dot_product_attention below (fused.Attend), or None; set by precision.apply.
+        self.attend: Callable | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | None,
                 mask: torch.Tensor | None) -> torch.Tensor:
@@ -136,13 +139,18 @@ class Attention(nn.Module):
         qk = rotate(heads[:, :, : q_heads + kv_heads], cos, sin)  # q and k in one pass
         q, k = qk[:, :, :q_heads].transpose(1, 2), qk[:, :, q_heads:].transpose(1, 2)
         v = heads[:, :, q_heads + kv_heads :].transpose(1, 2)
+        y = None
         if start is not None:
             k, v = self.kv_cache.update(start, k, v)
-        # Without a cache, or from position 0 (prefill), the mask is plain causal; a decode step
-        # (one query) sees every key; several queries after a cached prefix get `mask`.
-        causal = mask is None and t > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
-        return project(y.transpose(1, 2).reshape(b, t, -1), self.out, self.o_proj)
+            if t > 1 and self.attend is not None:  # a prefill, in C where fused.py set it up
+                y = self.attend(qk, q_heads, self.kv_cache, start)
+        if y is None:
+            # Without a cache, or from position 0 (prefill), the mask is plain causal; a decode
+            # step (one query) sees every key; several queries after a cached prefix get `mask`.
+            causal = mask is None and t > 1
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+            y = y.transpose(1, 2).reshape(b, t, -1)
+        return project(y, self.out, self.o_proj)
 
 
 class MLP(nn.Module):
@@ -168,9 +176,16 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # This forward over several positions a row against the cache, with the elementwise
+        # work in C between bfloat16 products (fused.PrefillLayer), or None; set by precision.apply.
+        self.prefill: Callable | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.prefill is not None and start is not None and x.shape[1] > 1:
+            y = self.prefill(self, x, cos, sin, start)
+            if y is not None:
+                return y
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 

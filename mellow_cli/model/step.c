@@ -20,6 +20,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__AVX512F__) || defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -50,6 +53,18 @@ static inline float widen_f16(uint16_t h) {
     _Float16 f;
     memcpy(&f, &h, sizeof f);
     return (float)f;
+}
+
+/* float32 to bfloat16, rounded to nearest even as torch's .to(torch.bfloat16) (NaN stays NaN). */
+static inline uint16_t round_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+static void round_bf16s(const float *x, uint16_t *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = round_bf16(x[i]);
 }
 
 #if defined(__AVX2__) || defined(__F16C__)
@@ -380,4 +395,293 @@ void mellow_forward(const Dims *dims, void *const *p, float *x, int64_t tokens, 
     void *const *last = p + dims->layers * PER_LAYER;
     for (int64_t t = 0; t < tokens; t++) rms_norm(x + t * h, last[0], normed + t * h, h, dims->eps);
     matmul(last[1], last[2], kind, normed, logits, tokens, dims->vocab, h, threads, work);
+}
+
+/* ---- A prefill's attention --------------------------------------------------------------------
+
+   Causal grouped-query attention of `tokens` new queries per row against everything cached
+   before and with them: query t of a row sits at position start + t and sees keys 0 .. start + t.
+   torch's flash kernel takes ~20% of a 389-position prefill at these sizes (64-wide heads); this
+   scores eight (query, head) pairs of one key/value head against sixteen keys at a time, from
+   keys transposed once per row and head, with every sum and the softmax in float32.
+
+   Written with the compiler's vector types (GCC and clang) rather than intrinsics: one source
+   that becomes 512-bit instructions where the CPU has them, pairs of 256-bit ones where it has
+   AVX2, and narrower ones elsewhere. */
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  /* the vector types never cross this file's boundary */
+#endif
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef float vf_u __attribute__((vector_size(64), aligned(4)));  /* unaligned loads and stores */
+#define LANES 16
+#define TILE 8  /* (query, head) pairs scored together */
+
+/* e^x lane by lane (Cephes' expf: 2^n times a polynomial on [-ln2/2, ln2/2]), within 2 ulp;
+   x below -87 gives about 1e-38 rather than 0 (callers zero masked lanes themselves). */
+/* a where mask (all ones or zeros per lane), else b */
+static inline __attribute__((always_inline)) vf select_lanes(vi mask, vf a, vf b) {
+    return (vf)(((vi)a & mask) | ((vi)b & ~mask));
+}
+
+static inline __attribute__((always_inline)) vf exp_lanes(vf x) {
+    const vf hi = (vf){0} + 88.3f, lo = (vf){0} - 87.3f;
+    x = select_lanes(x > hi, hi, x);
+    x = select_lanes(x < lo, lo, x);
+    vf fx = x * 1.44269504088896341f + 0.5f;
+    vi n = __builtin_convertvector(fx, vi);  /* truncates toward zero: make it floor */
+    vf nf = __builtin_convertvector(n, vf);
+    vi down = nf > fx;
+    nf = nf + __builtin_convertvector(down, vf);  /* down is -1 where truncation went up */
+    n = n + down;
+    vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    vf p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    vi bits = (n + 127) << 23;
+    vf two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return p * two_n;
+}
+
+static inline __attribute__((always_inline)) vf load_lanes(const float *p) { return *(const vf_u *)p; }
+static inline __attribute__((always_inline)) void store_lanes(float *p, vf v) { *(vf_u *)p = v; }
+
+static int64_t padded(int64_t n) { return (n + LANES - 1) / LANES * LANES; }
+
+/* Floats of scratch memory mellow_attention needs. */
+int64_t mellow_attention_scratch_floats(int64_t batch, int64_t kv_heads, int64_t head_dim, int64_t visible,
+                                        int64_t threads) {
+    return batch * kv_heads * head_dim * padded(visible) + threads * TILE * (padded(visible) + head_dim) + 16;
+}
+
+/* Scores, softmax and weighted values of the pairs in rows[0 .. TILE) (query pointers q[r],
+   each seeing the first seen[r] keys; pairs past the real ones repeat the last) against keys
+   transposed to kt (head_dim, stride) and values v (n, head_dim); outputs to out[r]. */
+static void attend_tile(const float *const *q, const int64_t *seen, const float *kt, int64_t stride,
+                        const float *v, int64_t d, float scale, float *scores, int64_t reals,
+                        float *const *out) {
+    int64_t n = 0;
+    for (int r = 0; r < reals; r++) n = seen[r] > n ? seen[r] : n;
+    for (int64_t j = 0; j < n; j += LANES) {
+        vf acc[TILE] = {0};
+        for (int64_t i = 0; i < d; i++) {
+            vf k = load_lanes(kt + i * stride + j);
+            for (int r = 0; r < TILE; r++) acc[r] += q[r][i] * k;
+        }
+        for (int r = 0; r < TILE; r++) store_lanes(scores + r * stride + j, acc[r] * scale);
+    }
+    vf iota;
+    for (int u = 0; u < LANES; u++) iota[u] = (float)u;
+    const vf minus_inf = (vf){0} - INFINITY;
+    float inv[TILE];
+    for (int r = 0; r < reals; r++) {
+        float *s = scores + r * stride, top = -INFINITY, total = 0.0f;
+        const int64_t full = seen[r] / LANES * LANES;
+        const vi inside = iota < (float)(seen[r] - full);  /* the keys of the last, partial chunk it sees */
+        vf tops = minus_inf, totals = {0};
+        for (int64_t j = 0; j < full; j += LANES) {
+            vf x = load_lanes(s + j);
+            tops = select_lanes(x > tops, x, tops);
+        }
+        if (full < seen[r]) {
+            vf x = select_lanes(inside, load_lanes(s + full), minus_inf);
+            tops = select_lanes(x > tops, x, tops);
+        }
+        for (int u = 0; u < LANES; u++) top = tops[u] > top ? tops[u] : top;
+        for (int64_t j = 0; j < full; j += LANES) {
+            vf e = exp_lanes(load_lanes(s + j) - top);
+            totals += e;
+            store_lanes(s + j, e);
+        }
+        if (full < seen[r]) {  /* causal: keys after the query weigh nothing */
+            vf e = select_lanes(inside, exp_lanes(load_lanes(s + full) - top), (vf){0});
+            totals += e;
+            store_lanes(s + full, e);
+        }
+        for (int u = 0; u < LANES; u++) total += totals[u];
+        for (int64_t j = padded(seen[r]); j < padded(n); j++) s[j] = 0.0f;
+        inv[r] = 1.0f / total;
+    }
+    for (int r = reals; r < TILE; r++) inv[r] = 0.0f;
+    for (int64_t c = 0; c < d; c += LANES) {
+        vf acc[TILE] = {0};
+        for (int64_t j = 0; j < n; j++) {
+            vf value = load_lanes(v + j * d + c);
+            for (int r = 0; r < TILE; r++) acc[r] += scores[r * stride + j] * value;
+        }
+        for (int r = 0; r < reals; r++) store_lanes(out[r] + c, acc[r] * inv[r]);
+    }
+}
+
+/* q (batch, tokens, heads, head_dim) at strides q_batch, q_token (heads contiguous); the caches
+   (batch, kv_heads, max_len, head_dim) hold positions 0 .. start+tokens-1 of each row; out
+   (batch, tokens, heads, head_dim), float32, or bfloat16 (rounded to nearest even) with
+   `out_bf16`. Query head h reads key/value head h / (heads / kv_heads), as SDPA's enable_gqa.
+   head_dim must be a multiple of 16 (fused.py checks). */
+void mellow_attention(const float *q, int64_t q_batch, int64_t q_token, int64_t batch, int64_t tokens,
+                      int64_t start, const float *k_cache, const float *v_cache, int64_t kv_heads,
+                      int64_t max_len, int64_t heads, int64_t d, void *out, int64_t out_bf16, float *scratch,
+                      int64_t threads) {
+    const int64_t visible = start + tokens, stride = padded(visible), group = heads / kv_heads;
+    const int64_t pairs = tokens * group, tiles = (pairs + TILE - 1) / TILE;
+    const float scale = 1.0f / sqrtf((float)d);
+    float *kts = scratch, *tile_scores = scratch + batch * kv_heads * d * stride;
+
+#pragma omp parallel num_threads((int)threads)
+    {
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t b = 0; b < batch; b++)
+            for (int64_t g = 0; g < kv_heads; g++) {
+                const float *k = k_cache + (b * kv_heads + g) * max_len * d;
+                float *kt = kts + (b * kv_heads + g) * d * stride;
+                for (int64_t i = 0; i < d; i++) {
+                    for (int64_t j = 0; j < visible; j++) kt[i * stride + j] = k[j * d + i];
+                    for (int64_t j = visible; j < stride; j++) kt[i * stride + j] = 0.0f;
+                }
+            }
+        /* Later queries see more keys: hand tiles out from the long end, a few at a time. */
+        float *mine = tile_scores;
+#ifdef _OPENMP
+        mine += (int64_t)omp_get_thread_num() * TILE * (stride + d);
+#endif
+        float *rounding = mine + TILE * stride;  /* a tile's outputs before bfloat16 */
+#pragma omp for collapse(3) schedule(dynamic, 1)
+        for (int64_t b = 0; b < batch; b++)
+            for (int64_t g = 0; g < kv_heads; g++)
+                for (int64_t back = 0; back < tiles; back++) {
+                    int64_t tile = tiles - 1 - back, reals = 0;
+                    const float *qs[TILE];
+                    float *outs[TILE];
+                    int64_t seen[TILE], at[TILE];
+                    for (int r = 0; r < TILE; r++) {
+                        int64_t pair = tile * TILE + r < pairs ? tile * TILE + r : pairs - 1;
+                        int64_t t = pair / group, h = g * group + pair % group;
+                        reals += tile * TILE + r < pairs;
+                        qs[r] = q + b * q_batch + t * q_token + h * d;
+                        at[r] = ((b * tokens + t) * heads + h) * d;
+                        outs[r] = out_bf16 ? rounding + r * d : (float *)out + at[r];
+                        seen[r] = start + t + 1;
+                    }
+                    attend_tile(qs, seen, kts + (b * kv_heads + g) * d * stride, stride,
+                                v_cache + (b * kv_heads + g) * max_len * d, d, scale, mine, reals, outs);
+                    if (out_bf16)
+                        for (int r = 0; r < reals; r++) round_bf16s(outs[r], (uint16_t *)out + at[r], d);
+                }
+    }
+}
+
+/* Whether mellow_attention's 16-lane vectors are the CPU's own registers here: built without
+   AVX512 the compiler splits each into several narrower ones and spills the tile, and torch's
+   kernel is the faster one (fused.py then keeps it). */
+int mellow_attention_native(void) {
+#if defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* ---- The rest of a prefill layer, between oneDNN's bfloat16 products -------------------------
+
+   Where a precision multiplies several rows in bfloat16, a prefill's layer is four products and,
+   between them, about twenty elementwise torch operations over every position, each a pass over
+   memory, several of them only widening the products' bfloat16 outputs to float32 and rounding
+   the next product's inputs back. These do the same arithmetic in a pass or two: fused.py's
+   PrefillLayer calls them between the products. Every sum stays in float32 as in llama.py;
+   bfloat16 appears exactly where the products round their inputs and outputs. */
+
+typedef uint16_t vh __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+
+static inline __attribute__((always_inline)) vf widen_bf16_lanes(const uint16_t *p) {
+    return (vf)(__builtin_convertvector(*(const vh *)p, vu) << 16);
+}
+
+static inline __attribute__((always_inline)) void round_bf16_lanes(uint16_t *p, vf x) {
+    vu bits = (vu)x, nan = (vu)((bits & 0x7fffffffu) > 0x7f800000u);
+    vu rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    rounded = (rounded & ~nan) | (((bits >> 16) | 0x40u) & nan);
+    *(vh *)p = __builtin_convertvector(rounded, vh);
+}
+
+/* One position: x + widen(y) into sum (when y), then RMSNorm(sum) * weight rounded to bfloat16
+   into normed (when weight). */
+static void add_norm_row(const float *x, const uint16_t *y, const float *weight, float eps, float *sum,
+                         uint16_t *normed, int64_t h) {
+    const int64_t full = h / LANES * LANES;
+    if (y != NULL) {
+        for (int64_t i = 0; i < full; i += LANES) store_lanes(sum + i, load_lanes(x + i) + widen_bf16_lanes(y + i));
+        for (int64_t i = full; i < h; i++) sum[i] = x[i] + widen_bf16(y[i]);
+        x = sum;
+    }
+    if (weight == NULL) return;
+    vf squares = {0};
+    for (int64_t i = 0; i < full; i += LANES) squares += load_lanes(x + i) * load_lanes(x + i);
+    float total = 0.0f;
+    for (int u = 0; u < LANES; u++) total += squares[u];
+    for (int64_t i = full; i < h; i++) total += x[i] * x[i];
+    const float inv = 1.0f / sqrtf(total / (float)h + eps);
+    for (int64_t i = 0; i < full; i += LANES) round_bf16_lanes(normed + i, load_lanes(x + i) * inv * load_lanes(weight + i));
+    for (int64_t i = full; i < h; i++) normed[i] = round_bf16(x[i] * inv * weight[i]);
+}
+
+/* For each of n positions (rows of h): sum = x + y (y bfloat16; none: sum is x) and
+   normed = bfloat16(RMSNorm(sum) * weight) (no weight: no norm). */
+void mellow_add_norm(const float *x, const uint16_t *y, const float *weight, double eps, float *sum,
+                     uint16_t *normed, int64_t n, int64_t h, int64_t threads) {
+#pragma omp parallel for num_threads((int)threads) schedule(static)
+    for (int64_t t = 0; t < n; t++)
+        add_norm_row(x + t * h, y == NULL ? NULL : y + t * h, weight, (float)eps, sum + t * h,
+                     normed == NULL ? NULL : normed + t * h, h);
+}
+
+/* q, k, v of `tokens` positions a row, as the qkv product wrote them (bfloat16, (batch, tokens,
+   heads + 2 kv_heads, d)): q and k rotated for positions start.. into qk (float32, (batch,
+   tokens, heads + kv_heads, d)), k and v stored into the caches (batch, kv_heads, max_len, d).
+   cos and signed_sin are RotaryEmbedding.span's tables for positions start .. start+tokens-1. */
+void mellow_rotate_store(const uint16_t *qkv, int64_t batch, int64_t tokens, int64_t start, int64_t heads,
+                         int64_t kv_heads, int64_t d, const float *cos, const float *signed_sin, float *qk,
+                         float *k_cache, float *v_cache, int64_t max_len, int64_t threads) {
+    const int64_t half = d / 2, rotated = heads + kv_heads, all = heads + 2 * kv_heads;
+#pragma omp parallel for collapse(2) num_threads((int)threads) schedule(static)
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t t = 0; t < tokens; t++) {
+            const int64_t pos = start + t;
+            const uint16_t *in = qkv + (b * tokens + t) * all * d;
+            float *out = qk + (b * tokens + t) * rotated * d;
+            const float *c = cos + t * d, *s = signed_sin + t * d;
+            for (int64_t j = 0; j < rotated; j++)
+                for (int64_t i = 0; i < d; i++)
+                    out[j * d + i] = widen_bf16(in[j * d + i]) * c[i] + widen_bf16(in[j * d + (i + half) % d]) * s[i];
+            for (int64_t j = 0; j < kv_heads; j++) {
+                float *k = k_cache + ((b * kv_heads + j) * max_len + pos) * d;
+                float *v = v_cache + ((b * kv_heads + j) * max_len + pos) * d;
+                memcpy(k, out + (heads + j) * d, d * sizeof(float));
+                for (int64_t i = 0; i < d; i++) v[i] = widen_bf16(in[(rotated + j) * d + i]);
+            }
+        }
+}
+
+/* SwiGLU of n positions: out = bfloat16(silu(gate) * up), gate and up the two halves of each
+   row of the gate_up product's bfloat16 output (n, 2 inter). */
+void mellow_swiglu(const uint16_t *gate_up, uint16_t *out, int64_t n, int64_t inter, int64_t threads) {
+    const int64_t full = inter / LANES * LANES;
+#pragma omp parallel for num_threads((int)threads) schedule(static)
+    for (int64_t t = 0; t < n; t++) {
+        const uint16_t *gate = gate_up + t * 2 * inter, *up = gate + inter;
+        uint16_t *o = out + t * inter;
+        for (int64_t i = 0; i < full; i += LANES) {
+            vf g = widen_bf16_lanes(gate + i);
+            round_bf16_lanes(o + i, g / (1.0f + exp_lanes(-g)) * widen_bf16_lanes(up + i));
+        }
+        for (int64_t i = full; i < inter; i++) {
+            float g = widen_bf16(gate[i]);
+            o[i] = round_bf16(g / (1.0f + expf(-g)) * widen_bf16(up[i]));
+        }
+    }
 }
