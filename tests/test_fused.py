@@ -225,6 +225,33 @@ def test_choices_score_alike_fused_or_not_without_copying_the_cache(name, monkey
     assert [int(torch.stack([g.sum() for g in got[:3]]).argmax())] == [int(torch.stack([e.sum() for e in expected[:3]]).argmax())]
 
 
+@needs_compiler
+def test_many_choice_tokens_go_through_the_bfloat16_layers_and_score_as_torchs_layers(monkeypatch):
+    lm = prepared("bfloat16", random_state(CFG, seed=9))
+    assert lm.fused is not None, fused.status()
+    if lm.model.layers[0].prefill is None:
+        pytest.skip("no 16-lane vectors here: the C step scores every choice")
+    prefix = torch.randn(3, 6, CFG.hidden_size, generator=torch.Generator().manual_seed(10))
+    generator = torch.Generator().manual_seed(11)
+    ids = [torch.randint(0, CFG.vocab_size, (n,), generator=generator).tolist() for n in (5, 1, 7, 3, 9, 6, 4, 8)]
+    row_of = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    assert sum(len(t) - 1 for t in ids) >= fused.PRODUCTS_FROM
+    passes, copies = [], []
+    real_tokens = fused.PrefillLayer.tokens
+    monkeypatch.setattr(fused.PrefillLayer, "tokens", lambda *a: passes.append(1) or real_tokens(*a))
+    monkeypatch.setattr(type(lm), "select_cache_rows", lambda self, index: copies.append(index))
+    got = _choice_logprobs(lm, prefix, row_of, ids)
+    assert len(passes) == CFG.num_hidden_layers and copies == []
+    monkeypatch.undo()
+    lm.fused = None  # torch's layers, each choice on a copy of its row's cache
+    for layer in lm.model.layers:
+        layer.prefill = layer.self_attn.attend = None
+    expected = _choice_logprobs(lm, prefix, row_of, ids)
+    for g, e, t in zip(got, expected, ids):
+        assert g.shape == (len(t),)
+        assert torch.allclose(g, e, atol=1e-2), (g, e)
+
+
 def test_switched_off_or_without_a_compiler_torch_steps(monkeypatch):
     monkeypatch.setenv("MELLOW_FUSED_STEP", "0")
     assert fused.library() is None and "MELLOW_FUSED_STEP=0" in fused.status()

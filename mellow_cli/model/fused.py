@@ -40,6 +40,7 @@ ATTENTION_BOUND = 1e-5  # the same for attention, which is float32 throughout (s
 # ~2e-4 measured; a norm over one element too few moves it by 2e-2, truncating instead of
 # rounding to bfloat16 by 5e-3.
 PREFILL_BOUND = 2e-3
+PRODUCTS_FROM = 32
 KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.int8: 2}
 
 
@@ -125,17 +126,18 @@ def load_library(path: Path):
     lib.mellow_forward.argtypes = [ctypes.POINTER(_Dims), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                    *[ctypes.c_void_p] * 4, ctypes.c_int64, *[ctypes.c_void_p] * 4]
     lib.mellow_attention_scratch_floats.restype = ctypes.c_int64
-    lib.mellow_attention_scratch_floats.argtypes = [ctypes.c_int64] * 5
+    lib.mellow_attention_scratch_floats.argtypes = [ctypes.c_int64] * 7
     lib.mellow_attention.restype = None
-    lib.mellow_attention.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 5, ctypes.c_void_p, ctypes.c_void_p,
+    lib.mellow_attention.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, *[ctypes.c_void_p] * 6,
                                      *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                      ctypes.c_int64]
     lib.mellow_attention_native.restype = ctypes.c_int
     lib.mellow_attention_native.argtypes = []
     for name, args in (("mellow_add_norm", [ctypes.c_void_p] * 3 + [ctypes.c_double] + [ctypes.c_void_p] * 2
                         + [ctypes.c_int64] * 3),
-                       ("mellow_rotate_store", [ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 5
-                        + [ctypes.c_int64] * 2),
+                       ("mellow_rotate_store", [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3
+                        + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2),
+
                        ("mellow_swiglu", [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3)):
         getattr(lib, name).restype = None
         getattr(lib, name).argtypes = args
@@ -264,7 +266,8 @@ def attention_error(attend: "Attend") -> float:
 def prefill_error(lib) -> float:
     """The largest difference between a prefill through PrefillLayer and through torch's layers,
     on the same small random model in bfloat16, relative to the largest value: of the final
-    hidden states and of the keys and values cached. Both round to bfloat16 at the same points,
+    hidden states and of the keys and values cached, and of the final hidden states of answer
+    choices after the prefill (PrefillLayer.tokens). Both round to bfloat16 at the same points,
     so they differ where a float32 sum summed in another order rounds the other way (a bfloat16
     step, 0.4% of an element); a wrong index or a lost term moves them by the elements themselves."""
     from mellow_cli.config import MellowConfig
@@ -288,8 +291,30 @@ def prefill_error(lib) -> float:
         return [hidden] + [t.clone() for layer in lm.model.layers for t in (layer.self_attn.kv_cache.k,
                                                                              layer.self_attn.kv_cache.v)]
 
-    expected, got = run(None), run(PrefillLayer(lib, Attend(lib)))
-    return max(float((g - e).abs().max() / e.abs().max()) for g, e in zip(got, expected))
+    layer_pass = PrefillLayer(lib, Attend(lib))
+    expected, got = run(None), run(layer_pass)
+    worst = max(float((g - e).abs().max() / e.abs().max()) for g, e in zip(got, expected))
+
+    # Choices through the layer pass, each row's after its prefix in slots of its own, against
+    # torch's layers on a copy of the row's cache per choice.
+    row_of, ids = [0, 1, 1, 1], [[5, 7, 9], [11, 13], [17, 19, 21, 23], [25]]
+    flat, row, pos, slot, group = choice_layout(row_of, ids, 21)
+    cos, sin = lm.model.rotary_emb.span(0, 23 + 5, torch.float32)
+    lm.setup_cache(2, 21 + 5)
+    lm.hidden(inputs_embeds=prompt, start=0)
+    prefix = [(layer.self_attn.kv_cache.k.clone(), layer.self_attn.kv_cache.v.clone()) for layer in lm.model.layers]
+    x = lm.embed(torch.tensor(flat))[None]
+    for layer in lm.model.layers:
+        x = layer_pass.tokens(layer, x, cos, sin, torch.tensor([pos, row, slot, group]), 21)
+    got = lm.model.norm(x)[0].split([len(t) - 1 for t in ids])
+    run(None)
+    for r, tokens, mine in zip(row_of, ids, got):
+        if len(tokens) > 1:
+            for layer, (k, v) in zip(lm.model.layers, prefix):
+                layer.self_attn.kv_cache.k, layer.self_attn.kv_cache.v = k[r, None].clone(), v[r, None].clone()
+            expected = lm.hidden(torch.tensor([tokens[:-1]]), start=21)[0]
+            worst = max(worst, float((mine - expected).abs().max() / expected.abs().max()))
+    return worst
 
 
 def attention(lib=None) -> "Attend | None":
@@ -300,12 +325,9 @@ def attention(lib=None) -> "Attend | None":
 
 
 class Attend:
-    """A prefill's attention (several queries a row, causal, grouped-query) through step.c's
-    mellow_attention: what Attention.forward's scaled_dot_product_attention computes, in float32,
-    in about half its time at a prefix's sizes. Called with the rotated q and k of the new
-    positions (B, T, heads + kv_heads, head_dim), the number of query heads and the layer's
-    KVCache, already holding positions 0 .. start+T-1 -> (B, T, heads * head_dim), or None where
-    the tensors are not float32 in the layout step.c reads (torch's attention then runs)."""
+    """Attention for many queries through step.c's mellow_attention: what Attention.forward's
+    scaled_dot_product_attention computes, in float32, in about half its time at a prefix's sizes
+    (`__call__`, a prefill), and the attention of answer choices after a shared prefix (`run`)."""
 
     def __init__(self, lib):
         self.lib = lib
@@ -313,58 +335,118 @@ class Attend:
 
     def __call__(self, qk: torch.Tensor, heads: int, cache, start: int,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-        """`dtype` float32, or bfloat16 (the outputs rounded as a bfloat16 product rounds its inputs)."""
+        """The rotated q and k of the new positions start.. of every cache row, (B, T, heads +
+        kv_heads, head_dim), the number of query heads and the layer's KVCache (already holding
+        positions 0 .. start+T-1) -> (B, T, heads * head_dim) in `dtype` (float32, or bfloat16
+        rounded as a bfloat16 product rounds its inputs), or None where the tensors are not
+        float32 in the layout step.c reads (torch's attention then runs)."""
         batch, tokens, _, head_dim = qk.shape
+        if qk.dtype != torch.float32 or qk.device.type != "cpu" or qk.stride(0) != tokens * qk.stride(1):
+            return None
+        t = torch.arange(tokens).repeat(batch)
+        rows = torch.arange(batch).repeat_interleave(tokens)
+        none = torch.zeros_like(t)
+        out = self.run(qk.view(batch * tokens, -1, head_dim), heads, cache, rows, start + t + 1, none, none, batch, dtype)
+        return None if out is None else out.view(batch, tokens, -1)
+
+    def run(self, qk: torch.Tensor, heads: int, cache, rows: torch.Tensor, seen: torch.Tensor, hole_from: torch.Tensor,
+            hole_to: torch.Tensor, runs: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """step.c's mellow_attention (it says what rows, seen and the hole are) for qk (N, heads +
+        kv_heads, head_dim) -> (N, heads * head_dim), or None where the tensors are not in the
+        layout it reads. `runs`: how many stretches of consecutive tokens share a cache row."""
+        n, _, head_dim = qk.shape
         k, v = cache.k, cache.v
         if (head_dim % 16 or qk.dtype != torch.float32 or k.dtype != torch.float32 or qk.device.type != "cpu"
-                or qk.stride(3) != 1 or qk.stride(2) != head_dim or not (k.is_contiguous() and v.is_contiguous())):
+                or qk.stride(2) != 1 or qk.stride(1) != head_dim or not (k.is_contiguous() and v.is_contiguous())):
             return None
         kv_heads, max_len = k.shape[1], k.shape[2]
         threads = torch.get_num_threads()
-        need = self.lib.mellow_attention_scratch_floats(batch, kv_heads, head_dim, start + tokens, threads)
+        index = torch.stack([rows, seen, hole_from, hole_to]).to(torch.int64).contiguous()
+        need = self.lib.mellow_attention_scratch_floats(n, runs, kv_heads, head_dim, int(seen.max()), heads, threads)
         if self.scratch.numel() < need:
             self.scratch = torch.empty(need)
-        out = torch.empty(batch, tokens, heads * head_dim, dtype=dtype)
-        self.lib.mellow_attention(qk.data_ptr(), qk.stride(0), qk.stride(1), batch, tokens, start, k.data_ptr(),
+        out = torch.empty(n, heads * head_dim, dtype=dtype)
+        self.lib.mellow_attention(qk.data_ptr(), qk.stride(0), n, runs, *(i.data_ptr() for i in index), k.data_ptr(),
                                   v.data_ptr(), kv_heads, max_len, heads, head_dim, out.data_ptr(),
                                   int(dtype == torch.bfloat16), self.scratch.data_ptr(), threads)
         return out
 
 
 class PrefillLayer:
-    """A decoder layer over several positions a row (a prefill) where its products take and give
-    bfloat16 (several rows of a bfloat16-prefill precision): the four products as prepared, and
-    between them step.c's passes (norms, rotary and the cache, attention, SwiGLU, the residual
-    sums) instead of torch's ~20 elementwise operations, with bfloat16 where the products round
-    their inputs and outputs anyway. DecoderLayer.forward calls it; None: torch's layer runs."""
+    """A decoder layer over many positions (a prefill, or many answer choices' tokens) where its
+    products take and give bfloat16 (several rows of a bfloat16-prefill precision): the four
+    products as prepared, and between them step.c's passes (norms, rotary and the cache,
+    attention, SwiGLU, the residual sums) instead of torch's ~20 elementwise operations, with
+    bfloat16 where the products round their inputs and outputs anyway. DecoderLayer.forward calls
+    it for a prefill, FusedStep for many choice tokens; None: torch's layer runs."""
 
     def __init__(self, lib, attend: Attend):
         self.lib, self.attend = lib, attend
+        self.scratch = torch.empty(0)
 
     def __call__(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor | None:
-        """DecoderLayer.forward's arguments (cos and sin: RotaryEmbedding.span of the new positions)."""
-        attn, mlp, lib = layer.self_attn, layer.mlp, self.lib
-        cache = attn.kv_cache
-        batch, tokens, hidden = x.shape
-        d = attn.head_dim
-        heads, kv_heads = attn.sizes[0] // d, attn.sizes[1] // d
-        if (x.dtype != torch.float32 or x.device.type != "cpu" or d % 16 or cache.k.dtype != torch.float32
-                or not (cache.k.is_contiguous() and cache.v.is_contiguous() and cos.is_contiguous()
-                        and sin.is_contiguous())):
+        """DecoderLayer.forward's arguments (cos and sin: RotaryEmbedding.span of the new
+        positions): every row's next positions start.. of its own cache row."""
+        cache = layer.self_attn.kv_cache
+        batch, tokens, _ = x.shape
+        if not self.fits(layer, x, cos, sin):
             return None
+        t = torch.arange(tokens).repeat(batch)
+        index = torch.stack([t, torch.arange(batch).repeat_interleave(tokens), start + t])
+        d = layer.self_attn.head_dim
+        heads = layer.self_attn.sizes[0] // d
+        return self._layer(layer, x, cos, sin, index, lambda qk: self.attend(qk.view(batch, tokens, -1, d), heads, cache,
+                                                                           start, torch.bfloat16))
+
+    def tokens(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, index: torch.Tensor,
+               visible: int) -> torch.Tensor:
+        """x (1, N, hidden), N tokens placed as step.c's mellow_forward places them: index rows
+        pos, row, slot, group (int64, (4, N)), cos and sin the whole rotary tables."""
+        attn = layer.self_attn
+        cache, d = attn.kv_cache, attn.head_dim
+        heads, n = attn.sizes[0] // d, x.shape[1]
+        pos, rows, slot, group = index
+        # A token sees its row's prefix and its own choice's slots: not the slots between them,
+        # which hold the row's earlier choices (FusedStep.choices lays them out so).
+        first = torch.full((int(group.max()) + 1,), 1 << 62).scatter_reduce(0, group, slot, "amin")[group]
+        runs = int((rows[1:] != rows[:-1]).sum()) + 1
+
+        def attend(qk: torch.Tensor) -> torch.Tensor:
+            return self.attend.run(qk.view(n, -1, d), heads, cache, rows, slot + 1, torch.full_like(slot, visible),
+                                   first, runs, torch.bfloat16)
+
+        return self._layer(layer, x, cos, sin, index, attend)
+
+    @staticmethod
+    def fits(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+        """Whether the tensors are float32, on the CPU, in the layout step.c reads."""
+        cache = layer.self_attn.kv_cache
+        return (x.dtype == torch.float32 and x.device.type == "cpu" and layer.self_attn.head_dim % 16 == 0
+                and cache.k.dtype == torch.float32 and cache.k.is_contiguous() and cache.v.is_contiguous()
+                and cos.is_contiguous() and sin.is_contiguous())
+
+    def _layer(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, index: torch.Tensor,
+               attend) -> torch.Tensor:
+        """The layer, with k and v stored at (row, slot) = index[1], index[2], rotary row index[0]
+        of cos and sin, and `attend` (rotated q and k -> the heads' outputs in bfloat16)."""
+        attn, mlp, lib = layer.self_attn, layer.mlp, self.lib
+        cache, d = attn.kv_cache, attn.head_dim
+        heads, kv_heads = attn.sizes[0] // d, attn.sizes[1] // d
+        batch, tokens, hidden = x.shape
         n, threads, eps = batch * tokens, torch.get_num_threads(), layer.input_layernorm.eps
+        # Every tensor C reads is held by a name until the call returns: a temporary's memory
+        # could be handed back (and written by the allocator) while C reads it.
         x = x.contiguous()
+        index = index.contiguous()
         normed = torch.empty(batch, tokens, hidden, dtype=torch.bfloat16)
         lib.mellow_add_norm(x.data_ptr(), None, layer.input_layernorm.weight.data_ptr(), eps, x.data_ptr(),
                             normed.data_ptr(), n, hidden, threads)
         qkv = _bfloat16(attn.qkv(normed))
         qk = torch.empty(batch, tokens, heads + kv_heads, d)
-        lib.mellow_rotate_store(qkv.data_ptr(), batch, tokens, start, heads, kv_heads, d, cos.data_ptr(),
-                                sin.data_ptr(), qk.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(),
-                                cache.k.shape[2], threads)
-        mixed = self.attend(qk, heads, cache, start, torch.bfloat16)
-        # Every tensor C reads is held by a name until the call returns: a temporary's memory
-        # could be handed back (and written by the allocator) while C reads it.
+        lib.mellow_rotate_store(qkv.data_ptr(), n, index[0].data_ptr(), index[1].data_ptr(), index[2].data_ptr(),
+                                heads, kv_heads, d, cos.data_ptr(), sin.data_ptr(), qk.data_ptr(), cache.k.data_ptr(),
+                                cache.v.data_ptr(), cache.k.shape[2], threads)
+        mixed = attend(qk)
         out = _bfloat16(attn.out(mixed))
         summed = torch.empty_like(x)
         lib.mellow_add_norm(x.data_ptr(), out.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(), eps,
@@ -376,6 +458,23 @@ class PrefillLayer:
         down = _bfloat16(mlp.down(acted))
         lib.mellow_add_norm(summed.data_ptr(), down.data_ptr(), None, 0.0, summed.data_ptr(), None, n, hidden, threads)
         return summed
+
+
+def choice_layout(row_of: list[int], ids: list[list[int]], length: int) -> tuple[list[int], ...]:
+    """Where FusedStep.choices puts each choice's tokens but the last, as lists (token, row, pos,
+    slot, group) for step.c: choice i follows the prefix of cache row row_of[i] (rotary positions
+    length, length+1, ..), in slots of its own after the prefix and the row's earlier choices."""
+    flat, row, pos, slot, group = [], [], [], [], []
+    used: dict[int, int] = {}
+    for i, (r, tokens) in enumerate(zip(row_of, ids)):
+        for j, token in enumerate(tokens[:-1]):
+            flat.append(token)
+            row.append(r)
+            pos.append(length + j)
+            slot.append(length + used.get(r, 0))
+            used[r] = used.get(r, 0) + 1
+            group.append(i)
+    return flat, row, pos, slot, group
 
 
 def _bfloat16(product: torch.Tensor) -> torch.Tensor:
@@ -510,6 +609,16 @@ class FusedStep:
         self.dims.threads = torch.get_num_threads()
         tokens = len(ids)
         x = self.lm.embed(ids).float().contiguous()
+        layers = self.lm.model.layers
+        if tokens >= PRODUCTS_FROM and layers[0].prefill is not None and layers[0].prefill.fits(layers[0], x, self.cos,
+                                                                                                 self.sin):
+            # Many tokens (choices of a batch): bound by arithmetic, as a prefill is, so through the
+            # layers' bfloat16 products where the model has them (PrefillLayer.tokens).
+            index = torch.tensor([pos, row, slot, group], dtype=torch.int64)
+            x = x[None]
+            for layer in layers:
+                x = layer.prefill.tokens(layer, x, self.cos, self.sin, index, visible)
+            return self.lm.head(self.lm.model.norm(x))[0].float()
         logits = torch.empty(tokens, self.dims.vocab)
         need = self.lib.mellow_scratch_floats(ctypes.byref(self.dims), tokens, visible)
         if self.scratch.numel() < need:
@@ -540,16 +649,7 @@ class FusedStep:
         row_of[i]. A row's choices take slots of their own after its prefix, each seeing the
         prefix and its own earlier tokens, so the prefix's cache is shared, not copied; the cache
         needs `length` plus the most tokens any row's choices have."""
-        flat, row, pos, slot, group = [], [], [], [], []
-        used = {}
-        for i, (r, tokens) in enumerate(zip(row_of, ids)):
-            for j, token in enumerate(tokens[:-1]):
-                flat.append(token)
-                row.append(r)
-                pos.append(length + j)
-                slot.append(length + used.get(r, 0))
-                used[r] = used.get(r, 0) + 1
-                group.append(i)
+        flat, row, pos, slot, group = choice_layout(row_of, ids, length)
         if not flat:
             return [torch.empty(0, self.dims.vocab) for _ in ids]
         logits = self.forward(torch.tensor(flat), row, pos, slot, group, length)

@@ -297,6 +297,33 @@ static void attend(const float *q, const float *k, const float *v, float *out, f
     }
 }
 
+/* Which slots each token sees beyond the `visible` positions of its row: those of its group's
+   tokens up to itself (extra: tokens x tokens, counts: tokens). */
+static void group_slots(int64_t tokens, const int64_t *slot, const int64_t *group, int64_t *extra, int64_t *counts) {
+    for (int64_t t = 0; t < tokens; t++) {
+        counts[t] = 0;
+        for (int64_t u = 0; u <= t; u++)
+            if (group[u] == group[t]) extra[t * tokens + counts[t]++] = slot[u];
+    }
+}
+
+/* Every head of every token (queries at q + t * q_stride + head * d) against positions
+   0 .. visible-1 of its cache row and its extra slots (group_slots); out (tokens, heads * d);
+   scores: tokens * heads * (visible + tokens) floats. */
+static void attend_tokens(const float *q, int64_t q_stride, int64_t tokens, const int64_t *row, const int64_t *extra,
+                          const int64_t *counts, int64_t visible, const float *k_cache, const float *v_cache,
+                          int64_t kvh, int64_t len, int64_t heads, int64_t d, float *out, float *scores, int threads) {
+    const int64_t rowsize = kvh * len * d;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t task = 0; task < tokens * heads; task++) {
+        int64_t t = task / heads, j = task % heads;
+        int64_t g = j / (heads / kvh);  /* q head j reads kv head g, as SDPA's enable_gqa */
+        const float *k = k_cache + row[t] * rowsize + g * len * d, *v = v_cache + row[t] * rowsize + g * len * d;
+        attend(q + t * q_stride + j * d, k, v, out + (t * heads + j) * d, scores + task * (visible + tokens), visible,
+               extra + t * tokens, counts[t], d);
+    }
+}
+
 /* Where each part of mellow_forward's scratch memory starts, in floats, each 64-byte aligned. */
 typedef struct {
     int64_t normed, qkv, mixed, delta, gate_up, scores, extra, counts, work, total;
@@ -350,12 +377,7 @@ void mellow_forward(const Dims *dims, void *const *p, float *x, int64_t tokens, 
     int64_t *extra = (int64_t *)(base + l.extra), *counts = (int64_t *)(base + l.counts);
     void *work = base + l.work;
 
-    /* Which slots each token sees beyond `visible`: its group's tokens up to itself. */
-    for (int64_t t = 0; t < tokens; t++) {
-        counts[t] = 0;
-        for (int64_t u = 0; u <= t; u++)
-            if (group[u] == group[t]) extra[t * tokens + counts[t]++] = slot[u];
-    }
+    group_slots(tokens, slot, group, extra, counts);
 
     for (int64_t l = 0; l < dims->layers; l++) {
         void *const *w = p + l * PER_LAYER;
@@ -370,14 +392,8 @@ void mellow_forward(const Dims *dims, void *const *p, float *x, int64_t tokens, 
                 memcpy(v_cache + row[t] * rowsize + (j * len + slot[t]) * d, own + (heads + kvh + j) * d, d * sizeof(float));
             }
         }
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t task = 0; task < tokens * heads; task++) {
-            int64_t t = task / heads, j = task % heads;
-            int64_t g = j / (heads / kvh);  /* q head j reads kv head g, as SDPA's enable_gqa */
-            const float *k = k_cache + row[t] * rowsize + g * len * d, *v = v_cache + row[t] * rowsize + g * len * d;
-            attend(qkv + t * qkv_rows + j * d, k, v, mixed + t * h + j * d, scores + task * (visible + tokens),
-                   visible, extra + t * tokens, counts[t], d);
-        }
+        attend_tokens(qkv, qkv_rows, tokens, row, extra, counts, visible, k_cache, v_cache, kvh, len, heads, d,
+                      mixed, scores, threads);
         matmul(w[O], w[O_S], kind, mixed, delta, tokens, h, h, threads, work);
         for (int64_t i = 0; i < tokens * h; i++) x[i] += delta[i];
         for (int64_t t = 0; t < tokens; t++) rms_norm(x + t * h, w[NORM_POST], normed + t * h, h, dims->eps);
@@ -397,13 +413,7 @@ void mellow_forward(const Dims *dims, void *const *p, float *x, int64_t tokens, 
     matmul(last[1], last[2], kind, normed, logits, tokens, dims->vocab, h, threads, work);
 }
 
-/* ---- A prefill's attention --------------------------------------------------------------------
-
-   Causal grouped-query attention of `tokens` new queries per row against everything cached
-   before and with them: query t of a row sits at position start + t and sees keys 0 .. start + t.
-   torch's flash kernel takes ~20% of a 389-position prefill at these sizes (64-wide heads); this
-   scores eight (query, head) pairs of one key/value head against sixteen keys at a time, from
-   keys transposed once per row and head, with every sum and the softmax in float32.
+/* ---- Attention for many queries (a prefill, answer choices) ------------------------------------
 
    Written with the compiler's vector types (GCC and clang) rather than intrinsics: one source
    that becomes 512-bit instructions where the CPU has them, pairs of 256-bit ones where it has
@@ -453,20 +463,20 @@ static inline __attribute__((always_inline)) void store_lanes(float *p, vf v) { 
 
 static int64_t padded(int64_t n) { return (n + LANES - 1) / LANES * LANES; }
 
-/* Floats of scratch memory mellow_attention needs. */
-int64_t mellow_attention_scratch_floats(int64_t batch, int64_t kv_heads, int64_t head_dim, int64_t visible,
-                                        int64_t threads) {
-    return batch * kv_heads * head_dim * padded(visible) + threads * TILE * (padded(visible) + head_dim) + 16;
-}
+/* Which keys a (query, head) pair sees: keys 0 .. seen-1 of its cache row but those in
+   [hole_from, hole_to) (answer choices: the other choices' slots between the prefix and its own). */
+typedef struct {
+    int64_t seen, hole_from, hole_to;
+} Keys;
 
-/* Scores, softmax and weighted values of the pairs in rows[0 .. TILE) (query pointers q[r],
-   each seeing the first seen[r] keys; pairs past the real ones repeat the last) against keys
-   transposed to kt (head_dim, stride) and values v (n, head_dim); outputs to out[r]. */
-static void attend_tile(const float *const *q, const int64_t *seen, const float *kt, int64_t stride,
+/* Scores, softmax and weighted values of the pairs r < TILE (query pointers q[r], keys keys[r];
+   pairs past the `reals` real ones repeat the last) against keys transposed to kt (head_dim,
+   stride) and values v (positions, head_dim); outputs to out[r]. */
+static void attend_tile(const float *const *q, const Keys *keys, const float *kt, int64_t stride,
                         const float *v, int64_t d, float scale, float *scores, int64_t reals,
                         float *const *out) {
     int64_t n = 0;
-    for (int r = 0; r < reals; r++) n = seen[r] > n ? seen[r] : n;
+    for (int r = 0; r < reals; r++) n = keys[r].seen > n ? keys[r].seen : n;
     for (int64_t j = 0; j < n; j += LANES) {
         vf acc[TILE] = {0};
         for (int64_t i = 0; i < d; i++) {
@@ -481,30 +491,32 @@ static void attend_tile(const float *const *q, const int64_t *seen, const float 
     float inv[TILE];
     for (int r = 0; r < reals; r++) {
         float *s = scores + r * stride, top = -INFINITY, total = 0.0f;
-        const int64_t full = seen[r] / LANES * LANES;
-        const vi inside = iota < (float)(seen[r] - full);  /* the keys of the last, partial chunk it sees */
+        const int64_t seen = keys[r].seen, from = keys[r].hole_from, to = keys[r].hole_to;
+        for (int64_t j = from; j < to && j < seen; j++) s[j] = -INFINITY;  /* weighs nothing below */
+        const int64_t full = seen / LANES * LANES;
+        const vi inside = iota < (float)(seen - full);  /* the keys of the last, partial chunk it sees */
         vf tops = minus_inf, totals = {0};
         for (int64_t j = 0; j < full; j += LANES) {
             vf x = load_lanes(s + j);
             tops = select_lanes(x > tops, x, tops);
         }
-        if (full < seen[r]) {
+        if (full < seen) {
             vf x = select_lanes(inside, load_lanes(s + full), minus_inf);
             tops = select_lanes(x > tops, x, tops);
         }
         for (int u = 0; u < LANES; u++) top = tops[u] > top ? tops[u] : top;
-        for (int64_t j = 0; j < full; j += LANES) {
+        for (int64_t j = 0; j < padded(seen); j += LANES) {
             vf e = exp_lanes(load_lanes(s + j) - top);
+            if (j == full) e = select_lanes(inside, e, (vf){0});  /* causal: keys after the query */
+            if (j + LANES > from && j < to) {  /* the hole: exp_lanes gives 1e-38 for -inf, not 0 */
+                vf at = iota + (float)j;
+                e = select_lanes(at >= (float)from, select_lanes(at < (float)to, (vf){0}, e), e);
+            }
             totals += e;
             store_lanes(s + j, e);
         }
-        if (full < seen[r]) {  /* causal: keys after the query weigh nothing */
-            vf e = select_lanes(inside, exp_lanes(load_lanes(s + full) - top), (vf){0});
-            totals += e;
-            store_lanes(s + full, e);
-        }
         for (int u = 0; u < LANES; u++) total += totals[u];
-        for (int64_t j = padded(seen[r]); j < padded(n); j++) s[j] = 0.0f;
+        for (int64_t j = padded(seen); j < padded(n); j++) s[j] = 0.0f;
         inv[r] = 1.0f / total;
     }
     for (int r = reals; r < TILE; r++) inv[r] = 0.0f;
@@ -518,60 +530,117 @@ static void attend_tile(const float *const *q, const int64_t *seen, const float 
     }
 }
 
-/* q (batch, tokens, heads, head_dim) at strides q_batch, q_token (heads contiguous); the caches
-   (batch, kv_heads, max_len, head_dim) hold positions 0 .. start+tokens-1 of each row; out
-   (batch, tokens, heads, head_dim), float32, or bfloat16 (rounded to nearest even) with
+/* Runs of consecutive tokens on the same cache row, the tiles of their (query, head) pairs
+   per key/value head, and the longest a run's keys go: where mellow_attention's work lies. */
+typedef struct {
+    int64_t runs, tasks, stride;
+} Plan;
+
+static Plan plan(int64_t n, const int64_t *row, const Keys *keys, int64_t group, int64_t kv_heads, int64_t *run_start,
+                 int64_t *task_run, int64_t *task_tile) {
+    Plan p = {0, 0, 0};
+    for (int64_t t = 0; t < n; t++) {
+        if (t == 0 || row[t] != row[t - 1]) run_start[p.runs++] = t;
+        p.stride = keys[t].seen > p.stride ? keys[t].seen : p.stride;
+    }
+    run_start[p.runs] = n;
+    p.stride = padded(p.stride);
+    /* Later queries see more keys: their tiles go first, so the longest work starts early. */
+    for (int64_t r = 0; r < p.runs; r++) {
+        const int64_t tiles = ((run_start[r + 1] - run_start[r]) * group + TILE - 1) / TILE;
+        for (int64_t g = 0; g < kv_heads; g++)
+            for (int64_t back = 0; back < tiles; back++) {
+                task_run[p.tasks] = r * kv_heads + g;
+                task_tile[p.tasks++] = tiles - 1 - back;
+            }
+    }
+    return p;
+}
+
+/* Floats of scratch memory mellow_attention needs for n tokens in `runs` runs of one cache row,
+   seeing at most `visible` keys. */
+int64_t mellow_attention_scratch_floats(int64_t n, int64_t runs, int64_t kv_heads, int64_t head_dim, int64_t visible,
+                                        int64_t heads, int64_t threads) {
+    const int64_t tiles = runs * kv_heads + (n * heads + TILE - 1) / TILE;
+    return runs * kv_heads * head_dim * padded(visible) + threads * TILE * (padded(visible) + head_dim)
+           + 2 * (n + 1) + 4 * tiles + 6 * n + 16;  /* + run starts, tasks, keys: int64, two floats each */
+}
+
+/* Grouped-query attention of n tokens (queries at q + t * q_token, heads contiguous, each
+   head_dim floats) against the caches (rows, kv_heads, max_len, head_dim): token t reads cache
+   row row[t] and sees its keys 0 .. seen[t]-1 but [hole_from[t], hole_to[t]). A prefill is every
+   row's next positions (seen: the position + 1, no hole); answer choices are tokens after a
+   shared prefix, each also seeing its own choice's earlier tokens. Tokens of one row must be
+   consecutive, `runs` stretches of them at most (as mellow_attention_scratch_floats was told).
+   out (n, heads, head_dim): float32, or bfloat16 (rounded to nearest even) with
    `out_bf16`. Query head h reads key/value head h / (heads / kv_heads), as SDPA's enable_gqa.
-   head_dim must be a multiple of 16 (fused.py checks). */
-void mellow_attention(const float *q, int64_t q_batch, int64_t q_token, int64_t batch, int64_t tokens,
-                      int64_t start, const float *k_cache, const float *v_cache, int64_t kv_heads,
-                      int64_t max_len, int64_t heads, int64_t d, void *out, int64_t out_bf16, float *scratch,
-                      int64_t threads) {
-    const int64_t visible = start + tokens, stride = padded(visible), group = heads / kv_heads;
-    const int64_t pairs = tokens * group, tiles = (pairs + TILE - 1) / TILE;
+   head_dim must be a multiple of 16 (fused.py checks).
+
+   Eight (query, head) pairs of one key/value head are scored against sixteen keys at a time,
+   from keys transposed once per row and head, every sum and the softmax in float32: torch's
+   flash kernel takes about twice as long at a prefix's sizes (64-wide heads). */
+void mellow_attention(const float *q, int64_t q_token, int64_t n, int64_t runs, const int64_t *row, const int64_t *seen,
+                      const int64_t *hole_from, const int64_t *hole_to, const float *k_cache, const float *v_cache,
+                      int64_t kv_heads, int64_t max_len, int64_t heads, int64_t d, void *out, int64_t out_bf16,
+                      float *scratch, int64_t threads) {
+    const int64_t group = heads / kv_heads;
     const float scale = 1.0f / sqrtf((float)d);
-    float *kts = scratch, *tile_scores = scratch + batch * kv_heads * d * stride;
+    int64_t visible = 0;
+    for (int64_t t = 0; t < n; t++) visible = seen[t] > visible ? seen[t] : visible;
+    const int64_t tiles_most = runs * kv_heads + (n * heads + TILE - 1) / TILE;
+    float *kts = scratch, *tile_scores = kts + runs * kv_heads * d * padded(visible);
+    int64_t *run_start = (int64_t *)(tile_scores + threads * TILE * (padded(visible) + d));
+    int64_t *task_run = run_start + n + 1, *task_tile = task_run + tiles_most;
+    Keys *keys = (Keys *)(task_tile + tiles_most);
+    int64_t found = 0;
+    for (int64_t t = 0; t < n; t++) {
+        keys[t] = (Keys){seen[t], hole_from[t], hole_to[t]};
+        found += t == 0 || row[t] != row[t - 1];
+    }
+    if (found > runs) return;  /* more than the scratch was sized for: fused.py counts them first */
+    const Plan p = plan(n, row, keys, group, kv_heads, run_start, task_run, task_tile);
 
 #pragma omp parallel num_threads((int)threads)
     {
-#pragma omp for collapse(2) schedule(static)
-        for (int64_t b = 0; b < batch; b++)
-            for (int64_t g = 0; g < kv_heads; g++) {
-                const float *k = k_cache + (b * kv_heads + g) * max_len * d;
-                float *kt = kts + (b * kv_heads + g) * d * stride;
-                for (int64_t i = 0; i < d; i++) {
-                    for (int64_t j = 0; j < visible; j++) kt[i * stride + j] = k[j * d + i];
-                    for (int64_t j = visible; j < stride; j++) kt[i * stride + j] = 0.0f;
-                }
+#pragma omp for schedule(static)
+        for (int64_t rg = 0; rg < p.runs * kv_heads; rg++) {
+            const int64_t r = rg / kv_heads, g = rg % kv_heads;
+            const float *k = k_cache + (row[run_start[r]] * kv_heads + g) * max_len * d;
+            float *kt = kts + rg * d * p.stride;
+            int64_t most = 0;
+            for (int64_t t = run_start[r]; t < run_start[r + 1]; t++) most = seen[t] > most ? seen[t] : most;
+            for (int64_t i = 0; i < d; i++) {
+                for (int64_t j = 0; j < most; j++) kt[i * p.stride + j] = k[j * d + i];
+                for (int64_t j = most; j < p.stride; j++) kt[i * p.stride + j] = 0.0f;
             }
-        /* Later queries see more keys: hand tiles out from the long end, a few at a time. */
+        }
         float *mine = tile_scores;
 #ifdef _OPENMP
-        mine += (int64_t)omp_get_thread_num() * TILE * (stride + d);
+        mine += (int64_t)omp_get_thread_num() * TILE * (p.stride + d);
 #endif
-        float *rounding = mine + TILE * stride;  /* a tile's outputs before bfloat16 */
-#pragma omp for collapse(3) schedule(dynamic, 1)
-        for (int64_t b = 0; b < batch; b++)
-            for (int64_t g = 0; g < kv_heads; g++)
-                for (int64_t back = 0; back < tiles; back++) {
-                    int64_t tile = tiles - 1 - back, reals = 0;
-                    const float *qs[TILE];
-                    float *outs[TILE];
-                    int64_t seen[TILE], at[TILE];
-                    for (int r = 0; r < TILE; r++) {
-                        int64_t pair = tile * TILE + r < pairs ? tile * TILE + r : pairs - 1;
-                        int64_t t = pair / group, h = g * group + pair % group;
-                        reals += tile * TILE + r < pairs;
-                        qs[r] = q + b * q_batch + t * q_token + h * d;
-                        at[r] = ((b * tokens + t) * heads + h) * d;
-                        outs[r] = out_bf16 ? rounding + r * d : (float *)out + at[r];
-                        seen[r] = start + t + 1;
-                    }
-                    attend_tile(qs, seen, kts + (b * kv_heads + g) * d * stride, stride,
-                                v_cache + (b * kv_heads + g) * max_len * d, d, scale, mine, reals, outs);
-                    if (out_bf16)
-                        for (int r = 0; r < reals; r++) round_bf16s(outs[r], (uint16_t *)out + at[r], d);
-                }
+        float *rounding = mine + TILE * p.stride;  /* a tile's outputs before bfloat16 */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < p.tasks; task++) {
+            const int64_t rg = task_run[task], r = rg / kv_heads, g = rg % kv_heads, tile = task_tile[task];
+            const int64_t first = run_start[r], pairs = (run_start[r + 1] - first) * group;
+            const float *qs[TILE];
+            float *outs[TILE];
+            Keys sees[TILE];
+            int64_t at[TILE], reals = 0;
+            for (int i = 0; i < TILE; i++) {
+                const int64_t pair = tile * TILE + i < pairs ? tile * TILE + i : pairs - 1;
+                const int64_t t = first + pair / group, h = g * group + pair % group;
+                reals += tile * TILE + i < pairs;
+                qs[i] = q + t * q_token + h * d;
+                at[i] = (t * heads + h) * d;
+                outs[i] = out_bf16 ? rounding + i * d : (float *)out + at[i];
+                sees[i] = keys[t];
+            }
+            attend_tile(qs, sees, kts + rg * d * p.stride, p.stride,
+                        v_cache + (row[first] * kv_heads + g) * max_len * d, d, scale, mine, reals, outs);
+            if (out_bf16)
+                for (int i = 0; i < reals; i++) round_bf16s(outs[i], (uint16_t *)out + at[i], d);
+        }
     }
 }
 
@@ -640,31 +709,29 @@ void mellow_add_norm(const float *x, const uint16_t *y, const float *weight, dou
                      normed == NULL ? NULL : normed + t * h, h);
 }
 
-/* q, k, v of `tokens` positions a row, as the qkv product wrote them (bfloat16, (batch, tokens,
-   heads + 2 kv_heads, d)): q and k rotated for positions start.. into qk (float32, (batch,
-   tokens, heads + kv_heads, d)), k and v stored into the caches (batch, kv_heads, max_len, d).
-   cos and signed_sin are RotaryEmbedding.span's tables for positions start .. start+tokens-1. */
-void mellow_rotate_store(const uint16_t *qkv, int64_t batch, int64_t tokens, int64_t start, int64_t heads,
-                         int64_t kv_heads, int64_t d, const float *cos, const float *signed_sin, float *qk,
-                         float *k_cache, float *v_cache, int64_t max_len, int64_t threads) {
+/* q, k, v of n tokens as the qkv product wrote them (bfloat16, (n, heads + 2 kv_heads, d)): q
+   and k rotated into qk (float32, (n, heads + kv_heads, d)) with row pos[t] of the rotary tables
+   (RotaryEmbedding.span's cos and signed sine, (positions, d)), and k and v stored at slot[t] of
+   cache row row[t] (caches (rows, kv_heads, max_len, d)). */
+void mellow_rotate_store(const uint16_t *qkv, int64_t n, const int64_t *pos, const int64_t *row, const int64_t *slot,
+                         int64_t heads, int64_t kv_heads, int64_t d, const float *cos, const float *signed_sin,
+                         float *qk, float *k_cache, float *v_cache, int64_t max_len, int64_t threads) {
     const int64_t half = d / 2, rotated = heads + kv_heads, all = heads + 2 * kv_heads;
-#pragma omp parallel for collapse(2) num_threads((int)threads) schedule(static)
-    for (int64_t b = 0; b < batch; b++)
-        for (int64_t t = 0; t < tokens; t++) {
-            const int64_t pos = start + t;
-            const uint16_t *in = qkv + (b * tokens + t) * all * d;
-            float *out = qk + (b * tokens + t) * rotated * d;
-            const float *c = cos + t * d, *s = signed_sin + t * d;
-            for (int64_t j = 0; j < rotated; j++)
-                for (int64_t i = 0; i < d; i++)
-                    out[j * d + i] = widen_bf16(in[j * d + i]) * c[i] + widen_bf16(in[j * d + (i + half) % d]) * s[i];
-            for (int64_t j = 0; j < kv_heads; j++) {
-                float *k = k_cache + ((b * kv_heads + j) * max_len + pos) * d;
-                float *v = v_cache + ((b * kv_heads + j) * max_len + pos) * d;
-                memcpy(k, out + (heads + j) * d, d * sizeof(float));
-                for (int64_t i = 0; i < d; i++) v[i] = widen_bf16(in[(rotated + j) * d + i]);
-            }
+#pragma omp parallel for num_threads((int)threads) schedule(static)
+    for (int64_t t = 0; t < n; t++) {
+        const uint16_t *in = qkv + t * all * d;
+        float *out = qk + t * rotated * d;
+        const float *c = cos + pos[t] * d, *s = signed_sin + pos[t] * d;
+        for (int64_t j = 0; j < rotated; j++)
+            for (int64_t i = 0; i < d; i++)
+                out[j * d + i] = widen_bf16(in[j * d + i]) * c[i] + widen_bf16(in[j * d + (i + half) % d]) * s[i];
+        for (int64_t j = 0; j < kv_heads; j++) {
+            float *k = k_cache + ((row[t] * kv_heads + j) * max_len + slot[t]) * d;
+            float *v = v_cache + ((row[t] * kv_heads + j) * max_len + slot[t]) * d;
+            memcpy(k, out + (heads + j) * d, d * sizeof(float));
+            for (int64_t i = 0; i < d; i++) v[i] = widen_bf16(in[(rotated + j) * d + i]);
         }
+    }
 }
 
 /* SwiGLU of n positions: out = bfloat16(silu(gate) * up), gate and up the two halves of each
