@@ -70,6 +70,7 @@ def report() -> dict:
         "cpu": cpu_features(),
         "threads": torch.get_num_threads(),
         "decode_step": fused.status() + "; float32 runs torch's, the exact path",
+        "prefill": fused.prefill_status(),
         "cache": str(loading.cache_dir()),
         "cached_models": [m.name for m in loading.cached_models()],
         "config_file": str(settings.config_path()),
@@ -106,6 +107,7 @@ def env(as_json: Annotated[bool, typer.Option("--json", help="One JSON object in
         ("cpu", f"{cpu['name']}, {cpu['cores']} cores, {info['threads']} threads; "
                 f"kernels {cpu['torch_capability']}; {' '.join(cpu['flags']) or 'no avx2'}"),
         ("decode step", info["decode_step"]),
+        ("prefill", info["prefill"]),
         ("cache", info["cache"] + (f" ({', '.join(info['cached_models'])})" if info["cached_models"] else " (empty)")),
         ("hub", "offline (HF_HUB_OFFLINE)" if info["offline"] else info["hf_endpoint"]),
         ("config", info["config_file"] + ("" if os.path.exists(info["config_file"]) else " (not created)")),

@@ -252,6 +252,17 @@ def test_many_choice_tokens_go_through_the_bfloat16_layers_and_score_as_torchs_l
         assert torch.allclose(g, e, atol=1e-2), (g, e)
 
 
+def test_env_says_what_a_prefill_runs_on(monkeypatch):
+    from mellow_cli import cli_env
+
+    said = cli_env.report()["prefill"]
+    lib = fused.library()
+    assert said.startswith("step.c's" if lib is not None and lib.mellow_attention_native() else "torch's"), said
+    monkeypatch.setattr(fused, "_library", [])
+    monkeypatch.setenv("MELLOW_FUSED_STEP", "0")
+    assert cli_env.report()["prefill"] == "torch's (MELLOW_FUSED_STEP=0)"
+
+
 def test_switched_off_or_without_a_compiler_torch_steps(monkeypatch):
     monkeypatch.setenv("MELLOW_FUSED_STEP", "0")
     assert fused.library() is None and "MELLOW_FUSED_STEP=0" in fused.status()

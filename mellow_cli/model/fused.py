@@ -69,6 +69,17 @@ def status() -> str:
     return _library[0][1]
 
 
+def prefill_status() -> str:
+    """What a prefill's attention and layers run on here (`mellow env`)."""
+    lib = library()
+    if lib is None:
+        return "torch's (" + status().removeprefix("torch's (")
+    if not lib.mellow_attention_native():
+        return "torch's (step.c's 16-lane vectors are not this CPU's registers: torch's kernels are the faster)"
+    return ("step.c's attention for every precision but float32; its passes between the products "
+            "where several rows multiply in bfloat16")
+
+
 def attach(lm) -> "FusedStep | None":
     """A fused step for this prepared language model, or None (the torch step then runs)."""
     if not FusedStep.supports(lm):
