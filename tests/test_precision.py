@@ -97,6 +97,8 @@ def test_a_bfloat16_prefill_takes_the_encoder_linears_and_float32_or_float16_lea
         packed = [m for m in nets[name].audio_encoder.base.htsat.modules() if isinstance(m, precision.PackedLinear)]
         if name == "bfloat16" and precision.packed_available(torch.bfloat16):
             assert changed and packed and not linears
+            # every MLP's GELU runs inside its first product, whose output stays bfloat16
+            assert sum(m.post == "gelu" and m.keep for m in packed) == sum(cfg.depths)
         else:
             assert not changed and linears and not packed
     with torch.inference_mode():
