@@ -1,5 +1,6 @@
-"""The language model over a few new tokens as one call into C (step.c), built on this machine:
-decode steps (one token in every row of the cache) and answer choices after a prefill.
+"""The language model's forward in C (step.c), built on this machine: over a few new tokens as
+one call (decode steps, one token in every row of the cache, and answer choices after a
+prefill), and, between torch's products, over many (a prefill's attention and elementwise work).
 
 A decode step in eager torch is ~25 small operations per layer of a few microseconds each around
 the matrix-vector products; at 135M parameters that overhead is a third of the step. step.c does
@@ -7,8 +8,13 @@ the same arithmetic as llama.py's forward in one call, reading the prepared matr
 bfloat16 or int8 weights; float32 activations, sums and KV cache) where `prepare` put them, and
 writing keys and values into the same cache the torch prefill filled. Choices go to slots of
 their own after their row's prefix, so the prefix's cache is shared instead of copied per
-choice. float32 (the exact path) and prefills (bound by arithmetic, where oneDNN's kernels are
-the fast ones) never use it.
+choice. float32 (the exact path) never uses it.
+
+Prefills (and the many tokens of a batch's choices) are bound by arithmetic, where oneDNN's
+products are the fast ones: step.c does the rest of such a layer. `Attend` is its attention
+for many queries (any precision but float32), `PrefillLayer` the passes between a layer's
+bfloat16 products (norms, rotary and the cache, attention, SwiGLU, residual sums), replacing
+~20 torch operations that were two fifths of a prefill.
 
 It is compiled once per machine with the system's C compiler for the CPU it runs on
 (`-march=native`), and kept in the cache beside the models, keyed by the source and the CPU. No

@@ -214,7 +214,8 @@ class LlamaForCausalLM(nn.Module):
     prepared in half precision or int8, a decode step (of any number of rows) runs as one call
     into C where the machine can build it (model/fused.py, which also scores choices for
     generate.py): the same arithmetic on the same cache, without the per-operation overhead
-    that is a third of an eager step."""
+    that is a third of an eager step. A prefill's attention (Attention.attend) and, between
+    bfloat16 products, the rest of its layers (DecoderLayer.prefill) can run there too."""
 
     def __init__(self, cfg: MellowConfig):
         super().__init__()

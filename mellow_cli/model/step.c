@@ -15,7 +15,12 @@
    that the torch prefill filled (laid out (rows, kv_heads, max_len, head_dim) per layer), the
    output projection, SwiGLU, the last norm and the head. Activations stay float32 throughout,
    and half-precision weights are widened as they are read; int8 weights meet the activations
-   rounded to 16-bit integers (see quantize16). */
+   rounded to 16-bit integers (see quantize16).
+
+   Further down, the pieces of a layer over many positions (a prefill, the choices of a batch)
+   that fused.py calls between oneDNN's products: attention for many queries
+   (mellow_attention), and the norms, rotary, SwiGLU and residual sums around bfloat16
+   products. */
 
 #include <math.h>
 #include <stdint.h>
