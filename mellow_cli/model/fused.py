@@ -46,6 +46,9 @@ ATTENTION_BOUND = 1e-5  # the same for attention, which is float32 throughout (s
 # ~2e-4 measured; a norm over one element too few moves it by 2e-2, truncating instead of
 # rounding to bfloat16 by 5e-3.
 PREFILL_BOUND = 2e-3
+# From how many tokens FusedStep runs them through the layers' bfloat16 products rather than its
+# one call: the products path has a fixed cost (~60 ms for v0, mostly the float16 head widened to
+# float32 for several positions) that the one call's ~4 ms a token repays from about 24 tokens.
 PRODUCTS_FROM = 32
 KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.int8: 2}
 
@@ -154,7 +157,6 @@ def load_library(path: Path):
                         + [ctypes.c_int64] * 3),
                        ("mellow_rotate_store", [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3
                         + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2),
-
                        ("mellow_swiglu", [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3)):
         getattr(lib, name).restype = None
         getattr(lib, name).argtypes = args
@@ -399,7 +401,6 @@ class PrefillLayer:
 
     def __init__(self, lib, attend: Attend):
         self.lib, self.attend = lib, attend
-        self.scratch = torch.empty(0)
 
     def __call__(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor | None:
         """DecoderLayer.forward's arguments (cos and sin: RotaryEmbedding.span of the new
