@@ -4,6 +4,7 @@ be built or does not agree."""
 
 import platform
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -80,11 +81,13 @@ def test_prefill_attention_is_torchs_and_its_bfloat16_output_is_float32s_rounded
 
 
 @needs_compiler
-def test_a_bfloat16_prefill_runs_its_layers_in_c_and_matches_torchs_layers():
+@pytest.mark.parametrize("intermediate", [112, 100])  # SwiGLU in whole 16-lane vectors, and with a tail
+def test_a_bfloat16_prefill_runs_its_layers_in_c_and_matches_torchs_layers(intermediate):
     lib = fused.library()
     assert lib is not None, fused.status()
     assert fused.prefill_error(lib) < fused.PREFILL_BOUND
-    lm = prepared("bfloat16", random_state(CFG))
+    cfg = replace(CFG, intermediate_size=intermediate)
+    lm = prepared("bfloat16", random_state(cfg), cfg)
     layer_pass = lm.model.layers[0].prefill
     if not lib.mellow_attention_native():
         assert layer_pass is None
@@ -97,9 +100,9 @@ def test_a_bfloat16_prefill_runs_its_layers_in_c_and_matches_torchs_layers():
     with torch.inference_mode():
         lm.setup_cache(2, 12)
         got = lm(inputs_embeds=prompt, start=0).logits
-        assert len(calls) == CFG.num_hidden_layers
+        assert len(calls) == cfg.num_hidden_layers
         lm(input_ids=torch.tensor([[1], [2]]), start=9)  # a decode step: not a prefill
-        assert len(calls) == CFG.num_hidden_layers
+        assert len(calls) == cfg.num_hidden_layers
         for layer in lm.model.layers:
             layer.prefill = None
         lm.setup_cache(2, 12)

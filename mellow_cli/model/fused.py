@@ -43,8 +43,8 @@ PER_LAYER = 12  # pointers per layer, step.c's enum
 BOUNDS = {"float16": 1e-5, "bfloat16": 1e-5, "int8": 1e-3}
 ATTENTION_BOUND = 1e-5  # the same for attention, which is float32 throughout (step.c: ~3e-7)
 # And for a bfloat16 prefill through PrefillLayer against torch's layers (see prefill_error):
-# ~2e-4 measured; a norm over one element too few moves it by 2e-2, truncating instead of
-# rounding to bfloat16 by 5e-3.
+# 0 measured; a norm over one element too few moves it by 2e-2, truncating instead of rounding
+# to bfloat16 by 1e-2, SwiGLU without SiLU by 0.2.
 PREFILL_BOUND = 2e-3
 # From how many tokens FusedStep runs them through the layers' bfloat16 products rather than its
 # one call: the products path has a fixed cost (~60 ms for v0, mostly the float16 head widened to
@@ -281,21 +281,30 @@ def attention_error(attend: "Attend") -> float:
     return worst
 
 
-@torch.inference_mode()
 def prefill_error(lib) -> float:
+    """The median over three small random models of `_prefill_error`. Both sides round to
+    bfloat16 at the same points, so they differ only where a float32 sum summed in another order
+    rounds the other way: a rare flip of one bfloat16 step (0.4% of an element) that then
+    spreads (up to ~1e-3 here, in one model of six), where a wrong index, a lost term or a wrong
+    rounding moves every model by 1e-2 or more. The median keeps one flip from failing a
+    correct build."""
+    return sorted(_prefill_error(lib, seed) for seed in (2, 3, 4))[1]
+
+
+@torch.inference_mode()
+def _prefill_error(lib, seed: int) -> float:
     """The largest difference between a prefill through PrefillLayer and through torch's layers,
     on the same small random model in bfloat16, relative to the largest value: of the final
     hidden states and of the keys and values cached, and of the final hidden states of answer
-    choices after the prefill (PrefillLayer.tokens). Both round to bfloat16 at the same points,
-    so they differ where a float32 sum summed in another order rounds the other way (a bfloat16
-    step, 0.4% of an element); a wrong index or a lost term moves them by the elements themselves."""
+    choices after the prefill (PrefillLayer.tokens)."""
     from mellow_cli.config import MellowConfig
     from mellow_cli.model.llama import LlamaForCausalLM
     from mellow_cli.precision import Precision, apply, packed_available
 
-    cfg = MellowConfig(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+    # 88: SwiGLU runs in 16-lane vectors and a tail
+    cfg = MellowConfig(vocab_size=96, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2)
-    generator = torch.Generator().manual_seed(2)
+    generator = torch.Generator().manual_seed(seed)
     lm = LlamaForCausalLM(cfg)
     lm.load_state_dict(random_state(cfg, generator))
     apply(lm.eval(), Precision("bfloat16", "bfloat16", "bfloat16", "bfloat16",
