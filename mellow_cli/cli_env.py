@@ -56,7 +56,7 @@ def report() -> dict:
     import torch
 
     from . import hub, loading
-    from .model import fused
+    from .model import fused, passes
 
     cuda = torch.cuda.is_available()
     return {
@@ -70,7 +70,7 @@ def report() -> dict:
         "cpu": cpu_features(),
         "threads": torch.get_num_threads(),
         "decode_step": fused.status() + "; float32 runs torch's, the exact path",
-        "prefill": fused.prefill_status(),
+        "prefill": passes.prefill_status(),
         "cache": str(loading.cache_dir()),
         "cached_models": [m.name for m in loading.cached_models()],
         "config_file": str(settings.config_path()),

@@ -89,11 +89,12 @@ def apply(lm, precision: Precision, release=None, fused: bool = True) -> None:
     """Prepare the language model's matrices for inference in `precision`, in place (`release`:
     see LlamaForCausalLM.prepare), and, with `fused`, give it the one-call decode steps and
     choice scoring of model/fused.py where this machine can build them and the matrices are of
-    a kind step.c reads (plain float16, bfloat16 or int8), and step.c's attention for prefills
-    (any precision but float32)."""
+    a kind step.c reads (plain float16, bfloat16 or int8), and step.c's work for prefills
+    (model/passes.py: attention for any precision but float32, the layers' passes in bfloat16)."""
     lm.prepare(maker(precision), release, head=head_maker(precision))
     if fused:
-        from .model.fused import PrefillLayer, attach, attention
+        from .model.fused import attach
+        from .model.passes import PrefillLayer, attention
 
         lm.fused = attach(lm)
         # float32, the exact path, keeps torch's attention as well as its decode step.

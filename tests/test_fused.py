@@ -2,6 +2,7 @@
 step on the same rounded weights, used only where it applies, and torch's step wherever it cannot
 be built or does not agree."""
 
+import ctypes
 import platform
 import shutil
 from dataclasses import replace
@@ -12,7 +13,7 @@ import torch
 from mellow_cli import precision
 from mellow_cli.config import DecodingOptions, MellowConfig
 from mellow_cli.generate import _choice_logprobs, generate_tokens
-from mellow_cli.model import fused
+from mellow_cli.model import fused, passes
 from mellow_cli.model.llama import LlamaForCausalLM
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -25,6 +26,7 @@ CFG = MellowConfig(vocab_size=120, hidden_size=96, intermediate_size=112, num_hi
 def fresh_library(monkeypatch):
     """Each test builds (or finds) the library in its own cache folder and checks it anew."""
     monkeypatch.setattr(fused, "_library", [])
+    monkeypatch.setattr(passes, "_checked", [])
 
 
 def random_state(cfg: MellowConfig, seed: int = 0) -> dict:
@@ -57,16 +59,16 @@ def test_builds_for_other_instruction_sets_agree_too(march, tmp_path):
     prompt = torch.randn(2, 7, CFG.hidden_size, generator=torch.Generator().manual_seed(1))
     for name in ("float16", "bfloat16", "int8"):
         assert fused._error(lib, CFG, random_state(CFG), prompt, name, steps=4) < fused.BOUNDS[name]
-    assert fused.attention_error(fused.Attend(lib)) < fused.ATTENTION_BOUND
-    assert fused.prefill_error(lib) < fused.PREFILL_BOUND
+    assert passes.attention_error(passes.Attend(lib)) < passes.ATTENTION_BOUND
+    assert passes.prefill_error(lib) < passes.PREFILL_BOUND
 
 
 @needs_compiler
 def test_prefill_attention_is_torchs_and_its_bfloat16_output_is_float32s_rounded():
     lib = fused.library()
     assert lib is not None, fused.status()
-    attend = fused.Attend(lib)
-    assert fused.attention_error(attend) < fused.ATTENTION_BOUND
+    attend = passes.Attend(lib)
+    assert passes.attention_error(attend) < passes.ATTENTION_BOUND
     from mellow_cli.model.llama import KVCache
 
     generator = torch.Generator().manual_seed(3)
@@ -85,14 +87,14 @@ def test_prefill_attention_is_torchs_and_its_bfloat16_output_is_float32s_rounded
 def test_a_bfloat16_prefill_runs_its_layers_in_c_and_matches_torchs_layers(intermediate):
     lib = fused.library()
     assert lib is not None, fused.status()
-    assert fused.prefill_error(lib) < fused.PREFILL_BOUND
+    assert passes.prefill_error(lib) < passes.PREFILL_BOUND
     cfg = replace(CFG, intermediate_size=intermediate)
     lm = prepared("bfloat16", random_state(cfg), cfg)
     layer_pass = lm.model.layers[0].prefill
     if not lib.mellow_attention_native():
         assert layer_pass is None
         pytest.skip("no 16-lane vectors here: torch's layers run")
-    assert isinstance(layer_pass, fused.PrefillLayer)
+    assert isinstance(layer_pass, passes.PrefillLayer)
     calls = []
     for layer in lm.model.layers:
         layer.prefill = lambda *args: calls.append(1) or layer_pass(*args)
@@ -107,7 +109,7 @@ def test_a_bfloat16_prefill_runs_its_layers_in_c_and_matches_torchs_layers(inter
             layer.prefill = None
         lm.setup_cache(2, 12)
         expected = lm(inputs_embeds=prompt, start=0).logits
-    assert float((got - expected).abs().max() / expected.abs().max()) < fused.PREFILL_BOUND
+    assert float((got - expected).abs().max() / expected.abs().max()) < passes.PREFILL_BOUND
 
 
 @needs_compiler
@@ -126,16 +128,19 @@ def test_which_precisions_take_the_c_prefill():
 def test_a_library_whose_prefill_pass_is_wrong_is_refused(monkeypatch):
     built, _ = fused._build()
 
-    class Broken:  # the real library but for SwiGLU, which leaves its output as torch.empty made it
+    class Broken:  # the real library but for SwiGLU, which writes zeros
         def __getattr__(self, name):
             return getattr(built, name)
 
-        def mellow_swiglu(self, *args):
-            pass
+        def mellow_swiglu(self, gate_up, out, n, inter, threads):
+            ctypes.memset(out, 0, n * inter * 2)
 
     monkeypatch.setattr(fused, "_build", lambda: (Broken(), "one call into C (a broken one)"))
-    assert fused.library() is None
-    assert "disagreed" in fused.status()
+    assert fused.library() is not None  # the decode step does not use it
+    assert passes.attention() is None
+    assert "disagreed" in passes.prefill_status()
+    layer = prepared("bfloat16", random_state(CFG)).model.layers[0]
+    assert layer.prefill is None and layer.self_attn.attend is None
 
 
 @needs_compiler
@@ -239,12 +244,12 @@ def test_many_choice_tokens_go_through_the_bfloat16_layers_and_score_as_torchs_l
     ids = [torch.randint(0, CFG.vocab_size, (n,), generator=generator).tolist() for n in (5, 1, 7, 3, 9, 6, 4, 8)]
     row_of = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
     assert sum(len(t) - 1 for t in ids) >= fused.PRODUCTS_FROM
-    passes, copies = [], []
-    real_tokens = fused.PrefillLayer.tokens
-    monkeypatch.setattr(fused.PrefillLayer, "tokens", lambda *a: passes.append(1) or real_tokens(*a))
+    layer_passes, copies = [], []
+    real_tokens = passes.PrefillLayer.tokens
+    monkeypatch.setattr(passes.PrefillLayer, "tokens", lambda *a: layer_passes.append(1) or real_tokens(*a))
     monkeypatch.setattr(type(lm), "select_cache_rows", lambda self, index: copies.append(index))
     got = _choice_logprobs(lm, prefix, row_of, ids)
-    assert len(passes) == CFG.num_hidden_layers and copies == []
+    assert len(layer_passes) == CFG.num_hidden_layers and copies == []
     monkeypatch.undo()
     lm.fused = None  # torch's layers, each choice on a copy of its row's cache
     for layer in lm.model.layers:
@@ -262,6 +267,7 @@ def test_env_says_what_a_prefill_runs_on(monkeypatch):
     lib = fused.library()
     assert said.startswith("step.c's" if lib is not None and lib.mellow_attention_native() else "torch's"), said
     monkeypatch.setattr(fused, "_library", [])
+    monkeypatch.setattr(passes, "_checked", [])
     monkeypatch.setenv("MELLOW_FUSED_STEP", "0")
     assert cli_env.report()["prefill"] == "torch's (MELLOW_FUSED_STEP=0)"
 

@@ -1,6 +1,6 @@
 """The language model's forward in C (step.c), built on this machine: over a few new tokens as
 one call (decode steps, one token in every row of the cache, and answer choices after a
-prefill), and, between torch's products, over many (a prefill's attention and elementwise work).
+prefill); over many, between torch's products, see passes.py.
 
 A decode step in eager torch is ~25 small operations per layer of a few microseconds each around
 the matrix-vector products; at 135M parameters that overhead is a third of the step. step.c does
@@ -11,10 +11,8 @@ their own after their row's prefix, so the prefix's cache is shared instead of c
 choice. float32 (the exact path) never uses it.
 
 Prefills (and the many tokens of a batch's choices) are bound by arithmetic, where oneDNN's
-products are the fast ones: step.c does the rest of such a layer. `Attend` is its attention
-for many queries (any precision but float32), `PrefillLayer` the passes between a layer's
-bfloat16 products (norms, rotary and the cache, attention, SwiGLU, residual sums), replacing
-~20 torch operations that were two fifths of a prefill.
+products are the fast ones: step.c does the rest of such a layer, through passes.py. This
+module builds, loads and checks the library for both.
 
 It is compiled once per machine with the system's C compiler for the CPU it runs on
 (`-march=native`), and kept in the cache beside the models, keyed by the source and the CPU. No
@@ -41,11 +39,6 @@ PER_LAYER = 12  # pointers per layer, step.c's enum
 # activations to 16 bits (step.c), about 1e-4 on a small random model, while rounding the
 # weights to 8 bits moves logits by 1e-2. A wrong index or a lost term moves them by far more.
 BOUNDS = {"float16": 1e-5, "bfloat16": 1e-5, "int8": 1e-3}
-ATTENTION_BOUND = 1e-5  # the same for attention, which is float32 throughout (step.c: ~3e-7)
-# And for a bfloat16 prefill through PrefillLayer against torch's layers (see prefill_error):
-# 0 measured; a norm over one element too few moves it by 2e-2, truncating instead of rounding
-# to bfloat16 by 1e-2, SwiGLU without SiLU by 0.2.
-PREFILL_BOUND = 2e-3
 # From how many tokens FusedStep runs them through the layers' bfloat16 products rather than its
 # one call: the products path has a fixed cost (~60 ms for v0, mostly the float16 head widened to
 # float32 for several positions) that the one call's ~4 ms a token repays from about 24 tokens.
@@ -76,17 +69,6 @@ def status() -> str:
     """Which decode step a half-precision or int8 model runs here, and why (`mellow env`)."""
     library()
     return _library[0][1]
-
-
-def prefill_status() -> str:
-    """What a prefill's attention and layers run on here (`mellow env`)."""
-    lib = library()
-    if lib is None:
-        return "torch's (" + status().removeprefix("torch's (")
-    if not lib.mellow_attention_native():
-        return "torch's (step.c's 16-lane vectors are not this CPU's registers: torch's kernels are the faster)"
-    return ("step.c's attention for every precision but float32; its passes between the products "
-            "where several rows multiply in bfloat16")
 
 
 def attach(lm) -> "FusedStep | None":
@@ -166,8 +148,8 @@ def load_library(path: Path):
 def _agrees(lib) -> bool:
     """Whether the built library gives, on a small random model in float16 and in int8, the
     logits that float32 arithmetic gives on the same rounded weights, for decode steps of two rows
-    and for choices, and torch's results for a prefill's attention and bfloat16 layers (a
-    compiler that miscompiles step.c must not change answers)."""
+    and for choices (a compiler that miscompiles step.c must not change answers; passes.py
+    checks its own part of it)."""
     from mellow_cli.config import MellowConfig
 
     cfg = MellowConfig(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
@@ -175,8 +157,7 @@ def _agrees(lib) -> bool:
     generator = torch.Generator().manual_seed(0)
     state = random_state(cfg, generator)
     prompt = torch.randn(2, 5, cfg.hidden_size, generator=generator)
-    return (all(_error(lib, cfg, state, prompt, name) < BOUNDS[name] for name in ("float16", "int8"))
-            and attention_error(Attend(lib)) < ATTENTION_BOUND and prefill_error(lib) < PREFILL_BOUND)
+    return all(_error(lib, cfg, state, prompt, name) < BOUNDS[name] for name in ("float16", "int8"))
 
 
 def random_state(cfg, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -255,238 +236,6 @@ def _error(lib, cfg, state: dict, prompt: torch.Tensor, name: str, steps: int = 
     return worst
 
 
-@torch.inference_mode()
-def attention_error(attend: "Attend") -> float:
-    """The largest difference between `attend` and torch's attention over the same cache, relative
-    to the largest output, for a prefill (queries from position 0) and for queries after three
-    cached positions, with two rows and two query heads per key/value head."""
-    import torch.nn.functional as F
-
-    from mellow_cli.model.llama import KVCache
-
-    generator = torch.Generator().manual_seed(1)
-    batch, heads, kv_heads, head_dim, tokens = 2, 4, 2, 16, 21
-    worst = 0.0
-    for start in (0, 3):
-        qk = torch.randn(batch, tokens, heads + kv_heads, head_dim, generator=generator)
-        cache = KVCache(batch, kv_heads, start + tokens + 2, head_dim, torch.float32, "cpu")
-        cache.k.normal_(generator=generator)
-        cache.v.normal_(generator=generator)
-        k, v = cache.k[:, :, : start + tokens], cache.v[:, :, : start + tokens]
-        mask = torch.ones(tokens, start + tokens, dtype=torch.bool).tril(diagonal=start)
-        expected = F.scaled_dot_product_attention(qk[:, :, :heads].transpose(1, 2), k, v, attn_mask=mask,
-                                                  enable_gqa=True).transpose(1, 2).reshape(batch, tokens, -1)
-        got = attend(qk, heads, cache, start)
-        worst = max(worst, float((got - expected).abs().max() / expected.abs().max()))
-    return worst
-
-
-def prefill_error(lib) -> float:
-    """The median over three small random models of `_prefill_error`. Both sides round to
-    bfloat16 at the same points, so they differ only where a float32 sum summed in another order
-    rounds the other way: a rare flip of one bfloat16 step (0.4% of an element) that then
-    spreads (up to ~1e-3 here, in one model of six), where a wrong index, a lost term or a wrong
-    rounding moves every model by 1e-2 or more. The median keeps one flip from failing a
-    correct build."""
-    return sorted(_prefill_error(lib, seed) for seed in (2, 3, 4))[1]
-
-
-@torch.inference_mode()
-def _prefill_error(lib, seed: int) -> float:
-    """The largest difference between a prefill through PrefillLayer and through torch's layers,
-    on the same small random model in bfloat16, relative to the largest value: of the final
-    hidden states and of the keys and values cached, and of the final hidden states of answer
-    choices after the prefill (PrefillLayer.tokens)."""
-    from mellow_cli.config import MellowConfig
-    from mellow_cli.model.llama import LlamaForCausalLM
-    from mellow_cli.precision import Precision, apply, packed_available
-
-    # 88: SwiGLU runs in 16-lane vectors and a tail
-    cfg = MellowConfig(vocab_size=96, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2)
-    generator = torch.Generator().manual_seed(seed)
-    lm = LlamaForCausalLM(cfg)
-    lm.load_state_dict(random_state(cfg, generator))
-    apply(lm.eval(), Precision("bfloat16", "bfloat16", "bfloat16", "bfloat16",
-                               packed=packed_available(torch.bfloat16)), fused=False)
-    prompt = torch.randn(2, 21, cfg.hidden_size, generator=generator)
-
-    def run(layer_pass):
-        for layer in lm.model.layers:
-            layer.prefill = layer_pass
-        lm.setup_cache(2, 23)
-        hidden = lm.hidden(inputs_embeds=prompt, start=0)
-        return [hidden] + [t.clone() for layer in lm.model.layers for t in (layer.self_attn.kv_cache.k,
-                                                                             layer.self_attn.kv_cache.v)]
-
-    layer_pass = PrefillLayer(lib, Attend(lib))
-    expected, got = run(None), run(layer_pass)
-    worst = max(float((g - e).abs().max() / e.abs().max()) for g, e in zip(got, expected))
-
-    # Choices through the layer pass, each row's after its prefix in slots of its own, against
-    # torch's layers on a copy of the row's cache per choice.
-    row_of, ids = [0, 1, 1, 1], [[5, 7, 9], [11, 13], [17, 19, 21, 23], [25]]
-    flat, row, pos, slot, group = choice_layout(row_of, ids, 21)
-    cos, sin = lm.model.rotary_emb.span(0, 23 + 5, torch.float32)
-    lm.setup_cache(2, 21 + 5)
-    lm.hidden(inputs_embeds=prompt, start=0)
-    prefix = [(layer.self_attn.kv_cache.k.clone(), layer.self_attn.kv_cache.v.clone()) for layer in lm.model.layers]
-    x = lm.embed(torch.tensor(flat))[None]
-    for layer in lm.model.layers:
-        x = layer_pass.tokens(layer, x, cos, sin, torch.tensor([pos, row, slot, group]), 21)
-    got = lm.model.norm(x)[0].split([len(t) - 1 for t in ids])
-    run(None)
-    for r, tokens, mine in zip(row_of, ids, got):
-        if len(tokens) > 1:
-            for layer, (k, v) in zip(lm.model.layers, prefix):
-                layer.self_attn.kv_cache.k, layer.self_attn.kv_cache.v = k[r, None].clone(), v[r, None].clone()
-            expected = lm.hidden(torch.tensor([tokens[:-1]]), start=21)[0]
-            worst = max(worst, float((mine - expected).abs().max() / expected.abs().max()))
-    return worst
-
-
-def attention(lib=None) -> "Attend | None":
-    """step.c's attention for several queries where the library is here and its vectors are the
-    CPU's own (else torch's flash kernel is the faster one), or None."""
-    lib = lib or library()
-    return Attend(lib) if lib is not None and lib.mellow_attention_native() else None
-
-
-class Attend:
-    """Attention for many queries through step.c's mellow_attention: what Attention.forward's
-    scaled_dot_product_attention computes, in float32, in about half its time at a prefix's sizes
-    (`__call__`, a prefill), and the attention of answer choices after a shared prefix (`run`)."""
-
-    def __init__(self, lib):
-        self.lib = lib
-        self.scratch = torch.empty(0)
-
-    def __call__(self, qk: torch.Tensor, heads: int, cache, start: int,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-        """The rotated q and k of the new positions start.. of every cache row, (B, T, heads +
-        kv_heads, head_dim), the number of query heads and the layer's KVCache (already holding
-        positions 0 .. start+T-1) -> (B, T, heads * head_dim) in `dtype` (float32, or bfloat16
-        rounded as a bfloat16 product rounds its inputs), or None where the tensors are not
-        float32 in the layout step.c reads (torch's attention then runs)."""
-        batch, tokens, _, head_dim = qk.shape
-        if qk.dtype != torch.float32 or qk.device.type != "cpu" or qk.stride(0) != tokens * qk.stride(1):
-            return None
-        t = torch.arange(tokens).repeat(batch)
-        rows = torch.arange(batch).repeat_interleave(tokens)
-        none = torch.zeros_like(t)
-        out = self.run(qk.view(batch * tokens, -1, head_dim), heads, cache, rows, start + t + 1, none, none, batch, dtype)
-        return None if out is None else out.view(batch, tokens, -1)
-
-    def run(self, qk: torch.Tensor, heads: int, cache, rows: torch.Tensor, seen: torch.Tensor, hole_from: torch.Tensor,
-            hole_to: torch.Tensor, runs: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """step.c's mellow_attention (it says what rows, seen and the hole are) for qk (N, heads +
-        kv_heads, head_dim) -> (N, heads * head_dim), or None where the tensors are not in the
-        layout it reads. `runs`: how many stretches of consecutive tokens share a cache row."""
-        n, _, head_dim = qk.shape
-        k, v = cache.k, cache.v
-        if (head_dim % 16 or qk.dtype != torch.float32 or k.dtype != torch.float32 or qk.device.type != "cpu"
-                or qk.stride(2) != 1 or qk.stride(1) != head_dim or not (k.is_contiguous() and v.is_contiguous())):
-            return None
-        kv_heads, max_len = k.shape[1], k.shape[2]
-        threads = torch.get_num_threads()
-        index = torch.stack([rows, seen, hole_from, hole_to]).to(torch.int64).contiguous()
-        need = self.lib.mellow_attention_scratch_floats(n, runs, kv_heads, head_dim, int(seen.max()), heads, threads)
-        if self.scratch.numel() < need:
-            self.scratch = torch.empty(need)
-        out = torch.empty(n, heads * head_dim, dtype=dtype)
-        self.lib.mellow_attention(qk.data_ptr(), qk.stride(0), n, runs, *(i.data_ptr() for i in index), k.data_ptr(),
-                                  v.data_ptr(), kv_heads, max_len, heads, head_dim, out.data_ptr(),
-                                  int(dtype == torch.bfloat16), self.scratch.data_ptr(), threads)
-        return out
-
-
-class PrefillLayer:
-    """A decoder layer over many positions (a prefill, or many answer choices' tokens) where its
-    products take and give bfloat16 (several rows of a bfloat16-prefill precision): the four
-    products as prepared, and between them step.c's passes (norms, rotary and the cache,
-    attention, SwiGLU, the residual sums) instead of torch's ~20 elementwise operations, with
-    bfloat16 where the products round their inputs and outputs anyway. DecoderLayer.forward calls
-    it for a prefill, FusedStep for many choice tokens; None: torch's layer runs."""
-
-    def __init__(self, lib, attend: Attend):
-        self.lib, self.attend = lib, attend
-
-    def __call__(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor | None:
-        """DecoderLayer.forward's arguments (cos and sin: RotaryEmbedding.span of the new
-        positions): every row's next positions start.. of its own cache row."""
-        cache = layer.self_attn.kv_cache
-        batch, tokens, _ = x.shape
-        if not self.fits(layer, x, cos, sin):
-            return None
-        t = torch.arange(tokens).repeat(batch)
-        index = torch.stack([t, torch.arange(batch).repeat_interleave(tokens), start + t])
-        d = layer.self_attn.head_dim
-        heads = layer.self_attn.sizes[0] // d
-        return self._layer(layer, x, cos, sin, index, lambda qk: self.attend(qk.view(batch, tokens, -1, d), heads, cache,
-                                                                           start, torch.bfloat16))
-
-    def tokens(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, index: torch.Tensor,
-               visible: int) -> torch.Tensor:
-        """x (1, N, hidden), N tokens placed as step.c's mellow_forward places them: index rows
-        pos, row, slot, group (int64, (4, N)), cos and sin the whole rotary tables."""
-        attn = layer.self_attn
-        cache, d = attn.kv_cache, attn.head_dim
-        heads, n = attn.sizes[0] // d, x.shape[1]
-        pos, rows, slot, group = index
-        # A token sees its row's prefix and its own choice's slots: not the slots between them,
-        # which hold the row's earlier choices (FusedStep.choices lays them out so).
-        first = torch.full((int(group.max()) + 1,), 1 << 62).scatter_reduce(0, group, slot, "amin")[group]
-        runs = int((rows[1:] != rows[:-1]).sum()) + 1
-
-        def attend(qk: torch.Tensor) -> torch.Tensor:
-            return self.attend.run(qk.view(n, -1, d), heads, cache, rows, slot + 1, torch.full_like(slot, visible),
-                                   first, runs, torch.bfloat16)
-
-        return self._layer(layer, x, cos, sin, index, attend)
-
-    @staticmethod
-    def fits(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-        """Whether the tensors are float32, on the CPU, in the layout step.c reads."""
-        cache = layer.self_attn.kv_cache
-        return (x.dtype == torch.float32 and x.device.type == "cpu" and layer.self_attn.head_dim % 16 == 0
-                and cache.k.dtype == torch.float32 and cache.k.is_contiguous() and cache.v.is_contiguous()
-                and cos.is_contiguous() and sin.is_contiguous())
-
-    def _layer(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, index: torch.Tensor,
-               attend) -> torch.Tensor:
-        """The layer, with k and v stored at (row, slot) = index[1], index[2], rotary row index[0]
-        of cos and sin, and `attend` (rotated q and k -> the heads' outputs in bfloat16)."""
-        attn, mlp, lib = layer.self_attn, layer.mlp, self.lib
-        cache, d = attn.kv_cache, attn.head_dim
-        heads, kv_heads = attn.sizes[0] // d, attn.sizes[1] // d
-        batch, tokens, hidden = x.shape
-        n, threads, eps = batch * tokens, torch.get_num_threads(), layer.input_layernorm.eps
-        # Every tensor C reads is held by a name until the call returns: a temporary's memory
-        # could be handed back (and written by the allocator) while C reads it.
-        x = x.contiguous()
-        index = index.contiguous()
-        normed = torch.empty(batch, tokens, hidden, dtype=torch.bfloat16)
-        lib.mellow_add_norm(x.data_ptr(), None, layer.input_layernorm.weight.data_ptr(), eps, x.data_ptr(),
-                            normed.data_ptr(), n, hidden, threads)
-        qkv = _bfloat16(attn.qkv(normed))
-        qk = torch.empty(batch, tokens, heads + kv_heads, d)
-        lib.mellow_rotate_store(qkv.data_ptr(), n, index[0].data_ptr(), index[1].data_ptr(), index[2].data_ptr(),
-                                heads, kv_heads, d, cos.data_ptr(), sin.data_ptr(), qk.data_ptr(), cache.k.data_ptr(),
-                                cache.v.data_ptr(), cache.k.shape[2], threads)
-        mixed = attend(qk)
-        out = _bfloat16(attn.out(mixed))
-        summed = torch.empty_like(x)
-        lib.mellow_add_norm(x.data_ptr(), out.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(), eps,
-                            summed.data_ptr(), normed.data_ptr(), n, hidden, threads)
-        gate_up = _bfloat16(mlp.gate_up(normed))
-        inter = gate_up.shape[-1] // 2
-        acted = torch.empty(batch, tokens, inter, dtype=torch.bfloat16)
-        lib.mellow_swiglu(gate_up.data_ptr(), acted.data_ptr(), n, inter, threads)
-        down = _bfloat16(mlp.down(acted))
-        lib.mellow_add_norm(summed.data_ptr(), down.data_ptr(), None, 0.0, summed.data_ptr(), None, n, hidden, threads)
-        return summed
-
-
 def choice_layout(row_of: list[int], ids: list[list[int]], length: int) -> tuple[list[int], ...]:
     """Where FusedStep.choices puts each choice's tokens but the last, as lists (token, row, pos,
     slot, group) for step.c: choice i follows the prefix of cache row row_of[i] (rotary positions
@@ -502,13 +251,6 @@ def choice_layout(row_of: list[int], ids: list[list[int]], length: int) -> tuple
             used[r] = used.get(r, 0) + 1
             group.append(i)
     return flat, row, pos, slot, group
-
-
-def _bfloat16(product: torch.Tensor) -> torch.Tensor:
-    """A product's output as PrefillLayer reads it (its matrices give bfloat16 for bfloat16)."""
-    if product.dtype != torch.bfloat16:
-        raise ValueError(f"a bfloat16 product gave {product.dtype}: PrefillLayer is for bfloat16 prefills")
-    return product.contiguous()
 
 
 def decode_seconds(stack: list[tuple], head, heads: int, kv_heads: int, layers: int, positions: int,
@@ -640,7 +382,7 @@ class FusedStep:
         if tokens >= PRODUCTS_FROM and layers[0].prefill is not None and layers[0].prefill.fits(layers[0], x, self.cos,
                                                                                                  self.sin):
             # Many tokens (choices of a batch): bound by arithmetic, as a prefill is, so through the
-            # layers' bfloat16 products where the model has them (PrefillLayer.tokens).
+            # layers' bfloat16 products where the model has them (passes.PrefillLayer.tokens).
             index = torch.tensor([pos, row, slot, group], dtype=torch.int64)
             x = x[None]
             for layer in layers:

@@ -126,7 +126,7 @@ class Attention(nn.Module):
         self.out: Matrix | None = None
         self.kv_cache: KVCache | None = None
         # Several queries' attention against the cache, the same arithmetic as the
-        # scaled_dot_product_attention below (fused.Attend), or None; set by precision.apply.
+        # scaled_dot_product_attention below (passes.Attend), or None; set by precision.apply.
         self.attend: Callable | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | None,
@@ -142,7 +142,7 @@ class Attention(nn.Module):
         y = None
         if start is not None:
             k, v = self.kv_cache.update(start, k, v)
-            if t > 1 and self.attend is not None:  # a prefill, in C where fused.py set it up
+            if t > 1 and self.attend is not None:  # a prefill, in C where precision.apply set it up
                 y = self.attend(qk, q_heads, self.kv_cache, start)
         if y is None:
             # Without a cache, or from position 0 (prefill), the mask is plain causal; a decode
@@ -177,7 +177,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # This forward over several positions a row against the cache, with the elementwise
-        # work in C between bfloat16 products (fused.PrefillLayer), or None; set by precision.apply.
+        # work in C between bfloat16 products (passes.PrefillLayer), or None; set by precision.apply.
         self.prefill: Callable | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | None = None,

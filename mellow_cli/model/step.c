@@ -18,7 +18,7 @@
    rounded to 16-bit integers (see quantize16).
 
    Further down, the pieces of a layer over many positions (a prefill, the choices of a batch)
-   that fused.py calls between oneDNN's products: attention for many queries
+   that passes.py calls between oneDNN's products: attention for many queries
    (mellow_attention), and the norms, rotary, SwiGLU and residual sums around bfloat16
    products. */
 
@@ -579,7 +579,7 @@ int64_t mellow_attention_scratch_floats(int64_t n, int64_t runs, int64_t kv_head
    consecutive, `runs` stretches of them at most (as mellow_attention_scratch_floats was told).
    out (n, heads, head_dim): float32, or bfloat16 (rounded to nearest even) with
    `out_bf16`. Query head h reads key/value head h / (heads / kv_heads), as SDPA's enable_gqa.
-   head_dim must be a multiple of 16 (fused.py checks).
+   head_dim must be a multiple of 16 (passes.py checks).
 
    Eight (query, head) pairs of one key/value head are scored against sixteen keys at a time,
    from keys transposed once per row and head, every sum and the softmax in float32: torch's
@@ -602,7 +602,7 @@ void mellow_attention(const float *q, int64_t q_token, int64_t n, int64_t runs, 
         keys[t] = (Keys){seen[t], hole_from[t], hole_to[t]};
         found += t == 0 || row[t] != row[t - 1];
     }
-    if (found > runs) return;  /* more than the scratch was sized for: fused.py counts them first */
+    if (found > runs) return;  /* more than the scratch was sized for: passes.py counts them first */
     const Plan p = plan(n, row, keys, group, kv_heads, run_start, task_run, task_tile);
 
 #pragma omp parallel num_threads((int)threads)
@@ -651,7 +651,7 @@ void mellow_attention(const float *q, int64_t q_token, int64_t n, int64_t runs, 
 
 /* Whether mellow_attention's 16-lane vectors are the CPU's own registers here: built without
    AVX512 the compiler splits each into several narrower ones and spills the tile, and torch's
-   kernel is the faster one (fused.py then keeps it). */
+   kernel is the faster one (passes.py then keeps it). */
 int mellow_attention_native(void) {
 #if defined(__AVX512F__)
     return 1;
@@ -665,7 +665,7 @@ int mellow_attention_native(void) {
    Where a precision multiplies several rows in bfloat16, a prefill's layer is four products and,
    between them, about twenty elementwise torch operations over every position, each a pass over
    memory, several of them only widening the products' bfloat16 outputs to float32 and rounding
-   the next product's inputs back. These do the same arithmetic in a pass or two: fused.py's
+   the next product's inputs back. These do the same arithmetic in a pass or two: passes.py's
    PrefillLayer calls them between the products. Every sum stays in float32 as in llama.py;
    bfloat16 appears exactly where the products round their inputs and outputs. */
 
