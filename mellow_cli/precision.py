@@ -99,7 +99,7 @@ def apply(lm, precision: Precision, release=None, fused: bool = True) -> None:
         lm.fused = attach(lm)
         # float32, the exact path, keeps torch's attention as well as its decode step.
         attend = attention() if precision.name != "float32" else None
-        layer_pass = PrefillLayer(attend.lib, attend) if attend is not None and precision.prefill == "bfloat16" else None
+        layer_pass = PrefillLayer(attend) if attend is not None and precision.prefill == "bfloat16" else None
         for layer in lm.model.layers:
             layer.self_attn.attend = attend
             layer.prefill = layer_pass
@@ -145,8 +145,7 @@ class PackedLinear(torch.nn.Module):
         self.post, self.keep = post, keep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.matrix(x, self.bias, self.post)
-        return y if self.keep else y.to(x.dtype)
+        return self.matrix(x, self.bias, self.post, self.keep)
 
 
 def head_maker(precision: Precision):
@@ -223,13 +222,13 @@ class Packed:
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype).contiguous(), 1)
         self.nbytes = weight.numel() * torch.finfo(dtype).bits // 8
 
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, post: str = "none") -> torch.Tensor:
-        """x @ weight.T in the input's dtype; with `bias` and `post` ("gelu": erf's, as F.gelu), both
-        applied to the float32 sums, the output stays in the matrix's dtype."""
-        if bias is None and post == "none":
-            return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, None, "none", [], "").to(x.dtype)
-        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, bias, post, [],
-                                                  "none" if post == "gelu" else "")
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, post: str = "none",
+                 keep: bool = False) -> torch.Tensor:
+        """x @ weight.T (+ `bias`, then `post`: "gelu" is erf's, as F.gelu; both applied to the
+        float32 sums) in the input's dtype, or in the matrix's with `keep`."""
+        y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, bias, post, [],
+                                               "none" if post == "gelu" else "")
+        return y if keep else y.to(x.dtype)
 
 
 def _float32(weight: torch.Tensor):

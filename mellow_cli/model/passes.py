@@ -118,7 +118,7 @@ def _prefill_error(lib, seed: int) -> float:
         return [hidden] + [t.clone() for layer in lm.model.layers for t in (layer.self_attn.kv_cache.k,
                                                                              layer.self_attn.kv_cache.v)]
 
-    layer_pass = PrefillLayer(lib, Attend(lib))
+    layer_pass = PrefillLayer(Attend(lib))
     expected, got = run(None), run(layer_pass)
     worst = max(float((g - e).abs().max() / e.abs().max()) for g, e in zip(got, expected))
 
@@ -200,8 +200,8 @@ class PrefillLayer:
     bfloat16 where the products round their inputs and outputs anyway. DecoderLayer.forward calls
     it for a prefill, FusedStep for many choice tokens; None: torch's layer runs."""
 
-    def __init__(self, lib, attend: Attend):
-        self.lib, self.attend = lib, attend
+    def __init__(self, attend: Attend):
+        self.lib, self.attend = attend.lib, attend
 
     def __call__(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor | None:
         """DecoderLayer.forward's arguments (cos and sin: RotaryEmbedding.span of the new
