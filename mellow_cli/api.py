@@ -92,10 +92,9 @@ def load_model(name: str = "v0", device: str = "auto", dtype: str | None = None,
     if dtype is not None and dtype not in NAMES:  # fails before the weights load
         raise UsageError(f"unknown dtype {dtype!r}: use {', '.join(NAMES)}")
     net, files = loading.load(name, device="cpu", progress=progress)
-    from .files import drop_file_pages
+    from .files import FilePages
 
-    chosen = set_precision(net.to(target), target, dtype,
-                           release=lambda originals: drop_file_pages(originals, files.weights), progress=progress)
+    chosen = set_precision(net.to(target), target, dtype, release=FilePages(files.weights), progress=progress)
     return MellowModel(net, Tokenizer(files.tokenizer_dir), name=files.name, revision=files.revision,
                        precision=chosen)
 

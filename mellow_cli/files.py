@@ -110,34 +110,41 @@ def disk_full(folder: Path, name: str, needed: int | None = None, free: int | No
                       "MELLOW_HOME to a folder on a disk with room")
 
 
-def drop_file_pages(tensors, path: Path) -> int:
-    """Tell the OS that the pages of `tensors` mapped from `path` are no longer needed, so their
-    resident memory goes now instead of when the whole file is unmapped: after the language
-    model's matrices are converted (precision.py), the float32 originals are never read again.
-    Only whole pages inside the tensors and inside a mapping of `path` itself are dropped
-    (checked in /proc/self/maps): a later read would see the file's bytes again, never zeros, and
-    memory of our own is never touched. Elsewhere (not Linux) this does nothing. Returns the
-    bytes dropped."""
-    import ctypes
-    import mmap
+class FilePages:
+    """Drops pages of tensors memory-mapped from `path` (`__call__`): after the language model's
+    matrices are converted (precision.py), the float32 originals are never read again, and their
+    resident memory goes now instead of when the whole file is unmapped. Only whole pages inside
+    the tensors and inside a mapping of `path` itself are dropped (as /proc/self/maps shows them):
+    a later read would see the file's bytes again, never zeros, and memory of our own is never
+    touched. The mappings are read once, at the first call (a load releases its weights layer by
+    layer, ~100 calls, and the file's mappings stay put while its tensors live). Elsewhere (not
+    Linux) this does nothing."""
 
-    try:
-        maps = Path("/proc/self/maps").read_text().splitlines()
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return 0
-    target = str(Path(path).resolve())
-    spans = []
-    for line in maps:
-        parts = line.split(maxsplit=5)
-        if len(parts) == 6 and parts[5] == target:
-            low, high = (int(a, 16) for a in parts[0].split("-"))
-            spans.append((low, high))
-    page, dropped = mmap.PAGESIZE, 0
-    for t in tensors:
-        start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-        first, last = -(-start // page) * page, end // page * page  # whole pages inside the tensor
-        if last > first and any(low <= first and last <= high for low, high in spans):
-            if libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4) == 0:  # MADV_DONTNEED
-                dropped += last - first
-    return dropped
+    def __init__(self, path: Path):
+        self.path = path
+        self._spans: list[tuple[int, int]] | None = None
+        self._libc = None
+
+    def __call__(self, tensors) -> int:
+        """Bytes dropped."""
+        import ctypes
+        import mmap
+
+        if self._spans is None:
+            try:
+                maps = Path("/proc/self/maps").read_text().splitlines()
+                self._libc = ctypes.CDLL(None, use_errno=True)
+            except OSError:
+                maps = []
+            target = str(Path(self.path).resolve())
+            self._spans = [tuple(int(a, 16) for a in parts[0].split("-"))
+                           for parts in (line.split(maxsplit=5) for line in maps)
+                           if len(parts) == 6 and parts[5] == target]
+        page, dropped = mmap.PAGESIZE, 0
+        for t in tensors:
+            start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+            first, last = -(-start // page) * page, end // page * page  # whole pages inside the tensor
+            if last > first and any(low <= first and last <= high for low, high in self._spans):
+                if self._libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4) == 0:  # MADV_DONTNEED
+                    dropped += last - first
+        return dropped

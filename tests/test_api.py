@@ -192,12 +192,14 @@ def test_converted_weights_release_their_file_pages_and_nothing_else(tiny_model_
     import torch
     from safetensors.torch import load_file, save_file
 
-    from mellow_cli.files import drop_file_pages
+    from mellow_cli.files import FilePages
 
     path = tmp_path / "w.safetensors"
     save_file({"a": torch.arange(8192, dtype=torch.float32), "b": torch.ones(8192)}, str(path))
     mapped = load_file(str(path))
     ours = mapped["a"].clone()
-    assert drop_file_pages([mapped["a"]], path) > 0
+    drop = FilePages(path)
+    assert drop([mapped["a"]]) > 0
     assert torch.equal(mapped["a"], ours) and torch.equal(mapped["b"], torch.ones(8192))
-    assert drop_file_pages([ours], path) == 0 and torch.equal(ours, torch.arange(8192, dtype=torch.float32))
+    assert drop([ours]) == 0 and torch.equal(ours, torch.arange(8192, dtype=torch.float32))
+    assert FilePages(tmp_path / "elsewhere")([mapped["b"]]) == 0  # mapped, but from another file
