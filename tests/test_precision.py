@@ -99,6 +99,11 @@ def test_a_bfloat16_prefill_takes_the_encoder_linears_and_float32_or_float16_lea
             assert changed and packed and not linears
             # every MLP's GELU runs inside its first product, whose output stays bfloat16
             assert sum(m.post == "gelu" and m.keep for m in packed) == sum(cfg.depths)
+            # and every window attention's q, k, v stay bfloat16 into its attention
+            from mellow_cli.model.htsat import WindowAttention
+
+            attentions = [m for m in nets[name].modules() if isinstance(m, WindowAttention)]
+            assert len(attentions) == sum(cfg.depths) and all(a.qkv.keep and not a.proj.keep for a in attentions)
         else:
             assert not changed and linears and not packed
     with torch.inference_mode():
