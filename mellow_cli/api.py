@@ -62,10 +62,11 @@ class ChoiceResult:
 
 
 def set_precision(net, device: "torch.device", dtype: str | None = None, release=None,
-                  progress: bool = False) -> "Precision":
+                  progress: bool = False, int8_copy=None) -> "Precision":
     """Prepare the language model for inference in `dtype` (None: auto; precision.py says what
-    each means). On a GPU a half precision also covers the mapper; on a CPU, a bfloat16 prefill
-    also covers the encoder's linears (precision.apply_encoder); the front end stays float32."""
+    each means; `int8_copy`: see precision.apply). On a GPU a half precision also covers the
+    mapper; on a CPU, a bfloat16 prefill also covers the encoder's linears
+    (precision.apply_encoder); the front end stays float32."""
     import torch
 
     from . import precision
@@ -75,7 +76,7 @@ def set_precision(net, device: "torch.device", dtype: str | None = None, release
         half = precision.DTYPES[chosen.name]
         net.audio_encoder.projection.to(half)
         net.caption_decoder.to(half)
-    precision.apply(net.lm, chosen, release)
+    precision.apply(net.lm, chosen, release, int8_copy=int8_copy)
     if device.type == "cpu":
         precision.apply_encoder(net.audio_encoder.base.htsat, chosen, release)
     return chosen
@@ -93,8 +94,10 @@ def load_model(name: str = "v0", device: str = "auto", dtype: str | None = None,
         raise UsageError(f"unknown dtype {dtype!r}: use {', '.join(NAMES)}")
     net, files = loading.load(name, device="cpu", progress=progress)
     from .files import FilePages
+    from .int8_copy import Int8Copy
 
-    chosen = set_precision(net.to(target), target, dtype, release=FilePages(files.weights), progress=progress)
+    chosen = set_precision(net.to(target), target, dtype, release=FilePages(files.weights), progress=progress,
+                           int8_copy=Int8Copy.beside(files))
     return MellowModel(net, Tokenizer(files.tokenizer_dir), name=files.name, revision=files.revision,
                        precision=chosen)
 

@@ -85,13 +85,20 @@ def named(name: str, device: torch.device, progress: bool = False) -> Precision:
     return Precision(name, name, name, name)
 
 
-def apply(lm, precision: Precision, release=None, fused: bool = True) -> None:
+def apply(lm, precision: Precision, release=None, fused: bool = True, int8_copy=None) -> None:
     """Prepare the language model's matrices for inference in `precision`, in place (`release`:
-    see LlamaForCausalLM.prepare), and, with `fused`, give it the one-call decode steps and
+    see LlamaForCausalLM.prepare; `int8_copy`: where int8 matrices rounded once are kept, an
+    int8_copy.Int8Copy), and, with `fused`, give it the one-call decode steps and
     choice scoring of model/fused.py where this machine can build them and the matrices are of
     a kind step.c reads (plain float16, bfloat16 or int8), and step.c's work for prefills
     (model/passes.py: attention for any precision but float32, the layers' passes in bfloat16)."""
-    lm.prepare(maker(precision), release, head=head_maker(precision))
+    matrix, head = maker(precision), head_maker(precision)
+    kept = int8_copy.read() if int8_copy is not None and precision.name == "int8" else None
+    if kept is not None:
+        matrix = head = int8_copy.maker(kept)
+    lm.prepare(matrix, release, head=head)
+    if int8_copy is not None and precision.name == "int8" and kept is None:
+        int8_copy.write(lm.matrices())
     if fused:
         from .model.fused import attach
         from .model.passes import PrefillLayer, attention
@@ -274,10 +281,20 @@ class Int8Matrix:
 
     def __init__(self, weight: torch.Tensor):
         w = weight.detach().float()
-        self.scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-        self.q = torch.round(w / self.scale[:, None]).clamp(-127, 127).to(torch.int8)
-        self.scale_bf16 = self.scale.to(torch.bfloat16)
-        self.nbytes = self.q.numel() + 4 * self.scale.numel()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        self._hold(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale)
+
+    @classmethod
+    def stored(cls, q: torch.Tensor, scale: torch.Tensor) -> "Int8Matrix":
+        """The matrix as an earlier one rounded it (int8_copy.py): `q` int8, `scale` float32."""
+        matrix = cls.__new__(cls)
+        matrix._hold(q, scale)
+        return matrix
+
+    def _hold(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        self.q, self.scale = q, scale
+        self.scale_bf16 = scale.to(torch.bfloat16)
+        self.nbytes = q.numel() + 4 * scale.numel()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)

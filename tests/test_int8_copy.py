@@ -1,0 +1,141 @@
+"""The int8 copy kept beside a cached model's weights (mellow_cli/int8_copy.py)."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from mellow_cli import precision
+from mellow_cli.config import MellowConfig
+from mellow_cli.errors import ModelError
+from mellow_cli.int8_copy import FILE, Int8Copy
+
+
+@pytest.fixture
+def cached_ckpt(tmp_path, smollm2_dir):
+    """A tiny Mellow as a local .ckpt with its config and tokenizer beside it: loading converts it
+    into a folder of the cache, where the int8 copy may be kept."""
+    from mellow_cli.model.mellow import Mellow
+
+    torch.manual_seed(0)
+    cfg = MellowConfig.tiny()
+    net = Mellow.from_config(cfg, device="cpu")
+    ckpt = tmp_path / "mine.ckpt"
+    torch.save({f"module.{k}": v.clone() for k, v in net.state_dict().items()}, ckpt)
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(smollm2_dir / f, tmp_path / f)
+    return ckpt
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.net.lm(input_ids=torch.tensor([[1, 2, 3, 17, 5]])).logits
+
+
+def _no_rounding(monkeypatch):
+    def refuse(self, weight):
+        raise AssertionError("rounded a matrix again")
+
+    monkeypatch.setattr(precision.Int8Matrix, "__init__", refuse)
+
+
+def test_the_first_int8_load_keeps_a_copy_and_the_next_reads_it(cached_ckpt, monkeypatch):
+    from mellow_cli.api import load_model
+
+    first = load_model(str(cached_ckpt), device="cpu", dtype="int8", progress=False)
+    copies = list(_cache_models().glob(f"*/{FILE}"))
+    assert len(copies) == 1
+    _no_rounding(monkeypatch)
+    second = load_model(str(cached_ckpt), device="cpu", dtype="int8", progress=False)
+    assert torch.equal(_logits(second), _logits(first))
+    for a, b in zip(first.net.lm.matrices(), second.net.lm.matrices()):
+        assert torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale)
+
+
+def _cache_models():
+    from mellow_cli.files import cache_dir
+
+    return cache_dir() / "models"
+
+
+def test_other_precisions_and_folders_outside_the_cache_keep_no_copy(cached_ckpt, tiny_model_dir):
+    from mellow_cli.api import load_model
+
+    load_model(str(cached_ckpt), device="cpu", dtype="float16", progress=False)
+    assert not list(_cache_models().glob(f"*/{FILE}"))
+    load_model(str(tiny_model_dir), device="cpu", dtype="int8", progress=False)  # a folder of the user's
+    assert not (tiny_model_dir / FILE).exists() and not list(_cache_models().glob(f"*/{FILE}"))
+
+
+def _prepared(copy: Int8Copy):
+    """A tiny language model prepared in int8 through `copy`, and its logits."""
+    from mellow_cli.model.fused import random_state
+    from mellow_cli.model.llama import LlamaForCausalLM
+
+    cfg = MellowConfig.tiny()
+    lm = LlamaForCausalLM(cfg)
+    lm.load_state_dict(random_state(cfg, torch.Generator().manual_seed(0)))
+    precision.apply(lm.eval(), precision.named("int8", torch.device("cpu")), fused=False, int8_copy=copy)
+    with torch.inference_mode():
+        return lm, lm(input_ids=torch.tensor([[4, 5, 6]])).logits
+
+
+def test_a_copy_of_other_weights_is_made_again(tmp_path, monkeypatch):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights, as far as the copy can tell")
+    copy = Int8Copy(tmp_path / FILE, weights)
+    _, made = _prepared(copy)
+    assert copy.read() is not None
+    os.utime(weights, ns=(1, 1))  # the weights changed since
+    assert copy.read() is None
+    _, again = _prepared(copy)
+    assert copy.read() is not None and torch.equal(made, again)
+    _no_rounding(monkeypatch)
+    _, read = _prepared(copy)
+    assert torch.equal(read, made)
+
+
+def test_a_file_that_is_not_ours_is_left_alone(tmp_path):
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"w")
+    theirs = tmp_path / FILE
+    save_file({"x": torch.ones(2)}, str(theirs), metadata={"made by": "someone else"})
+    before = theirs.read_bytes()
+    copy = Int8Copy(theirs, weights)
+    _prepared(copy)  # rounds in memory, writes nothing
+    assert theirs.read_bytes() == before and not copy.ours()
+
+
+def test_a_damaged_or_misfitting_copy_is_one_line_naming_it(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"w")
+    copy = Int8Copy(tmp_path / FILE, weights)
+    lm, _ = _prepared(copy)
+    with pytest.raises(ModelError, match=f"{FILE}: this int8 copy does not fit"):
+        precision.apply(_prepared_shape_of(lm), precision.named("int8", torch.device("cpu")), fused=False,
+                        int8_copy=Int8Copy(tmp_path / FILE, weights))
+    (tmp_path / FILE).write_bytes((tmp_path / FILE).read_bytes()[:200])
+    with pytest.raises(ModelError, match=f"{FILE}: not a readable int8 copy"):
+        copy.read()
+
+
+def _prepared_shape_of(lm):
+    """An unprepared language model of other sizes than `lm`."""
+    from mellow_cli.model.llama import LlamaForCausalLM
+
+    cfg = MellowConfig.tiny()
+    other = MellowConfig.from_dict({**cfg.to_dict(), "intermediate_size": cfg.intermediate_size * 2})
+    return LlamaForCausalLM(other).eval()
+
+
+def test_a_cache_that_cannot_take_the_copy_still_loads(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"w")
+    copy = Int8Copy(tmp_path / "no-such-folder" / FILE, weights)
+    _, logits = _prepared(copy)
+    assert torch.isfinite(logits).all() and not (tmp_path / "no-such-folder").exists()
