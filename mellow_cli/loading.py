@@ -86,12 +86,25 @@ def load(name_or_path: str | ModelSource, *, device: str = "cpu", progress: bool
     from .memory import keep_freed_blocks
 
     keep_freed_blocks()  # a process that runs a model makes and frees large tensors all along
+    _without_nnpack_where_it_cannot_run()
     src = name_or_path if isinstance(name_or_path, ModelSource) else resolve(name_or_path)
     files = _ensure(src, verify=False, force=False, progress=progress, arch=arch)
     model = load_weights(files, arch=arch)
     if device != "cpu":
         model = model.to(device)
     return model, files
+
+
+def _without_nnpack_where_it_cannot_run() -> None:
+    """On an x86 CPU without AVX2, torch's first convolution tries NNPACK, which needs it, and
+    prints a warning of its own ("Could not initialize NNPACK! Reason: Unsupported hardware.") into
+    our output. Telling torch not to try changes nothing else there: NNPACK could not run."""
+    import platform
+
+    import torch
+
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        torch.backends.nnpack.set_flags(False)
 
 
 def load_weights(files: ModelFiles, *, arch: Architecture | None = None) -> "nn.Module":

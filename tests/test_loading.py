@@ -697,3 +697,15 @@ def test_first_conversion_draws_a_bar_in_megabytes(hub, monkeypatch):
         advance(3_000_000)
         raise RuntimeError("a failed conversion leaves the bar where it was")
     assert bars[1]["done"] == 3
+
+
+@pytest.mark.parametrize("capability, tried", [("DEFAULT", False), ("AVX2", True)])
+def test_nnpack_is_not_tried_on_an_x86_cpu_that_cannot_run_it(monkeypatch, capability, tried):
+    """(Else torch prints its own warning into our output at the first convolution.)"""
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    with torch.backends.nnpack.flags(enabled=True):
+        loading._without_nnpack_where_it_cannot_run()
+        assert torch._C._get_nnpack_enabled() is tried
