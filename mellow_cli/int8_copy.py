@@ -3,12 +3,12 @@
 Rounding v0's matrices to 8 bits with one scale per row takes ~0.3 s, a third of a `--dtype int8`
 load. The first such load of a model in the cache writes the result into the model's folder
 (`model.int8.safetensors`, so `mellow models rm` removes it with the rest); later loads read it
-(memory-mapped) instead of rounding again. The copy holds the matrices in the order
-`LlamaForCausalLM.matrices()` lists them and records which weights it was made from (their size
-and modification time): a copy made from other weights is made again, and a file of that name
-this module did not write is left alone. A model outside the cache (a folder of your own) is
-rounded at every load: its folder is not ours to write in. A cache that cannot be written (read
-only, full) loads as before.
+instead of rounding again, and peak at less than half the memory. The copy holds the matrices in
+the order `LlamaForCausalLM.matrices()` lists them and records which weights it was made from
+(their size and modification time): a copy made from other weights is made again, and a file of
+that name this module did not write is left alone. A model outside the cache (a folder of your
+own) is rounded at every load: its folder is not ours to write in. A cache that cannot be written
+(read only, full) loads as before.
 """
 
 from __future__ import annotations
