@@ -80,6 +80,7 @@ class Int8Copy:
 
         if self.path.exists() and not self.ours():
             return False
+        self._drop_stale_partials()
         tensors = {}
         for i, m in enumerate(matrices):
             tensors[f"{i}.q"], tensors[f"{i}.scale"] = m.q.contiguous(), m.scale.contiguous()
@@ -91,6 +92,14 @@ class Int8Copy:
         except (OSError, SafetensorError):  # safetensors says so of a folder it cannot write
             partial.unlink(missing_ok=True)
             return False
+
+    def _drop_stale_partials(self) -> None:
+        """Delete what a writer killed part-way left (a partial copy named with its process id),
+        once that process is gone; another process's partial under way is left to it."""
+        for partial in self.path.parent.glob(f".{self.path.name}.tmp-*"):
+            pid = partial.name.rsplit("-", 1)[1]
+            if pid.isdigit() and not _running(int(pid)):
+                partial.unlink(missing_ok=True)
 
     def maker(self, stored: list):
         """A matrix maker (see LlamaForCausalLM.prepare) handing out `stored` in turn, each checked
@@ -105,3 +114,16 @@ class Int8Copy:
             return m
 
         return matrix
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists (where that cannot be asked, assume it does)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, and is someone else's
+        return True
+    return True

@@ -139,3 +139,18 @@ def test_a_cache_that_cannot_take_the_copy_still_loads(tmp_path):
     copy = Int8Copy(tmp_path / "no-such-folder" / FILE, weights)
     _, logits = _prepared(copy)
     assert torch.isfinite(logits).all() and not (tmp_path / "no-such-folder").exists()
+
+
+def test_a_partial_copy_left_by_a_killed_writer_goes_and_one_under_way_stays(tmp_path):
+    import subprocess
+    import sys
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"w")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = tmp_path / f".{FILE}.tmp-{int(gone.stdout)}"  # its writer has exited
+    alive = tmp_path / f".{FILE}.tmp-{os.getppid()}"  # a running process's, maybe under way
+    for f in (left, alive):
+        f.write_bytes(b"part of a copy")
+    _prepared(Int8Copy(tmp_path / FILE, weights))
+    assert not left.exists() and alive.exists() and (tmp_path / FILE).exists()
