@@ -52,8 +52,11 @@ def test_step_is_float32_arithmetic_on_the_rounded_weights(name):
 @needs_compiler
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction sets")
 @pytest.mark.parametrize("march", ["haswell", "x86-64"])  # AVX2 with F16C, and the plain loops
-def test_builds_for_other_instruction_sets_agree_too(march, tmp_path):
-    compiler = shutil.which("cc") or shutil.which("gcc")
+@pytest.mark.parametrize("cc", ["cc", "clang"])  # clang before 15 has no _Float16 on x86
+def test_builds_for_other_instruction_sets_agree_too(march, cc, tmp_path):
+    compiler = shutil.which(cc) or (shutil.which("gcc") if cc == "cc" else None)
+    if compiler is None:
+        pytest.skip(f"no {cc} here")
     fused.compile_step(compiler, tmp_path / f"step-{march}.so", march=march)
     lib = fused.load_library(tmp_path / f"step-{march}.so")
     prompt = torch.randn(2, 7, CFG.hidden_size, generator=torch.Generator().manual_seed(1))
@@ -61,6 +64,48 @@ def test_builds_for_other_instruction_sets_agree_too(march, tmp_path):
         assert fused._error(lib, CFG, random_state(CFG), prompt, name, steps=4) < fused.BOUNDS[name]
     assert passes.attention_error(passes.Attend(lib)) < passes.ATTENTION_BOUND
     assert passes.prefill_error(lib) < passes.PREFILL_BOUND
+
+
+@needs_compiler
+def test_a_compiler_without_march_native_or_openmp_builds_the_step_for_one_thread(tmp_path, monkeypatch):
+    """As Apple's clang: -march=native and -fopenmp refused. -mcpu=native and no OpenMP build a
+    library that agrees, and `mellow env` says it runs on one thread."""
+    gcc = shutil.which("cc") or shutil.which("gcc")
+    seen = tmp_path / "commands"
+    fake = tmp_path / "apple-cc"
+    fake.write_text(f"""#!/bin/sh
+echo "$@" >> {seen}
+for a in "$@"; do
+  case "$a" in
+    -march=native) echo "clang: error: the clang compiler does not support '-march=native'" >&2; exit 1;;
+    -fopenmp) echo "clang: error: unsupported option '-fopenmp'" >&2; exit 1;;
+  esac
+done
+for a in "$@"; do [ "$a" = "-mcpu=native" ] && a="-march=native"; set -- "$@" "$a"; shift; done
+exec {gcc} "$@"
+""")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    lib = fused.library()
+    assert lib is not None, fused.status()
+    assert not lib.mellow_openmp() and "one thread, as the compiler has no OpenMP" in fused.status()
+    tried = [line.split()[1:3] for line in seen.read_text().splitlines()]
+    assert tried == [["-march=native", "-fopenmp"], ["-mcpu=native", "-fopenmp"], ["-march=native", "-shared"],
+                     ["-mcpu=native", "-shared"]]
+    prompt = torch.randn(2, 7, CFG.hidden_size, generator=torch.Generator().manual_seed(1))
+    for name in ("float16", "int8"):
+        assert fused._error(lib, CFG, random_state(CFG), prompt, name, steps=4) < fused.BOUNDS[name]
+    assert passes.attention_error(passes.Attend(lib)) < passes.ATTENTION_BOUND
+
+
+@needs_compiler
+def test_a_compiler_that_builds_nothing_leaves_torchs_step_and_says_why(tmp_path, monkeypatch):
+    fake = tmp_path / "broken-cc"
+    fake.write_text("#!/bin/sh\necho 'cc: fatal error: no input files today' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    assert fused.library() is None
+    assert fused.status() == f"torch's ({fake} could not build the one-call step: cc: fatal error: no input files today)"
 
 
 @needs_compiler

@@ -103,19 +103,32 @@ def _build():
         lib = load_library(target)
     except OSError as e:
         return None, f"torch's (the one-call step would not load: {e})"
-    return lib, f"one call into C ({target}, built with {compiler} for this CPU)"
+    one_thread = "" if lib.mellow_openmp() else "; one thread, as the compiler has no OpenMP"
+    return lib, f"one call into C ({target}, built with {compiler} for this CPU{one_thread})"
 
 
 def compile_step(compiler: str, target: Path, march: str = "native") -> None:
-    """Build step.c into `target` for `march` (raises what the compiler run raises)."""
+    """Build step.c into `target` for `march` (raises what the last compiler run raised).
+
+    Compilers differ: clang before 15 refuses -march=native on ARM (Apple's among them), where
+    -mcpu=native says the same; Apple's clang, and clang without libomp, have no OpenMP, and
+    step.c then builds for one thread. Each is tried in turn, threads first."""
+    arches = [f"-march={march}"] + (["-mcpu=native"] if march == "native" else [])
+    attempts = [[arch, *threads] for threads in (["-fopenmp"], []) for arch in arches]
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / "step.so"
-        # -fno-math-errno lets expf vectorize; the sums stay in source order except where step.c
-        # marks a loop `omp simd` (reordered as torch's own kernels reorder them).
-        command = [compiler, "-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-std=gnu11",
-                   "-fno-math-errno", str(SOURCE), "-o", str(built), "-lm"]
-        subprocess.run(command, check=True, capture_output=True, timeout=120)
+        for i, flags in enumerate(attempts):
+            # -fno-math-errno lets expf vectorize; the sums stay in source order except where
+            # step.c marks a loop `omp simd` (reordered as torch's own kernels reorder them).
+            command = [compiler, "-O3", *flags, "-shared", "-fPIC", "-std=gnu11", "-fno-math-errno", str(SOURCE),
+                       "-o", str(built), "-lm"]
+            try:
+                subprocess.run(command, check=True, capture_output=True, timeout=120)
+                break
+            except subprocess.CalledProcessError:
+                if i + 1 == len(attempts):
+                    raise
         os.replace(built, target)  # whole or not at all, if another process builds it too
 
 
@@ -133,8 +146,9 @@ def load_library(path: Path):
     lib.mellow_attention.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, *[ctypes.c_void_p] * 6,
                                      *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                      ctypes.c_int64]
-    lib.mellow_attention_native.restype = ctypes.c_int
-    lib.mellow_attention_native.argtypes = []
+    for name in ("mellow_attention_native", "mellow_openmp"):
+        getattr(lib, name).restype = ctypes.c_int
+        getattr(lib, name).argtypes = []
     for name, args in (("mellow_add_norm", [ctypes.c_void_p] * 3 + [ctypes.c_double] + [ctypes.c_void_p] * 2
                         + [ctypes.c_int64] * 3),
                        ("mellow_rotate_store", [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3

@@ -54,10 +54,32 @@ static inline float widen_bf16(uint16_t h) {
     return f;
 }
 
+/* float16 to float32, exact. Compilers differ in how they offer it (clang before 15 has no
+   _Float16 on x86), so by F16C's instruction, by _Float16 where the compiler has it, else from
+   the bits. */
 static inline float widen_f16(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#elif defined(__FLT16_MANT_DIG__)
     _Float16 f;
     memcpy(&f, &h, sizeof f);
     return (float)f;
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+    uint32_t bits;
+    float f;
+    if (exponent == 0x1fu) {
+        bits = sign | 0x7f800000u | (mantissa << 13);  /* inf, NaN */
+    } else if (exponent) {
+        bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);  /* rebias 15 -> 127 */
+    } else {
+        f = (float)mantissa * 0x1p-24f;  /* zero and subnormals: mantissa * 2^-24, exact */
+        memcpy(&bits, &f, sizeof bits);
+        bits |= sign;
+    }
+    memcpy(&f, &bits, sizeof f);
+    return f;
+#endif
 }
 
 /* float32 to bfloat16, rounded to nearest even as torch's .to(torch.bfloat16) (NaN stays NaN). */
@@ -647,6 +669,16 @@ void mellow_attention(const float *q, int64_t q_token, int64_t n, int64_t runs, 
                 for (int i = 0; i < reals; i++) round_bf16s(outs[i], (uint16_t *)out + at[i], d);
         }
     }
+}
+
+/* Whether this build shares its loops among threads (OpenMP); a compiler without it (Apple's
+   clang, clang without libomp) builds every function for one thread. */
+int mellow_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 /* Whether mellow_attention's 16-lane vectors are the CPU's own registers here: built without
