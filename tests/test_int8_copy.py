@@ -112,25 +112,19 @@ def test_a_file_that_is_not_ours_is_left_alone(tmp_path):
 
 
 def test_a_damaged_or_misfitting_copy_is_one_line_naming_it(tmp_path):
+    from mellow_cli.model.llama import LlamaForCausalLM
+
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"w")
     copy = Int8Copy(tmp_path / FILE, weights)
-    lm, _ = _prepared(copy)
+    _prepared(copy)
+    cfg = MellowConfig.tiny()
+    wider = LlamaForCausalLM(MellowConfig.from_dict({**cfg.to_dict(), "intermediate_size": cfg.intermediate_size * 2}))
     with pytest.raises(ModelError, match=f"{FILE}: this int8 copy does not fit"):
-        precision.apply(_prepared_shape_of(lm), precision.named("int8", torch.device("cpu")), fused=False,
-                        int8_copy=Int8Copy(tmp_path / FILE, weights))
+        precision.apply(wider.eval(), precision.named("int8", torch.device("cpu")), fused=False, int8_copy=copy)
     (tmp_path / FILE).write_bytes((tmp_path / FILE).read_bytes()[:200])
     with pytest.raises(ModelError, match=f"{FILE}: not a readable int8 copy"):
         copy.read()
-
-
-def _prepared_shape_of(lm):
-    """An unprepared language model of other sizes than `lm`."""
-    from mellow_cli.model.llama import LlamaForCausalLM
-
-    cfg = MellowConfig.tiny()
-    other = MellowConfig.from_dict({**cfg.to_dict(), "intermediate_size": cfg.intermediate_size * 2})
-    return LlamaForCausalLM(other).eval()
 
 
 def test_a_cache_that_cannot_take_the_copy_still_loads(tmp_path):
