@@ -759,9 +759,13 @@ void mellow_rotate_store(const uint16_t *qkv, int64_t n, const int64_t *pos, con
         const uint16_t *in = qkv + t * all * d;
         float *out = qk + t * rotated * d;
         const float *c = cos + pos[t] * d, *s = signed_sin + pos[t] * d;
-        for (int64_t j = 0; j < rotated; j++)
-            for (int64_t i = 0; i < d; i++)
-                out[j * d + i] = widen_bf16(in[j * d + i]) * c[i] + widen_bf16(in[j * d + (i + half) % d]) * s[i];
+        for (int64_t j = 0; j < rotated; j++) {
+            const uint16_t *head = in + j * d;
+            float *o = out + j * d;
+            /* The two halves apart, each a plain loop the compiler vectorizes (a modulo would not). */
+            for (int64_t i = 0; i < half; i++) o[i] = widen_bf16(head[i]) * c[i] + widen_bf16(head[i + half]) * s[i];
+            for (int64_t i = half; i < d; i++) o[i] = widen_bf16(head[i]) * c[i] + widen_bf16(head[i - half]) * s[i];
+        }
         for (int64_t j = 0; j < kv_heads; j++) {
             float *k = k_cache + ((row[t] * kv_heads + j) * max_len + slot[t]) * d;
             float *v = v_cache + ((row[t] * kv_heads + j) * max_len + slot[t]) * d;
