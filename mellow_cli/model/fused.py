@@ -146,7 +146,7 @@ def load_library(path: Path):
     lib.mellow_attention.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, *[ctypes.c_void_p] * 6,
                                      *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                      ctypes.c_int64]
-    for name in ("mellow_attention_native", "mellow_openmp"):
+    for name in ("mellow_attention_native", "mellow_attention_bf16_dots", "mellow_openmp"):
         getattr(lib, name).restype = ctypes.c_int
         getattr(lib, name).argtypes = []
     for name, args in (("mellow_add_norm", [ctypes.c_void_p] * 3 + [ctypes.c_double] + [ctypes.c_void_p] * 2

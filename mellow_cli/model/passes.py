@@ -6,7 +6,9 @@ spent two fifths of a 389-position prefill: its flash attention (~75 ms) and ~20
 operations a layer, several only widening the bfloat16 products' outputs and rounding the next
 inputs back. `Attend` is step.c's attention for many queries (any precision but float32),
 `PrefillLayer` the passes between a layer's bfloat16 products (norms, rotary and the cache,
-attention, SwiGLU, residual sums). Both use the library fused.py builds; each process checks
+attention, SwiGLU, residual sums). Where the heads' outputs go to a bfloat16 product and the CPU
+has AVX512-BF16, the attention's two dot products take bfloat16 inputs too (`bfloat16_dots`
+says exactly what that computes). Both use the library fused.py builds; each process checks
 them against torch's attention and layers before using them (`attention`).
 """
 
@@ -50,8 +52,9 @@ def _check() -> tuple["Attend | None", str]:
     attend = Attend(lib)
     if attention_error(attend) >= ATTENTION_BOUND or prefill_error(lib) >= PREFILL_BOUND:
         return None, "torch's (step.c's prefill passes built here disagreed with torch's, so torch's run)"
+    dots = "; its dot products in bfloat16 there (AVX512-BF16)" if lib.mellow_attention_bf16_dots() else ""
     return attend, ("step.c's attention for every precision but float32; its passes between the products "
-                    "where several rows multiply in bfloat16")
+                    f"where several rows multiply in bfloat16{dots}")
 
 
 @torch.inference_mode()
@@ -78,6 +81,31 @@ def attention_error(attend: "Attend") -> float:
         got = attend(qk, heads, cache, start)
         worst = max(worst, float((got - expected).abs().max() / expected.abs().max()))
     return worst
+
+
+def bfloat16_dots(qk: torch.Tensor, heads: int, cache, start: int) -> torch.Tensor:
+    """What step.c's attention computes, in torch, where it takes bfloat16 dot products (a
+    bfloat16 output on a CPU with AVX512-BF16; `Attend`'s arguments, float32 out). The scores are
+    the dot products of q and k rounded to bfloat16, summed in float32; the softmax is float32;
+    its weights, rounded to bfloat16, weigh the values (rounded too: exact where a bfloat16
+    product made them), and the float32 sum of the unrounded weights divides. On SmolLM2 this
+    moves MMAU choices' log-probabilities no further from float32's than the bfloat16 products
+    already do. For the checks, not for speed."""
+    batch, tokens, _, head_dim = qk.shape
+    kv_heads, seen = cache.k.shape[1], start + tokens
+
+    def rounded(x):
+        return x.to(torch.bfloat16).float()
+
+    group = heads // kv_heads
+    q = rounded(qk[:, :, :heads].transpose(1, 2))
+    k = rounded(cache.k[:, :, :seen]).repeat_interleave(group, dim=1)
+    v = rounded(cache.v[:, :, :seen]).repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * head_dim**-0.5
+    causal = torch.ones(tokens, seen, dtype=torch.bool).tril(diagonal=start)
+    weights = (scores - scores.masked_fill(~causal, float("-inf")).amax(-1, keepdim=True)).exp() * causal
+    out = (rounded(weights) @ v) / weights.sum(-1, keepdim=True)
+    return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
 
 def prefill_error(lib) -> float:
@@ -110,9 +138,13 @@ def _prefill_error(lib, seed: int) -> float:
                                packed=packed_available(torch.bfloat16)), fused=False)
     prompt = torch.randn(2, 21, cfg.hidden_size, generator=generator)
 
+    # Torch's layers, with the attention step.c's does (torch's own where it takes float32 dots)
+    reference = bfloat16_dots if lib.mellow_attention_bf16_dots() else None
+
     def run(layer_pass):
         for layer in lm.model.layers:
             layer.prefill = layer_pass
+            layer.self_attn.attend = None if layer_pass else reference
         lm.setup_cache(2, 23)
         hidden = lm.hidden(inputs_embeds=prompt, start=0)
         return [hidden] + [t.clone() for layer in lm.model.layers for t in (layer.self_attn.kv_cache.k,
@@ -124,7 +156,9 @@ def _prefill_error(lib, seed: int) -> float:
 
     # Choices through the layer pass, each row's after its prefix in slots of its own, against
     # torch's layers on a copy of the row's cache per choice.
-    row_of, ids = [0, 1, 1, 1], [[5, 7, 9], [11, 13], [17, 19, 21, 23], [25]]
+    # Each choice has two tokens or more before its last: torch's layers run a single token as a
+    # decode step, with torch's attention, not the one step.c's does for choices.
+    row_of, ids = [0, 1, 1, 1], [[5, 7, 9], [11, 13, 15], [17, 19, 21, 23], [25]]
     flat, row, pos, slot, group = choice_layout(row_of, ids, 21)
     cos, sin = lm.model.rotary_emb.span(0, 23 + 5, torch.float32)
     lm.setup_cache(2, 21 + 5)

@@ -490,20 +490,36 @@ static inline __attribute__((always_inline)) void store_lanes(float *p, vf v) { 
 
 static int64_t padded(int64_t n) { return (n + LANES - 1) / LANES * LANES; }
 
+typedef uint16_t vh __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef uint32_t vu_u __attribute__((vector_size(64), aligned(4)));
+
+static inline __attribute__((always_inline)) vf widen_bf16_lanes(const uint16_t *p) {
+    return (vf)(__builtin_convertvector(*(const vh *)p, vu) << 16);
+}
+
+/* x rounded to bfloat16 as round_bf16 does, each in the low half of its 32-bit lane. */
+static inline __attribute__((always_inline)) vu bf16_bits_lanes(vf x) {
+    vu bits = (vu)x, nan = (vu)((bits & 0x7fffffffu) > 0x7f800000u);
+    vu rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    return (rounded & ~nan) | (((bits >> 16) | 0x40u) & nan);
+}
+
+static inline __attribute__((always_inline)) void round_bf16_lanes(uint16_t *p, vf x) {
+    *(vh *)p = __builtin_convertvector(bf16_bits_lanes(x), vh);
+}
+
+
 /* Which keys a (query, head) pair sees: keys 0 .. seen-1 of its cache row but those in
    [hole_from, hole_to) (answer choices: the other choices' slots between the prefix and its own). */
 typedef struct {
     int64_t seen, hole_from, hole_to;
 } Keys;
 
-/* Scores, softmax and weighted values of the pairs r < TILE (query pointers q[r], keys keys[r];
-   pairs past the `reals` real ones repeat the last) against keys transposed to kt (head_dim,
-   stride) and values v (positions, head_dim); outputs to out[r]. */
-static void attend_tile(const float *const *q, const Keys *keys, const float *kt, int64_t stride,
-                        const float *v, int64_t d, float scale, float *scores, int64_t reals,
-                        float *const *out) {
-    int64_t n = 0;
-    for (int r = 0; r < reals; r++) n = keys[r].seen > n ? keys[r].seen : n;
+/* Scores of the pairs r < TILE (query pointers q[r]) against keys 0 .. n-1 transposed to kt
+   (head_dim, stride), times scale, into scores[r * stride + j]. */
+static void score_tile(const float *const *q, const float *kt, int64_t stride, int64_t d, int64_t n, float scale,
+                       float *scores) {
     for (int64_t j = 0; j < n; j += LANES) {
         vf acc[TILE] = {0};
         for (int64_t i = 0; i < d; i++) {
@@ -512,10 +528,14 @@ static void attend_tile(const float *const *q, const Keys *keys, const float *kt
         }
         for (int r = 0; r < TILE; r++) store_lanes(scores + r * stride + j, acc[r] * scale);
     }
+}
+
+/* Softmax of the first `reals` rows of scores, unnormalized (e^(s - max)), each over the keys it
+   sees (keys[r]), zero elsewhere up to padded(n); 1 / their sums into inv (0 for the others). */
+static void softmax_tile(const Keys *keys, int64_t n, int64_t stride, float *scores, int64_t reals, float *inv) {
     vf iota;
     for (int u = 0; u < LANES; u++) iota[u] = (float)u;
     const vf minus_inf = (vf){0} - INFINITY;
-    float inv[TILE];
     for (int r = 0; r < reals; r++) {
         float *s = scores + r * stride, top = -INFINITY, total = 0.0f;
         const int64_t seen = keys[r].seen, from = keys[r].hole_from, to = keys[r].hole_to;
@@ -547,6 +567,11 @@ static void attend_tile(const float *const *q, const Keys *keys, const float *kt
         inv[r] = 1.0f / total;
     }
     for (int r = reals; r < TILE; r++) inv[r] = 0.0f;
+}
+
+/* out[r] = inv[r] * sum_j scores[r * stride + j] * v[j] over keys 0 .. n-1 (v: (positions, d)). */
+static void weigh_tile(const float *scores, int64_t stride, const float *v, int64_t d, int64_t n, const float *inv,
+                       int64_t reals, float *const *out) {
     for (int64_t c = 0; c < d; c += LANES) {
         vf acc[TILE] = {0};
         for (int64_t j = 0; j < n; j++) {
@@ -556,6 +581,59 @@ static void attend_tile(const float *const *q, const Keys *keys, const float *kt
         for (int r = 0; r < reals; r++) store_lanes(out[r] + c, acc[r] * inv[r]);
     }
 }
+
+#if defined(__AVX512BF16__)
+/* With AVX512-BF16, where the heads' outputs are rounded to bfloat16 for a bfloat16 product
+   anyway, the two dot products take bfloat16 inputs (one instruction multiplies pairs and adds
+   both to float32 sums, twice float32's work per instruction): q and k rounded to bfloat16 for
+   the scores, the softmax's weights for the values. The values are the bfloat16 product's own
+   outputs, so only q, k and the weights are rounded; the sums and the softmax stay float32. */
+#define BF16_DOTS 1
+#define BF16_MAX_D 256
+
+/* score_tile with q and k rounded to bfloat16: keys in pairs of dimensions,
+   kp[((i / 2) * stride + j) * 2 + i % 2] = k[j][i]. */
+static void score_tile_bf16(const float *const *q, const uint16_t *kp, int64_t stride, int64_t d, int64_t n,
+                            float scale, float *scores) {
+    uint32_t pairs[TILE][BF16_MAX_D / 2];  /* q[r][i], q[r][i + 1] rounded: pairs[r][i / 2] */
+    for (int r = 0; r < TILE; r++)
+        for (int64_t i = 0; i < d; i += LANES) round_bf16_lanes((uint16_t *)pairs[r] + i, load_lanes(q[r] + i));
+    for (int64_t j = 0; j < n; j += LANES) {
+        __m512 acc[TILE];
+        for (int r = 0; r < TILE; r++) acc[r] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < d / 2; i++) {
+            __m512bh k = (__m512bh)_mm512_loadu_si512(kp + (i * stride + j) * 2);
+            for (int r = 0; r < TILE; r++) acc[r] = _mm512_dpbf16_ps(acc[r], k, (__m512bh)_mm512_set1_epi32((int)pairs[r][i]));
+        }
+        for (int r = 0; r < TILE; r++) _mm512_storeu_ps(scores + r * stride + j, _mm512_mul_ps(acc[r], _mm512_set1_ps(scale)));
+    }
+}
+
+/* weigh_tile with the weights rounded to bfloat16 (into `rounded`, TILE rows of stride): values
+   in pairs of keys, vp[((j / 2) * d + c) * 2 + j % 2] = v[j][c]. */
+static void weigh_tile_bf16(const float *scores, int64_t stride, const uint16_t *vp, int64_t d, int64_t n,
+                            const float *inv, int64_t reals, float *const *out, uint16_t *rounded) {
+    const int64_t pairs = (n + 1) / 2;
+    for (int r = 0; r < TILE; r++)
+        for (int64_t j = 0; j < padded(n); j += LANES) round_bf16_lanes(rounded + r * stride + j, load_lanes(scores + r * stride + j));
+    for (int64_t c = 0; c < d; c += LANES) {
+        __m512 acc[TILE];
+        for (int r = 0; r < TILE; r++) acc[r] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < pairs; j++) {
+            __m512bh value = (__m512bh)_mm512_loadu_si512(vp + (j * d + c) * 2);
+            for (int r = 0; r < TILE; r++) {
+                uint32_t w;
+                memcpy(&w, rounded + r * stride + 2 * j, sizeof w);
+                acc[r] = _mm512_dpbf16_ps(acc[r], value, (__m512bh)_mm512_set1_epi32((int)w));
+            }
+        }
+        for (int r = 0; r < reals; r++) _mm512_storeu_ps(out[r] + c, _mm512_mul_ps(acc[r], _mm512_set1_ps(inv[r])));
+    }
+}
+#else
+#define BF16_DOTS 0
+#define BF16_MAX_D 0
+#endif
 
 /* Runs of consecutive tokens on the same cache row, the tiles of their (query, head) pairs
    per key/value head, and the longest a run's keys go: where mellow_attention's work lies. */
@@ -589,7 +667,7 @@ static Plan plan(int64_t n, const int64_t *row, const Keys *keys, int64_t group,
 int64_t mellow_attention_scratch_floats(int64_t n, int64_t runs, int64_t kv_heads, int64_t head_dim, int64_t visible,
                                         int64_t heads, int64_t threads) {
     const int64_t tiles = runs * kv_heads + (n * heads + TILE - 1) / TILE;
-    return runs * kv_heads * head_dim * padded(visible) + threads * TILE * (padded(visible) + head_dim)
+    return runs * kv_heads * head_dim * padded(visible) + threads * TILE * (2 * padded(visible) + head_dim)
            + 2 * (n + 1) + 4 * tiles + 6 * n + 16;  /* + run starts, tasks, keys: int64, two floats each */
 }
 
@@ -612,11 +690,12 @@ void mellow_attention(const float *q, int64_t q_token, int64_t n, int64_t runs, 
                       float *scratch, int64_t threads) {
     const int64_t group = heads / kv_heads;
     const float scale = 1.0f / sqrtf((float)d);
+    const int bf16_dots = BF16_DOTS && out_bf16 && d <= BF16_MAX_D;
     int64_t visible = 0;
     for (int64_t t = 0; t < n; t++) visible = seen[t] > visible ? seen[t] : visible;
     const int64_t tiles_most = runs * kv_heads + (n * heads + TILE - 1) / TILE;
     float *kts = scratch, *tile_scores = kts + runs * kv_heads * d * padded(visible);
-    int64_t *run_start = (int64_t *)(tile_scores + threads * TILE * (padded(visible) + d));
+    int64_t *run_start = (int64_t *)(tile_scores + threads * TILE * (2 * padded(visible) + d));
     int64_t *task_run = run_start + n + 1, *task_tile = task_run + tiles_most;
     Keys *keys = (Keys *)(task_tile + tiles_most);
     int64_t found = 0;
@@ -636,6 +715,25 @@ void mellow_attention(const float *q, int64_t q_token, int64_t n, int64_t runs, 
             float *kt = kts + rg * d * p.stride;
             int64_t most = 0;
             for (int64_t t = run_start[r]; t < run_start[r + 1]; t++) most = seen[t] > most ? seen[t] : most;
+            if (bf16_dots) {
+                /* The same room holds k in pairs of dimensions, then v in pairs of keys, both
+                   bfloat16 (see score_tile_bf16, weigh_tile_bf16); zeros past the keys seen. */
+                uint32_t *kp = (uint32_t *)kt, *vp = kp + d / 2 * p.stride, key[BF16_MAX_D / 2];
+                const float *v = v_cache + (row[run_start[r]] * kv_heads + g) * max_len * d;
+                for (int64_t j = 0; j < most; j++) {
+                    for (int64_t i = 0; i < d; i += LANES) round_bf16_lanes((uint16_t *)key + i, load_lanes(k + j * d + i));
+                    for (int64_t i = 0; i < d / 2; i++) kp[i * p.stride + j] = key[i];
+                }
+                for (int64_t i = 0; i < d / 2; i++) memset(kp + i * p.stride + most, 0, (p.stride - most) * sizeof *kp);
+                for (int64_t j = 0; j < p.stride; j += 2)
+                    for (int64_t i = 0; i < d; i += LANES) {
+                        const vf zero = {0};
+                        vu even = bf16_bits_lanes(j < most ? load_lanes(v + j * d + i) : zero);
+                        vu odd = bf16_bits_lanes(j + 1 < most ? load_lanes(v + (j + 1) * d + i) : zero);
+                        *(vu_u *)(vp + j / 2 * d + i) = even | odd << 16;
+                    }
+                continue;
+            }
             for (int64_t i = 0; i < d; i++) {
                 for (int64_t j = 0; j < most; j++) kt[i * p.stride + j] = k[j * d + i];
                 for (int64_t j = most; j < p.stride; j++) kt[i * p.stride + j] = 0.0f;
@@ -643,7 +741,7 @@ void mellow_attention(const float *q, int64_t q_token, int64_t n, int64_t runs, 
         }
         float *mine = tile_scores;
 #ifdef _OPENMP
-        mine += (int64_t)omp_get_thread_num() * TILE * (p.stride + d);
+        mine += (int64_t)omp_get_thread_num() * TILE * (2 * p.stride + d);
 #endif
         float *rounding = mine + TILE * p.stride;  /* a tile's outputs before bfloat16 */
 #pragma omp for schedule(dynamic, 1)
@@ -663,8 +761,23 @@ void mellow_attention(const float *q, int64_t q_token, int64_t n, int64_t runs, 
                 outs[i] = out_bf16 ? rounding + i * d : (float *)out + at[i];
                 sees[i] = keys[t];
             }
-            attend_tile(qs, sees, kts + rg * d * p.stride, p.stride,
-                        v_cache + (row[first] * kv_heads + g) * max_len * d, d, scale, mine, reals, outs);
+            const float *kt = kts + rg * d * p.stride;
+            int64_t most = 0;
+            float inv[TILE];
+            for (int i = 0; i < reals; i++) most = sees[i].seen > most ? sees[i].seen : most;
+#if BF16_DOTS
+            if (bf16_dots) {
+                uint16_t *weights = (uint16_t *)(rounding + TILE * d);  /* the softmax's, in bfloat16 */
+                score_tile_bf16(qs, (const uint16_t *)kt, p.stride, d, most, scale, mine);
+                softmax_tile(sees, most, p.stride, mine, reals, inv);
+                weigh_tile_bf16(mine, p.stride, (const uint16_t *)kt + d * p.stride, d, most, inv, reals, outs, weights);
+            } else
+#endif
+            {
+                score_tile(qs, kt, p.stride, d, most, scale, mine);
+                softmax_tile(sees, most, p.stride, mine, reals, inv);
+                weigh_tile(mine, p.stride, v_cache + (row[first] * kv_heads + g) * max_len * d, d, most, inv, reals, outs);
+            }
             if (out_bf16)
                 for (int i = 0; i < reals; i++) round_bf16s(outs[i], (uint16_t *)out + at[i], d);
         }
@@ -680,6 +793,10 @@ int mellow_openmp(void) {
     return 0;
 #endif
 }
+
+/* Whether mellow_attention takes bfloat16 dot products for bfloat16 outputs here (AVX512-BF16):
+   passes.bfloat16_dots says what it then computes. */
+int mellow_attention_bf16_dots(void) { return BF16_DOTS; }
 
 /* Whether mellow_attention's 16-lane vectors are the CPU's own registers here: built without
    AVX512 the compiler splits each into several narrower ones and spills the tile, and torch's
@@ -700,20 +817,6 @@ int mellow_attention_native(void) {
    the next product's inputs back. These do the same arithmetic in a pass or two: passes.py's
    PrefillLayer calls them between the products. Every sum stays in float32 as in llama.py;
    bfloat16 appears exactly where the products round their inputs and outputs. */
-
-typedef uint16_t vh __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-
-static inline __attribute__((always_inline)) vf widen_bf16_lanes(const uint16_t *p) {
-    return (vf)(__builtin_convertvector(*(const vh *)p, vu) << 16);
-}
-
-static inline __attribute__((always_inline)) void round_bf16_lanes(uint16_t *p, vf x) {
-    vu bits = (vu)x, nan = (vu)((bits & 0x7fffffffu) > 0x7f800000u);
-    vu rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-    rounded = (rounded & ~nan) | (((bits >> 16) | 0x40u) & nan);
-    *(vh *)p = __builtin_convertvector(rounded, vh);
-}
 
 /* One position: x + widen(y) into sum (when y), then RMSNorm(sum) * weight rounded to bfloat16
    into normed (when weight). */
