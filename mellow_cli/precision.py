@@ -158,16 +158,25 @@ class PackedLinear(torch.nn.Module):
         return self.matrix(x, self.bias, self.post, self.keep)
 
 
+# From how many rows the head multiplies through a float32 copy (Dense.wide_from): at the sizes
+# of a batch's answer choices, widening the float16 head at each call cost three times the
+# product (v0, 60 choice tokens: 61 ms against 20). One question's choices stay below it.
+HEAD_WIDE_FROM = 32
+
+
 def head_maker(precision: Precision):
     """weight (vocab, hidden) -> the prepared output head. As `maker`, except that a half-precision
     copy for several rows is not made for the head: its products are the logits themselves, and
     bfloat16's 8-bit mantissa moves them enough to flip near-tie picks (choices after a batch's
-    prefill, greedy tokens in a batch). Several positions widen the float16 head to float32 per
-    call instead; one position of any number of rows stays on the float16 kernel."""
+    prefill, greedy tokens in a batch). Several positions multiply in float32 instead: a few
+    (one question's choices) widen the float16 head per call; from HEAD_WIDE_FROM rows on (a
+    batch's choices) a float32 copy does, made at the first such call (113 MB for v0), so
+    a question alone does not hold it. Rows of one position each (a batch's last positions)
+    stay on the float16 kernel below that."""
     if precision.name == "int8" or precision.packed or precision.prefill in (precision.store, "float32"):
         return maker(precision)
     store, decode = DTYPES[precision.store], DTYPES[precision.decode]
-    return lambda w: Dense(w, store, decode, torch.float32)
+    return lambda w: Dense(w, store, decode, torch.float32, wide_from=HEAD_WIDE_FROM)
 
 
 def maker(precision: Precision):
@@ -198,10 +207,14 @@ class Dense:
     the weights per call instead (a float32 copy would triple the memory), and only for several
     positions: a batch of decode steps stays on the stored kernel."""
 
-    def __init__(self, weight: torch.Tensor, store: torch.dtype, decode: torch.dtype, prefill: torch.dtype):
+    def __init__(self, weight: torch.Tensor, store: torch.dtype, decode: torch.dtype, prefill: torch.dtype,
+                 wide_from: int = 0):
         self.weight = weight.detach().to(store)
         self.decode, self.prefill = decode, prefill
         self.copy = None
+        # With a float32 `prefill`: from this many rows on, a float32 copy made at the first such
+        # call takes them (head_maker); 0: never.
+        self.wide_from, self.wide = wide_from, None
         if prefill != store and prefill != torch.float32:
             self.copy = (Packed(weight, prefill) if weight.device.type == "cpu" and packed_available(prefill)
                          else Dense(weight, prefill, prefill, prefill))
@@ -216,6 +229,10 @@ class Dense:
             if x.numel() != x.shape[-1]:  # several rows
                 return self.copy(x)
             dtype = self.decode
+        elif self.wide_from and x.numel() >= self.wide_from * x.shape[-1]:
+            if self.wide is None:
+                self.wide = _float32(self.weight.float())
+            return self.wide(x)
         else:
             dtype = self.decode if x.shape[-2] == 1 else self.prefill
         w = self.weight if self.weight.dtype == dtype else self.weight.to(dtype)

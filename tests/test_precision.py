@@ -64,7 +64,8 @@ def test_a_float32_prefill_widens_per_call_and_keeps_no_copy():
 def test_the_head_keeps_no_bfloat16_copy():
     """The head's products are the logits: with a bfloat16 copy for several rows, a batch's
     choice picks parted from float32's at near ties (21 of 400 on a trained tiny model). The head
-    stays on float16 for one position of any number of rows and widens to float32 for several."""
+    stays on float16 for a few rows of one position and multiplies several positions in float32:
+    a few widened per call, a batch's (HEAD_WIDE_FROM rows or more) by a float32 copy kept."""
     from mellow_cli.config import MellowConfig
     from mellow_cli.model.llama import LlamaForCausalLM
 
@@ -77,8 +78,15 @@ def test_the_head_keeps_no_bfloat16_copy():
     assert head.copy is None and head.weight.dtype == torch.float16
     rows = torch.randn(4, 1, table.shape[1])  # a batch's last positions
     assert torch.equal(head(rows), torch.nn.functional.linear(rows.half(), table.half()).float())
-    positions = torch.randn(2, 3, table.shape[1])  # choice tokens
+    positions = torch.randn(2, 3, table.shape[1])  # one question's choice tokens
     assert torch.allclose(head(positions), positions @ table.half().float().T, atol=1e-5)
+    assert head.wide is None  # no float32 copy held for a few rows
+    kept = []
+    for batch in (torch.randn(2, precision.HEAD_WIDE_FROM // 2, table.shape[1]),  # a batch's choice tokens
+                  torch.randn(precision.HEAD_WIDE_FROM, 1, table.shape[1])):  # rows of one position
+        assert torch.allclose(head(batch), batch @ table.half().float().T, atol=1e-5)
+        kept.append(head.wide)
+    assert kept[0] is not None and kept[1] is kept[0]  # made once, then kept
 
 
 def test_a_bfloat16_prefill_takes_the_encoder_linears_and_float32_or_float16_leave_them():
