@@ -586,8 +586,9 @@ static void weigh_tile(const float *scores, int64_t stride, const float *v, int6
 /* With AVX512-BF16, where the heads' outputs are rounded to bfloat16 for a bfloat16 product
    anyway, the two dot products take bfloat16 inputs (one instruction multiplies pairs and adds
    both to float32 sums, twice float32's work per instruction): q and k rounded to bfloat16 for
-   the scores, the softmax's weights for the values. The values are the bfloat16 product's own
-   outputs, so only q, k and the weights are rounded; the sums and the softmax stay float32. */
+   the scores, the softmax's weights for the values. The values are rounded too, which leaves
+   them as they are: they are the bfloat16 product's own outputs. The sums and the softmax stay
+   float32. */
 #define BF16_DOTS 1
 #define BF16_MAX_D 256
 
