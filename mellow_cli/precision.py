@@ -226,7 +226,9 @@ class Dense:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.copy is not None:
-            if x.numel() != x.shape[-1]:  # several rows
+            # Several rows; or one already in the copy's dtype: a prefill's (passes.PrefillLayer),
+            # whose last layer may compute one position only (LlamaForCausalLM.hidden's `keep`).
+            if x.numel() != x.shape[-1] or x.dtype == self.prefill:
                 return self.copy(x)
             dtype = self.decode
         elif self.wide_from and x.numel() >= self.wide_from * x.shape[-1]:

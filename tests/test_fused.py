@@ -156,6 +156,33 @@ def test_a_bfloat16_prefill_runs_its_layers_in_c_and_matches_torchs_layers(inter
 
 
 @needs_compiler
+@pytest.mark.parametrize("name", ["float16", "bfloat16", "float16+bfloat16"])  # step.c's attention, its layers too
+def test_a_prefill_keeping_its_last_positions_gives_their_states_and_caches_every_one(name):
+    lm = LlamaForCausalLM(CFG)
+    lm.load_state_dict(random_state(CFG))
+    store, _, prefill = name.partition("+")  # float16 weights with a bfloat16 copy, as auto on such a CPU
+    precision.apply(lm.eval(), precision.Precision(name, store, store, prefill or store))
+    prompt = torch.randn(1, 9, CFG.hidden_size, generator=torch.Generator().manual_seed(5))
+
+    def run(keep):  # the hidden states: the head multiplies one position of a row in another dtype
+        lm.setup_cache(1, 12)
+        hidden = lm.hidden(inputs_embeds=prompt, start=0, keep=keep)
+        return hidden, [t.clone() for layer in lm.model.layers for t in (layer.self_attn.kv_cache.k,
+                                                                        layer.self_attn.kv_cache.v)]
+
+    with torch.inference_mode():
+        full, cache = run(0)
+        for keep in (1, 3):  # one query sees every key; several need the causal mask's last rows
+            kept, kept_cache = run(keep)
+            # float16's last layer then multiplies one position as a decode step does, in float16
+            # rather than widened to float32: the same values to float16's rounding. A bfloat16
+            # prefill's stays on its bfloat16 products.
+            bound = 2e-3 if name == "float16" and keep == 1 else 1e-6
+            assert float((kept - full[:, -keep:]).abs().max()) <= bound * float(full.abs().max())
+            assert all(torch.equal(a, b) for a, b in zip(kept_cache, cache))
+
+
+@needs_compiler
 def test_which_precisions_take_the_c_prefill():
     lib = fused.library()
     assert lib is not None, fused.status()

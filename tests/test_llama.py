@@ -26,6 +26,34 @@ def test_same_keys_and_logits_as_transformers_on_random_weights():
                                    atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("keep", [1, 3])
+def test_the_last_layer_computes_only_the_kept_positions_and_caches_every_one(keep):
+    torch.manual_seed(1)
+    lm = LlamaForCausalLM(TINY).eval()
+    x = torch.randn(2, 9, TINY.hidden_size)
+    rows = []  # positions through the last layer's MLP, per call
+    lm.model.layers[-1].mlp.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[1]))
+
+    def run(logits_to_keep):
+        lm.setup_cache(2, 16)
+        first = lm(inputs_embeds=x[:, :5], start=0, logits_to_keep=logits_to_keep).logits  # a prefill
+        later = lm(inputs_embeds=x[:, 5:], start=5, logits_to_keep=logits_to_keep).logits  # after a cached prefix
+        caches = [layer.self_attn.kv_cache for layer in lm.model.layers]
+        cached = [t.clone() for cache in caches for t in (cache.k, cache.v)]
+        return first, later, cached
+
+    with torch.no_grad():
+        first, later, cached = run(0)
+        assert rows == [5, 4]
+        rows.clear()
+        first_kept, later_kept, cached_kept = run(keep)
+    assert rows == [keep, keep]
+    torch.testing.assert_close(first_kept, first[:, -keep:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(later_kept, later[:, -keep:], atol=1e-5, rtol=1e-5)
+    for got, expected in zip(cached_kept, cached):
+        assert torch.equal(got, expected)
+
+
 def test_head_is_tied_to_the_embedding():
     lm = LlamaForCausalLM(TINY)
     assert lm.lm_head.weight is lm.model.embed_tokens.weight

@@ -130,7 +130,9 @@ class Attention(nn.Module):
         self.attend: Callable | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | None,
-                mask: torch.Tensor | None) -> torch.Tensor:
+                mask: torch.Tensor | None, keep: int = 0) -> torch.Tensor:
+        """The output at every position of x, or at its last `keep` (0: all); every position's
+        keys and values are made, and cached, either way."""
         b, t, _ = x.shape
         qkv = project(x, self.qkv, self.q_proj, self.k_proj, self.v_proj)
         heads = qkv.view(b, t, -1, self.head_dim)  # q's heads, then k's, then v's
@@ -139,17 +141,25 @@ class Attention(nn.Module):
         qk = rotate(heads[:, :, : q_heads + kv_heads], cos, sin)  # q and k in one pass
         q, k = qk[:, :, :q_heads].transpose(1, 2), qk[:, :, q_heads:].transpose(1, 2)
         v = heads[:, :, q_heads + kv_heads :].transpose(1, 2)
+        first = t - keep if 0 < keep < t else 0  # the first position whose output is wanted
+        if first:
+            qk, q = qk[:, first:].contiguous(), q[:, :, first:]
         y = None
         if start is not None:
             k, v = self.kv_cache.update(start, k, v)
-            if t > 1 and self.attend is not None:  # a prefill, in C where precision.apply set it up
-                y = self.attend(qk, q_heads, self.kv_cache, start)
+            if t - first > 1 and self.attend is not None:  # a prefill, in C where precision.apply set it up
+                y = self.attend(qk, q_heads, self.kv_cache, start + first)
         if y is None:
             # Without a cache, or from position 0 (prefill), the mask is plain causal; a decode
-            # step (one query) sees every key; several queries after a cached prefix get `mask`.
-            causal = mask is None and t > 1
+            # step (one query) sees every key; several queries after a cached prefix get `mask`;
+            # a prefill's last queries see the keys up to their own positions (the last, all).
+            if first:
+                seen, queries = k.shape[2], t - first
+                mask = None if queries == 1 else torch.ones(queries, seen, dtype=torch.bool,
+                                                            device=x.device).tril(seen - queries)
+            causal = mask is None and t - first > 1
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
-            y = y.transpose(1, 2).reshape(b, t, -1)
+            y = y.transpose(1, 2).reshape(b, t - first, -1)
         return project(y, self.out, self.o_proj)
 
 
@@ -181,12 +191,14 @@ class DecoderLayer(nn.Module):
         self.prefill: Callable | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, keep: int = 0) -> torch.Tensor:
+        """The layer's output at every position of x, or at its last `keep` (see Attention)."""
         if self.prefill is not None and start is not None and x.shape[1] > 1:
-            y = self.prefill(self, x, cos, sin, start)
+            y = self.prefill(self, x, cos, sin, start, keep)
             if y is not None:
                 return y
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, mask)
+        mixed = self.self_attn(self.input_layernorm(x), cos, sin, start, mask, keep)
+        x = x[:, x.shape[1] - mixed.shape[1]:] + mixed
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -251,19 +263,22 @@ class LlamaForCausalLM(nn.Module):
                 logits_to_keep: int = 0, start: int | None = None) -> CausalLMOutput:
         if self.fused is not None and self.fused.takes(input_ids, inputs_embeds, start):
             return CausalLMOutput(self.fused(input_ids[:, 0], start))
-        return CausalLMOutput(self.head(self.hidden(input_ids, inputs_embeds, start), logits_to_keep))
+        return CausalLMOutput(self.head(self.hidden(input_ids, inputs_embeds, start, logits_to_keep), logits_to_keep))
 
     def hidden(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
-               start: int | None = None) -> torch.Tensor:
-        """Final hidden states (B, T, H) after the last norm."""
+               start: int | None = None, keep: int = 0) -> torch.Tensor:
+        """Final hidden states (B, T, H) after the last norm, or of the last `keep` positions: the
+        last layer then computes only those (its keys and values still go to the cache for every
+        position), as no later layer reads the others (a prefill keeps one: 1/30 of its work)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         t = x.shape[1]
         cos, sin = self.model.rotary_emb.span(start or 0, (start or 0) + t, x.dtype)
         mask = None
         if start and t > 1:  # query i (at start + i) sees keys 0 .. start + i
             mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, start, mask)
+        last = len(self.model.layers) - 1
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, start, mask, keep if i == last else 0)
         return self.model.norm(x)
 
     def head(self, hidden: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:

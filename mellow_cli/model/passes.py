@@ -237,9 +237,11 @@ class PrefillLayer:
     def __init__(self, attend: Attend):
         self.lib, self.attend = attend.lib, attend
 
-    def __call__(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor | None:
+    def __call__(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
+                 keep: int = 0) -> torch.Tensor | None:
         """DecoderLayer.forward's arguments (cos and sin: RotaryEmbedding.span of the new
-        positions): every row's next positions start.. of its own cache row."""
+        positions): every row's next positions start.. of its own cache row; the output at each
+        row's last `keep` of them (0: all)."""
         cache = layer.self_attn.kv_cache
         batch, tokens, _ = x.shape
         if not self.fits(layer, x, cos, sin):
@@ -248,8 +250,9 @@ class PrefillLayer:
         index = torch.stack([t, torch.arange(batch).repeat_interleave(tokens), start + t])
         d = layer.self_attn.head_dim
         heads = layer.self_attn.sizes[0] // d
-        return self._layer(layer, x, cos, sin, index, lambda qk: self.attend(qk.view(batch, tokens, -1, d), heads, cache,
-                                                                           start, torch.bfloat16))
+        first = tokens - keep if 0 < keep < tokens else 0
+        return self._layer(layer, x, cos, sin, index, lambda qk: self.attend(qk.view(batch, tokens - first, -1, d), heads,
+                                                                           cache, start + first, torch.bfloat16), first)
 
     def tokens(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, index: torch.Tensor,
                visible: int) -> torch.Tensor:
@@ -279,9 +282,10 @@ class PrefillLayer:
                 and cos.is_contiguous() and sin.is_contiguous())
 
     def _layer(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, index: torch.Tensor,
-               attend) -> torch.Tensor:
+               attend, first: int = 0) -> torch.Tensor:
         """The layer, with k and v stored at (row, slot) = index[1], index[2], rotary row index[0]
-        of cos and sin, and `attend` (rotated q and k -> the heads' outputs in bfloat16)."""
+        of cos and sin, and `attend` (rotated q and k -> the heads' outputs in bfloat16); the
+        output at each row's positions from `first` on, the others' keys and values cached."""
         attn, mlp, lib = layer.self_attn, layer.mlp, self.lib
         cache, d = attn.kv_cache, attn.head_dim
         heads, kv_heads = attn.sizes[0] // d, attn.sizes[1] // d
@@ -299,6 +303,10 @@ class PrefillLayer:
         lib.mellow_rotate_store(qkv.data_ptr(), n, index[0].data_ptr(), index[1].data_ptr(), index[2].data_ptr(),
                                 heads, kv_heads, d, cos.data_ptr(), sin.data_ptr(), qk.data_ptr(), cache.k.data_ptr(),
                                 cache.v.data_ptr(), cache.k.shape[2], threads)
+        if first:  # from here on only the positions whose output is wanted
+            qk, x = qk[:, first:].contiguous(), x[:, first:].contiguous()
+            tokens, n = tokens - first, batch * (tokens - first)
+            normed = torch.empty(batch, tokens, hidden, dtype=torch.bfloat16)
         mixed = attend(qk)
         out = _bfloat16(attn.out(mixed))
         summed = torch.empty_like(x)
