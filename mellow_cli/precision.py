@@ -314,11 +314,17 @@ class Int8Matrix:
         self.q, self.scale = q, scale
         self.scale_bf16 = scale.to(torch.bfloat16)
         self.nbytes = q.numel() + 4 * scale.numel()
+        self.kernel_q = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
         if x.shape[-2] == 1 and _int8_matvec():
-            y = torch._weight_int8pack_mm(flat, self.q, self.scale_bf16)
+            if self.kernel_q is None:
+                # torch's int8 kernel faults on weights that are not 32-byte aligned from 4 rows
+                # on, as a matrix read from the int8 copy may be (memory-mapped where the file
+                # puts it): such a one is copied for it, once. `q` itself stays: step.c reads it.
+                self.kernel_q = self.q if self.q.data_ptr() % 64 == 0 else self.q.clone()
+            y = torch._weight_int8pack_mm(flat, self.kernel_q, self.scale_bf16)
         else:
             y = F.linear(flat, self.q.to(torch.bfloat16) * self.scale_bf16[:, None])
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)

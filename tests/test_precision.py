@@ -143,3 +143,28 @@ def test_auto_counts_the_one_call_step_where_it_runs_a_candidate(monkeypatch):
     assert readable[:2] == [False, True]
     without, _ = precision.measure(**shapes, fused=False)
     assert without.name == "float32"  # all alike: nothing beats the exact path by 10%
+
+
+def test_an_int8_matrix_in_memory_torchs_kernel_cannot_read_is_copied_for_it():
+    """A matrix read from the int8 copy lies where the file puts it; torch's int8 kernel faulted on
+    weights not 32-byte aligned, from 4 rows on. In a child process, as a fault ends it."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from mellow_cli import precision
+buf = torch.randint(-127, 128, (48 * 64 + 128,), dtype=torch.int8)
+start = (64 - buf.data_ptr() % 64) % 64 + 8  # 8 bytes past a 64-byte boundary
+q = buf[start:start + 48 * 64].view(48, 64)
+scale = torch.rand(48) + 0.5
+matrix = precision.Int8Matrix.stored(q, scale)
+x = torch.randn(8, 1, 64)
+got = matrix(x)
+assert matrix.q is q  # what step.c reads stays where it was
+expected = x.bfloat16().float() @ (q.float() * scale.bfloat16().float()[:, None]).T
+print(float((got - expected).abs().max() / expected.abs().max()))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout) < 1e-2
