@@ -81,6 +81,12 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
+def causal_mask(queries: int, seen: int, device=None) -> torch.Tensor:
+    """(queries, seen) bool: the last `queries` of `seen` positions, each seeing the keys up to
+    its own position (a prefill's, choices after a cached prefix, a prefill's last few)."""
+    return torch.ones(queries, seen, dtype=torch.bool, device=device).tril(seen - queries)
+
+
 # A weight matrix prepared for inference (precision.py makes them): called on activations (B, T, in)
 # it returns (B, T, out) in their dtype; `nbytes` is what one product reads.
 Matrix = Callable[[torch.Tensor], torch.Tensor]
@@ -154,9 +160,7 @@ class Attention(nn.Module):
             # step (one query) sees every key; several queries after a cached prefix get `mask`;
             # a prefill's last queries see the keys up to their own positions (the last, all).
             if first:
-                seen, queries = k.shape[2], t - first
-                mask = None if queries == 1 else torch.ones(queries, seen, dtype=torch.bool,
-                                                            device=x.device).tril(seen - queries)
+                mask = None if t - first == 1 else causal_mask(t - first, k.shape[2], x.device)
             causal = mask is None and t - first > 1
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
             y = y.transpose(1, 2).reshape(b, t - first, -1)
@@ -275,7 +279,7 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = self.model.rotary_emb.span(start or 0, (start or 0) + t, x.dtype)
         mask = None
         if start and t > 1:  # query i (at start + i) sees keys 0 .. start + i
-            mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            mask = causal_mask(t, start + t, x.device)
         last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, start, mask, keep if i == last else 0)

@@ -64,7 +64,7 @@ def attention_error(attend: "Attend") -> float:
     cached positions, with two rows and two query heads per key/value head."""
     import torch.nn.functional as F
 
-    from mellow_cli.model.llama import KVCache
+    from mellow_cli.model.llama import KVCache, causal_mask
 
     generator = torch.Generator().manual_seed(1)
     batch, heads, kv_heads, head_dim, tokens = 2, 4, 2, 16, 21
@@ -75,7 +75,7 @@ def attention_error(attend: "Attend") -> float:
         cache.k.normal_(generator=generator)
         cache.v.normal_(generator=generator)
         k, v = cache.k[:, :, : start + tokens], cache.v[:, :, : start + tokens]
-        mask = torch.ones(tokens, start + tokens, dtype=torch.bool).tril(diagonal=start)
+        mask = causal_mask(tokens, start + tokens)
         expected = F.scaled_dot_product_attention(qk[:, :, :heads].transpose(1, 2), k, v, attn_mask=mask,
                                                   enable_gqa=True).transpose(1, 2).reshape(batch, tokens, -1)
         got = attend(qk, heads, cache, start)
@@ -91,6 +91,8 @@ def bfloat16_dots(qk: torch.Tensor, heads: int, cache, start: int) -> torch.Tens
     product made them), and the float32 sum of the unrounded weights divides. On SmolLM2 this
     moves MMAU choices' log-probabilities no further from float32's than the bfloat16 products
     already do. For the checks, not for speed."""
+    from mellow_cli.model.llama import causal_mask
+
     batch, tokens, _, head_dim = qk.shape
     kv_heads, seen = cache.k.shape[1], start + tokens
 
@@ -102,7 +104,7 @@ def bfloat16_dots(qk: torch.Tensor, heads: int, cache, start: int) -> torch.Tens
     k = rounded(cache.k[:, :, :seen]).repeat_interleave(group, dim=1)
     v = rounded(cache.v[:, :, :seen]).repeat_interleave(group, dim=1)
     scores = (q @ k.transpose(-1, -2)) * head_dim**-0.5
-    causal = torch.ones(tokens, seen, dtype=torch.bool).tril(diagonal=start)
+    causal = causal_mask(tokens, seen)
     weights = (scores - scores.masked_fill(~causal, float("-inf")).amax(-1, keepdim=True)).exp() * causal
     out = (rounded(weights) @ v) / weights.sum(-1, keepdim=True)
     return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
