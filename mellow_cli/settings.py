@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import MellowError, ModelError, UsageError
+from mellow_cli.errors import MellowError, ModelError, UsageError
 
 if TYPE_CHECKING:
     import torch

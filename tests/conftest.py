@@ -90,8 +90,8 @@ def tiny_model_dir(smollm2_dir, tmp_path_factory) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from mellow_cli.config import MellowConfig
-    from mellow_cli.model.mellow import Mellow
+    from mellow_cli.models.mellow.config import MellowConfig
+    from mellow_cli.models.mellow.network import Mellow
 
     torch.manual_seed(0)
     cfg = MellowConfig.tiny()

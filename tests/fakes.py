@@ -16,8 +16,9 @@ import math
 from typing import Iterator, Sequence
 
 from mellow_cli.api import ChoiceResult, MellowModel, Question
-from mellow_cli.config import DecodingOptions, MellowConfig
-from mellow_cli.generate import ChoiceScore
+from mellow_cli.runtime.options import DecodingOptions
+from mellow_cli.models.mellow.config import MellowConfig
+from mellow_cli.runtime.generate import ChoiceScore
 
 
 class ScriptedModel(MellowModel):

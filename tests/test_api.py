@@ -8,7 +8,7 @@ from conftest import write_tone
 
 from mellow_cli import load_model
 from mellow_cli.api import Question
-from mellow_cli.config import DecodingOptions
+from mellow_cli.runtime.options import DecodingOptions
 from mellow_cli.errors import ModelError
 
 SHORT = DecodingOptions(max_tokens=6)
@@ -137,7 +137,8 @@ def test_smaller_dtypes_on_cpu_change_only_the_lm_matrices(tiny_model_dir, model
 def test_auto_is_measured_once_and_kept_in_the_cache(tiny_model_dir, monkeypatch):
     import torch
 
-    from mellow_cli import loading, precision
+    from mellow_cli.store import loading
+    from mellow_cli.runtime import precision
 
     monkeypatch.setattr(precision, "_measured", {})
     calls = []
@@ -158,7 +159,8 @@ def test_auto_is_measured_once_and_kept_in_the_cache(tiny_model_dir, monkeypatch
 def test_a_broken_precision_cache_is_measured_again(monkeypatch):
     import torch
 
-    from mellow_cli import loading, precision
+    from mellow_cli.store import loading
+    from mellow_cli.runtime import precision
 
     monkeypatch.setattr(precision, "_measured", {})
     monkeypatch.setattr(precision, "measure", lambda: (precision.EXACT, {}))

@@ -18,15 +18,8 @@ import pytest
 import soundfile as sf
 import soxr
 
-from mellow_cli import audio
-from mellow_cli.audio import (
-    CLIP_SAMPLES,
-    SAMPLE_RATE,
-    audio_duration,
-    fit_clip,
-    load_audio,
-    load_clip,
-)
+from mellow_cli.io import audio
+from mellow_cli.io.audio import CLIP_SAMPLES, SAMPLE_RATE, audio_duration, fit_clip, load_audio, load_clip
 from mellow_cli.errors import AudioError, UsageError
 
 # ---------------------------------------------------------------- helpers

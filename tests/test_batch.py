@@ -8,10 +8,11 @@ import json
 
 import pytest
 
-from mellow_cli.batch import FIELDS, Job, decoded_chunks, row
-from mellow_cli.inputs import expand_inputs, json_lines, json_list
+from mellow_cli.io.jobs import FIELDS, Job, row
+from mellow_cli.batch import decoded_chunks
+from mellow_cli.io.inputs import expand_inputs, json_lines, json_list
 from mellow_cli.errors import AudioError, UsageError
-from mellow_cli.formats import RowWriter
+from mellow_cli.io.formats import RowWriter
 
 
 @pytest.fixture
@@ -123,7 +124,7 @@ def test_decoded_chunks_keep_order_and_errors():
     (12.0, 10.0, 4.0, [(0.0, 10.0), (4.0, 12.0)]),
 ])
 def test_windows_cover_the_recording(duration, window, hop, spans):
-    from mellow_cli.batch import windows
+    from mellow_cli.io.jobs import windows
 
     assert windows(duration, window, hop) == spans
 
@@ -132,8 +133,9 @@ def test_a_window_walks_the_first_recording_and_hears_the_second_whole(tmp_path)
     import numpy as np
     from conftest import write_tone
 
-    from mellow_cli.audio import audio_duration, load_clip
-    from mellow_cli.batch import clip_decoder, windowed
+    from mellow_cli.io.audio import audio_duration, load_clip
+    from mellow_cli.batch import clip_decoder
+    from mellow_cli.io.jobs import windowed
 
     long, short = write_tone(tmp_path / "long.wav", 440, seconds=25), write_tone(tmp_path / "short.wav", 880, seconds=2)
     jobs = windowed([Job(str(long), str(short), "q")], 10, 10, audio_duration)
@@ -147,7 +149,7 @@ def test_a_window_walks_the_first_recording_and_hears_the_second_whole(tmp_path)
 
 
 def test_shards_are_disjoint_balanced_and_cover_the_list():
-    from mellow_cli.batch import parse_shard, take_shard
+    from mellow_cli.io.jobs import parse_shard, take_shard
 
     items = list(range(11))
     parts = [take_shard(items, parse_shard(f"{i}/4")) for i in range(1, 5)]
@@ -163,7 +165,7 @@ def test_shards_are_disjoint_balanced_and_cover_the_list():
 
 
 def test_questions_may_hold_line_separators_inside_their_strings(tmp_path):
-    from mellow_cli.batch import read_questions
+    from mellow_cli.io.jobs import read_questions
 
     q = tmp_path / "q.jsonl"
     q.write_text(json.dumps({"audio": "a.wav", "question": "one\u2028two\x85three?"}, ensure_ascii=False) + "\r\n"
@@ -172,7 +174,7 @@ def test_questions_may_hold_line_separators_inside_their_strings(tmp_path):
 
 
 def test_pairs_keep_a_quoted_newline_and_lose_a_bom(tmp_path):
-    from mellow_cli.batch import read_pairs
+    from mellow_cli.io.jobs import read_pairs
 
     pairs = tmp_path / "pairs.csv"
     pairs.write_bytes('\ufeffaudio1,audio2,prompt\na.wav,b.wav,"first line\nsecond line"\nc.wav,d.wav,\n'.encode())
@@ -185,7 +187,7 @@ def test_pairs_keep_a_quoted_newline_and_lose_a_bom(tmp_path):
 
 
 def test_deeply_nested_json_in_questions_is_one_line(tmp_path):
-    from mellow_cli.batch import read_questions
+    from mellow_cli.io.jobs import read_questions
 
     q = tmp_path / "deep.jsonl"
     q.write_text("[" * 100_000 + "]" * 100_000 + "\n")
@@ -206,16 +208,16 @@ def test_a_number_too_long_to_read_is_one_line_in_both_json_readers(tmp_path, na
 
 @pytest.mark.parametrize("reader", ["list", "questions", "pairs"])
 def test_an_endless_input_is_refused_in_one_line(reader):
-    from mellow_cli import batch
+    from mellow_cli.io import jobs
 
-    read = {"list": lambda: expand_inputs(["@/dev/zero"]), "questions": lambda: batch.read_questions("/dev/zero"),
-            "pairs": lambda: batch.read_pairs("/dev/zero", "x")}[reader]
+    read = {"list": lambda: expand_inputs(["@/dev/zero"]), "questions": lambda: jobs.read_questions("/dev/zero"),
+            "pairs": lambda: jobs.read_pairs("/dev/zero", "x")}[reader]
     with pytest.raises(UsageError, match="/dev/zero: a device, not a .* \\(it never ends\\)"):
         read()
 
 
 def test_an_input_past_the_size_limit_is_refused(tmp_path, monkeypatch):
-    from mellow_cli import inputs
+    from mellow_cli.io import inputs
 
     monkeypatch.setattr(inputs, "MAX_TEXT_BYTES", 10)
     big = tmp_path / "list.txt"

@@ -267,9 +267,9 @@ def their_eval_dataset(tokenizer_dir: Path):
 
 @needs_reference
 def test_prompt_ids_equal_their_eval_dataset(smollm2_dir, tmp_path):
-    from mellow_cli.config import MellowConfig
-    from mellow_cli.model.mellow import tokenize_prompts
-    from mellow_cli.model.tokenizer import Tokenizer
+    from mellow_cli.models.mellow.config import MellowConfig
+    from mellow_cli.models.mellow.network import tokenize_prompts
+    from mellow_cli.runtime.tokenizer import Tokenizer
 
     _, dataset = their_eval_dataset(smollm2_dir)
     # Their data file's input is the question with its options inline; long choices test the cut at 129.
@@ -318,7 +318,7 @@ class _Recorder:
     name, revision = "recorder", None
 
     def __init__(self):
-        from mellow_cli.config import MellowConfig
+        from mellow_cli.models.mellow.config import MellowConfig
 
         self.cfg = MellowConfig.tiny()
         self.asked = []

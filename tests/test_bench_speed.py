@@ -14,7 +14,7 @@ import torch
 from test_cli_answers import mellow
 
 from mellow_cli.bench import speed
-from mellow_cli.model import fused
+from mellow_cli.runtime import fused
 
 FIELDS = {
     "model", "revision", "device", "dtype", "decode_step", "threads", "torch_version", "tokens", "repeat", "batch_size",
@@ -135,7 +135,7 @@ def test_every_call_gets_new_clips():
     """The encoder, first-token and caption figures never come from the model's clip cache."""
     from types import SimpleNamespace
 
-    from mellow_cli.config import MellowConfig
+    from mellow_cli.models.mellow.config import MellowConfig
 
     cfg = MellowConfig.tiny()
     take = speed.clip_maker(SimpleNamespace(cfg=cfg))

@@ -9,10 +9,10 @@ import json
 import pytest
 from test_cli_answers import mellow
 
-from mellow_cli.batch import read_questions
-from mellow_cli.inputs import CHOICES_RULE, parse_choices
+from mellow_cli.io.jobs import read_questions
+from mellow_cli.io.inputs import CHOICES_RULE, parse_choices
 from mellow_cli.bench import qa
-from mellow_cli.data import read_rows, validate_rows
+from mellow_cli.train.data import read_rows, validate_rows
 from mellow_cli.errors import UsageError
 
 BAD = ["dog", "dog|", "|cat", " | ", "dog| |cat", ""]

@@ -93,25 +93,25 @@ def test_empty_stdin_is_an_error_naming_stdin():
 
 
 def test_unexpected_errors_have_no_traceback_unless_debug(monkeypatch):
-    import mellow_cli.cli as cli
+    from mellow_cli.cli import answer, main
 
     def boom(*a, **k):
         raise ZeroDivisionError("kaboom")
 
-    monkeypatch.setattr(cli, "_answer_one", boom)
+    monkeypatch.setattr(answer, "_answer_one", boom)
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["ask", "a.wav", "q"])
+        main(["ask", "a.wav", "q"])
     assert exit_info.value.code == 1
     with pytest.raises(ZeroDivisionError):
-        cli.main(["ask", "a.wav", "q", "--debug"])
+        main(["ask", "a.wav", "q", "--debug"])
 
 
 def test_unexpected_error_message_is_one_line(monkeypatch, capsys):
-    import mellow_cli.cli as cli
+    from mellow_cli.cli import answer, main
 
-    monkeypatch.setattr(cli, "_answer_one", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(answer, "_answer_one", lambda *a, **k: 1 / 0)
     with pytest.raises(SystemExit):
-        cli.main(["ask", "a.wav", "q"])
+        main(["ask", "a.wav", "q"])
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "ZeroDivisionError" in err and "--debug" in err
@@ -126,15 +126,16 @@ def test_logs_are_plain_text_with_no_color_or_without_a_terminal(env, styled):
     import os
 
     clean = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE")}
-    out = subprocess.run([sys.executable, "-c", "from mellow_cli import render; render.info('loading model v0')"],
+    out = subprocess.run([sys.executable, "-c", "from mellow_cli.cli import render; render.info('loading model v0')"],
                          capture_output=True, text=True, env={**clean, **env})
     assert "loading model v0" in out.stderr
     assert ("\x1b[" in out.stderr) is styled
 
 
 def test_a_clip_paired_with_itself_is_decoded_once(monkeypatch):
-    import mellow_cli.audio as audio
-    from mellow_cli.batch import Job, clip_decoder
+    import mellow_cli.io.audio as audio
+    from mellow_cli.io.jobs import Job
+    from mellow_cli.batch import clip_decoder
 
     calls = []
     monkeypatch.setattr(audio, "load_clip", lambda p, **kw: calls.append(p) or f"clip:{p}")

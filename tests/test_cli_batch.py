@@ -177,7 +177,7 @@ def test_every_format_parses_back_to_the_same_rows(tiny_model_dir, clips, tmp_pa
 
 
 def _as_csv(key, value):
-    from mellow_cli.formats import _flat
+    from mellow_cli.io.formats import _flat
 
     return _flat(key, value)
 
@@ -349,7 +349,7 @@ def test_a_folder_mixing_good_and_bad_files(tiny_model_dir, clips, tmp_path):
 def test_progress_bar_on_a_terminal_only(monkeypatch):
     import rich.console
 
-    from mellow_cli import render
+    from mellow_cli.cli import render
 
     render.configure()
     term = rich.console.Console(file=io.StringIO(), force_terminal=True, width=120)

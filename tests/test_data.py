@@ -12,10 +12,10 @@ import soundfile as sf
 import torch
 from conftest import write_tone
 
-from mellow_cli import data
-from mellow_cli.audio import load_clip
-from mellow_cli.config import MellowConfig
-from mellow_cli.data import (
+from mellow_cli.train import data
+from mellow_cli.io.audio import load_clip
+from mellow_cli.models.mellow.config import MellowConfig
+from mellow_cli.train.data import (
     BadRow,
     QADataset,
     QARow,
@@ -269,8 +269,8 @@ def write_official(path: Path, rows: list[dict]) -> Path:
 
 
 def test_official_text_templates_and_casing():
-    from mellow_cli import templates as T
-    from mellow_cli.templates import OfficialText, first, realize
+    from mellow_cli.train import templates as T
+    from mellow_cli.train.templates import OfficialText, first, realize
 
     caps = dict(caption1="A Dog Barks.", caption2="Rain On A Roof")
     assert realize(OfficialText("caption both audios", "", **caps), first) == (
@@ -331,9 +331,9 @@ def test_official_dataset_draws_text_and_second_clip_per_epoch(tmp_path):
 
 
 def test_several_files_are_read_as_one_list(tmp_path):
-    from mellow_cli.recipe import options
-    from mellow_cli.train_data import training_rows
-    from mellow_cli.world import World
+    from mellow_cli.train.recipe import options
+    from mellow_cli.train.datasets import training_rows
+    from mellow_cli.train.world import World
 
     for name in ("a", "b"):
         write_tone(tmp_path / f"{name}.wav", seconds=1.0)

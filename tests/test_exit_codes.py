@@ -14,7 +14,7 @@ import pytest
 from conftest import write_tone
 from test_cli_answers import mellow
 
-from mellow_cli.loading import TOKENIZER_FILES
+from mellow_cli.store.loading import TOKENIZER_FILES
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 
@@ -123,7 +123,8 @@ def test_every_command_is_held_to_the_table():
 
 
 def test_many_bad_rows_are_the_first_few_and_a_count(capsys):
-    from mellow_cli import data, render
+    from mellow_cli.train import data
+    from mellow_cli.cli import render
 
     bad = [data.BadRow(f"line {i}", "empty answer") for i in range(2, 32)]  # 30 bad rows
     render.error(data.describe_bad("rows.jsonl", bad) + " (pass --skip-bad to train without them)")

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mellow_cli import export, loading
-from mellow_cli.config import MellowConfig
+from mellow_cli.store import export, loading
+from mellow_cli.models.mellow.config import MellowConfig
 from mellow_cli.errors import ModelError, UsageError
 
 MANIFEST = Path(__file__).parent / "golden" / "mellow_v0_state_dict_manifest.json"
@@ -58,7 +58,7 @@ def v0_dir(smollm2_dir, tmp_path_factory) -> Path:
     `mellow train` writes a checkpoint: the tied head stored once."""
     from safetensors.torch import save_file
 
-    from mellow_cli.model.mellow import Mellow
+    from mellow_cli.models.mellow.network import Mellow
 
     torch.manual_seed(0)
     net = Mellow.from_config(MellowConfig.v0(), device="cpu")
@@ -74,7 +74,7 @@ def v0_dir(smollm2_dir, tmp_path_factory) -> Path:
 def test_v0_export_holds_every_official_key_and_round_trips(v0_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from mellow_cli.model.mellow import Mellow, compare_layouts, layout_of
+    from mellow_cli.models.mellow.network import Mellow, compare_layouts, layout_of
 
     source = load_file(str(v0_dir / loading.WEIGHTS_FILE))
     out = v0_dir / "exported.ckpt"  # beside the tokenizer files, so loading it back needs no hub

@@ -7,13 +7,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mellow_cli.config import MellowConfig
-from mellow_cli.model.frontend import (
-    LogMel,
-    Spectrogram,
-    hann_dft_kernels,
-    mel_filterbank,
-)
+from mellow_cli.models.mellow.config import MellowConfig
+from mellow_cli.models.mellow.frontend import LogMel, Spectrogram, hann_dft_kernels, mel_filterbank
 
 CFG = MellowConfig.v0()
 PREFIX = "audio_encoder.base.htsat."
@@ -109,7 +104,7 @@ def test_exact_kernels_run_as_an_fft_with_the_same_result():
     convolution's transform to float32 rounding. Rounded (checkpoint) kernels keep the convolution."""
     import torch
 
-    from mellow_cli.model.frontend import STFT
+    from mellow_cli.models.mellow.frontend import STFT
 
     stft = STFT(1024, 320)
     assert stft.exact_dft()
@@ -126,7 +121,7 @@ def test_exact_kernels_run_as_an_fft_with_the_same_result():
 def test_kernels_made_under_inference_mode_still_work():
     import torch
 
-    from mellow_cli.model.frontend import STFT
+    from mellow_cli.models.mellow.frontend import STFT
 
     with torch.inference_mode():
         stft = STFT(1024, 320)

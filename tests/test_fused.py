@@ -10,11 +10,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mellow_cli import precision
-from mellow_cli.config import DecodingOptions, MellowConfig
-from mellow_cli.generate import _choice_logprobs, generate_tokens
-from mellow_cli.model import fused, passes
-from mellow_cli.model.llama import LlamaForCausalLM
+from mellow_cli.runtime import precision
+from mellow_cli.runtime.options import DecodingOptions
+from mellow_cli.models.mellow.config import MellowConfig
+from mellow_cli.runtime.generate import _choice_logprobs, generate_tokens
+from mellow_cli.runtime import fused, passes
+from mellow_cli.runtime.llama import LlamaForCausalLM
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                     reason="no C compiler")
@@ -104,7 +105,7 @@ def test_prefill_attention_is_torchs_and_its_bfloat16_output_rounds_what_bfloat1
     assert lib is not None, fused.status()
     attend = passes.Attend(lib)
     assert passes.attention_error(attend) < passes.ATTENTION_BOUND
-    from mellow_cli.model.llama import KVCache
+    from mellow_cli.runtime.llama import KVCache
 
     generator = torch.Generator().manual_seed(3)
     qk = torch.randn(3, 40, 12, 64, generator=generator)  # SmolLM2's heads: 9 for q, 3 for k
@@ -332,7 +333,7 @@ def test_many_choice_tokens_go_through_the_bfloat16_layers_and_score_as_torchs_l
 
 
 def test_env_says_what_a_prefill_runs_on(monkeypatch):
-    from mellow_cli import cli_env
+    from mellow_cli.cli import env as cli_env
 
     said = cli_env.report()["prefill"]
     lib = fused.library()

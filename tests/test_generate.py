@@ -9,9 +9,10 @@ import copy
 import pytest
 import torch
 
-from mellow_cli.config import DecodingOptions, MellowConfig
-from mellow_cli import precision
-from mellow_cli.generate import (
+from mellow_cli.runtime.options import DecodingOptions
+from mellow_cli.models.mellow.config import MellowConfig
+from mellow_cli.runtime import precision
+from mellow_cli.runtime.generate import (
     TextStream,
     decode_one_token,
     generate,
@@ -20,7 +21,7 @@ from mellow_cli.generate import (
     score_choices,
     stream,
 )
-from mellow_cli.model.mellow import build_lm
+from mellow_cli.models.mellow.network import build_lm
 
 CFG = MellowConfig.tiny()
 NEVER = -1  # an eos id no token can match: generation runs to max_tokens
@@ -251,7 +252,7 @@ def test_smaller_weights_stay_close_to_float32(lm, name, stored, tolerance):
 @pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324])
 @pytest.mark.parametrize("top_p, top_k", [(1.0, 0), (0.8, 0), (1.0, 5)])
 def test_a_tiny_temperature_samples_the_top_token(temperature, top_p, top_k):
-    from mellow_cli.generate import next_token
+    from mellow_cli.runtime.generate import next_token
 
     logits = torch.tensor([[1.0, 3.0, 2.0, -50.0], [0.5, -1.0, 0.25, 0.0]])
     opts = DecodingOptions(sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
@@ -261,7 +262,7 @@ def test_a_tiny_temperature_samples_the_top_token(temperature, top_p, top_k):
 
 def test_non_finite_logits_are_one_line_and_never_a_token():
     from mellow_cli.errors import ModelError
-    from mellow_cli.generate import next_token
+    from mellow_cli.runtime.generate import next_token
 
     for sample in (False, True):
         with pytest.raises(ModelError, match="NaN or infinite"):

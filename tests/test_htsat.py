@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mellow_cli.config import MellowConfig
-from mellow_cli.model.htsat import (
+from mellow_cli.models.mellow.config import MellowConfig
+from mellow_cli.models.mellow.htsat import (
     HTSATEncoder,
     relative_position_index,
     shifted_window_mask,

@@ -7,17 +7,17 @@ import shutil
 import pytest
 import torch
 
-from mellow_cli import precision
-from mellow_cli.config import MellowConfig
+from mellow_cli.runtime import precision
+from mellow_cli.models.mellow.config import MellowConfig
 from mellow_cli.errors import ModelError
-from mellow_cli.int8_copy import FILE, Int8Copy
+from mellow_cli.runtime.int8_copy import FILE, Int8Copy
 
 
 @pytest.fixture
 def cached_ckpt(tmp_path, smollm2_dir):
     """A tiny Mellow as a local .ckpt with its config and tokenizer beside it: loading converts it
     into a folder of the cache, where the int8 copy may be kept."""
-    from mellow_cli.model.mellow import Mellow
+    from mellow_cli.models.mellow.network import Mellow
 
     torch.manual_seed(0)
     cfg = MellowConfig.tiny()
@@ -72,8 +72,8 @@ def test_other_precisions_and_folders_outside_the_cache_keep_no_copy(cached_ckpt
 
 def _prepared(copy: Int8Copy):
     """A tiny language model prepared in int8 through `copy`, and its logits."""
-    from mellow_cli.model.fused import random_state
-    from mellow_cli.model.llama import LlamaForCausalLM
+    from mellow_cli.runtime.fused import random_state
+    from mellow_cli.runtime.llama import LlamaForCausalLM
 
     cfg = MellowConfig.tiny()
     lm = LlamaForCausalLM(cfg)
@@ -112,7 +112,7 @@ def test_a_file_that_is_not_ours_is_left_alone(tmp_path):
 
 
 def test_a_damaged_or_misfitting_copy_is_one_line_naming_it(tmp_path):
-    from mellow_cli.model.llama import LlamaForCausalLM
+    from mellow_cli.runtime.llama import LlamaForCausalLM
 
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"w")

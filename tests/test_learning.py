@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mellow_cli import tasks
+from mellow_cli.train import tasks
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS, VAL_ROWS, SEED = 2000, 400, 0

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mellow_cli.config import MellowConfig
-from mellow_cli.model.llama import LlamaForCausalLM, init_rotary, transformers_twin
-from mellow_cli.model.tokenizer import Tokenizer
+from mellow_cli.models.mellow.config import MellowConfig
+from mellow_cli.runtime.llama import LlamaForCausalLM, init_rotary, transformers_twin
+from mellow_cli.runtime.tokenizer import Tokenizer
 
 TINY = MellowConfig.tiny()
 

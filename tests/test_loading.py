@@ -21,8 +21,9 @@ import torch
 from fakehub import FakeHub
 from torch import nn
 
-from mellow_cli import catalogue, conversion, loading, model_cache, tokenizer_files
-from mellow_cli.config import MellowConfig
+from mellow_cli.models import catalogue
+from mellow_cli.store import conversion, loading, cache as model_cache, tokenizers as tokenizer_files
+from mellow_cli.models.mellow.config import MellowConfig
 from mellow_cli.errors import ModelError
 
 TINY_REPO = "test/mellow-tiny"
@@ -486,7 +487,7 @@ def test_hub_folder_with_the_tokenizer_from_smollm2(hub, standin_net, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_mellow():
-    from mellow_cli.model.mellow import Mellow
+    from mellow_cli.models.mellow.network import Mellow
 
     torch.manual_seed(0)
     return Mellow.from_config(MellowConfig.tiny(), device="cpu").eval()
@@ -517,7 +518,7 @@ def test_real_mellow_through_the_hub(hub, tiny_mellow):
 def _app():
     import typer
 
-    from mellow_cli.cli_models import models_app
+    from mellow_cli.cli.models import models_app
 
     app = typer.Typer()
     app.add_typer(models_app, name="models")
@@ -598,7 +599,7 @@ def test_models_help_has_examples():
         assert result.exit_code == 0 and "Example" in result.output
 
 
-MAIN = ("import sys\nfrom mellow_cli.cli import app, main\nfrom mellow_cli.cli_models import models_app\n"
+MAIN = ("import sys\nfrom mellow_cli.cli import app, main\nfrom mellow_cli.cli.models import models_app\n"
         "if not any(g.name == 'models' for g in app.registered_groups):\n"
         "    app.add_typer(models_app, name='models')\nmain(sys.argv[1:])\n")
 
@@ -634,7 +635,7 @@ def test_cli_pulls_a_real_hub_folder_in_a_fresh_process(hub, tiny_mellow, tmp_pa
 
 @pytest.mark.parametrize("name", ["a/b@..", "a/b@.hidden", "a/b@v1..v2"])
 def test_a_revision_that_could_leave_the_cache_is_refused(name):
-    from mellow_cli.catalogue import resolve
+    from mellow_cli.models.catalogue import resolve
     from mellow_cli.errors import UsageError
 
     with pytest.raises(UsageError, match="is not a revision"):
@@ -669,7 +670,7 @@ def test_usage_errors_of_models_exit_2(tmp_path):
 def test_first_conversion_draws_a_bar_in_megabytes(hub, monkeypatch):
     import contextlib
 
-    from mellow_cli import render
+    from mellow_cli.cli import render
 
     bars = []
 

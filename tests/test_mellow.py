@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from mellow_cli.config import DecodingOptions, MellowConfig
+from mellow_cli.runtime.options import DecodingOptions
+from mellow_cli.models.mellow.config import MellowConfig
 from mellow_cli.errors import ModelError
-from mellow_cli.generate import generate_tokens, prefill
-from mellow_cli.model.mellow import (
+from mellow_cli.runtime.generate import generate_tokens, prefill
+from mellow_cli.models.mellow.network import (
     Mellow,
     build_lm,
     key_report,
@@ -237,7 +238,7 @@ def test_golden_greedy_ids_with_the_matrices_prepared_in_float32(golden_model, g
     """--dtype float32 (fused q/k/v and gate/up) is still the exact path."""
     import copy
 
-    from mellow_cli import precision
+    from mellow_cli.runtime import precision
 
     lm = copy.deepcopy(golden_model.lm)
     precision.apply(lm, precision.EXACT)
@@ -286,7 +287,7 @@ def test_meta_build_stays_off_torch_dynamo():
     import subprocess
     import sys
 
-    code = ("import sys, torch\nfrom mellow_cli.config import MellowConfig\nfrom mellow_cli.model.mellow import Mellow\n"
+    code = ("import sys, torch\nfrom mellow_cli.models.mellow.config import MellowConfig\nfrom mellow_cli.models.mellow.network import Mellow\n"
             "m = Mellow.from_config(MellowConfig.v0(), 'meta')\n"
             "assert m.lm.model.layers[0].mlp.up_proj.weight.is_meta\n"
             "print('torch._dynamo' in sys.modules)")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mellow_cli import memory
+from mellow_cli.runtime import memory
 
 # A fresh process, as a command is (this one's heap is laid out by every test before it): a
 # batched prefill (8 prefixes of 389 positions, two of v0's layers, prepared as auto prepares them

@@ -17,9 +17,9 @@ import soundfile as sf
 from conftest import write_tone
 from test_cli_answers import mellow
 
-from mellow_cli import outputs
-from mellow_cli.batch import FIELDS, Job, read_questions, row, windows
-from mellow_cli.inputs import expand_inputs
+from mellow_cli.io import outputs
+from mellow_cli.io.jobs import FIELDS, Job, read_questions, row, windows
+from mellow_cli.io.inputs import expand_inputs
 from mellow_cli.errors import AudioError, UsageError
 
 ROW_FIELDS = FIELDS
@@ -234,7 +234,7 @@ def test_a_glob_match_named_like_a_list_is_a_file(tmp_path):
 
 
 def test_absurd_amplitudes_are_an_audio_error(tmp_path):
-    from mellow_cli.audio import load_clip
+    from mellow_cli.io.audio import load_clip
 
     path = tmp_path / "huge.wav"
     sf.write(path, (np.sin(np.arange(16000) / 5) * 1e38).astype(np.float32), 16000, subtype="FLOAT")
@@ -344,7 +344,7 @@ def test_a_long_hop_keeps_every_window_good(tiny_model_dir, tmp_path):
 
 
 def test_ctrl_c_hint_only_where_resume_can_follow(tiny_model_dir, clips):
-    from mellow_cli import cli
+    from mellow_cli.cli import main as cli
 
     class Interrupting:
         def __init__(self):

@@ -6,7 +6,8 @@ import json
 
 import torch
 
-from mellow_cli import loading, precision
+from mellow_cli.store import loading
+from mellow_cli.runtime import precision
 
 
 def test_a_choice_made_among_other_candidates_is_measured_again(monkeypatch):
@@ -66,8 +67,8 @@ def test_the_head_keeps_no_bfloat16_copy():
     choice picks parted from float32's at near ties (21 of 400 on a trained tiny model). The head
     stays on float16 for a few rows of one position and multiplies several positions in float32:
     a few widened per call, a batch's (HEAD_WIDE_FROM rows or more) by a float32 copy kept."""
-    from mellow_cli.config import MellowConfig
-    from mellow_cli.model.llama import LlamaForCausalLM
+    from mellow_cli.models.mellow.config import MellowConfig
+    from mellow_cli.runtime.llama import LlamaForCausalLM
 
     candidate = precision.Precision("float16", "float16", "float16", "bfloat16")
     lm = LlamaForCausalLM(MellowConfig.tiny()).eval()
@@ -90,8 +91,8 @@ def test_the_head_keeps_no_bfloat16_copy():
 
 
 def test_a_bfloat16_prefill_takes_the_encoder_linears_and_float32_or_float16_leave_them():
-    from mellow_cli.config import MellowConfig
-    from mellow_cli.model.mellow import Mellow
+    from mellow_cli.models.mellow.config import MellowConfig
+    from mellow_cli.models.mellow.network import Mellow
 
     torch.manual_seed(0)
     cfg = MellowConfig.tiny()
@@ -108,7 +109,7 @@ def test_a_bfloat16_prefill_takes_the_encoder_linears_and_float32_or_float16_lea
             # every MLP's GELU runs inside its first product, whose output stays bfloat16
             assert sum(m.post == "gelu" and m.keep for m in packed) == sum(cfg.depths)
             # and every window attention's q, k, v stay bfloat16 into its attention
-            from mellow_cli.model.htsat import WindowAttention
+            from mellow_cli.models.mellow.htsat import WindowAttention
 
             attentions = [m for m in nets[name].modules() if isinstance(m, WindowAttention)]
             assert len(attentions) == sum(cfg.depths) and all(a.qkv.keep and not a.proj.keep for a in attentions)
@@ -125,7 +126,7 @@ def test_a_bfloat16_prefill_takes_the_encoder_linears_and_float32_or_float16_lea
 
 
 def test_auto_counts_the_one_call_step_where_it_runs_a_candidate(monkeypatch):
-    from mellow_cli.model import fused
+    from mellow_cli.runtime import fused
 
     monkeypatch.setattr(precision, "_time", lambda fn, repeat: 1.0)  # every torch kernel alike
     readable = []

@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import load_file
 from test_cli_answers import mellow
 
-from mellow_cli import recipe, tasks, train
-from mellow_cli.config import MellowConfig
+from mellow_cli.train import recipe, tasks, loop as train
+from mellow_cli.models.mellow.config import MellowConfig
 from mellow_cli.errors import ModelError, UsageError
-from mellow_cli.model.htsat import HTSAT
-from mellow_cli.optim import AdaptiveClip
-from mellow_cli.recipe import TrainOptions, options
+from mellow_cli.models.mellow.htsat import HTSAT
+from mellow_cli.train.optim import AdaptiveClip
+from mellow_cli.train.recipe import TrainOptions, options
 
 TINY = MellowConfig.tiny()
 
@@ -106,7 +106,7 @@ def test_htsat_train_mode_augments_and_eval_mode_does_not():
         a, b = htsat(wav)[1], htsat(wav)[1]
     assert not torch.equal(a, b) and not torch.equal(a, first)  # SpecAugment and DropPath draw anew
     assert not torch.equal(htsat.bn0.running_mean, stats)  # bn0 learns batch statistics
-    from mellow_cli.model.htsat import spec_augment
+    from mellow_cli.models.mellow.htsat import spec_augment
 
     torch.manual_seed(1)
     x = spec_augment(torch.ones(3, 1, 1001, 64))

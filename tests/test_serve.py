@@ -19,8 +19,8 @@ import time
 import pytest
 from conftest import write_tone
 
-from mellow_cli.config import DecodingOptions
-from mellow_cli.serve import ServeSettings, bind, build_app, make_server
+from mellow_cli.runtime.options import DecodingOptions
+from mellow_cli.serve.app import ServeSettings, bind, build_app, make_server
 
 QUESTION = "what do you hear?"
 DEADLINE = 60  # seconds any single wait in these tests may take
@@ -221,7 +221,7 @@ def test_models_and_health(model):
 def test_waiting_requests_form_one_batch_with_each_rows_own_options(model, clips):
     """Requests queued before the worker runs are answered as one batch, greedy, sampled and
     multiple-choice rows together, each exactly as it would be alone."""
-    from mellow_cli.serve_batch import Batcher, Finished, Pending
+    from mellow_cli.serve.worker import Batcher, Finished, Pending
 
     low, high = (model.load_clip(str(p)) for p in clips)
     sampled = DecodingOptions(max_tokens=10, sample=True, temperature=0.8, seed=3)

@@ -148,7 +148,7 @@ def test_models_rm_of_a_local_file_says_only_its_cached_copy_went(tmp_path, monk
 
     from test_cli_answers import mellow
 
-    from mellow_cli import loading
+    from mellow_cli.store import loading
 
     mine = tmp_path / "v0.ckpt"
     mine.write_bytes(b"the user's own weights")

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from mellow_cli import tasks
-from mellow_cli.audio import load_clip
-from mellow_cli.data import read_rows, validate_rows
+from mellow_cli.train import tasks
+from mellow_cli.io.audio import load_clip
+from mellow_cli.train.data import read_rows, validate_rows
 
 SR = 32000
 

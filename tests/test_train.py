@@ -19,10 +19,10 @@ from conftest import write_tone
 from safetensors.torch import load_file
 from test_cli_answers import mellow
 
-from mellow_cli import runs, tasks, train
-from mellow_cli.config import MellowConfig
-from mellow_cli.model.mellow import Mellow, tokenize_prompts
-from mellow_cli.train import TrainOptions
+from mellow_cli.train import runs, tasks, loop as train
+from mellow_cli.models.mellow.config import MellowConfig
+from mellow_cli.models.mellow.network import Mellow, tokenize_prompts
+from mellow_cli.train.loop import TrainOptions
 
 TINY = MellowConfig.tiny()
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def task_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_dir):
-    from mellow_cli.model.tokenizer import Tokenizer
+    from mellow_cli.runtime.tokenizer import Tokenizer
 
     return Tokenizer(smollm2_dir)
 
@@ -146,7 +146,7 @@ def test_training_view_matches_the_golden_teacher_logits(golden_dir, smollm2_dir
     the two waveforms through our training path."""
     import numpy as np
 
-    from mellow_cli.model.mellow import load_weights
+    from mellow_cli.models.mellow.network import load_weights
 
     enc = load_file(golden_dir / "mellow_v0_golden_audio_encoder.fp16.safetensors")
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in enc.items()}
@@ -208,7 +208,7 @@ def test_no_weight_decay_on_norms_and_biases():
 ])
 def test_freeze_keeps_exactly_those_weights(task_data, smollm2_dir, tmp_path, freeze, frozen_prefixes):
     result = train.run(options(task_data, smollm2_dir, tmp_path / "run", freeze=freeze, max_steps=1))
-    from mellow_cli import data
+    from mellow_cli.train import data
 
     start = fresh_tiny(3)  # what --init builds: fresh weights, bn0 and c2l fitted to the training clips
     train.calibrate_encoder(start, data.QADataset(data.read_rows(str(task_data[0])), TINY, seed=3))
@@ -472,7 +472,7 @@ def test_run_folders_that_are_not_fit_are_refused(task_data, smollm2_dir, tmp_pa
 
 
 def test_resume_refuses_edited_rows_and_keeps_the_tokenizer_after_pruning(task_data, smollm2_dir, tmp_path):
-    from mellow_cli.loading import TOKENIZER_FILES
+    from mellow_cli.store.loading import TOKENIZER_FILES
 
     data = tmp_path / "rows.jsonl"
     data.write_text(task_data[0].read_text())
@@ -494,7 +494,7 @@ def test_resume_refuses_edited_rows_and_keeps_the_tokenizer_after_pruning(task_d
 def test_resume_keeps_the_runs_own_tokenizer_when_the_original_is_gone(task_data, smollm2_dir, tmp_path):
     import shutil
 
-    from mellow_cli.loading import TOKENIZER_FILES
+    from mellow_cli.store.loading import TOKENIZER_FILES
 
     copy = tmp_path / "tokenizer-copy"
     shutil.copytree(smollm2_dir, copy, ignore=shutil.ignore_patterns("*.safetensors"))
@@ -511,7 +511,7 @@ def test_resume_keeps_the_runs_own_tokenizer_when_the_original_is_gone(task_data
 
 def test_the_runs_tokenizer_is_replaced_only_by_a_whole_one(smollm2_dir, tmp_path):
     from mellow_cli.errors import MellowError
-    from mellow_cli.loading import TOKENIZER_FILES
+    from mellow_cli.store.loading import TOKENIZER_FILES
 
     run = tmp_path / "run"
     runs.keep_tokenizer(run, smollm2_dir)
@@ -526,7 +526,7 @@ def test_the_runs_tokenizer_is_replaced_only_by_a_whole_one(smollm2_dir, tmp_pat
 
 def test_a_trainer_json_that_is_not_a_record_is_one_line(tmp_path):
     from mellow_cli.errors import MellowError
-    from mellow_cli.runs import read_trainer
+    from mellow_cli.train.runs import read_trainer
 
     (tmp_path / "trainer.json").write_text("[1, 2]")
     with pytest.raises(MellowError, match="not a checkpoint's record"):
@@ -566,7 +566,7 @@ def test_a_hand_edited_trainer_json_is_one_line_naming_the_field(finished_run, t
 
 def test_deeply_nested_trainer_json_is_one_line(tmp_path):
     from mellow_cli.errors import MellowError
-    from mellow_cli.runs import read_trainer
+    from mellow_cli.train.runs import read_trainer
 
     (tmp_path / "trainer.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(MellowError, match="unreadable trainer.json"):
@@ -652,7 +652,7 @@ def test_torchrun_two_processes_split_the_rows_and_agree(task_data, smollm2_dir,
     trainer = json.loads((run / "checkpoints" / "step-000005" / "trainer.json").read_text())
     assert trainer["world_size"] == 2 and trainer["options"]["batch_size"] == 2
     net = Mellow.from_config(TINY, "meta")
-    from mellow_cli.model.mellow import load_weights
+    from mellow_cli.models.mellow.network import load_weights
 
     net = load_weights(net, state_of(run / "checkpoints" / "step-000005"))
     assert runs.weights_digest(net) == finals[0]
@@ -684,7 +684,7 @@ def test_fresh_encoder_is_fitted_to_the_training_audio(task_data):
     """--init: bn0 gets each mel band's mean and variance over the training clips, and c2l is
     rescaled so each frame-embedding channel has mean 0 and variance 1 over them, so the random
     encoder no longer sees raw decibels and its frames differ between clips."""
-    from mellow_cli import data
+    from mellow_cli.train import data
 
     rows = data.read_rows(str(task_data[0]))
     dataset = data.QADataset(rows, TINY, seed=0)

@@ -20,8 +20,8 @@ import os
 import string
 from dataclasses import dataclass
 
-from ..inputs import json_kind
-from ..errors import UsageError
+from mellow_cli.io.inputs import json_kind
+from mellow_cli.errors import UsageError
 
 LETTERS = string.ascii_lowercase
 

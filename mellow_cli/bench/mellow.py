@@ -37,8 +37,8 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from .items import LETTERS, Item, prompt as lettered_prompt
-from .scoring import OUTPUT_KEY, Scorer
+from mellow_cli.bench.items import LETTERS, Item, prompt as lettered_prompt
+from mellow_cli.bench.scoring import OUTPUT_KEY, Scorer
 
 END_OF_TEXT = " <|endoftext|>"  # _tokenize_text appends it to every prompt (and answer)
 # _create_answer_input rewrites these inputs before lower-casing every one.

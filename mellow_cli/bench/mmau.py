@@ -10,11 +10,11 @@ below; the rest are carried into the predictions untouched, as evaluation.py exp
 
 from __future__ import annotations
 
-from ..inputs import json_list
-from ..errors import UsageError
-from . import mellow
-from .items import Item, check_record, check_unique, resolve
-from .scoring import OFFICIAL
+from mellow_cli.io.inputs import json_list
+from mellow_cli.errors import UsageError
+from mellow_cli.bench import mellow
+from mellow_cli.bench.items import Item, check_record, check_unique, resolve
+from mellow_cli.bench.scoring import OFFICIAL
 
 NAME = "mmau"
 REQUIRED = ("id", "audio_id", "question", "choices", "answer", "task", "difficulty")

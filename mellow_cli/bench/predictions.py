@@ -21,10 +21,10 @@ from __future__ import annotations
 import json
 import os
 
-from ..inputs import read_text
-from ..errors import MellowError, UsageError
-from ..outputs import lock
-from .scoring import OUTPUT_KEY
+from mellow_cli.io.inputs import read_text
+from mellow_cli.errors import MellowError, UsageError
+from mellow_cli.io.outputs import lock
+from mellow_cli.bench.scoring import OUTPUT_KEY
 
 OURS = (OUTPUT_KEY, "mode", "prompt_style", "model", "error")  # keys a prediction adds to its item
 

@@ -10,11 +10,11 @@ for the paper's other sets (Clotho / AudioCaps MCQ, audio entailment) or a home-
 
 from __future__ import annotations
 
-from ..inputs import CHOICES_RULE, json_lines, parse_choices
-from ..errors import UsageError
-from . import mellow
-from .items import Item, check_choice_count, check_unique, resolve
-from .scoring import OFFICIAL
+from mellow_cli.io.inputs import CHOICES_RULE, json_lines, parse_choices
+from mellow_cli.errors import UsageError
+from mellow_cli.bench import mellow
+from mellow_cli.bench.items import Item, check_choice_count, check_unique, resolve
+from mellow_cli.bench.scoring import OFFICIAL
 
 NAME = "qa"
 GROUPS = ("task", "difficulty", "sub-category")

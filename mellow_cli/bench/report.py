@@ -4,7 +4,7 @@ counted it (percentages with as many decimals as that scorer's script prints).""
 
 from __future__ import annotations
 
-from .scoring import Accuracy, Score
+from mellow_cli.bench.scoring import Accuracy, Score
 
 COLUMNS = ("table", "row", "accuracy %", "correct", "scored")
 

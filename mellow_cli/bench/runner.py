@@ -28,11 +28,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from .. import batch, outputs, render
-from ..errors import MellowError, UsageError
-from . import items as common
-from . import mellow, predictions
-from .scoring import OFFICIAL, OUTPUT_KEY, Score, Scorer, score
+from mellow_cli import batch, events
+from mellow_cli.io.jobs import take_shard
+from mellow_cli.io import outputs
+from mellow_cli.errors import MellowError, UsageError
+from mellow_cli.bench import items as common
+from mellow_cli.bench import mellow, predictions
+from mellow_cli.bench.scoring import OFFICIAL, OUTPUT_KEY, Score, Scorer, score
 
 MODES = ("choices", "generate")
 PROMPTS = {"plain": common.prompt, "mellow": mellow.prompt}  # --prompt-style -> the prompt of an item
@@ -91,16 +93,16 @@ def run(bench, data: str, audio_root: str, output: str, settings: Settings, load
         all_items = mellow.pair_clips(all_items)
     outside = common.answers_outside_choices(all_items)
     if outside:
-        render.warn(f"{data}: {outside} item(s) have an answer that is not one of their choices")
+        events.warn(f"{data}: {outside} item(s) have an answer that is not one of their choices")
     with outputs.held(output):  # one run per predictions file
         existing, complete = _existing(output, settings.resume, bench, all_items, settings)
-        selected = batch.take_shard(all_items, settings.shard)[: settings.limit]
+        selected = take_shard(all_items, settings.shard)[: settings.limit]
         done = {bench.key(r) for r in existing if OUTPUT_KEY in r}
         todo = [item for item in selected if item.key not in done]
         redo = {item.key for item in todo}
         kept = [r for r in existing if bench.key(r) not in redo]
         if existing:
-            render.info(f"resuming: {len(selected) - len(todo)} of {len(selected)} items already in {output}")
+            events.note(f"resuming: {len(selected) - len(todo)} of {len(selected)} items already in {output}")
         model_name = revision = None
         if todo:
             model = load_model()
@@ -111,7 +113,7 @@ def run(bench, data: str, audio_root: str, output: str, settings: Settings, load
                                  "or write to another --predictions file")
             _predict_into(output, kept, model, todo, settings)
         else:
-            render.info("nothing left to predict")
+            events.note("nothing left to predict")
             if not complete:  # close the list a killed run left open, so evaluation.py can read it
                 predictions.Writer(output, kept).close()
     records, _ = predictions.read(output)
@@ -173,10 +175,10 @@ def _predict_into(output: str, kept: list[dict], model, todo: list, settings: Se
     writer = predictions.Writer(output, kept)
     done = unanswered = 0
     try:
-        with render.progress(len(todo), f"{settings.mode}") as advance:
+        with events.progress(len(todo), f"{settings.mode}") as advance:
             for item, record in predict(model, todo, settings):
                 if OUTPUT_KEY not in record:
-                    render.error(f"item {item.key}: {record['error']} (counted as unanswered)")
+                    events.error(f"item {item.key}: {record['error']} (counted as unanswered)")
                     unanswered += 1
                 writer.write(record)
                 done += 1
@@ -187,14 +189,14 @@ def _predict_into(output: str, kept: list[dict], model, todo: list, settings: Se
                           "run the same command with --resume to go on") from None
     writer.close()
     if unanswered:
-        render.warn(f"{unanswered} of {len(todo)} items could not be answered (their audio failed)")
+        events.warn(f"{unanswered} of {len(todo)} items could not be answered (their audio failed)")
 
 
 def predict(model, todo: list, settings: Settings) -> Iterator[tuple[object, dict]]:
     """(item, record) per item, in order: the item's record plus `model_output` (or `error`),
     `settings.batch_size` items at a time; the next batch's audio decodes meanwhile."""
-    from ..audio import load_clip
-    from ..config import DecodingOptions
+    from mellow_cli.io.audio import load_clip
+    from mellow_cli.runtime.options import DecodingOptions
 
     cfg = model.cfg
     options = DecodingOptions(max_tokens=settings.max_tokens)  # greedy: the reference's decoding
@@ -237,7 +239,7 @@ def score_files(bench, paths: list[str], data: str | None = None, scorer: Scorer
         if not found and not complete:
             raise UsageError(f"{path}: the file is empty")
         if not complete:
-            render.warn(f"{path}: the list is not closed (an interrupted run?); scoring the {len(found)} whole items")
+            events.warn(f"{path}: the list is not closed (an interrupted run?); scoring the {len(found)} whole items")
         for index, record in enumerate(found):
             common.check_record(record, index, path, bench.SCORE_REQUIRED)
             predictions.check_output(record, index, path)
@@ -247,7 +249,7 @@ def score_files(bench, paths: list[str], data: str | None = None, scorer: Scorer
     if data is not None:
         _check_against(bench, records, data)
     if scorer.letters and any(r.get("mode") == "choices" for r in records):
-        render.warn(f"--scorer {scorer.name} reads the option letter of a generated answer; the predictions of "
+        events.warn(f"--scorer {scorer.name} reads the option letter of a generated answer; the predictions of "
                     "--mode choices hold the option's text, which it counts wrong")
     meta = {
         "benchmark": bench.NAME,

@@ -24,11 +24,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .. import loading
-from ..api import CAPTION_PROMPT, MellowModel, Question, load_model
-from ..config import DecodingOptions
-from ..errors import ModelError
-from ..generate import generate_tokens
+from mellow_cli.store import loading
+from mellow_cli.api import CAPTION_PROMPT, MellowModel, Question, load_model
+from mellow_cli.runtime.options import DecodingOptions
+from mellow_cli.errors import ModelError
+from mellow_cli.runtime.generate import generate_tokens
 
 QUESTION = "what can you infer about the surroundings from the audio?"
 CHOICE_QUESTION = "which sound is this?"
@@ -259,7 +259,7 @@ def hf_generate(hf_lm, prefix: torch.Tensor, tokens: int) -> DecodeRun:
 def baseline_lm(name: str, device: torch.device):
     """transformers' LlamaForCausalLM over the float32 weights as loaded (our prepared matrices
     are not nn.Linear weights it could read)."""
-    from ..model.llama import transformers_twin
+    from mellow_cli.runtime.llama import transformers_twin
 
     net, _ = loading.load(name, device="cpu", progress=False)
     return transformers_twin(net.lm.to(device))
@@ -334,7 +334,7 @@ def run(model: str = "v0", device: str = "auto", dtype: str | None = None, token
 @torch.inference_mode()
 def agreement(model: MellowModel, exact: MellowModel, clips: list[np.ndarray], tokens: int) -> dict:
     """How often `model` answers as the float32 `exact` does over the same clips."""
-    from ..generate import prefill
+    from mellow_cli.runtime.generate import prefill
 
     same_tokens = same_pick = 0
     diff = 0.0

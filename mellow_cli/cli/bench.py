@@ -1,0 +1,210 @@
+"""`mellow bench`: benchmarks (mellow_cli/bench/) behind one sub-command each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Annotated, List, Optional
+
+import typer
+
+from mellow_cli.runtime.options import MAX_TOKENS
+from mellow_cli.cli.options import BatchSizeOpt, Console, Loading, MaxTokensOpt, ShardOpt, grouped
+from mellow_cli.errors import UsageError
+
+bench_app = typer.Typer(help="Score a model on a benchmark or measure its speed.", no_args_is_help=True, rich_markup_mode=None)
+
+
+class Mode(str, Enum):
+    choices = "choices"
+    generate = "generate"
+
+
+class PromptStyle(str, Enum):
+    plain = "plain"
+    mellow = "mellow"
+
+
+class MmauScorer(str, Enum):  # bench/mmau.py SCORERS
+    mmau = "mmau"
+    mellow = "mellow"
+
+
+class QaScorer(str, Enum):  # bench/qa.py SCORERS
+    mmau = "mmau"
+    mellow = "mellow"
+    mellow_binary = "mellow-binary"
+
+
+# Options of the multiple-choice benchmarks (mmau, qa), declared once.
+ModeOpt = Annotated[Mode, typer.Option("--mode", help="choices: score each option's likelihood after the question and answer with the likeliest, so every answer names exactly one option (fast, the default); generate: greedy free text after the question and its lettered options, the protocol of the paper's run (an answer naming no option, or two, is wrong).")]
+PredictionsOpt = Annotated[Optional[str], typer.Option("--predictions", "-o", help="Where the predictions go, in the official format (the items plus model_output) [default: DATA-MODEL-MODE.json in the current folder].")]
+BenchResumeOpt = Annotated[bool, typer.Option("--resume", help="Keep the predictions already in the file (e.g. after Ctrl-C or a kill) and do only the rest.")]
+LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N items (of the shard, with --shard).")]
+ScoreOnlyOpt = Annotated[Optional[List[str]], typer.Option("--score-only", metavar="PREDICTIONS.json", help="Score this predictions file (from any model; repeat for shards) without running a model.")]
+MinAccuracyOpt = Annotated[Optional[float], typer.Option("--min-accuracy", min=0.0, max=100.0, metavar="PERCENT", help="Exit 1 when the overall accuracy is below this (for CI).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON report (data SHA-256, model, revision, mode, counts, accuracies, wall time) instead of the table.")]
+PromptStyleOpt = Annotated[PromptStyle, typer.Option("--prompt-style", help="plain: the question and its lettered options as written, the clip paired with itself; mellow: as the Mellow authors' evaluation asks (lower-cased, end of text appended, an item without a second clip paired with one drawn from the file), the prompt of the paper's 52.11.")]
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """The options of the multiple-choice benchmarks (mmau, qa), built once per run."""
+
+    mode: ModeOpt = Mode.choices
+    prompt_style: PromptStyleOpt = PromptStyle.plain
+    predictions: PredictionsOpt = None
+    resume: BenchResumeOpt = False
+    limit: LimitOpt = None
+    shard: ShardOpt = None
+    batch_size: BatchSizeOpt = 8
+    score_only: ScoreOnlyOpt = None
+    min_accuracy: MinAccuracyOpt = None
+    as_json: JsonOpt = False
+    max_tokens: MaxTokensOpt = 300
+    loading: Loading = field(default_factory=Loading)
+    console: Console = field(default_factory=Console)
+
+
+@bench_app.command("mmau")
+@grouped
+def bench_mmau(
+    data: Annotated[Optional[str], typer.Option("--data", help="mmau-test-mini.json (the official file; see docs/bench.md).")] = None,
+    audio_dir: Annotated[Optional[str], typer.Option("--audio-dir", help="Folder the items' audio_id paths are relative to [default: the data file's folder].")] = None,
+    scorer: Annotated[MmauScorer, typer.Option("--scorer", help="mmau: the benchmark's matcher (evaluation.py: the answer's words, no wrong option's; unanswered items left out); mellow: the Mellow authors' metrics/mmau.py (the text before ')' is the option letter; every item counts), the scorer of the paper's 52.11.")] = MmauScorer.mmau,
+    *,
+    run: Benchmark,
+) -> None:
+    """Score a model on MMAU with the benchmark's official matcher (evaluation.py) or, with
+    --scorer mellow, the Mellow authors' metric.
+
+    Predictions are written item by item; a clip that cannot be read is reported and counted as
+    unanswered (exit 1 at the end), the others go on.
+
+    \b
+    Examples:
+      mellow bench mmau --data mmau-test-mini.json --audio-dir mmau/
+      mellow bench mmau --data mmau-test-mini.json --mode generate --resume
+      mellow bench mmau --data mmau-test-mini.json --shard 2/4 --json > shard2.json
+      mellow bench mmau --data mmau-test-mini.json --mode generate --prompt-style mellow --scorer mellow
+      mellow bench mmau --score-only predictions.json --min-accuracy 40
+    """
+    from mellow_cli.bench import mmau
+
+    _bench(mmau, data, audio_dir, "--data FILE", scorer.value, run)
+
+
+@bench_app.command("qa")
+@grouped
+def bench_qa(
+    file: Annotated[Optional[str], typer.Argument(metavar="FILE", help="Questions as JSON lines: audio, optional audio2, question, choices, answer, optional id.", show_default=False)] = None,
+    audio_root: Annotated[Optional[str], typer.Option("--audio-root", help="Folder the rows' audio paths are relative to [default: FILE's folder].")] = None,
+    scorer: Annotated[QaScorer, typer.Option("--scorer", help="mmau: MMAU's matcher (evaluation.py); mellow: the Mellow authors' metrics/aqa.py letter rule (the text before ')' is the option letter, anything else counts as 'a'); mellow-binary: their yes/no rule (the answer is a substring of the output). The mellow scorers count every item.")] = QaScorer.mmau,
+    *,
+    run: Benchmark,
+) -> None:
+    """Score a model on any multiple-choice set in JSON lines, with MMAU's official matcher or
+    one of the Mellow authors' metrics (--scorer).
+
+    Rows with task, difficulty or sub-category keys also get an accuracy per value.
+
+    \b
+    Examples:
+      mellow bench qa clotho-mcq.jsonl --audio-root clotho/
+      mellow bench qa my-questions.jsonl --mode generate -o answers.json --min-accuracy 60
+    """
+    from mellow_cli.bench import qa
+
+    _bench(qa, file, audio_root, "FILE", scorer.value, run)
+
+
+def _bench(bench, data, audio_root, data_name: str, scorer_name: str, run: Benchmark) -> None:
+    """Run (or only score) a multiple-choice benchmark, print its report, set the exit code."""
+    import os
+
+    from mellow_cli.bench import runner
+    from mellow_cli.io.jobs import parse_shard
+
+    run.console.setup()
+    scorer = bench.SCORERS[scorer_name]
+    prompt_style = run.prompt_style.value
+    if run.score_only:
+        if run.predictions or run.resume or run.limit or run.shard or prompt_style != "plain":
+            raise UsageError("--score-only scores finished predictions: leave out --predictions, --resume, --limit, "
+                             "--shard and --prompt-style")
+        report = runner.score_files(bench, run.score_only, data, scorer)
+    else:
+        if data is None:
+            raise UsageError(f"give the benchmark's {data_name} (or --score-only PREDICTIONS.json)")
+        shard_spec = parse_shard(run.shard)
+        output = run.predictions or runner.default_predictions(data, run.loading.model, run.mode.value, shard_spec,
+                                                               prompt_style)
+        settings = runner.Settings(mode=run.mode.value, prompt_style=prompt_style, batch_size=run.batch_size,
+                                   limit=run.limit, shard=shard_spec, resume=run.resume, max_tokens=run.max_tokens)
+        root = audio_root or os.path.dirname(os.path.abspath(data))
+        report = runner.run(bench, data, root, output, settings, run.loading.load, scorer)
+    _report(report, run.min_accuracy, run.as_json)
+
+
+def _report(report, min_accuracy, as_json: bool) -> None:
+    from mellow_cli.cli import render
+    from mellow_cli.bench import report as text
+
+    overall = report.score.overall.percent
+    passed = None if min_accuracy is None else overall is not None and overall >= min_accuracy
+    if as_json:
+        render.result_json({**report.as_dict(), "min_accuracy": min_accuracy, "passed": passed})
+    else:
+        render.table(text.COLUMNS, text.rows(report.score), title=text.title(report), right=(2, 3, 4))
+        for line in text.notes(report):
+            render.result_line(line)
+    if passed is False:
+        shown = "none (nothing was scored)" if overall is None else f"{overall:.2f}"
+        render.error(f"overall accuracy {shown} is below --min-accuracy {min_accuracy:g}")
+        raise typer.Exit(1)
+    if report.score.unanswered:
+        raise typer.Exit(1)
+
+
+# bench speed's sizes, bounded so that a typo is a usage error before the model loads rather than
+# hours of runs or a batch of clips that cannot fit in memory.
+MAX_SPEED_RUNS = 1000
+MAX_SPEED_BATCH = 256
+
+
+@bench_app.command("speed")
+@grouped
+def bench_speed(
+    tokens: Annotated[int, typer.Option("--tokens", min=2, max=MAX_TOKENS, help="Tokens per timed decode run (which ignores end of text) and at most per caption.")] = 64,
+    repeat: Annotated[int, typer.Option("--repeat", min=1, max=MAX_SPEED_RUNS, help="Timed runs per figure; the median is shown. One warm-up run comes first.")] = 3,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, max=MAX_SPEED_BATCH, help="Clips per batch for the batched encoder and caption figures.")] = 8,
+    prompts: Annotated[int, typer.Option("--prompts", min=0, max=MAX_SPEED_RUNS, help="Clips whose answers are compared with float32's (not with --dtype float32).")] = 8,
+    skip_baseline: Annotated[bool, typer.Option("--skip-baseline", help="Do not race transformers' generate (saves importing it, a few seconds).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+    *,
+    loading: Loading,
+    console: Console,
+) -> None:
+    """Measure load time, encoder time, time to first token, prefill, tokens/s (beside
+    transformers' generate on the same weights), batched captions/s, peak memory and, for a
+    --dtype other than float32, how often the answers agree with float32's, on this machine.
+
+    Everything runs in one process, after a warm-up; the audio is synthesized.
+
+    \b
+    Examples:
+      mellow bench speed --model v0 --threads 4
+      mellow bench speed --model v0 --dtype int8
+      mellow bench speed --model v0 --tokens 32 --repeat 5 --json > speed.json
+    """
+    from mellow_cli.cli import render
+    from mellow_cli.bench import speed
+
+    console.setup()
+    report = speed.run(loading.model, loading.device.value, loading.dtype.value, tokens=tokens, repeat=repeat, prompts=prompts,
+                       batch_size=batch_size, baseline=not skip_baseline, log=render.info)
+    if as_json:
+        render.result_json(report.as_dict())
+    else:
+        render.table(("measure", "value", "how"), speed.table_rows(report), title=speed.title(report), right=(1,),
+                     footnote=speed.footnote(report))

@@ -1,0 +1,195 @@
+"""What the user hands over, read and checked: audio paths (files, folders, globs, @lists),
+text files and stdin, JSON lines and JSON lists, and answer choices. Every reader refuses bad
+input with a one-line UsageError naming the file and the problem; the batch engine (batch.py),
+the training data (data.py) and the benchmarks' item files (bench/) all read through here.
+
+Paths follow whisper and llm: files as given, folders (audio files inside, sorted; `recursive`
+descends), globs the shell left unexpanded, `@list.txt` (one path per line, `#` comments) and
+`@-` (that list on stdin); a lone `-` stays `-`, audio bytes on stdin. A path that does not exist
+is kept: its row will carry the error, and the others go on.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+from pathlib import Path
+from typing import IO, Iterable, Sequence
+
+from mellow_cli.errors import UsageError
+from mellow_cli.files import text_lines
+
+AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64", ".rf64"}
+
+
+def expand_inputs(args: Iterable[str], recursive: bool = False, stdin: IO[str] | None = None) -> list[str]:
+    """The audio paths the arguments name, in order, duplicates kept (a user may mean them)."""
+    return _expand(args, recursive, stdin, lists=())
+
+
+def _expand(args: Iterable[str], recursive: bool, stdin: IO[str] | None, lists: tuple[str, ...],
+            from_glob: bool = False) -> list[str]:
+    paths: list[str] = []
+    for arg in args:
+        if arg.startswith("@") and len(arg) > 1 and not from_glob:
+            paths += _expand_list(arg[1:], recursive, stdin, lists)
+        elif arg != "-" and os.path.isdir(arg):
+            paths += _audio_in(Path(arg), recursive, arg)
+        elif arg != "-" and not from_glob and not os.path.exists(arg) and glob.has_magic(arg):
+            matches = sorted(glob.glob(arg, recursive=recursive))
+            if not matches:
+                raise UsageError(f"{arg}: no files match this pattern")
+            paths += _expand(matches, recursive, stdin, lists, from_glob=True)  # a file named @x is a file
+        else:
+            paths.append(arg)
+    return paths
+
+
+def _expand_list(name: str, recursive: bool, stdin: IO[str] | None, lists: tuple[str, ...]) -> list[str]:
+    """The paths of one @list; a list that names itself, directly or through others, is refused."""
+    ident = name if name == "-" else os.path.realpath(name)
+    if ident in lists:
+        raise UsageError(f"@{name}: the list includes itself (through {' -> '.join('@' + n for n in lists)})"
+                         if len(lists) > 1 else f"@{name}: the list includes itself")
+    return _expand(_read_list(name, stdin), recursive, stdin, lists + (ident,))
+
+
+def _read_list(name: str, stdin: IO[str] | None) -> list[str]:
+    """Paths from a list file (`-` for stdin): one per line, blank lines and `#` comments skipped."""
+    text = read_text(name, "list of paths", stdin)
+    return [line.strip() for line in text_lines(text) if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _audio_in(folder: Path, recursive: bool, arg: str) -> list[str]:
+    walk = folder.rglob("*") if recursive else folder.iterdir()
+    found = sorted(str(p) for p in walk if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+    if not found:
+        hint = "" if recursive else " (add --recursive to look in subfolders)"
+        raise UsageError(f"{arg}: no audio files in this folder{hint}")
+    return found
+
+
+CHOICES_RULE = 'needs at least two non-empty choices: one string like "dog|cat", or a list of strings'
+
+
+def parse_choices(value: object, where: str) -> tuple[str, ...] | None:
+    """Choices as a user writes them (`--choices`, a questions file, training rows, bench qa
+    data) -> the stripped choices, or None when none were given (None: no option, a missing or
+    null field). Anything else that is not at least two non-empty strings, "" and [] included, is
+    a UsageError naming `where`."""
+    items = read_choices(value, where)
+    if items is not None and choices_problem(items):
+        raise UsageError(f"{where}: {CHOICES_RULE}")
+    return items
+
+
+def read_choices(value: object, where: str) -> tuple[str, ...] | None:
+    """The choices split on "|" and stripped, their count not yet checked (training keeps a row
+    with too few for `validate_rows` to report with the row's other problems)."""
+    if value is None:
+        return None
+    items = value.split("|") if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(c, str) for c in items):
+        raise UsageError(f"{where}: {CHOICES_RULE}")
+    return tuple(c.strip() for c in items)
+
+
+def choices_problem(items: Sequence[str]) -> str | None:
+    """What is wrong with stripped choices, or None: the one rule every reader of choices keeps."""
+    return None if len(items) >= 2 and all(items) else CHOICES_RULE
+
+
+# A list, questions, pairs or data file this large was not written for this tool (and /dev/zero
+# or an endless pipe would fill the memory): refused instead of read without end.
+MAX_TEXT_BYTES = 1 << 30
+
+
+def read_text(name: str, what: str = "file", stdin: IO[str] | None = None) -> str:
+    """A UTF-8 text file's contents (`-`: stdin), or a one-line UsageError naming the file and
+    what is wrong: the one reader behind every list, questions, pairs, data and predictions file.
+    Devices (which never end) and anything over MAX_TEXT_BYTES are refused."""
+    try:
+        text = _read_stdin(stdin or sys.stdin) if name == "-" else _read_file(name, what)
+    except FileNotFoundError:
+        raise UsageError(f"{name}: no such {what}") from None
+    except IsADirectoryError:
+        raise UsageError(f"{name}: is a folder, not a {what}") from None
+    except OSError as e:
+        raise UsageError(f"{name}: cannot read the {what} ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{name}: not a UTF-8 text file") from None
+    if text is None:
+        raise UsageError(f"{name}: larger than {MAX_TEXT_BYTES >> 30} GiB, too large for a {what}")
+    return text.removeprefix("\ufeff")  # a byte-order mark, as spreadsheet programs write
+
+
+def _read_file(name: str, what: str) -> str | None:
+    """The text of a regular file or a pipe, None past MAX_TEXT_BYTES."""
+    import stat
+
+    with open(name, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+            raise UsageError(f"{name}: a device, not a {what} (it never ends)")
+        data = f.read(MAX_TEXT_BYTES + 1)
+    return data.decode("utf-8") if len(data) <= MAX_TEXT_BYTES else None
+
+
+def _read_stdin(stream: IO[str]) -> str | None:
+    """Standard input's text, None past MAX_TEXT_BYTES characters."""
+    parts, size = [], 0
+    while chunk := stream.read(1 << 20):
+        parts.append(chunk)
+        size += len(chunk)
+        if size > MAX_TEXT_BYTES:
+            return None
+    return "".join(parts)
+
+
+def json_lines(name: str, stdin: IO[str] | None = None, text: str | None = None):
+    """(line number, object) for each non-blank line of a JSON-lines file (`-`: stdin; `text`:
+    its contents, already read); a line that is not a JSON object is a UsageError naming the file
+    and the line."""
+    text = read_text(name, "file", stdin) if text is None else text
+    for number, line in enumerate(text_lines(text), 1):
+        if not line.strip():
+            continue
+        obj = _loads(line, f"{name}: line {number}")
+        if not isinstance(obj, dict):
+            raise UsageError(f"{name}: line {number}: expected a JSON object, got {json_kind(obj)}")
+        yield number, obj
+
+
+def json_list(name: str, what: str = "file", text: str | None = None) -> list:
+    """A file holding one JSON list (`text`: its contents, already read), or a one-line
+    UsageError saying what is wrong with it. A list spans many lines: the error gives the text
+    line an editor can jump to."""
+    text = read_text(name, what) if text is None else text
+    data = _loads(text, name, located=True)
+    if not isinstance(data, list):
+        raise UsageError(f"{name}: expected a JSON list of items, found a JSON {json_kind(data)}")
+    return data
+
+
+def _loads(text: str, where: str, located: bool = False):
+    """json.loads, with every way it refuses a text as a one-line UsageError naming `where`;
+    `located` adds the line and column of a syntax error (a text of many lines)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        place = f" at line {e.lineno}, column {e.colno}" if located else ""
+        raise UsageError(f"{where}: not JSON ({e.msg}{place})") from None
+    except RecursionError:
+        raise UsageError(f"{where}: JSON nested too deeply") from None
+    except ValueError:  # an integer longer than Python converts (sys.get_int_max_str_digits)
+        raise UsageError(f"{where}: a number longer than {sys.get_int_max_str_digits()} digits") from None
+
+
+def json_kind(value: object) -> str:
+    """What a message calls a JSON value's type."""
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")

@@ -1,0 +1,3 @@
+"""Mellow (arXiv 2503.08540): the log-mel front end and HTSAT encoder at 32 kHz, the mapper, the
+two-clip prefix, and the published checkpoint layout (soham97/mellow).
+"""

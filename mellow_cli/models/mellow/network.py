@@ -1,0 +1,281 @@
+"""The Mellow network: the audio side (HTSAT encoder, projection into the language model's width,
+pooling), the language model (SmolLM2, model/llama.py, laid out as transformers' `LlamaForCausalLM`), and the input
+sequence that joins them: clip 1 · separator · clip 2 · separator · prompt.
+
+Follows the reference implementation soham97/mellow (`mellow/model/mellow.py`, `decoder.py`,
+`wrapper.py`) and the paper (arXiv 2503.08540). Module names match the published state dict
+(`audio_encoder.base`, `audio_encoder.projection`, `caption_decoder.lm`) so `v0.ckpt` loads with
+`strict=True`. Loading follows gpt-fast: build on the `meta` device, then
+`load_state_dict(..., assign=True)` and recompute the buffers a checkpoint does not carry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mellow_cli.models.mellow.config import MellowConfig
+from mellow_cli.errors import ModelError
+from mellow_cli.models.mellow.htsat import HTSATEncoder
+
+
+class Projection(nn.Module):
+    """Maps encoder frames (audio_dim) into the language model's embedding space (hidden_size)."""
+
+    def __init__(self, d_in: int, d_out: int, dropout: float = 0.5):
+        super().__init__()
+        self.linear1 = nn.Linear(d_in, d_out, bias=False)
+        self.linear2 = nn.Linear(d_out, d_out, bias=False)
+        self.layer_norm = nn.LayerNorm(d_out)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear1(x)
+        return self.layer_norm(h + self.drop(self.linear2(F.gelu(h))))
+
+
+class AudioEncoder(nn.Module):
+    """HTSAT (+ c2l) as `base`, then `projection`: wav (B, samples) -> (B, 1025, hidden_size)."""
+
+    def __init__(self, cfg: MellowConfig):
+        super().__init__()
+        self.base = HTSATEncoder(cfg)
+        self.projection = Projection(cfg.audio_dim, cfg.hidden_size)
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        # The encoder may stay float32 (its STFT kernels and mel matrix lose too much in half
+        # precision) while the mapper and language model run in bfloat16 on a GPU: meet at the
+        # mapper's dtype.
+        with torch.autocast(wav.device.type, enabled=False):  # training runs under autocast
+            frames = self.base(wav.to(self.base.c2l.weight.dtype))
+        return self.projection(frames.to(self.projection.linear1.weight.dtype))
+
+
+class CaptionDecoder(nn.Module):
+    """Holds the language model; exists so its weights sit under `caption_decoder.lm.*`."""
+
+    def __init__(self, cfg: MellowConfig):
+        super().__init__()
+        self.lm = build_lm(cfg)
+
+
+def build_lm(cfg: MellowConfig):
+    """A randomly initialised (or, under `torch.device('meta')`, empty) SmolLM2 of `cfg`'s size:
+    our own module with transformers' parameter names (model/llama.py says why)."""
+    from mellow_cli.runtime.llama import LlamaForCausalLM
+
+    return LlamaForCausalLM(cfg).eval()
+
+
+class Mellow(nn.Module):
+    """Two clips and a prompt -> the language model's input embeddings; `lm` decodes from them
+    (see mellow_cli.generate)."""
+
+    def __init__(self, cfg: MellowConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.audio_encoder = AudioEncoder(cfg)
+        self.caption_decoder = CaptionDecoder(cfg)
+
+    @property
+    def lm(self):
+        return self.caption_decoder.lm
+
+    @classmethod
+    def from_config(cls, cfg: MellowConfig, device: str | torch.device = "cpu") -> "Mellow":
+        """On "cpu": random weights, ready to run. On "meta": no storage at all; follow with
+        `load_weights`, which allocates by adopting the checkpoint's tensors."""
+        meta = torch.device(device).type == "meta"
+        with torch.device(device), (_skip_init() if meta else contextlib.nullcontext()):
+            model = cls(cfg)
+        return model.eval()
+
+    # --- audio side -------------------------------------------------------------------------
+
+    def pool(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + n*pool, H) -> (B, 1 + n, H): keep the clip latent (position 0) as it is and
+        average the frame embeddings in groups of `cfg.pool`, as the reference's avg_pool2d."""
+        b, t, h = frames.shape
+        pooled = frames[:, 1:].reshape(b, (t - 1) // self.cfg.pool, self.cfg.pool, h).mean(dim=2)
+        return torch.cat([frames[:, :1], pooled], dim=1)
+
+    def encode_audio(self, wav: torch.Tensor) -> torch.Tensor:
+        """wav (B, clip_samples) at cfg.sample_rate -> (B, audio_tokens, hidden_size)."""
+        return self.pool(self.audio_encoder(wav))
+
+    # --- the sequence the language model sees ------------------------------------------------
+
+    def embed_prefix(self, clip1: torch.Tensor, clip2: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """clips (B, audio_tokens, H) from `encode_audio`, input_ids (B, prompt_tokens) from
+        `tokenize_prompts` -> inputs_embeds (B, prefix_len, H)."""
+        prompt = self.lm.embed(input_ids)
+        sep = self.lm.embed(input_ids.new_full((prompt.shape[0], 1), self.cfg.sep_token_id))
+        return torch.cat([clip1, sep, clip2, sep, prompt], dim=1)
+
+    def prefix(self, wav1: torch.Tensor, wav2: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """wavs (B, clip_samples) -> inputs_embeds (B, prefix_len, H), for training and for the
+        reference's view (the CLI embeds clips once and caches them, then calls `embed_prefix`).
+        Both clips go through the encoder as one batch; a row whose second clip is its first (a
+        one-clip question) encodes it once."""
+        b = wav1.shape[0]
+        own = torch.zeros(b, dtype=torch.bool, device=wav1.device) if wav1 is wav2 else (wav1 != wav2).any(dim=1)
+        clips = self.encode_audio(torch.cat([wav1, wav2[own]]))
+        second = torch.arange(b, device=wav1.device)
+        second[own] = torch.arange(b, len(clips), device=wav1.device)
+        return self.embed_prefix(clips[:b], clips[second], input_ids)
+
+
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_",
+                   "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+
+
+@contextlib.contextmanager
+def _skip_init():
+    """Make torch.nn.init a no-op while building on the meta device. There is nothing to fill
+    there, and torch runs meta-device init through its Python reference kernels, whose first use
+    imports torch._dynamo: 1.3 s of every cached `mellow ask` (what transformers' own
+    `no_init_weights` avoids too)."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    for name in _INIT_FUNCTIONS:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
+def tokenize_prompts(tokenizer, prompts: Sequence[str], cfg: MellowConfig) -> torch.Tensor:
+    """Prompts -> (B, prompt_tokens) ids exactly as the reference's `preprocess_text`: plain text
+    (no chat template), the tokenizer's own special tokens (SmolLM2 adds none), cut to
+    `prompt_tokens` from the right and right-padded with `pad_token_id` (`!`). There is no
+    attention mask: the model was trained attending to the padding."""
+    rows = []
+    for text in prompts:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"][: cfg.prompt_tokens]
+        rows.append(ids + [cfg.pad_token_id] * (cfg.prompt_tokens - len(ids)))
+    return torch.tensor(rows, dtype=torch.long)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyReport:
+    """How a state dict differs from the model's: each list holds key names (or descriptions)."""
+
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: list[str]  # "key [checkpoint shape] vs [model shape]", or the same with dtypes
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def describe(self, limit: int = 5) -> str:
+        parts = []
+        for name, keys in (("missing", self.missing), ("unexpected", self.unexpected),
+                           ("wrong shape or type", self.mismatched)):
+            if keys:
+                more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+                parts.append(f"{len(keys)} {name}: {', '.join(keys[:limit])}{more}")
+        return "; ".join(parts) or "all keys match"
+
+
+Layout = Mapping[str, tuple[tuple[int, ...], torch.dtype]]  # key -> (shape, dtype)
+
+
+def compare_layouts(found: Layout, expected: Layout, same_dtype=lambda a, b: a == b) -> KeyReport:
+    """The one key check behind every load: a checkpoint's keys, shapes and dtypes (read from
+    tensors, or from a safetensors header without reading any) against the network's."""
+    mismatched = []
+    for k, (shape, dtype) in expected.items():
+        if k not in found:
+            continue
+        got_shape, got_dtype = found[k]
+        if tuple(got_shape) != tuple(shape):
+            mismatched.append(f"{k} {list(got_shape)} vs {list(shape)}")
+        elif not same_dtype(got_dtype, dtype):
+            mismatched.append(f"{k} {got_dtype} vs {dtype}")
+    return KeyReport(missing=[k for k in expected if k not in found],
+                     unexpected=[k for k in found if k not in expected], mismatched=mismatched)
+
+
+def layout_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
+
+
+def normalize_state_dict(
+    sd: Mapping[str, torch.Tensor], prefix: str = "caption_decoder.lm."
+) -> dict[str, torch.Tensor]:
+    """Strip a DataParallel `module.` prefix and give embedding and head one tensor.
+
+    The reference loads the checkpoint into a tied SmolLM2 by copying, key by key; `lm_head.weight`
+    comes last, so if the two stored tensors ever differed the head's values would be the ones in
+    use for both. We do the same explicitly. A checkpoint without the head key (an LM exported
+    tied) gets it from the embedding. `prefix` is where the LM's keys start ("" for an LM alone).
+    """
+    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+    embed, head = prefix + "model.embed_tokens.weight", prefix + "lm_head.weight"
+    if head in sd:
+        sd[embed] = sd[head]
+    elif embed in sd:
+        sd[head] = sd[embed]
+    return sd
+
+
+def key_report(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> KeyReport:
+    """Compare a state dict with the model's keys, shapes and dtypes (for a raw checkpoint, pass
+    it through `normalize_state_dict` first, as `load_weights` does)."""
+    return compare_layouts(layout_of(sd), layout_of(model.state_dict(keep_vars=True)))
+
+
+def load_weights(model: Mellow, sd: Mapping[str, torch.Tensor]) -> Mellow:
+    """Adopt the checkpoint's tensors (no copy; mmap-friendly), re-tie the head, recompute the
+    buffers a checkpoint does not hold. Raises ModelError, naming keys, if anything differs."""
+    _assign(model, normalize_state_dict(sd), f"Mellow {model.cfg.name}")
+    tie_lm_head(model.lm)
+    init_buffers(model)
+    return model.eval()
+
+
+def load_lm(cfg: MellowConfig, sd: Mapping[str, torch.Tensor]):
+    """The language model alone, from `LlamaForCausalLM` keys (the tied head key optional)."""
+    with torch.device("meta"):
+        lm = build_lm(cfg)
+    _assign(lm, normalize_state_dict(sd, prefix=""), f"the {cfg.name} language model")
+    tie_lm_head(lm)
+    init_lm_buffers(lm)
+    return lm.eval()
+
+
+def _assign(module: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    report = key_report(module, sd)
+    if not report.ok:
+        raise ModelError(f"checkpoint does not fit {what}: {report.describe()}")
+    module.load_state_dict(sd, strict=True, assign=True)
+
+
+def tie_lm_head(lm) -> None:
+    # assign=True gives each key its own Parameter; one shared Parameter keeps them tied for good.
+    lm.lm_head.weight = lm.model.embed_tokens.weight
+
+
+def init_buffers(model: Mellow) -> None:
+    """Recompute the buffers a meta build leaves without data. HTSAT keeps all of its buffers in
+    the checkpoint; the language model's RoPE table is not stored and is rebuilt here."""
+    init_lm_buffers(model.lm)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise ModelError(f"tensors left without data after loading: {', '.join(leftover[:5])}")
+
+
+def init_lm_buffers(lm) -> None:
+    from mellow_cli.runtime.llama import init_rotary
+
+    init_rotary(lm)

@@ -1,0 +1,249 @@
+"""Text generation over Mellow's prefix embeddings: prefill, decode step, sampling, streaming text,
+and scoring of answer choices. Only the language model half runs here.
+
+Shaped after pytorch-labs/gpt-fast (`prefill`, `decode_one_token`, `generate`): each drives the
+language model's one forward (model/llama.py) against the static KV cache inside its attention
+modules, so a step costs one position instead of the whole sequence and does not depend on
+transformers' cache API (which changes between major versions). How the matrices are stored and
+multiplied (--dtype) is precision.py's business; the loop here is the same for all.
+
+Greedy decoding gives token for token what the reference loop gives (soham97/mellow, `wrapper.py:
+_generate_batch`): that loop re-runs the full sequence each step and takes the argmax after a top-p
+filter that can never remove the top token, so it is greedy whatever its temperature and top_p
+say. Sampling here is an opt-in extra.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mellow_cli.runtime.options import DecodingOptions
+from mellow_cli.errors import ModelError, UsageError
+
+EOS_TOKEN_ID = 0  # `<|endoftext|>` (MellowConfig.eos_token_id)
+
+
+# --- prefill and decode over the language model's one forward (model/llama.py) ---------------
+
+
+def activation_dtype(lm) -> torch.dtype:
+    """What the hidden states and the KV cache are held in: the embedding's dtype (float32 on a
+    CPU whatever the matrices are stored in, see precision.py)."""
+    return lm.model.embed_tokens.weight.dtype
+
+
+def prefill(lm, prefix: torch.Tensor) -> torch.Tensor:
+    """The whole (B, P, H) prefix into the cache set up by `lm.setup_cache` -> float32 logits
+    (B, vocab) for the first new token."""
+    return lm(inputs_embeds=prefix.to(activation_dtype(lm)), logits_to_keep=1, start=0).logits[:, 0].float()
+
+
+def decode_one_token(lm, token: torch.Tensor, pos: int) -> torch.Tensor:
+    """token (B,) at position `pos` -> float32 logits (B, vocab) for the next one."""
+    return lm(input_ids=token[:, None], start=pos).logits[:, 0].float()
+
+
+NOT_FINITE = ("the model's scores became NaN or infinite: the weights or the audio hold values far out of "
+              "range (try --dtype float32)")
+
+
+# --- choosing the next token -----------------------------------------------------------------
+
+
+def next_token(
+    logits: torch.Tensor, options: DecodingOptions, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(B, vocab) -> (B,): argmax unless options.sample; else temperature, top-k, top-p, draw."""
+    if not torch.isfinite(logits).all():
+        raise ModelError(NOT_FINITE)
+    if not options.sample or options.temperature <= 0:
+        return logits.argmax(dim=-1)
+    # Shifted so the top token is 0 and in float64: a tiny temperature then sends the others to
+    # -inf (greedy in the limit) instead of overflowing every logit into inf - inf = NaN.
+    logits = (logits.double() - logits.max(dim=-1, keepdim=True).values.double()) / options.temperature
+    if options.top_k > 0:
+        kth = logits.topk(min(options.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if options.top_p < 1.0:
+        logits = _top_p(logits, options.top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    # Keep the most likely tokens until their mass reaches top_p (the token crossing it is kept,
+    # as in the reference's filter), drop the rest.
+    ordered, order = logits.sort(dim=-1, descending=True)
+    probs = ordered.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    ordered = ordered.masked_fill(mass_before > top_p, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)
+
+
+def _generator(options: DecodingOptions, device) -> torch.Generator | None:
+    if not options.sample:
+        return None
+    generator = torch.Generator(device=device)
+    if options.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(options.seed)
+    return generator
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def generate_tokens(
+    lm, prefix: torch.Tensor, options: DecodingOptions = DecodingOptions(), eos_id: int = EOS_TOKEN_ID
+) -> Iterator[torch.Tensor]:
+    """Yields the next token of every row, (B,), step by step, until every row has produced
+    `eos_id` or `options.max_tokens` steps. Rows that are done keep being fed, as in the
+    reference loop, so a batch yields the same tokens as the reference; callers cut at eos."""
+    batch, length, _ = prefix.shape
+    lm.setup_cache(batch, length + options.max_tokens, activation_dtype(lm))
+    generator = _generator(options, prefix.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=prefix.device)
+    logits = prefill(lm, prefix)
+    for step in range(options.max_tokens):
+        token = next_token(logits, options, generator)
+        yield token
+        done |= token == eos_id
+        if done.all() or step + 1 == options.max_tokens:
+            return
+        logits = decode_one_token(lm, token, length + step)
+
+
+class TextStream:
+    """One row's tokens -> text pieces. A piece is released only when the decoded text so far no
+    longer ends in an incomplete UTF-8 character (U+FFFD), so a multi-byte character is never
+    split, and the pieces joined equal `tokenizer.decode` of all the row's tokens, except for
+    an incomplete character at the very end, which is dropped."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.sent):
+            return ""
+        return self._release(text)
+
+    def flush(self) -> str:
+        """Whatever is still held back. An answer cut by max_tokens can stop inside a multi-byte
+        character; its first bytes decode only to U+FFFD, so that character is left out: an
+        answer holds whole characters only."""
+        return self._release(self.tokenizer.decode(self.ids).rstrip("\ufffd"))
+
+    def _release(self, text: str) -> str:
+        piece, self.sent = text[len(self.sent):], text
+        return piece
+
+
+def stream(
+    lm, tokenizer, prefix: torch.Tensor, options: DecodingOptions = DecodingOptions(),
+    eos_id: int = EOS_TOKEN_ID,
+) -> Iterator[tuple[int, str]]:
+    """Yields (row, text piece) as text becomes final; a row's text ends before its first eos."""
+    rows = [TextStream(tokenizer) for _ in range(prefix.shape[0])]
+    done = [False] * len(rows)
+    for tokens in generate_tokens(lm, prefix, options, eos_id):
+        for i, token in enumerate(tokens.tolist()):
+            done[i] = done[i] or token == eos_id
+            piece = "" if done[i] else rows[i].push(token)
+            if piece:
+                yield i, piece
+    for i, row in enumerate(rows):
+        piece = row.flush()
+        if piece:
+            yield i, piece
+
+
+def generate(
+    lm, tokenizer, prefix: torch.Tensor, options: DecodingOptions = DecodingOptions(),
+    eos_id: int = EOS_TOKEN_ID,
+) -> list[str]:
+    """One answer per prefix row (`stream` gives the same text as it comes)."""
+    texts = [""] * prefix.shape[0]
+    for i, piece in stream(lm, tokenizer, prefix, options, eos_id):
+        texts[i] += piece
+    return texts
+
+
+# --- scoring answer choices --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChoiceScore:
+    text: str
+    logprob: float  # sum of the log-probabilities of the choice's tokens after the prefix
+    mean_logprob: float  # the same per token, so long and short choices compare
+    tokens: int
+
+
+@torch.inference_mode()
+def score_choices(
+    lm, tokenizer, prefix: torch.Tensor, choices: Sequence[str] | Sequence[Sequence[str]],
+    append_eos: bool = False, eos_id: int = EOS_TOKEN_ID,
+) -> list[list[ChoiceScore]]:
+    """Log-probability of each candidate answer given each prefix row (teacher forcing: the
+    training view). `choices` is one list for every row, or one list per row. The prefix is run
+    once; its cache is copied to every (row, choice) pair, which then run as one batch.
+    `append_eos` also scores the end of text after the choice, so "dog" and "dog barking" differ."""
+    per_row = _choices_per_row(choices, prefix.shape[0])
+    row_of, ids = [], []
+    for r, row_choices in enumerate(per_row):
+        for text in row_choices:
+            tokens = tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos_id] if append_eos else [])
+            if not tokens:
+                raise UsageError(f"answer choice {text!r} has no tokens")
+            row_of.append(r)
+            ids.append(tokens)
+    logprobs = iter(_choice_logprobs(lm, prefix, torch.tensor(row_of, device=prefix.device), ids))
+    return [
+        [ChoiceScore(text, float(lp.sum()), float(lp.mean()), len(lp)) for text, lp in zip(row, logprobs)]
+        for row in per_row
+    ]
+
+
+def _choices_per_row(choices, batch: int) -> list[list[str]]:
+    if not choices:
+        raise UsageError("no answer choices given")
+    if all(isinstance(c, str) for c in choices):
+        return [list(choices)] * batch
+    if len(choices) != batch:
+        raise UsageError(f"got {len(choices)} lists of choices for {batch} prompts")
+    return [list(c) for c in choices]
+
+
+def _choice_logprobs(lm, prefix, row_of: torch.Tensor, ids: list[list[int]]) -> list[torch.Tensor]:
+    """Per choice, the log-probability of each of its tokens (a 1-D tensor)."""
+    batch, length, _ = prefix.shape
+    fused = getattr(lm, "fused", None)
+    rows = row_of.tolist()
+    longest = max(len(t) for t in ids)
+    lm.setup_cache(batch, length + (fused.slots_needed(rows, ids) if fused is not None else longest),
+                   activation_dtype(lm))
+    first = prefill(lm, prefix).log_softmax(dim=-1)[row_of]  # predicts each choice's token 0
+    if fused is not None:
+        # Each choice in slots of its own after its row's prefix (model/fused.py): no copy of the
+        # prefix's cache per choice, one pass over the weights for every choice's tokens.
+        after = fused.choices(rows, ids, length)
+        return [torch.cat([first[i, None], later.log_softmax(dim=-1)]).gather(-1, torch.tensor(t)[:, None])[:, 0]
+                for i, (later, t) in enumerate(zip(after, ids))]
+    tokens = torch.tensor([t + [0] * (longest - len(t)) for t in ids], device=prefix.device)
+    steps = [first]
+    if longest > 1:
+        # Choices are right-padded: padding only follows a choice's tokens, and causal attention
+        # keeps it out of every position we read.
+        lm.select_cache_rows(row_of)
+        logits = lm(input_ids=tokens[:, :-1], start=length).logits
+        steps += logits.float().log_softmax(dim=-1).unbind(dim=1)
+    logprobs = torch.stack(steps, dim=1).gather(-1, tokens[..., None])[..., 0]  # (N, longest)
+    return [row[: len(t)] for row, t in zip(logprobs, ids)]

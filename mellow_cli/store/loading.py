@@ -1,0 +1,265 @@
+"""Making a model local and building the network from it: the entry points the CLI, the API,
+training and bench call.
+
+`pull` makes a model local (catalogue.resolve says where it comes from; hub.py downloads,
+conversion.py turns a published `.ckpt` into tensors once, model_cache.py writes and checks the
+folder); `load` builds the network on the meta device and adopts the folder's safetensors through
+mmap (pytorch-labs/gpt-fast's recipe), so a cached model starts in a fraction of a second and never
+touches the network. The cache's listing and removal (model_cache.py) are reached from here too,
+so callers need one module for the model cache. The network settings (a mirror, a token,
+offline) are hub.py's, read when a download starts.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mellow_cli.models.catalogue import CHECKPOINT_SUFFIXES, PUBLISHED, ModelSource, resolve
+from mellow_cli.models.mellow.config import MellowConfig
+from mellow_cli.store.conversion import (
+    check_safetensors_layout,
+    conversion_bar,
+    expected_layout,
+    fit,
+    read_checkpoint,
+)
+from mellow_cli.errors import ModelError
+from mellow_cli.events import note
+from mellow_cli.files import cache_dir, disk_full, first_line, sha256, slug
+from mellow_cli.store.hub import download, offline
+from mellow_cli.store.cache import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    ModelFiles,
+    cached,
+    cached_models,
+    checkpoint_config,
+    downloads_dir,
+    lock,
+    model_path,
+    partial_downloads,
+    read_config,
+    remove,
+    write_folder,
+)
+from mellow_cli.store.tokenizers import (
+    OPTIONAL_TOKENIZER_FILES,
+    TOKENIZER_FILES,
+    tokenizer_beside,
+    tokenizer_folder,
+)
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# What other modules import from here: the entry points, and the cache and tokenizer names they
+# need beside them (`mellow models`, `mellow env`, bench speed, training), so one import serves.
+__all__ = ["Architecture", "CONFIG_FILE", "OPTIONAL_TOKENIZER_FILES", "PUBLISHED", "TOKENIZER_FILES",
+           "WEIGHTS_FILE", "cache_dir", "cached_models", "load", "model_path", "partial_downloads",
+           "pull", "remove", "resolve", "tokenizer_folder"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The seam between loading and the network: build empty, then adopt a state dict."""
+
+    empty: Callable[[MellowConfig], "nn.Module"]  # on the meta device: shapes, no storage
+    fill: Callable[["nn.Module", dict], "nn.Module"]  # strict assign-load, re-tie, fill buffers
+
+
+def mellow_architecture() -> Architecture:
+    from mellow_cli.models.mellow.network import Mellow, load_weights
+
+    return Architecture(empty=lambda cfg: Mellow.from_config(cfg, device="meta"), fill=load_weights)
+
+
+# --- public entry points -------------------------------------------------------------------------
+
+
+def pull(name_or_path: str | ModelSource, *, force: bool = False, progress: bool = True,
+         arch: Architecture | None = None) -> ModelFiles:
+    """Make a model local without running it: download, verify (full sha256 of cached files),
+    convert once. `force` discards the cached copy first."""
+    src = name_or_path if isinstance(name_or_path, ModelSource) else resolve(name_or_path)
+    return _ensure(src, verify=True, force=force, progress=progress, arch=arch)
+
+
+def load(name_or_path: str | ModelSource, *, device: str = "cpu", progress: bool = True,
+         arch: Architecture | None = None) -> tuple["nn.Module", ModelFiles]:
+    """The network with its weights, in eval mode, and the files it came from.
+
+    Cached models load without network: the safetensors are mmapped and adopted by a network built
+    on the meta device, so nothing is initialised twice and pages come in as they are used."""
+    from mellow_cli.runtime.memory import keep_freed_blocks
+
+    keep_freed_blocks()  # a process that runs a model makes and frees large tensors all along
+    _without_nnpack_where_it_cannot_run()
+    src = name_or_path if isinstance(name_or_path, ModelSource) else resolve(name_or_path)
+    files = _ensure(src, verify=False, force=False, progress=progress, arch=arch)
+    model = load_weights(files, arch=arch)
+    if device != "cpu":
+        model = model.to(device)
+    return model, files
+
+
+def _without_nnpack_where_it_cannot_run() -> None:
+    """On an x86 CPU without AVX2, torch's first convolution tries NNPACK, which needs it, and
+    prints a warning of its own ("Could not initialize NNPACK! Reason: Unsupported hardware.") into
+    our output. Telling torch not to try changes nothing else there: NNPACK could not run."""
+    import platform
+
+    import torch
+
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        torch.backends.nnpack.set_flags(False)
+
+
+def load_weights(files: ModelFiles, *, arch: Architecture | None = None) -> "nn.Module":
+    """Build `files.config` on meta and adopt `files.weights` (mmap, no copy)."""
+    from safetensors.torch import load_file
+
+    arch = arch or mellow_architecture()
+    model = arch.empty(files.config)
+    try:
+        state = load_file(str(files.weights))
+    except Exception as e:  # SafetensorError, OSError: a damaged or foreign file
+        raise ModelError(f"{files.weights}: not a readable safetensors file ({first_line(e)}): "
+                         f"run `mellow models pull {files.name} --force`, or pass another file") from None
+    try:
+        return arch.fill(model, state).eval()
+    except ModelError as e:
+        raise ModelError(f"{files.weights}: {e} (is {CONFIG_FILE} the config these weights were "
+                         "trained with?)") from None
+
+
+# --- making a model local ------------------------------------------------------------------------
+
+
+def _ensure(src: ModelSource, *, verify: bool, force: bool, progress: bool,
+            arch: Architecture | None) -> ModelFiles:
+    """The model's files, made local first if needed. An OSError on the way (a cache folder that
+    cannot be written, a checkpoint that cannot be read) becomes a one-line ModelError."""
+    try:
+        if src.kind == "folder":
+            return _local_folder(src, progress)
+        if src.kind == "safetensors":
+            return _local_safetensors(src, progress)
+        folder = cache_dir() / "models" / src.key
+        with lock(src.key, progress):
+            if not force:
+                files, problem = cached(src, folder, verify)
+                if files is not None:
+                    return files
+                if problem:
+                    if offline() and src.kind != "checkpoint":
+                        raise ModelError(f"{src.name}: the cached copy is damaged ({problem}): run "
+                                         f"`mellow models pull {src.name}` with network to download it again")
+                    again = "converting it again" if src.kind == "checkpoint" else "fetching it again"
+                    note(f"{src.name}: the cached copy is damaged ({problem}); {again}", progress)
+            if offline() and src.kind != "checkpoint":
+                if force:
+                    raise ModelError(f"cannot fetch {src.name} again while HF_HUB_OFFLINE is set: unset it, "
+                                     "or drop --force to use the cached copy")
+                raise ModelError(f"{src.name} is not in the cache and HF_HUB_OFFLINE is set: run "
+                                 f"`mellow models pull {src.name}` with network, or pass --model PATH")
+            arch = arch or mellow_architecture()
+            if src.kind == "checkpoint":
+                return _convert_local_checkpoint(src, folder, arch, progress)
+            if src.kind == "published":
+                return _pull_published(src, folder, arch, progress)
+            return _pull_hub_folder(src, folder, arch, progress)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(cache_dir(), src.name) from None
+        where = f" {e.filename}" if e.filename else ""
+        raise ModelError(f"{src.name}: cannot use{where} ({e.strerror or first_line(e)}): check its permissions, "
+                         "or set MELLOW_HOME to a writable folder") from None
+
+
+def _pull_published(src: ModelSource, folder: Path, arch: Architecture, progress: bool) -> ModelFiles:
+    cfg = MellowConfig.preset(src.preset)
+    expected = expected_layout(arch.empty(cfg))  # before downloading: a broken build fails in a second
+    tokenizer = tokenizer_folder(cfg, src.name, progress)
+    raw = download(src.repo, src.filename, src.revision, downloads_dir(src.repo) / src.filename,
+                   name=src.name, progress=progress, reserve_factor=2)
+    note(f"{src.name}: converting {src.filename} to safetensors (once)", progress)
+    label = f"{src.repo}/{src.filename}"
+    state = fit(read_checkpoint(raw["path"], label=label), expected, cfg, label=label)
+    origin = {k: raw[k] for k in ("repo", "filename", "revision", "commit", "sha256", "size")}
+    with conversion_bar(src.name, 2 * _nbytes(state), progress) as advance:
+        files = write_folder(folder, src, state, cfg, tokenizer, origin, advance=advance)
+    for done in (Path(raw["path"]), Path(raw["path"] + ".json")):  # the safetensors copy replaces it
+        done.unlink(missing_ok=True)
+    return files
+
+
+def _convert_local_checkpoint(src: ModelSource, folder: Path, arch: Architecture, progress: bool) -> ModelFiles:
+    cfg = checkpoint_config(src.path)
+    expected = expected_layout(arch.empty(cfg))
+    tokenizer = tokenizer_beside(src.path.parent) or tokenizer_folder(cfg, src.name, progress)
+    note(f"{src.name}: converting to safetensors in the cache (once)", progress)
+    stat = src.path.stat()
+    state = fit(read_checkpoint(src.path, label=src.name), expected, cfg, label=src.name)
+    with conversion_bar(src.name, stat.st_size + 2 * _nbytes(state), progress) as advance:
+        origin = {"path": str(src.path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                  "sha256": sha256(src.path, advance)}
+        return write_folder(folder, src, state, cfg, tokenizer, origin, advance=advance)
+
+
+def _nbytes(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def _pull_hub_folder(src: ModelSource, folder: Path, arch: Architecture, progress: bool) -> ModelFiles:
+    downloads = downloads_dir(src.repo) / slug(src.revision)
+    conf = download(src.repo, CONFIG_FILE, src.revision, downloads / CONFIG_FILE, name=src.name,
+                    progress=False, optional=True)
+    commit = conf["commit"] if conf else src.revision  # every later file from the same commit
+    cfg = MellowConfig.v0() if conf is None else read_config(Path(conf["path"]), strict=True)
+    expected = expected_layout(arch.empty(cfg))
+    raw = download(src.repo, WEIGHTS_FILE, commit, downloads / WEIGHTS_FILE, name=src.name,
+                   progress=progress, optional=True)
+    if raw is None:
+        raise ModelError(f"{src.repo} has no {WEIGHTS_FILE} at revision {src.revision}: a mellow model repo "
+                         f"holds {WEIGHTS_FILE} and {CONFIG_FILE}; for a .ckpt in the official layout, "
+                         "download it and pass its path")
+    check_safetensors_layout(Path(raw["path"]), expected, cfg, label=f"{src.repo}/{WEIGHTS_FILE}")
+    tokenizer = downloads / "tokenizer"
+    own = [download(src.repo, f, commit, tokenizer / f, name=src.name, progress=False, optional=True)
+           for f in (*TOKENIZER_FILES, *OPTIONAL_TOKENIZER_FILES)]
+    if not all(own[: len(TOKENIZER_FILES)]):
+        tokenizer = tokenizer_folder(cfg, src.name, progress)
+    origin = {k: raw[k] for k in ("repo", "revision", "commit", "sha256", "size")}
+    origin["filename"] = None
+    origin["revision"] = src.revision
+    files = write_folder(folder, src, None, cfg, tokenizer, origin, weights_file=Path(raw["path"]))
+    shutil.rmtree(downloads, ignore_errors=True)
+    return files
+
+
+# --- models used in place ------------------------------------------------------------------------
+
+
+def _local_folder(src: ModelSource, progress: bool) -> ModelFiles:
+    folder = src.path
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        ckpts = sorted(p for p in folder.iterdir() if p.suffix.lower() in CHECKPOINT_SUFFIXES)
+        hint = f"; to use the checkpoint inside, pass {ckpts[0]}" if len(ckpts) == 1 else ""
+        raise ModelError(f"{src.name}: no {WEIGHTS_FILE} in this folder{hint} (a model folder holds "
+                         f"{WEIGHTS_FILE}, {CONFIG_FILE} and the tokenizer files)")
+    config = folder / CONFIG_FILE
+    cfg = read_config(config, strict=True) if config.is_file() else MellowConfig.v0()
+    tokenizer = tokenizer_beside(folder) or tokenizer_folder(cfg, src.name, progress)
+    return ModelFiles(src.name, cfg, weights, tokenizer, folder, None)
+
+
+def _local_safetensors(src: ModelSource, progress: bool) -> ModelFiles:
+    cfg = checkpoint_config(src.path)
+    tokenizer = tokenizer_beside(src.path.parent) or tokenizer_folder(cfg, src.name, progress)
+    return ModelFiles(src.name, cfg, src.path, tokenizer, None, None)
