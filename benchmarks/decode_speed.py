@@ -28,7 +28,8 @@ from mellow_cli.bench.speed import hf_generate, ours, peak_rss_mb, weight_bytes
 from mellow_cli.runtime import precision
 from mellow_cli.models.mellow.config import MellowConfig
 from mellow_cli.runtime.llama import transformers_twin
-from mellow_cli.models.mellow.network import load_lm, tokenize_prompts
+from mellow_cli.models.weights import load_lm
+from mellow_cli.models.mellow.network import tokenize_prompts
 from mellow_cli.runtime.tokenizer import Tokenizer
 
 CFG = MellowConfig.v0()

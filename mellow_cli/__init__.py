@@ -5,11 +5,11 @@
     print(model.ask("dog.wav", "is there a dog barking?"))
 """
 
-__version__ = "0.1.0"
+from mellow_cli.version import __version__
 
 
 def load_model(name: str = "v0", device: str = "auto", dtype: str | None = None, progress: bool = True):
-    """Load a Mellow model by name (`v0`, `v0_s`), local path or hub id; see `mellow_cli.api`."""
+    """Load a model by name (`v0`, `v0_s`, ...), local path or hub id; see `mellow_cli.api`."""
     from mellow_cli.api import load_model as _load_model  # torch and transformers load only now
 
     return _load_model(name, device=device, dtype=dtype, progress=progress)

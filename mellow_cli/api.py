@@ -61,58 +61,65 @@ class ChoiceResult:
         ]
 
 
-def set_precision(net, device: "torch.device", dtype: str | None = None, release=None,
-                  progress: bool = False, int8_copy=None) -> "Precision":
-    """Prepare the language model for inference in `dtype` (None: auto; precision.py says what
-    each means; `int8_copy`: see precision.apply). On a GPU a half precision also covers the
-    mapper; on a CPU, a bfloat16 prefill also covers the encoder's linears
-    (precision.apply_encoder); the front end stays float32."""
-    import torch
+def load_model(name: str = "v0", device: str = "auto", dtype: str | None = None, progress: bool = True) -> "Model":
+    """Resolve a model name or path, download it once if needed, and load it ready to answer.
 
+    The language model is prepared in `dtype` (None: auto; runtime/precision.py says what each
+    means), and the family prepares what else it runs in another precision (models/family.py)."""
+    from mellow_cli.files import FilePages
+    from mellow_cli.models.family import family_of
     from mellow_cli.runtime import precision
-
-    chosen = precision.named(dtype or "auto", device, progress)
-    if device.type != "cpu" and chosen.name != "float32":
-        half = precision.DTYPES[chosen.name]
-        net.audio_encoder.projection.to(half)
-        net.caption_decoder.to(half)
-    precision.apply(net.lm, chosen, release, int8_copy=int8_copy)
-    if device.type == "cpu":
-        precision.apply_encoder(net.audio_encoder.base.htsat, chosen, release)
-    return chosen
-
-
-def load_model(name: str = "v0", device: str = "auto", dtype: str | None = None, progress: bool = True) -> "MellowModel":
-    """Resolve a model name or path, download it once if needed, and load it ready to answer."""
+    from mellow_cli.runtime.int8_copy import Int8Copy
     from mellow_cli.store import loading
-    from mellow_cli.runtime.tokenizer import Tokenizer
-
-    from mellow_cli.runtime.precision import NAMES
 
     target = pick_device(device)
-    if dtype is not None and dtype not in NAMES:  # fails before the weights load
-        raise UsageError(f"unknown dtype {dtype!r}: use {', '.join(NAMES)}")
+    if dtype is not None and dtype not in precision.NAMES:  # fails before the weights load
+        raise UsageError(f"unknown dtype {dtype!r}: use {', '.join(precision.NAMES)}")
     net, files = loading.load(name, device="cpu", progress=progress)
-    from mellow_cli.files import FilePages
-    from mellow_cli.runtime.int8_copy import Int8Copy
+    family = family_of(files.config)
+    net = net.to(target)
+    chosen = precision.named(dtype or "auto", target, progress)
+    release = FilePages(files.weights)
+    family.prepare(net, target, chosen, release)
+    precision.apply(net.lm, chosen, release, int8_copy=Int8Copy.beside(files))
+    return Model(net, family.tokenizer(files.tokenizer_dir, files.config), name=files.name,
+                 revision=files.revision, precision=chosen)
 
-    chosen = set_precision(net.to(target), target, dtype, release=FilePages(files.weights), progress=progress,
-                           int8_copy=Int8Copy.beside(files))
-    return MellowModel(net, Tokenizer(files.tokenizer_dir), name=files.name, revision=files.revision,
-                       precision=chosen)
+
+class ClipReader:
+    """(source, offset=0, duration=None) -> the clip a family hears from `source`: decoded at its
+    rate, made mono its way, a window of at most one clip, fitted to its length. An object, not a
+    closure, so a DataLoader can hand it to worker processes."""
+
+    def __init__(self, family, cfg):
+        self.family, self.cfg = family, cfg
+
+    def __call__(self, source, offset: float = 0.0, duration: float | None = None) -> "np.ndarray":
+        from mellow_cli.io.audio import load_clip
+
+        family, cfg = self.family, self.cfg
+        return load_clip(source, sr=family.sample_rate(cfg), clip_seconds=family.clip_seconds(cfg),
+                         fit=self.fit, mono=family.mono, offset=offset, duration=duration)
+
+    def fit(self, wave: "np.ndarray") -> "np.ndarray":
+        return self.family.clip(wave, self.cfg)
 
 
-class MellowModel:
-    """A loaded Mellow with its tokenizer: ask, stream, choose, caption, compare."""
+class Model:
+    """A loaded model of any family with its tokenizer: ask, stream, choose, caption, compare."""
 
     def __init__(self, net, tokenizer, name: str, revision: str | None = None, clip_cache: int = 256,
                  precision: "Precision | None" = None):
+        from mellow_cli.models.family import family_of
+
         self.net = net.eval()
         self.precision = precision  # how the language model was prepared (None: not prepared)
         self.tokenizer = tokenizer
         self.cfg = net.cfg
+        self.family = family_of(net.cfg)
         self.name = name
         self.revision = revision
+        self.read_clip = ClipReader(self.family, self.cfg)
         self._clips: OrderedDict[bytes, "torch.Tensor"] = OrderedDict()
         self._clip_cache = clip_cache
 
@@ -123,15 +130,14 @@ class MellowModel:
     # --- clips and prefixes ----------------------------------------------------------------------
 
     def load_clip(self, audio: AudioInput) -> "np.ndarray":
-        """A path (or `-`) is decoded with the default window; an array is taken as 32 kHz mono."""
-        from mellow_cli.io.audio import fit_clip, load_clip
-
+        """A path (or `-`) is decoded with the default window; an array is taken as mono audio at
+        the model's sample rate."""
         if isinstance(audio, (str, os.PathLike)):
-            return load_clip(audio, sr=self.cfg.sample_rate, clip_seconds=self.cfg.clip_seconds)
-        return fit_clip(audio, self.cfg.clip_samples)
+            return self.read_clip(audio)
+        return self.family.clip(audio, self.cfg)
 
-    def embed_clips(self, clips: Sequence["np.ndarray"], batch_size: int = 8) -> "torch.Tensor":
-        """(N, audio_tokens, hidden) for N clips; clips seen before come from the cache."""
+    def embed_clips(self, clips: Sequence["np.ndarray"], batch_size: int = 8) -> list["torch.Tensor"]:
+        """Each clip's audio tokens (n, hidden); clips seen before come from the cache."""
         import torch
 
         keys = [hashlib.blake2b(c.astype("float32").tobytes(), digest_size=16).digest() for c in clips]
@@ -145,11 +151,11 @@ class MellowModel:
         with torch.inference_mode():
             for i in range(0, len(todo), batch_size):
                 chunk = todo[i : i + batch_size]
-                wav = torch.stack([torch.from_numpy(waves[k]).float() for k in chunk]).to(self.device)
-                for k, emb in zip(chunk, self.net.encode_audio(wav)):
+                wavs = [torch.from_numpy(waves[k]).float().to(self.device) for k in chunk]
+                for k, emb in zip(chunk, self.family.encode(self.net, wavs)):
                     found[k] = emb
                     self._remember(k, emb)
-        return torch.stack([found[k] for k in keys])
+        return [found[k] for k in keys]
 
     def _remember(self, key: bytes, emb: "torch.Tensor") -> None:
         self._clips[key] = emb
@@ -160,14 +166,17 @@ class MellowModel:
         """(B, prefix_len, hidden) input embeddings for B questions (audio1, audio2 or None, prompt)."""
         import torch
 
-        from mellow_cli.models.mellow.network import tokenize_prompts
-
         first = [self.load_clip(a1) for a1, _, _ in questions]
-        second = [c if a2 is None else self.load_clip(a2) for c, (_, a2, _) in zip(first, questions)]
-        clips = self.embed_clips(first + second)
-        ids = tokenize_prompts(self.tokenizer, [q for _, _, q in questions], self.cfg).to(self.device)
+        second = [None if a2 is None else self.load_clip(a2) for _, a2, _ in questions]
+        clips = iter(self.embed_clips(first + [c for c in second if c is not None]))
+        heard = [[next(clips)] for _ in first]
+        for row, c in zip(heard, second):
+            if c is not None:
+                row.append(next(clips))
         with torch.inference_mode():
-            return self.net.embed_prefix(clips[: len(first)], clips[len(first) :], ids)
+            rows = [self.family.prefix_row(self.net, row, self.family.prompt_ids(self.tokenizer, q, self.cfg))
+                    for row, (_, _, q) in zip(heard, questions)]
+            return torch.stack([r.embeds for r in rows])
 
     # --- answers ---------------------------------------------------------------------------------
 
@@ -182,7 +191,7 @@ class MellowModel:
 
     def ask(self, audio: AudioInput, question: str, *, audio2: AudioInput | None = None,
             options: DecodingOptions = DecodingOptions()) -> str:
-        """The answer to `question` about `audio` (heard beside `audio2`, or beside itself)."""
+        """The answer to `question` about `audio` (heard beside `audio2`, where the model takes two)."""
         return self.ask_batch([Question(audio, audio2, question)], options)[0]
 
     def ask_batch(self, questions: Sequence[Question], options: DecodingOptions = DecodingOptions()) -> list[str]:

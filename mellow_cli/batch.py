@@ -34,20 +34,20 @@ def decoded_chunks(items: list, decode, size: int):
             yield chunk, decoded
 
 
-def clip_decoder(offset: float = 0.0, duration: float | None = None):
-    """job -> (clip1, clip2 or None): the job's window if it has one, else --offset/--duration. A
-    clip paired with itself is decoded once (clip2 None tells the model so). A window walks the
-    first recording only: the second (`ask long.flac short.wav Q --window 10`) is a reference
-    heard whole beside each window, not cut at times it may not reach."""
-    from mellow_cli.io.audio import load_clip
+def clip_decoder(read, offset: float = 0.0, duration: float | None = None):
+    """job -> (clip1, clip2 or None), each read by `read(source, offset, duration)` (a model's
+    `read_clip`): the job's window if it has one, else --offset/--duration. A clip paired with
+    itself is decoded once (clip2 None tells the model so). A window walks the first recording
+    only: the second (`ask long.flac short.wav Q --window 10`) is a reference heard whole beside
+    each window, not cut at times it may not reach."""
 
     def decode(job: Job):
         if job.start is not None:
-            first = load_clip(job.audio, offset=job.start, duration=max(job.end - job.start, 0.01))
-            second = None if job.audio2 == job.audio else load_clip(job.audio2)
+            first = read(job.audio, offset=job.start, duration=max(job.end - job.start, 0.01))
+            second = None if job.audio2 == job.audio else read(job.audio2)
         else:
-            first = load_clip(job.audio, offset=offset, duration=duration)
-            second = None if job.audio2 == job.audio else load_clip(job.audio2, offset=offset, duration=duration)
+            first = read(job.audio, offset=offset, duration=duration)
+            second = None if job.audio2 == job.audio else read(job.audio2, offset=offset, duration=duration)
         return first, second
 
     return decode

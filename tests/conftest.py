@@ -113,3 +113,12 @@ def write_tone(path: Path, freq: float = 440.0, seconds: float = 2.0, sr: int = 
     t = np.arange(int(seconds * sr)) / sr
     sf.write(str(path), (amp * np.sin(2 * np.pi * freq * t)).astype("float32"), sr)
     return path
+
+
+def mellow_clip(source, offset: float = 0.0, duration: float | None = None):
+    """A clip as Mellow hears it (32 kHz, 10 s, tiled): what `Model.read_clip` gives for v0."""
+    from mellow_cli.api import ClipReader
+    from mellow_cli.models.family import family
+    from mellow_cli.models.mellow.config import MellowConfig
+
+    return ClipReader(family("mellow"), MellowConfig.v0())(source, offset=offset, duration=duration)

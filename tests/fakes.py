@@ -1,11 +1,11 @@
-"""A MellowModel whose answers a test writes: the CLI's behaviour (what goes to stdout and stderr,
+"""A Model whose answers a test writes: the CLI's behaviour (what goes to stdout and stderr,
 rows, formats, exit codes) checked against known answers, with no tokenizer and no weights.
 
     model = install(monkeypatch, ScriptedModel(answers=["a dog barks"]))
     out = mellow("ask", "dog.wav", "what is it?", "--model", "any")
     assert out.stdout == "a dog barks\\n" and model.asked[0].prompt == "what is it?"
 
-The public methods are MellowModel's own (ask, choose, caption, compare call ask_batch and
+The public methods are Model's own (ask, choose, caption, compare call ask_batch and
 choose_batch); only those two and `stream` are scripted. Clips are still decoded by the CLI, so
 a missing or broken file fails as it does with a real model.
 """
@@ -15,13 +15,14 @@ from __future__ import annotations
 import math
 from typing import Iterator, Sequence
 
-from mellow_cli.api import ChoiceResult, MellowModel, Question
+from mellow_cli.api import ChoiceResult, ClipReader, Model, Question
+from mellow_cli.models.family import family_of
 from mellow_cli.runtime.options import DecodingOptions
 from mellow_cli.models.mellow.config import MellowConfig
 from mellow_cli.runtime.generate import ChoiceScore
 
 
-class ScriptedModel(MellowModel):
+class ScriptedModel(Model):
     """Answers come from `answers` in the order questions are asked (a list of strings is one
     answer streamed in those pieces); `picks` are the choices `choose` names, in order (when they
     run out, the first choice). Every question asked is kept in `asked`, as a Question."""
@@ -30,6 +31,8 @@ class ScriptedModel(MellowModel):
                  revision: str | None = "0" * 40):
         # No network and no tokenizer: only what the CLI reads from a model.
         self.cfg = MellowConfig.tiny()
+        self.family = family_of(self.cfg)
+        self.read_clip = ClipReader(self.family, self.cfg)
         self.name = name
         self.revision = revision
         self.precision = None

@@ -19,7 +19,24 @@ import soundfile as sf
 import soxr
 
 from mellow_cli.io import audio
-from mellow_cli.io.audio import CLIP_SAMPLES, SAMPLE_RATE, audio_duration, fit_clip, load_audio, load_clip
+from mellow_cli.io.audio import audio_duration
+from mellow_cli.models.mellow.family import fit_clip as _fit_clip
+
+# These tests read audio as Mellow hears it: 10 s clips at 32 kHz, a short one tiled.
+SAMPLE_RATE, CLIP_SECONDS = 32000, 10
+CLIP_SAMPLES = SAMPLE_RATE * CLIP_SECONDS
+
+
+def fit_clip(wav, n_samples: int = CLIP_SAMPLES):
+    return _fit_clip(wav, n_samples)
+
+
+def load_audio(source, **kw):
+    return audio.load_audio(source, **{"sr": SAMPLE_RATE, **kw})
+
+
+def load_clip(source, **kw):
+    return audio.load_clip(source, sr=SAMPLE_RATE, clip_seconds=CLIP_SECONDS, fit=fit_clip, **kw)
 from mellow_cli.errors import AudioError, UsageError
 
 # ---------------------------------------------------------------- helpers

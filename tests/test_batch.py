@@ -131,16 +131,17 @@ def test_windows_cover_the_recording(duration, window, hop, spans):
 
 def test_a_window_walks_the_first_recording_and_hears_the_second_whole(tmp_path):
     import numpy as np
+    from conftest import mellow_clip as load_clip
     from conftest import write_tone
 
-    from mellow_cli.io.audio import audio_duration, load_clip
+    from mellow_cli.io.audio import audio_duration
     from mellow_cli.batch import clip_decoder
     from mellow_cli.io.jobs import windowed
 
     long, short = write_tone(tmp_path / "long.wav", 440, seconds=25), write_tone(tmp_path / "short.wav", 880, seconds=2)
     jobs = windowed([Job(str(long), str(short), "q")], 10, 10, audio_duration)
     assert [(j.start, j.end) for j in jobs] == [(0.0, 10.0), (10.0, 20.0), (20.0, 25.0)]
-    decode = clip_decoder()
+    decode = clip_decoder(load_clip)
     whole = load_clip(str(short))
     for job in jobs:  # the short clip has nothing at 10 s or 20 s: cutting it there would fail
         first, second = decode(job)

@@ -13,7 +13,7 @@ import torch
 from conftest import write_tone
 
 from mellow_cli.train import data
-from mellow_cli.io.audio import load_clip
+from conftest import mellow_clip as load_clip
 from mellow_cli.models.mellow.config import MellowConfig
 from mellow_cli.train.data import (
     BadRow,
@@ -156,8 +156,8 @@ def test_each_distinct_clip_is_decoded_once(tmp_path, monkeypatch):
     rows = [QARow(str(tmp_path / n1), n2 and str(tmp_path / n2), "q", "a", line=i)
             for i, (n1, n2) in enumerate([("a.wav", "b.wav"), ("b.wav", None), ("a.wav", "a.wav")], 1)]
     calls = []
-    real = data.load_clip
-    monkeypatch.setattr(data, "load_clip", lambda p, **kw: calls.append(p) or real(p, **kw))
+    real = data.load_audio
+    monkeypatch.setattr(data, "load_audio", lambda p, **kw: calls.append(p) or real(p, **kw))
     done = []
     good, bad = validate_rows(rows, workers=2, progress=done.append)
     assert len(good) == 3 and bad == []

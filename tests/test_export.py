@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mellow_cli.models.mellow import checkpoint as mellow_checkpoint
 from mellow_cli.store import export, loading
 from mellow_cli.models.mellow.config import MellowConfig
 from mellow_cli.errors import ModelError, UsageError
@@ -43,7 +44,7 @@ def _one_line(text: str) -> str:
 
 
 def test_official_layout_is_the_golden_manifest():
-    layout, manifest = export.official_layout(), _manifest()
+    layout, manifest = mellow_checkpoint.official_layout(), _manifest()
     assert len(manifest) == 479
     assert layout == manifest  # names, shapes, dtypes (the order of the keys does not matter to a load)
     assert HEAD in layout and "audio_encoder.base.htsat.bn0.running_var" in layout  # tied head, buffers
@@ -74,7 +75,8 @@ def v0_dir(smollm2_dir, tmp_path_factory) -> Path:
 def test_v0_export_holds_every_official_key_and_round_trips(v0_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from mellow_cli.models.mellow.network import Mellow, compare_layouts, layout_of
+    from mellow_cli.models.mellow.network import Mellow
+    from mellow_cli.models.weights import compare_layouts, layout_of
 
     source = load_file(str(v0_dir / loading.WEIGHTS_FILE))
     out = v0_dir / "exported.ckpt"  # beside the tokenizer files, so loading it back needs no hub
@@ -125,12 +127,12 @@ def test_tiny_is_refused_in_one_line(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("field", ["embed_dim", "rope_theta", "tokenizer"])
 def test_only_the_v0_architecture_is_exportable(field):
-    export.check_exportable(MellowConfig.preset("v0_s"), "v0_s")  # the second published model: same architecture
+    mellow_checkpoint.check_exportable(MellowConfig.preset("v0_s"), "v0_s")  # the second published model: same architecture
     value = {"embed_dim": 48, "rope_theta": 10000.0, "tokenizer": "someone/other"}[field]
     import dataclasses
 
     with pytest.raises(ModelError, match=f"differs in {field}\\)"):
-        export.check_exportable(dataclasses.replace(MellowConfig.v0(), **{field: value}), "mine")
+        mellow_checkpoint.check_exportable(dataclasses.replace(MellowConfig.v0(), **{field: value}), "mine")
 
 
 def test_an_existing_output_is_kept_without_overwrite(tiny_model_dir, tmp_path):

@@ -21,7 +21,7 @@ from mellow_cli.runtime.generate import (
     score_choices,
     stream,
 )
-from mellow_cli.models.mellow.network import build_lm
+from mellow_cli.models.weights import build_lm
 
 CFG = MellowConfig.tiny()
 NEVER = -1  # an eos id no token can match: generation runs to max_tokens

@@ -22,6 +22,7 @@ from fakehub import FakeHub
 from torch import nn
 
 from mellow_cli.models import catalogue
+from mellow_cli.models.mellow.family import MellowFamily
 from mellow_cli.store import conversion, loading, cache as model_cache, tokenizers as tokenizer_files
 from mellow_cli.models.mellow.config import MellowConfig
 from mellow_cli.errors import ModelError
@@ -64,22 +65,24 @@ class StandIn(nn.Module):
         self.caption_decoder.lm = _LM(4096, cfg.hidden_size)
 
 
-def _standin_empty(cfg: MellowConfig) -> nn.Module:
-    with torch.device("meta"):
-        return StandIn(cfg)
+class _StandInFamily(MellowFamily):
+    """Mellow's family, building the stand-in network instead."""
+
+    def build(self, cfg: MellowConfig, device="cpu") -> nn.Module:
+        with torch.device(device):
+            return StandIn(cfg)
+
+    def fill(self, model: nn.Module, state: dict) -> nn.Module:
+        state = dict(state)
+        state.setdefault(HEAD, state.get(EMBED))
+        model.load_state_dict(state, strict=True, assign=True)
+        lm = model.caption_decoder.lm
+        lm.lm_head.weight = lm.model.embed_tokens.weight
+        lm.inv_freq = _inv_freq(lm.model.norm.weight.shape[0])
+        return model
 
 
-def _standin_fill(model: nn.Module, state: dict) -> nn.Module:
-    state = dict(state)
-    state.setdefault(HEAD, state.get(EMBED))
-    model.load_state_dict(state, strict=True, assign=True)
-    lm = model.caption_decoder.lm
-    lm.lm_head.weight = lm.model.embed_tokens.weight
-    lm.inv_freq = _inv_freq(lm.model.norm.weight.shape[0])
-    return model
-
-
-STANDIN = loading.Architecture(empty=_standin_empty, fill=_standin_fill)
+STANDIN = _StandInFamily()
 
 
 def _official_state(net: nn.Module) -> dict[str, torch.Tensor]:
@@ -528,7 +531,9 @@ def _app():
 def test_models_commands(hub, monkeypatch, isolated_home):
     from typer.testing import CliRunner
 
-    monkeypatch.setattr(loading, "mellow_architecture", lambda: STANDIN)
+    import mellow_cli.models.mellow as mellow_family
+
+    monkeypatch.setattr(mellow_family, "FAMILY", STANDIN)
     runner = CliRunner()
     app = _app()
     empty = runner.invoke(app, ["models", "list"])
@@ -670,17 +675,18 @@ def test_usage_errors_of_models_exit_2(tmp_path):
 def test_first_conversion_draws_a_bar_in_megabytes(hub, monkeypatch):
     import contextlib
 
-    from mellow_cli.cli import render
+    from mellow_cli import events
 
     bars = []
 
-    @contextlib.contextmanager
-    def recorded(total, description=""):
-        bar = {"total": total, "description": description, "done": 0}
-        bars.append(bar)
-        yield lambda n=1: bar.update(done=bar["done"] + n)
+    class Recorded(events.Reporter):
+        @contextlib.contextmanager
+        def progress(self, total, description=""):
+            bar = {"total": total, "description": description, "done": 0}
+            bars.append(bar)
+            yield lambda n=1: bar.update(done=bar["done"] + n)
 
-    monkeypatch.setattr(render, "progress", recorded)
+    monkeypatch.setattr(events, "_reporter", Recorded())
     loading.pull("tiny", arch=STANDIN, progress=False)
     assert bars == []  # --quiet: no bar
     loading.pull("tiny", force=True, arch=STANDIN, progress=True)

@@ -16,14 +16,8 @@ from mellow_cli.runtime.options import DecodingOptions
 from mellow_cli.models.mellow.config import MellowConfig
 from mellow_cli.errors import ModelError
 from mellow_cli.runtime.generate import generate_tokens, prefill
-from mellow_cli.models.mellow.network import (
-    Mellow,
-    build_lm,
-    key_report,
-    load_lm,
-    load_weights,
-    tokenize_prompts,
-)
+from mellow_cli.models.mellow.network import Mellow, load_weights, tokenize_prompts
+from mellow_cli.models.weights import build_lm, key_report, load_lm
 
 V0 = MellowConfig.v0()
 TINY = MellowConfig.tiny()

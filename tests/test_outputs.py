@@ -234,7 +234,7 @@ def test_a_glob_match_named_like_a_list_is_a_file(tmp_path):
 
 
 def test_absurd_amplitudes_are_an_audio_error(tmp_path):
-    from mellow_cli.io.audio import load_clip
+    from conftest import mellow_clip as load_clip
 
     path = tmp_path / "huge.wav"
     sf.write(path, (np.sin(np.arange(16000) / 5) * 1e38).astype(np.float32), 16000, subtype="FLOAT")
@@ -289,13 +289,13 @@ def test_a_tiny_temperature_answers_every_row(tiny_model_dir, clips, tmp_path):
 
 
 def test_a_run_that_fails_before_its_first_row_leaves_no_new_file(tiny_model_dir, clips, tmp_path, monkeypatch):
-    from mellow_cli.api import MellowModel
+    from mellow_cli.api import Model
     from mellow_cli.errors import ModelError
 
     def fails(*args, **kwargs):
         raise ModelError("the model failed")
 
-    monkeypatch.setattr(MellowModel, "ask_batch", fails)
+    monkeypatch.setattr(Model, "ask_batch", fails)
     out = tmp_path / "a.jsonl"
     res = mellow("caption", *map(str, clips[:2]), "--model", str(tiny_model_dir), "-q", "-f", "jsonl", "-o", str(out))
     assert res.returncode == 1 and "the model failed" in res.stderr and not out.exists()

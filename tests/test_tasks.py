@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 
 from mellow_cli.train import tasks
-from mellow_cli.io.audio import load_clip
+from conftest import mellow_clip as load_clip
 from mellow_cli.train.data import read_rows, validate_rows
 
 SR = 32000

@@ -195,15 +195,13 @@ def _predict_into(output: str, kept: list[dict], model, todo: list, settings: Se
 def predict(model, todo: list, settings: Settings) -> Iterator[tuple[object, dict]]:
     """(item, record) per item, in order: the item's record plus `model_output` (or `error`),
     `settings.batch_size` items at a time; the next batch's audio decodes meanwhile."""
-    from mellow_cli.io.audio import load_clip
     from mellow_cli.runtime.options import DecodingOptions
 
-    cfg = model.cfg
     options = DecodingOptions(max_tokens=settings.max_tokens)  # greedy: the reference's decoding
 
     def decode(item):
-        first = load_clip(item.audio, sr=cfg.sample_rate, clip_seconds=cfg.clip_seconds)
-        second = None if item.audio2 is None else load_clip(item.audio2, sr=cfg.sample_rate, clip_seconds=cfg.clip_seconds)
+        first = model.read_clip(item.audio)
+        second = None if item.audio2 is None else model.read_clip(item.audio2)
         return first, second
 
     prompt = PROMPTS[settings.prompt_style]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mellow_cli.store import loading
-from mellow_cli.api import CAPTION_PROMPT, MellowModel, Question, load_model
+from mellow_cli.api import CAPTION_PROMPT, Model, Question, load_model
 from mellow_cli.runtime.options import DecodingOptions
 from mellow_cli.errors import ModelError
 from mellow_cli.runtime.generate import generate_tokens
@@ -137,14 +137,15 @@ def synth_clips(n: int, samples: int, sample_rate: int, seed: int) -> list[np.nd
             .astype(np.float32) for _ in range(n)]
 
 
-def clip_maker(model: MellowModel) -> Callable[[int], list[np.ndarray]]:
+def clip_maker(model: Model) -> Callable[[int], list[np.ndarray]]:
     """`take(n)`: n clips for this model that no earlier call returned."""
     seed = 0
 
     def take(n: int) -> list[np.ndarray]:
         nonlocal seed
         seed += 1
-        return synth_clips(n, model.cfg.clip_samples, model.cfg.sample_rate, seed)
+        rate = model.family.sample_rate(model.cfg)
+        return synth_clips(n, round(model.family.clip_seconds(model.cfg) * rate), rate, seed)
 
     return take
 
@@ -166,7 +167,7 @@ def make_local(name: str, progress: bool) -> bool:
         return True
 
 
-def load_twice(name: str, device: str, dtype: str | None) -> tuple[float, float, MellowModel]:
+def load_twice(name: str, device: str, dtype: str | None) -> tuple[float, float, Model]:
     """(first load seconds, second load seconds, the model). The weights are memory-mapped: their
     pages are read when the first forward touches them (in the warm-up), not during the load."""
     start = time.perf_counter()
@@ -180,17 +181,18 @@ def load_twice(name: str, device: str, dtype: str | None) -> tuple[float, float,
 
 
 @torch.inference_mode()
-def encoder_ms_per_clip(model: MellowModel, clips: Callable[[int], list], batch: int, repeat: int) -> float:
-    """Median milliseconds per clip for `batch` clips through `encode_audio` (after one warm-up)."""
+def encoder_ms_per_clip(model: Model, clips: Callable[[int], list], batch: int, repeat: int) -> float:
+    """Median milliseconds per clip for `batch` clips through the family's encoder (after one
+    warm-up)."""
     def run():
-        wav = torch.from_numpy(np.stack(clips(batch))).to(model.device)
-        return timed(lambda: model.net.encode_audio(wav), model.device)
+        wavs = [torch.from_numpy(c).to(model.device) for c in clips(batch)]
+        return timed(lambda: model.family.encode(model.net, wavs), model.device)
 
     run()
     return statistics.median(run() for _ in range(repeat)) * 1e3 / batch
 
 
-def time_to_first_token(model: MellowModel, clips: Callable[[int], list], repeat: int) -> float:
+def time_to_first_token(model: Model, clips: Callable[[int], list], repeat: int) -> float:
     """Median seconds from a decoded clip to the first token, the way `mellow ask` goes."""
     def first_token():
         prefix = model.prefix([Question(clips(1)[0], None, QUESTION)])
@@ -200,7 +202,7 @@ def time_to_first_token(model: MellowModel, clips: Callable[[int], list], repeat
     return statistics.median(timed(first_token, model.device) for _ in range(repeat))
 
 
-def captions_per_s(model: MellowModel, clips: Callable[[int], list], batch: int, tokens: int, repeat: int) -> float:
+def captions_per_s(model: Model, clips: Callable[[int], list], batch: int, tokens: int, repeat: int) -> float:
     """Median clips/s for one `ask_batch` caption of `batch` new clips, greedy, up to `tokens`."""
     def caption(max_tokens: int):
         rows = [Question(c, None, CAPTION_PROMPT) for c in clips(batch)]
@@ -332,7 +334,7 @@ def run(model: str = "v0", device: str = "auto", dtype: str | None = None, token
 
 
 @torch.inference_mode()
-def agreement(model: MellowModel, exact: MellowModel, clips: list[np.ndarray], tokens: int) -> dict:
+def agreement(model: Model, exact: Model, clips: list[np.ndarray], tokens: int) -> dict:
     """How often `model` answers as the float32 `exact` does over the same clips."""
     from mellow_cli.runtime.generate import prefill
 

@@ -34,13 +34,17 @@ def _interactive(run: Answering) -> bool:
 
 
 def _answer_one(job, run: Answering) -> None:
-    """One question at a terminal: decode the clips first (a bad file fails in milliseconds),
-    load the model, then stream the answer, or print the chosen choice or one JSON object."""
+    """One question at a terminal: open the recordings first (a missing or unreadable file fails
+    in milliseconds), load the model, decode the clips as the model hears them, then stream the
+    answer, or print the chosen choice or one JSON object."""
     from mellow_cli import batch
     from mellow_cli.cli import render
+    from mellow_cli.io.audio import audio_duration
 
-    clips = batch.clip_decoder(run.rows.offset, run.rows.duration)(job)
+    for path in dict.fromkeys((job.audio, job.audio2)):
+        audio_duration(path)
     model = run.loading.load()
+    clips = batch.clip_decoder(model.read_clip, run.rows.offset, run.rows.duration)(job)
     question = Question(clips[0], clips[1], job.question)
     if job.choices:
         picked = model.choose_batch([question], [job.choices])[0]
@@ -132,7 +136,7 @@ def _answers(run: Answering, jobs, check=None):
     if check is not None:
         check(model)
     return batch.answer_rows(model, jobs, run.decoding.options(), run.rows.batch_size,
-                             batch.clip_decoder(run.rows.offset, run.rows.duration))
+                             batch.clip_decoder(model.read_clip, run.rows.offset, run.rows.duration))
 
 
 def _write_rows(writer, results, verb: str, total: int, resumable: str | None) -> None:

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from mellow_cli import __version__
+from mellow_cli.version import __version__
 from mellow_cli.cli.answer import ask, caption, compare
 from mellow_cli.cli.bench import bench_app
 from mellow_cli.cli.env import config_app, env

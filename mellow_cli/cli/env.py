@@ -16,7 +16,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from mellow_cli import __version__, settings
+from mellow_cli import settings
+from mellow_cli.version import __version__
 
 config_app = typer.Typer(
     help="Show or change the defaults for --model, --device and --dtype (flag > MELLOW_<KEY> > this file > built-in).",

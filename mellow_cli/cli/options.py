@@ -164,7 +164,9 @@ def _time_stages(net) -> None:
         module.register_forward_pre_hook(before, with_kwargs=True)
         module.register_forward_hook(after, with_kwargs=True)
 
-    watch(net.audio_encoder, lambda kwargs: ("encode", 0))
+    from mellow_cli.models.family import family_of
+
+    watch(family_of(net.cfg).audio_module(net), lambda kwargs: ("encode", 0))
     watch(net.lm, lm_stage)
 
 

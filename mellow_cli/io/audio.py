@@ -1,4 +1,4 @@
-"""Audio input: a sound file (or stdin) in, the model's 10 s float32 mono 32 kHz clip out.
+"""Audio input: a sound file (or stdin) in, a model's float32 mono clip out.
 
 This module owns everything between a path on the command line and the waveform the front end
 (`model/frontend.py`) turns into a log-mel spectrogram, in the manner of whisper's `audio.py`:
@@ -6,17 +6,16 @@ This module owns everything between a path on the command line and the waveform 
 - decoding WAV, FLAC, OGG (Vorbis, Opus), MP3 and whatever else libsndfile reads, via soundfile;
   the source `-` is a whole audio file on standard input, read once and kept, so `-` can be
   used twice in one process;
-- mono by averaging the channels, then resampling to 32 kHz with soxr;
-- the window policy of the reference's `MellowWrapper.load_audio_into_tensor` (soham97/mellow):
-  a clip shorter than 10 s is tiled and cut to exactly 10 s; a longer one gives a deterministic
-  window (the first 10 s, or the one `offset`/`duration` choose) where the reference picks a
-  random one. Only that window is decoded: a seek and a bounded read, so an 8-hour file costs
-  10 s of memory;
+- mono (by averaging the channels, or the family's own way), then resampling to the model's rate
+  with soxr;
+- a deterministic window of at most one clip (the start of the recording, or the span
+  `offset`/`duration` choose), which the family then fits to its clip (Mellow tiles a short one,
+  as its reference does). Only that window is decoded: a seek and a bounded read, so an 8-hour
+  file costs one clip of memory;
 - turning every unusable input into `AudioError(path, problem)`, one line, never a traceback.
 
-Public: SAMPLE_RATE, CLIP_SECONDS, CLIP_SAMPLES, MIN_SAMPLE_RATE, MAX_SAMPLE_RATE, STDIN,
-load_audio, load_clip, fit_clip, audio_duration, and the two pure steps they use, to_mono and
-resample. docs/audio.md explains the policy, the limits and where we differ from the reference.
+Public: MIN_SAMPLE_RATE, MAX_SAMPLE_RATE, STDIN, load_audio, load_clip, audio_duration, and the
+two pure steps they use, to_mono and resample. docs/audio.md explains the policy, the limits and where we differ from the reference.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import io
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 from typing import BinaryIO, Union
 
@@ -34,13 +33,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from mellow_cli.models.mellow.config import MellowConfig
 from mellow_cli.errors import AudioError, UsageError
-
-_V0 = MellowConfig.v0()
-SAMPLE_RATE = _V0.sample_rate  # 32000 Hz: what the encoder was trained on
-CLIP_SECONDS = _V0.clip_seconds  # 10 s: what the encoder sees per clip
-CLIP_SAMPLES = _V0.clip_samples  # 320000
 
 # No recording is sampled below 1 kHz (telephone audio is 8 kHz) and no converter ships above
 # 768 kHz: a header claiming either is corrupt, or the file is not sound.
@@ -67,6 +60,7 @@ _STDIN_NAME = "<stdin>"
 _stdin_bytes: bytes | None = None  # standard input, read once on first use of "-"
 
 Source = Union[str, os.PathLike]
+Mono = Callable[[np.ndarray], np.ndarray]  # (frames, channels) -> (frames,)
 
 
 # ---------------------------------------------------------------- public API
@@ -78,9 +72,10 @@ MAX_PEAK = 1e4
 
 
 def load_audio(
-    source: Source, *, offset: float = 0.0, duration: float | None = None, sr: int = SAMPLE_RATE
+    source: Source, *, sr: int | None, offset: float = 0.0, duration: float | None = None, mono: Mono | None = None
 ) -> np.ndarray:
-    """Decode [offset, offset + duration) of `source` to float32 mono at `sr` Hz.
+    """Decode [offset, offset + duration) of `source` to float32 mono at `sr` Hz (None: the file's
+    own rate; `mono` makes the channels one, by default their average).
 
     `duration=None` reads to the end of the file. Only that span (plus a few milliseconds of
     context for the resampler) is decoded. Raises AudioError for anything unusable in the file,
@@ -89,45 +84,34 @@ def load_audio(
     _check_span(offset, duration)
     name = _display_name(source)
     with _open_sound(source) as snd:
+        sr = sr or snd.samplerate
         first, stop = _window(name, snd, offset, duration, sr)
         try:
-            return _decode_window(name, snd, first, stop, sr)
+            return _decode_window(name, snd, first, stop, sr, mono or to_mono)
         except MemoryError:
             raise AudioError(
                 name, f"too long to decode at once ({(stop - first) / sr:.0f} s); pass a duration"
             ) from None
 
 
-def fit_clip(wav: np.ndarray, n_samples: int = CLIP_SAMPLES) -> np.ndarray:
-    """Exactly `n_samples`: a short clip is repeated end to end and cut, a long one cropped to its
-    first `n_samples`. The tiling is the reference's `repeat(ceil(n_target / n))[:n_target]`."""
-    wav = np.asarray(wav, dtype=np.float32)
-    if wav.ndim != 1 or len(wav) == 0:
-        raise ValueError(f"fit_clip needs a non-empty 1-D waveform, got shape {wav.shape}")
-    if len(wav) < n_samples:
-        wav = np.tile(wav, math.ceil(n_samples / len(wav)))
-    return np.ascontiguousarray(wav[:n_samples])
-
-
 def load_clip(
     source: Source,
     *,
+    sr: int,
+    clip_seconds: float,
+    fit: Callable[[np.ndarray], np.ndarray],
+    mono: Mono | None = None,
     offset: float = 0.0,
     duration: float | None = None,
-    sr: int = SAMPLE_RATE,
-    clip_seconds: int = CLIP_SECONDS,
 ) -> np.ndarray:
-    """The model's input: exactly `clip_seconds * sr` float32 samples from `source`.
-
-    The window starts at `offset` seconds and lasts `duration` (default and at most
-    `clip_seconds`); a window shorter than that, because of `duration` or because the file ends,
-    is tiled to length. A duration longer than the clip is a UsageError.
+    """One clip of `source`: the window from `offset` lasting `duration` (default and at most
+    `clip_seconds`), decoded as `load_audio` does and handed to `fit`, the model's own rule for
+    a clip's length. A duration longer than the clip is a UsageError.
     """
     if duration is not None and duration > clip_seconds:
-        raise UsageError(f"duration {duration:g} s is longer than the {clip_seconds} s clip")
+        raise UsageError(f"duration {duration:g} s is longer than the {clip_seconds:g} s clip")
     window = clip_seconds if duration is None else duration
-    wav = load_audio(source, offset=offset, duration=window, sr=sr)
-    return fit_clip(wav, clip_seconds * sr)
+    return fit(load_audio(source, offset=offset, duration=window, sr=sr, mono=mono))
 
 
 def audio_duration(source: Source) -> float:
@@ -202,7 +186,7 @@ def _input_span(
     return read_start, read_stop, skip
 
 
-def _decode_window(name: str, snd: sf.SoundFile, first: int, stop: int, sr: int) -> np.ndarray:
+def _decode_window(name: str, snd: sf.SoundFile, first: int, stop: int, sr: int, mono: Mono) -> np.ndarray:
     """Output samples [first, stop) at `sr`: seek, a bounded read, mono, checks, resample."""
     sr_in = snd.samplerate
     margin = 0 if sr_in == sr else round(_RESAMPLE_CONTEXT_SECONDS * sr_in)
@@ -218,7 +202,7 @@ def _decode_window(name: str, snd: sf.SoundFile, first: int, stop: int, sr: int)
             f"cannot decode the audio between {read_start / sr_in:.2f} s and "
             f"{read_stop / sr_in:.2f} s, truncated or corrupt? (libsndfile: {_reason(e)})",
         ) from None
-    wav = to_mono(frames)
+    wav = np.asarray(mono(frames), dtype=np.float32)
     if not np.isfinite(wav).all():
         raise AudioError(name, "contains NaN or infinite samples")
     peak = float(np.abs(wav).max(initial=0.0))

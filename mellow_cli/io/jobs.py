@@ -12,7 +12,6 @@ from typing import IO, Iterable, Sequence
 
 from mellow_cli.errors import UsageError
 from mellow_cli.io.inputs import json_lines, parse_choices, read_text
-from mellow_cli.io.outputs import check_unique_ids
 
 # --- jobs: one question about one pair of clips (or one window of them) ---------------------------
 
@@ -88,6 +87,19 @@ def read_pairs(name: str, prompt: str, stdin: IO[str] | None = None) -> list[Job
         jobs.append(Job(first, second, question, None, rec.get("id") or None))
     check_unique_ids([j.id for j in jobs], name)
     return jobs
+
+
+def check_unique_ids(ids: Sequence[str | None], source: str) -> None:
+    """Ids name rows: two rows with one id (after reading 1 and "1" as the same) would make a
+    resumed run skip one of them. Refused before any work is done."""
+    first: dict[str, int] = {}
+    for number, ident in enumerate(ids, 1):
+        if ident is None:
+            continue
+        if str(ident) in first:
+            raise UsageError(f"{source}: id {ident!r} is used by rows {first[str(ident)]} and {number}; "
+                             "ids must be unique")
+        first[str(ident)] = number
 
 
 def windows(duration: float, window: float, hop: float) -> list[tuple[float, float]]:

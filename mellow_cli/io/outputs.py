@@ -59,19 +59,6 @@ def numbered_keys(rows: Iterable[dict]) -> list[tuple]:
     return out
 
 
-def check_unique_ids(ids: Sequence[str | None], source: str) -> None:
-    """Ids name rows: two rows with one id (after reading 1 and "1" as the same) would make a
-    resumed run skip one of them. Refused before any work is done."""
-    first: dict[str, int] = {}
-    for number, ident in enumerate(ids, 1):
-        if ident is None:
-            continue
-        if str(ident) in first:
-            raise UsageError(f"{source}: id {ident!r} is used by rows {first[str(ident)]} and {number}; "
-                             "ids must be unique")
-        first[str(ident)] = number
-
-
 # --- opening a result file ------------------------------------------------------------------------
 
 

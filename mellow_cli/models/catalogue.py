@@ -33,8 +33,9 @@ class Published:
     repo: str  # hub repo id
     filename: str  # the official-layout .ckpt in that repo
     revision: str  # commit sha (or branch) to download
-    preset: str  # MellowConfig.preset name the checkpoint was trained with
+    preset: str  # the family's config preset the checkpoint was trained with
     about: str = ""  # one line for `mellow models list --available`
+    family: str = "mellow"  # models/family.py: whose network and checkpoint layout
 
 
 # Tests add entries (a `tiny` model on a local fake hub); the CLI's names are these two.
@@ -56,6 +57,7 @@ class ModelSource:
     revision: str | None = None
     path: Path | None = None
     preset: str | None = None
+    family: str = "mellow"  # of a published model
 
 
 def _names() -> str:
@@ -71,7 +73,7 @@ def resolve(name_or_path: str | os.PathLike) -> ModelSource:
     if text in PUBLISHED:
         pub = PUBLISHED[text]
         return ModelSource(text, "published", text, repo=pub.repo, filename=pub.filename,
-                           revision=pub.revision, preset=pub.preset)
+                           revision=pub.revision, preset=pub.preset, family=pub.family)
     path = Path(text).expanduser()
     if path.exists():
         return _local_source(text, path.resolve())

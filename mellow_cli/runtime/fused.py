@@ -87,9 +87,9 @@ def _build():
     if compiler is None:
         return None, "torch's (no C compiler found to build the one-call step; set CC)"
     from mellow_cli.files import cache_dir
-    from mellow_cli.runtime.precision import machine_key
+    from mellow_cli.runtime.machine import cpu_key
 
-    key = hashlib.sha256(SOURCE.read_bytes() + machine_key().encode() + compiler.encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + cpu_key().encode() + compiler.encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"step-{key}.so"
     if not target.exists():
         try:
@@ -164,10 +164,10 @@ def _agrees(lib) -> bool:
     logits that float32 arithmetic gives on the same rounded weights, for decode steps of two rows
     and for choices (a compiler that miscompiles step.c must not change answers; passes.py
     checks its own part of it)."""
-    from mellow_cli.models.mellow.config import MellowConfig
+    from mellow_cli.runtime.llama import LMConfig
 
-    cfg = MellowConfig(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2)
+    cfg = LMConfig(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2)
     generator = torch.Generator().manual_seed(0)
     state = random_state(cfg, generator)
     prompt = torch.randn(2, 5, cfg.hidden_size, generator=generator)
@@ -187,7 +187,7 @@ def random_state(cfg, generator: torch.Generator) -> dict[str, torch.Tensor]:
 def _twins(cfg, state: dict, name: str):
     """(a model prepared in `name`, a float32 model holding the same rounded weights)."""
     from mellow_cli.runtime.llama import LlamaForCausalLM
-    from mellow_cli.runtime.precision import Precision, apply, head_maker, maker
+    from mellow_cli.runtime.matrices import Precision, head_maker, maker, prepare
 
     precision = Precision(name, name, name, "float32")
 
@@ -198,7 +198,7 @@ def _twins(cfg, state: dict, name: str):
     for lm in (prepared, exact):
         lm.load_state_dict(state)
         lm.eval()
-    apply(prepared, precision, fused=False)
+    prepare(prepared, precision)
     for module in exact.model.layers.modules():
         if isinstance(module, torch.nn.Linear):
             module.weight = rounded(maker(precision)(module.weight))
@@ -321,7 +321,7 @@ def _pointer_table(stored: list, layers: list[tuple], final_norm: torch.Tensor):
 
 def _stored(matrix) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(weights, per-row scales or None) of a prepared matrix step.c can read, else None."""
-    from mellow_cli.runtime.precision import Dense, Int8Matrix
+    from mellow_cli.runtime.matrices import Dense, Int8Matrix
 
     if isinstance(matrix, Int8Matrix):
         return matrix.q, matrix.scale

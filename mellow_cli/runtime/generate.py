@@ -23,7 +23,7 @@ import torch
 from mellow_cli.runtime.options import DecodingOptions
 from mellow_cli.errors import ModelError, UsageError
 
-EOS_TOKEN_ID = 0  # `<|endoftext|>` (MellowConfig.eos_token_id)
+EOS_TOKEN_ID = 0  # `<|endoftext|>`, where SmolLM2 ends an answer
 
 
 # --- prefill and decode over the language model's one forward (model/llama.py) ---------------

@@ -44,10 +44,10 @@ class Int8Copy:
         return {"format": FORMAT, "weights_size": str(stat.st_size), "weights_mtime_ns": str(stat.st_mtime_ns)}
 
     def read(self) -> "list | None":
-        """The stored matrices (precision.Int8Matrix), or None without a copy of these weights."""
+        """The stored matrices (matrices.Int8Matrix), or None without a copy of these weights."""
         from safetensors import safe_open
 
-        from mellow_cli.runtime.precision import Int8Matrix
+        from mellow_cli.runtime.matrices import Int8Matrix
 
         try:
             with safe_open(str(self.path), framework="pt") as f:
@@ -72,7 +72,7 @@ class Int8Copy:
             return False
 
     def write(self, matrices: list) -> bool:
-        """Keep `matrices` (precision.Int8Matrix, in `matrices()` order) as the copy of today's
+        """Keep `matrices` (matrices.Int8Matrix, in `matrices()` order) as the copy of today's
         weights, whole or not at all. False where it was not written: a file there that is not
         ours, or a folder that cannot take it."""
         from safetensors import SafetensorError

@@ -1,5 +1,5 @@
 """SmolLM2-135M (a Llama) in plain torch, with the module and parameter names of transformers'
-`LlamaForCausalLM`, so a Mellow checkpoint's `caption_decoder.lm.*` keys load into it unchanged.
+`LlamaForCausalLM`, so the language model's keys in every family's checkpoint load into it unchanged.
 
 Why not transformers' class itself: importing `transformers.LlamaForCausalLM` costs about 4 s on a
 2-core CPU (it pulls in torch._dynamo, torch.distributed and scipy), longer than loading the whole
@@ -21,7 +21,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mellow_cli.models.mellow.config import MellowConfig
+
+@dataclass(frozen=True)
+class LMConfig:
+    """A SmolLM2's sizes under transformers' names. Every family's config carries these fields
+    (so the family's config builds its language model directly); this one builds a language model
+    alone (the per-machine checks of the C step, tests, benchmarks)."""
+
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3
+    max_position_embeddings: int = 8192
+    rope_theta: float = 100000.0
+    rms_norm_eps: float = 1e-5
+    eos_token_id: int = 0  # `<|endoftext|>`
+    name: str = "smollm2-135m"
 
 
 class RMSNorm(nn.Module):
@@ -43,7 +60,7 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """cos/sin tables of Llama's rotary position embedding ("rotate half" layout)."""
 
-    def __init__(self, cfg: MellowConfig, device=None):
+    def __init__(self, cfg: LMConfig, device=None):
         super().__init__()
         dim = cfg.hidden_size // cfg.num_attention_heads
         # Computed on the CPU even inside `with torch.device("meta")`: see frontend.constant.
@@ -119,7 +136,7 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: MellowConfig):
+    def __init__(self, cfg: LMConfig):
         super().__init__()
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         kv = cfg.num_key_value_heads * self.head_dim
@@ -170,7 +187,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU with SiLU, as SmolLM2."""
 
-    def __init__(self, cfg: MellowConfig):
+    def __init__(self, cfg: LMConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
@@ -184,7 +201,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: MellowConfig):
+    def __init__(self, cfg: LMConfig):
         super().__init__()
         self.self_attn = Attention(cfg)
         self.mlp = MLP(cfg)
@@ -207,7 +224,7 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: MellowConfig):
+    def __init__(self, cfg: LMConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
@@ -233,7 +250,7 @@ class LlamaForCausalLM(nn.Module):
     that is a third of an eager step. A prefill's attention (Attention.attend) and, between
     bfloat16 products, the rest of its layers (DecoderLayer.prefill) can run there too."""
 
-    def __init__(self, cfg: MellowConfig):
+    def __init__(self, cfg: LMConfig):
         super().__init__()
         self.config = cfg  # the sizes under their transformers names, which these are
         self.model = LlamaModel(cfg)

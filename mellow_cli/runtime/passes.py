@@ -126,18 +126,17 @@ def _prefill_error(lib, seed: int) -> float:
     on the same small random model in bfloat16, relative to the largest value: of the final
     hidden states and of the keys and values cached, and of the final hidden states of answer
     choices after the prefill (PrefillLayer.tokens)."""
-    from mellow_cli.models.mellow.config import MellowConfig
-    from mellow_cli.runtime.llama import LlamaForCausalLM
-    from mellow_cli.runtime.precision import Precision, apply, packed_available
+    from mellow_cli.runtime.llama import LlamaForCausalLM, LMConfig
+    from mellow_cli.runtime.matrices import Precision, packed_available, prepare
 
     # 88: SwiGLU runs in 16-lane vectors and a tail
-    cfg = MellowConfig(vocab_size=96, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2)
+    cfg = LMConfig(vocab_size=96, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2)
     generator = torch.Generator().manual_seed(seed)
     lm = LlamaForCausalLM(cfg)
     lm.load_state_dict(random_state(cfg, generator))
-    apply(lm.eval(), Precision("bfloat16", "bfloat16", "bfloat16", "bfloat16",
-                               packed=packed_available(torch.bfloat16)), fused=False)
+    prepare(lm.eval(), Precision("bfloat16", "bfloat16", "bfloat16", "bfloat16",
+                                 packed=packed_available(torch.bfloat16)))
     prompt = torch.randn(2, 21, cfg.hidden_size, generator=generator)
 
     # Torch's layers, with the attention step.c's does (torch's own where it takes float32 dots)

@@ -34,7 +34,7 @@ from mellow_cli.runtime.options import DecodingOptions
 from mellow_cli.errors import AudioError
 
 if TYPE_CHECKING:
-    from mellow_cli.api import MellowModel
+    from mellow_cli.api import Model
 
 FORMATS = ("wav", "flac", "mp3", "ogg")
 MAX_CHOICES = 100
@@ -192,7 +192,7 @@ def _number(body: dict, key: str, low, high, integer: bool = False):
 # --- the audio --------------------------------------------------------------------------------
 
 
-def decode_clip(model: "MellowModel", part: AudioPart, max_seconds: float):
+def decode_clip(model: "Model", part: AudioPart, max_seconds: float):
     """base64 -> the model's 10 s clip, through the same reader as `mellow ask` (a file on disk
     for the length of the call). 400 for anything unusable, 413 for too long a recording."""
     import tempfile
@@ -219,7 +219,7 @@ def decode_clip(model: "MellowModel", part: AudioPart, max_seconds: float):
 # --- the app ----------------------------------------------------------------------------------
 
 
-def build_app(model: "MellowModel", settings: ServeSettings = ServeSettings(), on_batch=None):
+def build_app(model: "Model", settings: ServeSettings = ServeSettings(), on_batch=None):
     """The Starlette app: its lifespan starts the model worker and, at shutdown, lets it finish
     what is queued."""
     from starlette.applications import Starlette
@@ -269,7 +269,7 @@ def _json(obj: dict, status: int = 200):
     return JSONResponse(obj, status_code=status)
 
 
-def _model_card(model: "MellowModel") -> dict:
+def _model_card(model: "Model") -> dict:
     return {"id": model.name, "object": "model", "created": 0, "owned_by": "mellow-cli"}
 
 
@@ -299,7 +299,7 @@ async def _read_body(request, limit: int) -> Any:
         raise ApiError(400, f"the body is not valid JSON ({e})") from None
 
 
-async def _chat(request, model: "MellowModel", settings: ServeSettings, batcher):
+async def _chat(request, model: "Model", settings: ServeSettings, batcher):
     from starlette.concurrency import run_in_threadpool
 
     from mellow_cli.serve.worker import Failed, Pending

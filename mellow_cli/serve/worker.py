@@ -3,8 +3,8 @@ batches, so eight clients waiting at once cost about one prefill and one shared 
 steps instead of eight of each.
 
 Requests arrive on a thread-safe queue. The worker takes everything waiting (up to
-`max_batch`), scores the multiple-choice rows with `MellowModel.choose_batch`, then runs the
-generation rows together: one `MellowModel.prefix` for all of them (every prefix has the same
+`max_batch`), scores the multiple-choice rows with `Model.choose_batch`, then runs the
+generation rows together: one `Model.prefix` for all of them (every prefix has the same
 length, the prompt being padded to `prompt_tokens`), one prefill, then decode steps in which each
 row draws its next token with its own options (greedy rows take the argmax, as `mellow ask` does;
 sampling rows their own seeded generator). A row that ends (end of text, its token budget, or its
@@ -29,7 +29,7 @@ from mellow_cli.errors import MellowError
 if TYPE_CHECKING:
     import numpy as np
 
-    from mellow_cli.api import ChoiceResult, MellowModel
+    from mellow_cli.api import ChoiceResult, Model
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class Batcher:
     """The model's only user while the server runs: `submit` from any thread, `stop` to finish
     what is queued and end the worker."""
 
-    def __init__(self, model: "MellowModel", max_batch: int = 8, on_batch: Callable[[int], None] | None = None):
+    def __init__(self, model: "Model", max_batch: int = 8, on_batch: Callable[[int], None] | None = None):
         self.model = model
         self.max_batch = max_batch
         self.on_batch = on_batch  # told each batch's size (logging)
@@ -145,7 +145,7 @@ class Batcher:
         return batch, False
 
 
-def answer_batch(model: "MellowModel", batch: Sequence[Pending]) -> None:
+def answer_batch(model: "Model", batch: Sequence[Pending]) -> None:
     """Answer every request of one batch; a failure reaches the requests it concerns, never the
     worker (the server keeps serving)."""
     choosers = [p for p in batch if p.choices]
@@ -166,7 +166,7 @@ def _fail(rows: Sequence[Pending], failure: Failed) -> None:
         p.emit(failure)
 
 
-def _choose(model: "MellowModel", rows: Sequence[Pending]) -> None:
+def _choose(model: "Model", rows: Sequence[Pending]) -> None:
     results = model.choose_batch([p.row for p in rows], [p.choices for p in rows])
     for p, result in zip(rows, results):
         p.emit(result)
@@ -186,7 +186,7 @@ class _Row:
         self.tokens = 0
 
 
-def _generate(model: "MellowModel", rows: Sequence[Pending]) -> None:
+def _generate(model: "Model", rows: Sequence[Pending]) -> None:
     import torch
 
     from mellow_cli.runtime.generate import activation_dtype, decode_one_token, prefill

@@ -5,7 +5,7 @@ Cache layout (files.cache_dir(): MELLOW_HOME, else platformdirs.user_cache_dir("
 
     models/<key>/             one complete model folder per model, itself usable as --model <folder>
         model.safetensors     weights under the official key names, tied tensors stored once
-        config.json           MellowConfig.to_dict()
+        config.json           the family's config (models/family.py's config_dict)
         tokenizer.json, tokenizer_config.json[, special_tokens_map.json]
         source.json           origin (repo, file, revision, commit, sha256, size) and the
                               size/sha256/mtime of model.safetensors, checked before every load
@@ -25,9 +25,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mellow_cli.models.catalogue import ModelSource, resolve
-from mellow_cli.models.mellow.config import MellowConfig
+from mellow_cli.models.family import config_dict, config_from_dict, families
 from mellow_cli.errors import ModelError, UsageError
 from mellow_cli.events import note
 from mellow_cli.files import (
@@ -46,8 +47,6 @@ from mellow_cli.store.tokenizers import OPTIONAL_TOKENIZER_FILES, TOKENIZER_FILE
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 SOURCE_FILE = "source.json"
-# Fields only a MellowConfig has together: tells our config.json from a transformers one.
-_OUR_CONFIG_FIELDS = {"embed_dim", "depths", "hidden_size", "vocab_size", "prompt_tokens"}
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ class ModelFiles:
     """A model ready to load: everything local, checked."""
 
     name: str
-    config: MellowConfig
+    config: Any  # the family's config dataclass
     weights: Path  # safetensors, official key names
     tokenizer_dir: Path  # tokenizer.json + tokenizer_config.json
     folder: Path | None  # the model folder (in the cache, or the user's), None for a lone file
@@ -192,8 +191,8 @@ def cached(src: ModelSource, folder: Path, verify: bool) -> tuple[ModelFiles | N
     if missing:
         return None, f"{missing[0]} is missing"
     try:
-        cfg = MellowConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
-    except (ValueError, TypeError) as e:
+        cfg = config_from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+    except (ValueError, TypeError, ModelError) as e:
         return None, f"{CONFIG_FILE} is unreadable ({first_line(e)})"
     origin = record.get("source", {})
     return ModelFiles(src.name, cfg, weights, folder, folder, origin.get("commit")), None
@@ -206,35 +205,37 @@ def _same_origin(record: dict, src: ModelSource) -> bool:
             stat = src.path.stat()
         except OSError:
             return False
+        beside = checkpoint_config(src.path)  # without one, the config the conversion found stands
         return (origin.get("path") == str(src.path) and origin.get("size") == stat.st_size
                 and origin.get("mtime_ns") == stat.st_mtime_ns
-                and record.get("config") == _jsonable(checkpoint_config(src.path).to_dict()))
+                and (beside is None or record.get("config") == _jsonable(beside.to_dict())))
     return (origin.get("repo") == src.repo and origin.get("filename") == src.filename
             and origin.get("revision") == src.revision)
 
 
-def checkpoint_config(path: Path) -> MellowConfig:
-    """A lone checkpoint is v0 unless a config.json of ours sits beside it (one from the reference
-    repo, which nothing reads, is ignored)."""
+def checkpoint_config(path: Path) -> Any:
+    """The config.json of ours beside a lone checkpoint, or None (one from a reference repo, which
+    nothing reads, is ignored): without one, the checkpoint's family says what it is."""
     beside = path.parent / CONFIG_FILE
-    return (read_config(beside, strict=False) if beside.is_file() else None) or MellowConfig.v0()
+    return read_config(beside, strict=False) if beside.is_file() else None
 
 
-def read_config(path: Path, *, strict: bool) -> MellowConfig | None:
-    """A config.json of ours; with strict, anything else is a ModelError, without it None."""
+def read_config(path: Path, *, strict: bool) -> Any:
+    """A config.json of ours, of any family; with strict, anything else is a ModelError, without
+    it None."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         if not strict:
             return None
         raise ModelError(f"{path}: unreadable config ({first_line(e)}): fix or remove it") from None
-    if not isinstance(data, dict) or not _OUR_CONFIG_FIELDS <= set(data):
+    if not isinstance(data, dict) or not any(f.is_config(data) for f in families()):
         if not strict:
             return None
-        raise ModelError(f"{path}: not a mellow config (it lacks {', '.join(sorted(_OUR_CONFIG_FIELDS))}): "
-                         "write it with MellowConfig.to_dict()")
+        raise ModelError(f"{path}: not a mellow config (none of the model families it knows wrote it): "
+                         "write it with config_dict(cfg) (mellow_cli.models.family)")
     try:
-        return MellowConfig.from_dict(data)
+        return config_from_dict(data)
     except (TypeError, ValueError) as e:
         raise ModelError(f"{path}: bad mellow config ({first_line(e)})") from None
 
@@ -242,7 +243,7 @@ def read_config(path: Path, *, strict: bool) -> MellowConfig | None:
 # --- writing a folder ----------------------------------------------------------------------------
 
 
-def write_folder(folder: Path, src: ModelSource, state: dict | None, cfg: MellowConfig,
+def write_folder(folder: Path, src: ModelSource, state: dict | None, cfg: Any,
                  tokenizer: Path, origin: dict, *, weights_file: Path | None = None,
                  advance: Callable[[int], None] | None = None) -> ModelFiles:
     """Write a complete model folder beside `folder`, then swap it in: a crash leaves either the
@@ -250,7 +251,7 @@ def write_folder(folder: Path, src: ModelSource, state: dict | None, cfg: Mellow
     moved in; `advance(nbytes)` follows the write and the hash of the weights."""
     from safetensors.torch import save_file
 
-    from mellow_cli import __version__
+    from mellow_cli.version import __version__
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     for stale in folder.parent.glob(f".{glob_escape(folder.name)}.tmp-*"):  # an earlier crash (we hold the lock)
@@ -272,7 +273,7 @@ def write_folder(folder: Path, src: ModelSource, state: dict | None, cfg: Mellow
         for f in (*TOKENIZER_FILES, *OPTIONAL_TOKENIZER_FILES):
             if (tokenizer / f).is_file():
                 shutil.copyfile(tokenizer / f, tmp / f)
-        (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(config_dict(cfg), indent=2) + "\n")
         stat = weights.stat()
         record = {
             "name": src.name,

@@ -1,9 +1,9 @@
 """Checkpoints in, tensors fit for the network out: reading a torch.save'd `.ckpt` safely,
-checking its keys and shapes against the network, folding the tied LM head, and the progress bar
-of the one-time conversion to safetensors.
+checking its keys and shapes against the network, folding tied tensors into one, and the progress
+bar of the one-time conversion to safetensors. What a family's published file holds, and how its
+keys map to the network's, is the family's (models/family.py's published_state).
 
-The published checkpoints (hub repo soham97/mellow, see docs/models.md) are plain state dicts saved
-with `torch.save`. A pickle can name any Python callable, so they are read only with
+A pickle can name any Python callable, so checkpoints are read only with
 `torch.load(weights_only=True)`: anything besides tensors and plain containers is refused before
 it can run.
 """
@@ -15,7 +15,7 @@ import errno
 import re
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,11 +28,9 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from mellow_cli.models.mellow.config import MellowConfig
 
-
-def read_checkpoint(path: Path | str, *, label: str) -> dict[str, "torch.Tensor"]:
-    """A plain state dict from a torch.save'd file, never running the pickle's code.
+def read_checkpoint(path: Path | str, *, label: str) -> Any:
+    """What a torch.save'd file holds (tensors in plain containers), never running the pickle's code.
 
     `weights_only=True` rebuilds tensors and plain containers and refuses every other global the
     pickle names, before calling it. Zip-format files (torch >= 1.6) are mmapped."""
@@ -65,32 +63,13 @@ def read_checkpoint(path: Path | str, *, label: str) -> dict[str, "torch.Tensor"
     except Exception as e:  # truncated zip, not a pickle at all, ...
         raise ModelError(f"{label}: not a readable PyTorch checkpoint ({first_line(e)}): "
                          "download it again or pass another file") from None
-    return _state_dict_of(obj, label)
+    return obj
 
 
 def _is_pickle(path: Path) -> bool:
     """A zip written by torch.save, or a bare pickle (protocol 2+ starts with PROTO, 0x80)."""
     with open(path, "rb") as f:
         return f.read(1) == b"\x80" or zipfile.is_zipfile(path)
-
-
-def _state_dict_of(obj: Any, label: str) -> dict[str, "torch.Tensor"]:
-    import torch
-
-    if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        for key in ("state_dict", "model", "module"):  # a training checkpoint that wraps one
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
-    if not isinstance(obj, Mapping):
-        raise ModelError(f"{label}: not a state dict (it holds a {type(obj).__name__}): save "
-                         "model.state_dict(), not the model")
-    state = {}
-    for key, value in obj.items():
-        if not isinstance(value, torch.Tensor):
-            raise ModelError(f"{label}: not a plain state dict: {key!r} holds a {type(value).__name__}")
-        state[key[len("module."):] if key.startswith("module.") else key] = value
-    return state
 
 
 @dataclass(frozen=True)
@@ -110,7 +89,7 @@ class Layout:
 
 def expected_layout(empty: "nn.Module") -> Layout:
     """The layout of a network built on the meta device (shapes only, no storage)."""
-    from mellow_cli.models.mellow.network import layout_of
+    from mellow_cli.models.weights import layout_of
 
     shapes = layout_of(empty.state_dict(keep_vars=True))
     groups: dict[int, list[str]] = {}
@@ -119,12 +98,12 @@ def expected_layout(empty: "nn.Module") -> Layout:
     return Layout(shapes, [g for g in groups.values() if len(g) > 1])
 
 
-def fit(state: dict, layout: Layout, cfg: MellowConfig, *, label: str) -> dict:
+def fit(state: dict, layout: Layout, cfg, *, label: str) -> dict:
     """Check a state dict against the network, fold tied keys into one, match dtypes.
 
     Tied keys: the reference copies key by key into a tied model, so the last key of a group (the
     LM head) is the value both names end up with; keep that one, under the group's first name."""
-    from mellow_cli.models.mellow.network import layout_of
+    from mellow_cli.models.weights import layout_of
 
     state = _fold_tied(state, layout)
     _raise_on_mismatch(label, cfg, layout_of(state), layout)
@@ -156,22 +135,24 @@ def _fold_tied(entries: dict, layout: Layout) -> dict:
     return entries
 
 
-def _raise_on_mismatch(label: str, cfg: MellowConfig, found: dict, layout: Layout) -> None:
-    from mellow_cli.models.mellow.network import compare_layouts
+def _raise_on_mismatch(label: str, cfg, found: dict, layout: Layout) -> None:
+    from mellow_cli.models.family import family_of
+    from mellow_cli.models.weights import compare_layouts
 
     # a float checkpoint of another precision is converted on load, so only the kind must match
     report = compare_layouts(found, layout.stored, same_dtype=lambda a, b: _kind(a) == _kind(b))
     if not report.ok:
-        raise ModelError(f"{label} does not fit the Mellow {cfg.name} network ({report.describe(limit=3)}): pass a "
-                         f"checkpoint of this model (official soham97/mellow layout), or put the {CONFIG_FILE} "
-                         "it was trained with beside it")
+        title = family_of(cfg).title
+        raise ModelError(f"{label} does not fit the {title} {cfg.name} network ({report.describe(limit=3)}): pass a "
+                         f"{title} checkpoint in its authors' layout, or put the {CONFIG_FILE} it was trained with "
+                         "beside it")
 
 
 def _kind(dtype) -> str:
     return "float" if dtype.is_floating_point else "complex" if dtype.is_complex else "int"
 
 
-def check_safetensors_layout(path: Path, layout: Layout, cfg: MellowConfig, *, label: str) -> None:
+def check_safetensors_layout(path: Path, layout: Layout, cfg, *, label: str) -> None:
     """Keys and shapes from a safetensors header (no tensor is read)."""
     from safetensors import safe_open
 

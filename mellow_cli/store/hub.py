@@ -104,7 +104,7 @@ def _metadata(repo: str, filename: str, revision: str, name: str, optional: bool
         RevisionNotFoundError,
     )
 
-    from mellow_cli import __version__
+    from mellow_cli.version import __version__
 
     endpoint = _endpoint()
     url = hf_hub_url(repo, filename, revision=revision, endpoint=endpoint)
@@ -138,7 +138,7 @@ def _fetch(repo: str, filename: str, remote: _Remote, folder: Path, name: str, p
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError
 
-    from mellow_cli import __version__
+    from mellow_cli.version import __version__
 
     try:
         with _progress_bars(progress):

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import errno
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mellow_cli.models.catalogue import CHECKPOINT_SUFFIXES, PUBLISHED, ModelSource, resolve
-from mellow_cli.models.mellow.config import MellowConfig
+from mellow_cli.models.family import Family, families, family, family_of
 from mellow_cli.store.conversion import (
     check_safetensors_layout,
     conversion_bar,
@@ -59,30 +57,22 @@ if TYPE_CHECKING:
 
 # What other modules import from here: the entry points, and the cache and tokenizer names they
 # need beside them (`mellow models`, `mellow env`, bench speed, training), so one import serves.
-__all__ = ["Architecture", "CONFIG_FILE", "OPTIONAL_TOKENIZER_FILES", "PUBLISHED", "TOKENIZER_FILES",
+__all__ = ["CONFIG_FILE", "OPTIONAL_TOKENIZER_FILES", "PUBLISHED", "TOKENIZER_FILES",
            "WEIGHTS_FILE", "cache_dir", "cached_models", "load", "model_path", "partial_downloads",
            "pull", "remove", "resolve", "tokenizer_folder"]
 
 
-@dataclass(frozen=True)
-class Architecture:
-    """The seam between loading and the network: build empty, then adopt a state dict."""
-
-    empty: Callable[[MellowConfig], "nn.Module"]  # on the meta device: shapes, no storage
-    fill: Callable[["nn.Module", dict], "nn.Module"]  # strict assign-load, re-tie, fill buffers
-
-
-def mellow_architecture() -> Architecture:
-    from mellow_cli.models.mellow.network import Mellow, load_weights
-
-    return Architecture(empty=lambda cfg: Mellow.from_config(cfg, device="meta"), fill=load_weights)
+def _default_config():
+    """A model without a config.json of its own is the published Mellow (v0), as every model was
+    before there were other families."""
+    return family("mellow").config("v0")
 
 
 # --- public entry points -------------------------------------------------------------------------
 
 
 def pull(name_or_path: str | ModelSource, *, force: bool = False, progress: bool = True,
-         arch: Architecture | None = None) -> ModelFiles:
+         arch: Family | None = None) -> ModelFiles:
     """Make a model local without running it: download, verify (full sha256 of cached files),
     convert once. `force` discards the cached copy first."""
     src = name_or_path if isinstance(name_or_path, ModelSource) else resolve(name_or_path)
@@ -90,7 +80,7 @@ def pull(name_or_path: str | ModelSource, *, force: bool = False, progress: bool
 
 
 def load(name_or_path: str | ModelSource, *, device: str = "cpu", progress: bool = True,
-         arch: Architecture | None = None) -> tuple["nn.Module", ModelFiles]:
+         arch: Family | None = None) -> tuple["nn.Module", ModelFiles]:
     """The network with its weights, in eval mode, and the files it came from.
 
     Cached models load without network: the safetensors are mmapped and adopted by a network built
@@ -119,12 +109,13 @@ def _without_nnpack_where_it_cannot_run() -> None:
         torch.backends.nnpack.set_flags(False)
 
 
-def load_weights(files: ModelFiles, *, arch: Architecture | None = None) -> "nn.Module":
-    """Build `files.config` on meta and adopt `files.weights` (mmap, no copy)."""
+def load_weights(files: ModelFiles, *, arch: Family | None = None) -> "nn.Module":
+    """Build `files.config` on meta and adopt `files.weights` (mmap, no copy). `arch`: the family
+    whose network to build (default: the config's)."""
     from safetensors.torch import load_file
 
-    arch = arch or mellow_architecture()
-    model = arch.empty(files.config)
+    arch = arch or family_of(files.config)
+    model = arch.build(files.config, "meta")
     try:
         state = load_file(str(files.weights))
     except Exception as e:  # SafetensorError, OSError: a damaged or foreign file
@@ -141,7 +132,7 @@ def load_weights(files: ModelFiles, *, arch: Architecture | None = None) -> "nn.
 
 
 def _ensure(src: ModelSource, *, verify: bool, force: bool, progress: bool,
-            arch: Architecture | None) -> ModelFiles:
+            arch: Family | None) -> ModelFiles:
     """The model's files, made local first if needed. An OSError on the way (a cache folder that
     cannot be written, a checkpoint that cannot be read) becomes a one-line ModelError."""
     try:
@@ -167,7 +158,6 @@ def _ensure(src: ModelSource, *, verify: bool, force: bool, progress: bool,
                                      "or drop --force to use the cached copy")
                 raise ModelError(f"{src.name} is not in the cache and HF_HUB_OFFLINE is set: run "
                                  f"`mellow models pull {src.name}` with network, or pass --model PATH")
-            arch = arch or mellow_architecture()
             if src.kind == "checkpoint":
                 return _convert_local_checkpoint(src, folder, arch, progress)
             if src.kind == "published":
@@ -181,15 +171,16 @@ def _ensure(src: ModelSource, *, verify: bool, force: bool, progress: bool,
                          "or set MELLOW_HOME to a writable folder") from None
 
 
-def _pull_published(src: ModelSource, folder: Path, arch: Architecture, progress: bool) -> ModelFiles:
-    cfg = MellowConfig.preset(src.preset)
-    expected = expected_layout(arch.empty(cfg))  # before downloading: a broken build fails in a second
+def _pull_published(src: ModelSource, folder: Path, arch: Family | None, progress: bool) -> ModelFiles:
+    cfg = family(src.family).config(src.preset)
+    arch = arch or family_of(cfg)
+    expected = expected_layout(arch.build(cfg, "meta"))  # before downloading: a broken build fails in a second
     tokenizer = tokenizer_folder(cfg, src.name, progress)
     raw = download(src.repo, src.filename, src.revision, downloads_dir(src.repo) / src.filename,
                    name=src.name, progress=progress, reserve_factor=2)
     note(f"{src.name}: converting {src.filename} to safetensors (once)", progress)
     label = f"{src.repo}/{src.filename}"
-    state = fit(read_checkpoint(raw["path"], label=label), expected, cfg, label=label)
+    state = fit(_published_state(arch, read_checkpoint(raw["path"], label=label), label), expected, cfg, label=label)
     origin = {k: raw[k] for k in ("repo", "filename", "revision", "commit", "sha256", "size")}
     with conversion_bar(src.name, 2 * _nbytes(state), progress) as advance:
         files = write_folder(folder, src, state, cfg, tokenizer, origin, advance=advance)
@@ -198,30 +189,45 @@ def _pull_published(src: ModelSource, folder: Path, arch: Architecture, progress
     return files
 
 
-def _convert_local_checkpoint(src: ModelSource, folder: Path, arch: Architecture, progress: bool) -> ModelFiles:
+def _convert_local_checkpoint(src: ModelSource, folder: Path, arch: Family | None, progress: bool) -> ModelFiles:
+    obj = read_checkpoint(src.path, label=src.name)
     cfg = checkpoint_config(src.path)
-    expected = expected_layout(arch.empty(cfg))
+    if cfg is None:  # no config.json of ours beside it: the published model of the file's family
+        owner = arch or next((f for f in families() if f.owns(obj)), None) or family("mellow")
+        cfg = owner.config_for(obj)
+    arch = arch or family_of(cfg)
+    expected = expected_layout(arch.build(cfg, "meta"))
     tokenizer = tokenizer_beside(src.path.parent) or tokenizer_folder(cfg, src.name, progress)
     note(f"{src.name}: converting to safetensors in the cache (once)", progress)
     stat = src.path.stat()
-    state = fit(read_checkpoint(src.path, label=src.name), expected, cfg, label=src.name)
+    state = fit(_published_state(arch, obj, src.name), expected, cfg, label=src.name)
     with conversion_bar(src.name, stat.st_size + 2 * _nbytes(state), progress) as advance:
         origin = {"path": str(src.path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
                   "sha256": sha256(src.path, advance)}
         return write_folder(folder, src, state, cfg, tokenizer, origin, advance=advance)
 
 
+def _published_state(arch: Family, obj, label: str) -> dict:
+    """The family's reading of a published file; a file of another family is named as such."""
+    if not arch.owns(obj):
+        other = next((f for f in families() if f is not arch and f.owns(obj)), None)
+        if other is not None:
+            raise ModelError(f"{label}: a {other.title} checkpoint, not a {arch.title} one: pass it as a "
+                             f"{other.title} model (`mellow models list --available` names them)")
+    return arch.published_state(obj, label)
+
+
 def _nbytes(state: dict) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def _pull_hub_folder(src: ModelSource, folder: Path, arch: Architecture, progress: bool) -> ModelFiles:
+def _pull_hub_folder(src: ModelSource, folder: Path, arch: Family | None, progress: bool) -> ModelFiles:
     downloads = downloads_dir(src.repo) / slug(src.revision)
     conf = download(src.repo, CONFIG_FILE, src.revision, downloads / CONFIG_FILE, name=src.name,
                     progress=False, optional=True)
     commit = conf["commit"] if conf else src.revision  # every later file from the same commit
-    cfg = MellowConfig.v0() if conf is None else read_config(Path(conf["path"]), strict=True)
-    expected = expected_layout(arch.empty(cfg))
+    cfg = _default_config() if conf is None else read_config(Path(conf["path"]), strict=True)
+    expected = expected_layout((arch or family_of(cfg)).build(cfg, "meta"))
     raw = download(src.repo, WEIGHTS_FILE, commit, downloads / WEIGHTS_FILE, name=src.name,
                    progress=progress, optional=True)
     if raw is None:
@@ -254,12 +260,12 @@ def _local_folder(src: ModelSource, progress: bool) -> ModelFiles:
         raise ModelError(f"{src.name}: no {WEIGHTS_FILE} in this folder{hint} (a model folder holds "
                          f"{WEIGHTS_FILE}, {CONFIG_FILE} and the tokenizer files)")
     config = folder / CONFIG_FILE
-    cfg = read_config(config, strict=True) if config.is_file() else MellowConfig.v0()
+    cfg = read_config(config, strict=True) if config.is_file() else _default_config()
     tokenizer = tokenizer_beside(folder) or tokenizer_folder(cfg, src.name, progress)
     return ModelFiles(src.name, cfg, weights, tokenizer, folder, None)
 
 
 def _local_safetensors(src: ModelSource, progress: bool) -> ModelFiles:
-    cfg = checkpoint_config(src.path)
+    cfg = checkpoint_config(src.path) or _default_config()
     tokenizer = tokenizer_beside(src.path.parent) or tokenizer_folder(cfg, src.name, progress)
     return ModelFiles(src.name, cfg, src.path, tokenizer, None, None)

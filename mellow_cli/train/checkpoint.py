@@ -233,7 +233,7 @@ def save(run_dir: Path, net, tokenizer_dir: Path, opts: TrainOptions, pos: Posit
          metrics: dict, state: dict) -> Path:
     """Every process hands in its RNG state; rank 0 writes the checkpoint (state.pt: `state` and
     the RNG states) and prunes old ones."""
-    from mellow_cli import __version__
+    from mellow_cli.version import __version__
 
     rngs = world.gather(rng_state())
     path = run_dir / CHECKPOINTS / step_name(pos.step)

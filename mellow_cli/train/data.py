@@ -45,9 +45,9 @@ Two file formats, told apart by their first non-blank character:
 Relative audio paths are resolved against `audio_root`, or, without one, against the folder of the
 data file (so a dataset folder can be moved or read from anywhere).
 
-The window policy: validation and evaluation take audio.load_clip's deterministic window (the first
-10 s, tiled when shorter). For training, a clip longer than 10 s gives a random 10 s window, as in
-the reference, drawn from a generator seeded by (seed, epoch, row index): the same epoch always
+The window policy: validation and evaluation take the inference window (the start of the
+recording, fitted to a clip as the model's family does). For training, a recording longer than a
+clip gives a random window of a clip's length, as in the reference, drawn from a generator seeded by (seed, epoch, row index): the same epoch always
 sees the same windows, so a resumed run reads exactly what an uninterrupted one would have.
 """
 
@@ -63,9 +63,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mellow_cli.io.audio import audio_duration, load_clip
+from mellow_cli.io.audio import audio_duration, load_audio
 from mellow_cli.io.inputs import choices_problem, json_kind, json_lines, json_list, read_choices, read_text
-from mellow_cli.models.mellow.config import MellowConfig
 from mellow_cli.errors import AudioError, UsageError
 from mellow_cli.train.templates import OfficialText, first, realize
 
@@ -213,7 +212,8 @@ def validate_rows(
 
     Problems: empty question or answer; fewer than two choices, repeated choices or an answer
     that is not one of them; and, with `check_audio`, a missing or undecodable clip. Each distinct
-    path is decoded once (audio.load_clip, the window training starts from) in a pool of
+    path's first seconds are decoded once (at the file's own rate: whatever the model, a file that
+    decodes there decodes) in a pool of
     `workers` threads: decoding is file I/O and C code that releases the GIL. `progress(n)` is
     called as files finish. Without `check_audio` no file is opened.
     """
@@ -250,6 +250,9 @@ def _text_problems(row: QARow) -> list[str]:
     return problems
 
 
+DECODE_CHECK_SECONDS = 10.0  # of each recording, decoded before training to find bad files
+
+
 def _audio_problems(rows: Sequence[QARow], workers: int, progress) -> dict[str, str]:
     """{path: problem} for every distinct path that cannot be used."""
     paths = sorted({p for r in rows for p in (r.audio1, r.audio2) if p})
@@ -265,7 +268,7 @@ def _audio_problems(rows: Sequence[QARow], workers: int, progress) -> dict[str, 
 
 def _decode_problem(path: str) -> str | None:
     try:
-        load_clip(path)
+        load_audio(path, sr=None, duration=DECODE_CHECK_SECONDS)
     except AudioError as e:
         return f"{e.path}: {e.problem}"
     return None
@@ -312,14 +315,21 @@ def split_val(rows: Sequence[QARow], fraction: float, seed: int) -> tuple[list[Q
 
 
 class QADataset(torch.utils.data.Dataset):
-    """Rows -> dicts of two 10 s waveforms and the texts, decoded on demand (in DataLoader
-    workers). Call set_epoch before each epoch's iterator is created: workers get a copy of the
+    """Rows -> dicts of two clips' waveforms (as the model's family hears a clip) and the texts,
+    decoded on demand (in DataLoader workers). Call set_epoch before each epoch's iterator is created: workers get a copy of the
     dataset when an iterator starts, so do not combine this with `persistent_workers=True`."""
 
-    def __init__(self, rows: Sequence[QARow], cfg: MellowConfig, seed: int = 0, random_window: bool = True,
+    def __init__(self, rows: Sequence[QARow], cfg, seed: int = 0, random_window: bool = True,
                  second_clip: str = "first"):
+        from mellow_cli.api import ClipReader
+        from mellow_cli.models.family import family_of
+
+        family = family_of(cfg)
         self.rows = list(rows)
         self.cfg = cfg
+        self.read = ClipReader(family, cfg)
+        self.sample_rate = family.sample_rate(cfg)
+        self.clip_samples = round(family.clip_seconds(cfg) * self.sample_rate)
         self.seed = seed
         self.random_window = random_window
         self.second_clip = second_clip  # a row without audio2: "first" (clip 1 twice) or "random"
@@ -351,24 +361,23 @@ class QADataset(torch.utils.data.Dataset):
         return np.random.default_rng([s % 2**64 for s in (self.seed, self.epoch, index)])
 
     def window_offset(self, path: str, rng: np.random.Generator) -> float:
-        """Start of the 10 s window in seconds: 0 (the inference policy) unless random windows
-        are on and the clip is longer than the window; then a whole sample drawn from `rng`."""
-        sr, n = self.cfg.sample_rate, self.cfg.clip_samples
+        """Start of the clip's window in seconds: 0 (the inference policy) unless random windows
+        are on and the recording is longer than a clip; then a whole sample drawn from `rng`."""
+        sr, n = self.sample_rate, self.clip_samples
         if not self.random_window:
             return 0.0
         excess = round(audio_duration(path) * sr) - n
         return int(rng.integers(0, excess + 1)) / sr if excess > 0 else 0.0
 
     def _clip(self, path: str, rng: np.random.Generator) -> torch.Tensor:
-        kw = dict(sr=self.cfg.sample_rate, clip_seconds=self.cfg.clip_seconds)
         offset = self.window_offset(path, rng)
         try:
-            wav = load_clip(path, offset=offset, **kw)
+            wav = self.read(path, offset=offset)
         except AudioError:
             if offset == 0:
                 raise
             # An MP3 whose header overstates its length: fall back to the inference window.
-            wav = load_clip(path, **kw)
+            wav = self.read(path)
         return torch.from_numpy(wav)
 
 

@@ -106,7 +106,7 @@ class Interval:
 @torch.no_grad()
 def evaluate(net, dataset, tokenizer, opts: TrainOptions, world: World, device, autocast) -> dict:
     """Token-weighted answer loss over the validation rows, and accuracy on the rows that have
-    choices (each choice scored by its likelihood with the end of text, as MellowModel.choose)."""
+    choices (each choice scored by its likelihood with the end of text, as Model.choose)."""
     from mellow_cli.runtime.generate import score_choices
 
     cfg = net.cfg

@@ -15,27 +15,29 @@ from torch import nn
 from mellow_cli.errors import UsageError
 from mellow_cli.train.recipe import FREEZABLE, TrainOptions
 
-UNUSED = ("audio_encoder.base.htsat.head",)  # in the checkpoint, never in the forward pass
-
-
 def freeze(net, parts: tuple[str, ...]) -> None:
     """requires_grad off for the frozen parts (and for weights the forward pass never uses)."""
+    from mellow_cli.models.family import family_of
+
     unknown = [p for p in parts if p not in FREEZABLE]
     if unknown:
         raise UsageError(f"--freeze: unknown part {unknown[0]!r}: use {', '.join(FREEZABLE)} or none")
+    family = family_of(net.cfg)
     net.requires_grad_(True)
-    for name in (*UNUSED, *(FREEZABLE[p] for p in parts)):
+    for name in (*family.unused(), *(family.parts()[p] for p in parts)):
         net.get_submodule(name).requires_grad_(False)
 
 
 def train_mode(net, encoder: str = "eval") -> None:
-    """Training mode for the mapper's dropout. HTSAT stays in eval mode (bn0 keeps the statistics
-    it was loaded with) unless `encoder` is "train": then SpecAugment and DropPath are on and bn0
-    normalises with, and updates its running statistics from, each batch, as the authors' model
-    does in training even with HTSAT frozen."""
+    """Training mode for the projector's dropout. The encoder stays in eval mode (Mellow's bn0
+    keeps the statistics it was loaded with) unless `encoder` is "train": then its training-time
+    behaviour is on (Mellow: SpecAugment, DropPath, bn0 normalising with each batch), as the
+    authors' model does in training even with the encoder frozen."""
+    from mellow_cli.models.family import family_of
+
     net.train()
     if encoder != "train":
-        net.audio_encoder.base.eval()
+        family_of(net.cfg).frozen_encoder(net).eval()
 
 
 def optimizer_for(net, opts: TrainOptions) -> torch.optim.Optimizer:

@@ -113,10 +113,9 @@ CHOICES = {"recipe": tuple(RECIPES), "encoder_mode": ("eval", "train"), "text": 
 # Options a resumed run may change; every other one is the run's own.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "save_every", "eval_every", "log_every", "keep", "workers",
                      "device", "resume", "trace"}
-FREEZABLE = {  # --freeze part -> the module it freezes
-    "encoder": "audio_encoder.base.htsat",  # HTSAT; c2l and the projection (the mapper) still train
-    "decoder": "caption_decoder.lm",  # SmolLM2, its token embeddings (separator, prompt) included
-}
+# What --freeze names: the audio encoder, the language model (its token embeddings included); each
+# family says which of its modules those are (models/family.py's parts).
+FREEZABLE = ("encoder", "decoder")
 
 
 # The range of each numeric option, (lowest, highest; None: unbounded): the CLI declares its flags

@@ -4,7 +4,7 @@
       metrics.jsonl                 one JSON object per event (train, val), appended as they happen
       checkpoints/step-000123/      a model folder (`--model` loads it) plus the trainer's state:
         model.safetensors           weights under the official key names, the tied head once
-        config.json                 MellowConfig.to_dict()
+        config.json                 the model's config (models/family.py's config_dict)
         tokenizer.json, tokenizer_config.json
         trainer.json                step, place in the epoch, metrics, best, options
         state.pt                    optimizer, scheduler, every process's RNG states (plain
@@ -31,10 +31,10 @@ import torch
 
 from mellow_cli.errors import MellowError
 from mellow_cli.files import first_line, text_lines
+from mellow_cli.models.family import config_dict
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
-TIED_HEAD = "caption_decoder.lm.lm_head.weight"  # stored once, as the token embedding
 
 
 # --- RNG state -----------------------------------------------------------------------------------
@@ -82,8 +82,15 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 
 def model_state(net) -> dict[str, torch.Tensor]:
-    """The weights under the official key names, the tied head once (as loading writes them)."""
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items() if k != TIED_HEAD}
+    """The weights under the official key names, a tensor tied to another (the language model's
+    head, its token embedding) once, under its first name, as loading writes them."""
+    seen, out = set(), {}
+    for k, v in net.state_dict().items():
+        if v.numel() and v.data_ptr() in seen:
+            continue
+        seen.add(v.data_ptr())
+        out[k] = v.detach().to("cpu", copy=True).contiguous()
+    return out
 
 
 def write_checkpoint(run_dir: Path, step: int, net, tokenizer_dir: Path, trainer: dict, state: dict) -> Path:
@@ -125,7 +132,7 @@ def _write_files(tmp: Path, net, tokenizer_dir: Path, trainer: dict, state: dict
 
     writers = {
         "model.safetensors": lambda p: save_file(model_state(net), str(p), metadata={"format": "pt"}),
-        "config.json": lambda p: p.write_text(json.dumps(net.cfg.to_dict(), indent=2) + "\n"),
+        "config.json": lambda p: p.write_text(json.dumps(config_dict(net.cfg), indent=2) + "\n"),
         **{f: (lambda p, f=f: shutil.copyfile(tokenizer_dir / f, p))
            for f in (*TOKENIZER_FILES, *OPTIONAL_TOKENIZER_FILES) if (tokenizer_dir / f).is_file()},
         "state.pt": lambda p: torch.save(state, p),

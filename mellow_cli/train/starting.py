@@ -1,53 +1,44 @@
 """Where a run's weights start: a model (`--model`), fresh random weights of a preset (`--init
 tiny|v0`, with the encoder fitted to the training audio), or the authors' starting point (`--init
-pretrained`).
-
-`--init pretrained` follows the official training release (soham97/mellow, branch `training`,
-models/mellow.py `AudioEncoder` and models/decoder.py): HTSAT from the AudioSet checkpoint
-(`HTSAT_AudioSet_Saved_1.ckpt`, a Lightning checkpoint whose `state_dict` keys carry the
-`sed_model.` prefix, loaded strictly), the SmolLM2-135M base language model, and a fresh c2l and
-projection (the projection's two matrices Xavier-uniform, as their `Projection.init_weight`). The
-encoder's sizes are read from the checkpoint; the language model's are SmolLM2-135M's (v0).
+pretrained`, which the family assembles: models/mellow/training.py says how Mellow's is made).
 Weights are named by a local file or `REPO:FILE` on the hub; a bare hub repo means its
 `model.safetensors`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import re
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from mellow_cli.models.mellow.config import MellowConfig
 from mellow_cli.errors import ModelError, UsageError
+from mellow_cli.models.family import Family, family
 from mellow_cli.train.recipe import TrainOptions
 
-HTSAT_PREFIX = "sed_model."  # the AudioSet checkpoint's key prefix (the reference strips key[10:])
+# The family whose presets `--init` names (fresh weights, or its authors' starting point).
+INIT_FAMILY = "mellow"
 
 
-def fresh_model(cfg: MellowConfig, seed: int):
-    """Random weights for a preset. The language model gets transformers' Llama init (normal,
-    std 0.02): torch's default N(0, 1) embedding, tied to the output head, starts at a loss near 60."""
-    from mellow_cli.models.mellow.network import Mellow
+def fresh_model(cfg, seed: int):
+    """Random weights for a preset (models.weights.fresh_weights)."""
+    from mellow_cli.models.family import family_of
+    from mellow_cli.models.weights import fresh_weights
 
-    torch.manual_seed(seed)
-    net = Mellow.from_config(cfg, "cpu")
-    for module in net.lm.modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-    return net
+    return fresh_weights(family_of(cfg), cfg, seed)
 
 
-def _preset(init: str) -> MellowConfig:
-    """The config --init names (pretrained: v0's, whose encoder sizes the checkpoint then sets)."""
+def _preset(init: str):
+    """The config --init names (pretrained: the published one's, whose encoder sizes the
+    checkpoint then sets)."""
     try:
-        return MellowConfig.v0() if init == "pretrained" else MellowConfig.preset(init)
+        return _init_family().config("v0" if init == "pretrained" else init)
     except KeyError as e:
         raise UsageError(f"--init: {e.args[0]}") from None
+
+
+def _init_family() -> Family:
+    return family(INIT_FAMILY)
 
 
 def start_tokenizer(opts: TrainOptions, progress: bool, checkpoint: Path | None = None) -> Path | None:
@@ -101,92 +92,28 @@ def build_model(opts: TrainOptions, progress: bool, checkpoint: Path | None = No
 
 
 def calibrate_encoder(net, dataset, clips: int = 64) -> None:
-    """Fresh weights: fit two of the encoder's affine maps to the training audio, from `clips`
-    clips spread over the rows (the same on every process), as a data-dependent init.
+    """Fresh weights: the family fits its encoder to `clips` clips spread over the rows (the same
+    on every process), as a data-dependent init (models/family.py's calibrate)."""
+    from mellow_cli.models.family import family_of
 
-    bn0 gets each mel band's mean and variance of the log-mel. HTSAT trains with bn0 in eval mode,
-    and a fresh bn0's statistics (0, 1) would hand it raw decibels, mostly the -100 dB floor.
-
-    c2l (classes -> frame embedding) is rescaled so that each output channel has mean 0 and
-    variance 1 over the clips' frames. A random c2l adds a large constant to every frame (the
-    sigmoid class scores sit near 0.5), which the mapper's LayerNorm keeps, so clips differ by
-    only ~6% of the frame vectors and the language model long ignores the audio; centred, the
-    differences between clips are what it sees."""
-    base = net.audio_encoder.base
-    htsat = base.htsat
     picks = torch.linspace(0, len(dataset) - 1, min(clips, len(dataset))).long().tolist()
-    with torch.no_grad():
-        wav = torch.stack([dataset[i]["wav1"] for i in picks])
-        mel = htsat.log_mel(wav)  # (n, 1, frames, bands)
-        per_band = mel.transpose(0, 3).reshape(mel.shape[3], -1)
-        htsat.bn0.running_mean.copy_(per_band.mean(dim=1))
-        htsat.bn0.running_var.copy_(per_band.var(dim=1))
-        frames = base.c2l(htsat(wav)[1]).flatten(0, 1)  # (n * time tokens, audio_dim)
-        mean, std = frames.mean(dim=0), frames.std(dim=0).clamp_min(1e-6)
-        base.c2l.weight.div_(std[:, None])
-        base.c2l.bias.sub_(mean).div_(std)
+    wav = torch.stack([dataset[i]["wav1"] for i in picks])
+    family_of(net.cfg).calibrate(net, wav)
 
 
 def pretrained_model(opts: TrainOptions, progress: bool, tokenizer: Path | None = None):
-    """(net, tokenizer folder, name) from the pretrained HTSAT and language model."""
-    from mellow_cli.models.mellow.network import load_lm
-
+    """(net, tokenizer folder, name) from the family's pretrained encoder and language model."""
     _check_pretrained(opts)
-    htsat = htsat_state(opts.encoder_weights, progress)
-    cfg = dataclasses.replace(htsat_config(htsat, opts.encoder_weights), name="pretrained")
-    net = fresh_model(cfg, opts.seed)
-    _load_strict(net.audio_encoder.base.htsat, htsat, opts.encoder_weights)
-    for linear in (net.audio_encoder.projection.linear1, net.audio_encoder.projection.linear2):
-        nn.init.xavier_uniform_(linear.weight)
-    lm = {k: (v.float() if v.is_floating_point() else v) for k, v in _weights(opts.lm_weights, progress).items()}
-    try:
-        net.caption_decoder.lm = load_lm(cfg, lm)
-    except ModelError as e:
-        raise ModelError(f"{opts.lm_weights}: {e}") from None
+    names = (opts.encoder_weights, opts.lm_weights)
+    net = _init_family().pretrained(_weights(opts.encoder_weights, progress), _weights(opts.lm_weights, progress),
+                                    names, opts.seed)
     tokenizer = tokenizer or start_tokenizer(opts, progress)
-    return net, tokenizer, f"pretrained HTSAT ({opts.encoder_weights}) + {opts.lm_weights}"
+    return net, tokenizer, f"pretrained encoder ({opts.encoder_weights}) + {opts.lm_weights}"
 
 
 def _check_pretrained(opts: TrainOptions) -> None:
     if opts.init == "pretrained" and not opts.encoder_weights:
-        raise UsageError("--init pretrained needs --encoder-weights: the AudioSet HTSAT checkpoint "
-                         "(HTSAT_AudioSet_Saved_1.ckpt, keys sed_model.*)")
-
-
-def htsat_state(name: str, progress: bool) -> dict[str, torch.Tensor]:
-    """The HTSAT tensors of the AudioSet checkpoint, `sed_model.` stripped."""
-    raw = _weights(name, progress)
-    raw = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
-    sd = {k[len(HTSAT_PREFIX):]: v for k, v in raw.items() if k.startswith(HTSAT_PREFIX) and torch.is_tensor(v)}
-    if not sd:
-        raise ModelError(f"{name}: no {HTSAT_PREFIX}* keys: not the AudioSet HTSAT checkpoint")
-    return sd
-
-
-def htsat_config(sd: dict[str, torch.Tensor], name: str) -> MellowConfig:
-    """v0 with the encoder's sizes read from its tensors (so a smaller HTSAT loads too)."""
-    try:
-        proj = sd["patch_embed.proj.weight"]
-        depths = tuple(1 + max(int(m.group(2)) for k in sd if (m := re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", k))
-                               and int(m.group(1)) == i)
-                       for i in range(1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers."))))
-        tables = [sd[f"layers.{i}.blocks.0.attn.relative_position_bias_table"] for i in range(len(depths))]
-        window = (math.isqrt(tables[0].shape[0]) + 1) // 2
-        return dataclasses.replace(MellowConfig.v0(), embed_dim=proj.shape[0], patch_size=proj.shape[-1],
-                                   depths=depths, num_heads=tuple(t.shape[1] for t in tables),
-                                   window_size=window, num_classes=sd["tscam_conv.weight"].shape[0])
-    except (KeyError, ValueError, IndexError) as e:
-        raise ModelError(f"{name}: not an HTSAT state dict ({e.__class__.__name__}: {e})") from None
-
-
-def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], name: str) -> None:
-    from mellow_cli.models.mellow.network import key_report
-
-    report = key_report(module, sd)
-    if not report.ok:
-        raise ModelError(f"{name}: does not fit HTSAT: {report.describe()}")
-    with torch.no_grad():
-        module.load_state_dict(sd, strict=True)
+        raise UsageError(f"--init pretrained needs --encoder-weights: {_init_family().pretrained_encoder}")
 
 
 def _weights(name: str, progress: bool) -> dict:

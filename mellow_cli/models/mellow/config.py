@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 
 @dataclass(frozen=True)
 class MellowConfig:
+    family: ClassVar[str] = "mellow"  # models/family.py: which family's network this config builds
     name: str = "v0"
     # --- audio front end (torchlibrosa-style, frozen in the checkpoint)
     sample_rate: int = 32000  # Hz; every clip is resampled to this
