@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from mellow_cli import loading, precision
@@ -152,6 +153,7 @@ def test_an_int8_matrix_in_memory_torchs_kernel_cannot_read_is_copied_for_it():
     import sys
 
     code = """
+import pytest
 import torch
 from mellow_cli import precision
 buf = torch.randint(-127, 128, (48 * 64 + 128,), dtype=torch.int8)
@@ -168,3 +170,50 @@ print(float((got - expected).abs().max() / expected.abs().max()))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout) < 1e-2
+
+
+GOOD = {"name": "float16", "store": "float16", "decode": "float16", "prefill": "float32", "packed": False}
+
+
+def _entry(**change) -> str:
+    return json.dumps({precision.machine_key(): {**GOOD, **change}})
+
+
+BAD = {"unknown store": _entry(store="nope"), "store a list": _entry(store=["float16"]),
+       "packed a string": _entry(packed="yes"), "int8 of float16": _entry(name="int8"),
+       "packed int8": _entry(name="int8", store="int8", decode="int8", prefill="int8", packed=True),
+       "a list": "[1, 2]", "deep": '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "not JSON": "{" * 50,
+       "not UTF-8": "\xff not text", "huge": json.dumps({"": "x" * (2 << 20)})}
+
+
+@pytest.mark.parametrize("text", BAD.values(), ids=BAD.keys())
+def test_a_bad_precision_json_is_said_once_and_measured_again(text, monkeypatch, capsys):
+    monkeypatch.setattr(precision, "_measured", {})
+    calls = []
+    monkeypatch.setattr(precision, "measure", lambda: calls.append(1) or (precision.EXACT, {}))
+    path = loading.cache_dir() / "precision.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text.encode("latin-1" if text.startswith("\xff") else "utf-8"))
+    assert precision.named("auto", torch.device("cpu")).name == "float32" and calls == [1]
+    said = capsys.readouterr().err
+    assert said.count("\n") == 1 and said.startswith(f"mellow: {path}: ") and "measuring again" in said, said
+    assert json.loads(path.read_text())[precision.machine_key()]["name"] == "float32"  # measured anew, kept
+
+
+@pytest.mark.parametrize("kind", ["pipe", "device", "folder"])
+def test_a_precision_json_that_is_no_file_is_said_once_and_measured_again(kind, isolated_home, tmp_path):
+    """Never waited on (a pipe) nor read without end (/dev/zero): a subprocess, as the read would
+    block or fill its memory."""
+    import subprocess
+    import sys
+
+    from test_settings import _bounded, _unusable
+
+    path = isolated_home / "precision.json"
+    _unusable(kind, path, tmp_path)
+    code = ("import torch; from mellow_cli import precision; precision.measure = lambda: (precision.EXACT, {});"
+            "print(precision.named('auto', torch.device('cpu')).name)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          preexec_fn=_bounded(4 << 30))
+    assert done.returncode == 0 and done.stdout == "float32\n", done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"mellow: {path}: "), done.stderr
