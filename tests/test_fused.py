@@ -13,7 +13,7 @@ import torch
 from mellow_cli import precision
 from mellow_cli.config import DecodingOptions, MellowConfig
 from mellow_cli.generate import _choice_logprobs, generate_tokens
-from mellow_cli.model import fused, passes
+from mellow_cli.model import fused, kernels, passes
 from mellow_cli.model.llama import LlamaForCausalLM
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -57,7 +57,7 @@ def test_builds_for_other_instruction_sets_agree_too(march, cc, tmp_path):
     compiler = shutil.which(cc) or (shutil.which("gcc") if cc == "cc" else None)
     if compiler is None:
         pytest.skip(f"no {cc} here")
-    fused.compile_step(compiler, tmp_path / f"step-{march}.so", march=march)
+    kernels.compile_step(compiler, tmp_path / f"step-{march}.so", march=march)
     lib = fused.load_library(tmp_path / f"step-{march}.so")
     prompt = torch.randn(2, 7, CFG.hidden_size, generator=torch.Generator().manual_seed(1))
     for name in ("float16", "bfloat16", "int8"):
