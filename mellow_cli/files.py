@@ -8,10 +8,11 @@ import json
 import os
 import re
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from mellow_cli.errors import ModelError
+from mellow_cli.errors import MellowError, ModelError
 
 
 def cache_dir() -> Path:
@@ -53,17 +54,83 @@ def git_blob_sha1(path: Path) -> str:
 
 
 def read_json(path: Path) -> dict | None:
+    """A small JSON object this program keeps (read_table), None where there is none to use."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_table(path, "json")
+    except MellowError:
         return None
-    return data if isinstance(data, dict) else None
+
+
+# What a settings or record file of this program holds is a few kilobytes: a larger one was not
+# written by it (and a device such as /dev/zero, or a pipe, would be read without end).
+TABLE_BYTES = 1 << 20
+
+
+def read_table(path: Path, syntax: str) -> dict | None:
+    """The table in a small file of settings or records (`syntax` "json": an object; "toml"),
+    None where there is no file: the one reader of such files. Anything but a regular file of at
+    most TABLE_BYTES of UTF-8 that parses, nested no deeper than the parser goes (Python's
+    recursion limit), is a MellowError naming the file and what is wrong with it. A pipe or a
+    device is never opened for reading: it could block or never end."""
+    try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISREG(mode):  # else not even opened: opening a device may do something
+            # Not blocking: a pipe put there since is then seen by fstat, never waited on.
+            with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+                mode = os.fstat(f.fileno()).st_mode
+                data = f.read(TABLE_BYTES + 1) if stat.S_ISREG(mode) else b""
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise MellowError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        raise MellowError(f"{path}: {_kind(mode)}, not a file")
+    if len(data) > TABLE_BYTES:
+        raise MellowError(f"{path}: larger than {TABLE_BYTES >> 20} MiB, not a file of this program's")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise MellowError(f"{path}: not UTF-8 text") from None
+    try:
+        table = _toml().loads(text) if syntax == "toml" else json.loads(text)
+    except RecursionError:
+        raise MellowError(f"{path}: nested too deeply") from None
+    except ValueError as e:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise MellowError(f"{path}: not valid {syntax.upper()} ({first_line(e)})") from None
+    if not isinstance(table, dict):
+        raise MellowError(f"{path}: not a JSON object")
+    return table
+
+
+def _toml():
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib
+
+
+def _kind(mode: int) -> str:
+    return "a folder" if stat.S_ISDIR(mode) else "a pipe" if stat.S_ISFIFO(mode) else "a device or socket"
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """`text` as the whole of `path`, or the file as it was: written first to a file created for
+    it beside `path` (never one already there, which might be a link leading elsewhere), then
+    renamed over it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    tmp.unlink(missing_ok=True)  # left by an earlier process of this id; a link goes, not what it names
+    try:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def text_lines(text: str) -> list[str]:

@@ -76,21 +76,15 @@ def _checked(key: str, value: str, where: str) -> str:
 def read_file(path: Path | None = None) -> dict[str, str]:
     """The settings stored in the config file (none if it does not exist); a broken file is a
     one-line error naming it, never ignored, so a typo cannot silently change which model runs."""
+    from mellow_cli.files import read_table
+
     path = path or config_path()
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
+        table = read_table(path, "toml")
+    except MellowError as e:
+        raise MellowError(f"{e}; fix it or delete it") from None
+    if table is None:
         return {}
-    except (OSError, UnicodeDecodeError) as e:
-        raise MellowError(f"{path}: cannot read the config file ({getattr(e, 'strerror', None) or e})") from None
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        table = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise MellowError(f"{path}: not valid TOML ({e}); fix it or delete it") from None
     out = {}
     for key, value in table.items():
         if key not in SETTINGS:
@@ -117,7 +111,11 @@ def lookup(key: str, flag: str | None = None) -> Value:
 
 def write(key: str, value: str | None) -> Path:
     """Set (or with None, remove) one setting in the config file; the others are kept as they are.
-    The file is written whole to a temporary name and renamed, so it is never left half-written."""
+    Only a file read as a config file (read_file) is replaced, and where the path is a link, the
+    file it names (the link stays). It is written whole (files.write_text_atomic), so never left
+    half-written."""
+    from mellow_cli.files import write_text_atomic
+
     path = config_path()
     stored = read_file(path)
     if value is None:
@@ -125,11 +123,10 @@ def write(key: str, value: str | None) -> Path:
     else:
         stored[key] = _checked(key, value, "mellow config set")
     text = "".join(f"{k} = {_toml_string(v)}\n" for k, v in sorted(stored.items()))
-    tmp = path.with_name(path.name + ".tmp")
+    target = Path(os.path.realpath(path))
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text("# mellow settings: `mellow config set KEY VALUE` edits this file\n" + text, encoding="utf-8")
-        os.replace(tmp, path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(target, "# mellow settings: `mellow config set KEY VALUE` edits this file\n" + text)
     except OSError as e:
         raise MellowError(f"{path}: cannot write the config file ({e.strerror or e})") from None
     return path

@@ -10,11 +10,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mellow_cli.runtime import precision
+from mellow_cli.runtime import matrices, precision
 from mellow_cli.runtime.options import DecodingOptions
 from mellow_cli.models.mellow.config import MellowConfig
 from mellow_cli.runtime.generate import _choice_logprobs, generate_tokens
-from mellow_cli.runtime import fused, passes
+from mellow_cli.runtime import fused, kernels, passes
 from mellow_cli.runtime.llama import LlamaForCausalLM
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -58,7 +58,7 @@ def test_builds_for_other_instruction_sets_agree_too(march, cc, tmp_path):
     compiler = shutil.which(cc) or (shutil.which("gcc") if cc == "cc" else None)
     if compiler is None:
         pytest.skip(f"no {cc} here")
-    fused.compile_step(compiler, tmp_path / f"step-{march}.so", march=march)
+    kernels.compile_step(compiler, tmp_path / f"step-{march}.so", march=march)
     lib = fused.load_library(tmp_path / f"step-{march}.so")
     prompt = torch.randn(2, 7, CFG.hidden_size, generator=torch.Generator().manual_seed(1))
     for name in ("float16", "bfloat16", "int8"):
@@ -381,12 +381,12 @@ def test_decode_seconds_times_the_matrices_step_c_reads_and_declines_the_others(
         return [(make(w(64 + 2 * 32, 64)), make(w(64, 64)), make(w(2 * 80, 64)), make(w(64, 80))) for _ in range(2)], \
             make(w(120, 64))
 
-    half = precision.maker(precision.Precision("float16", "float16", "float16", "float32"))
+    half = matrices.maker(precision.Precision("float16", "float16", "float16", "float32"))
     layers, head = stack(half)
     # two timed layers stand for six; the head (0.002 - 0.001) counts once
     assert fused.decode_seconds(layers, head, 4, 2, 6, 10, timer) == pytest.approx(0.001 * 3 + 0.001)
     assert len(calls) == 2
-    layers, head = stack(precision.Int8Matrix)
+    layers, head = stack(matrices.Int8Matrix)
     assert fused.decode_seconds(layers, head, 4, 2, 6, 10, timer) is not None
-    layers, head = stack(precision.maker(precision.EXACT))
+    layers, head = stack(matrices.maker(precision.EXACT))
     assert fused.decode_seconds(layers, head, 4, 2, 6, 10, timer) is None  # oneDNN-packed float32

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from mellow_cli.runtime import precision
+from mellow_cli.runtime import matrices, precision
 from mellow_cli.models.mellow.config import MellowConfig
 from mellow_cli.errors import ModelError
 from mellow_cli.runtime.int8_copy import FILE, Int8Copy
@@ -39,7 +39,7 @@ def _no_rounding(monkeypatch):
     def refuse(self, weight):
         raise AssertionError("rounded a matrix again")
 
-    monkeypatch.setattr(precision.Int8Matrix, "__init__", refuse)
+    monkeypatch.setattr(matrices.Int8Matrix, "__init__", refuse)
 
 
 def test_the_first_int8_load_keeps_a_copy_and_the_next_reads_it(cached_ckpt, monkeypatch):
@@ -148,3 +148,41 @@ def test_a_partial_copy_left_by_a_killed_writer_goes_and_one_under_way_stays(tmp
         f.write_bytes(b"part of a copy")
     _prepared(Int8Copy(tmp_path / FILE, weights))
     assert not left.exists() and alive.exists() and (tmp_path / FILE).exists()
+
+
+def _tampered(tensors: dict, how: str) -> dict:
+    last = len(tensors) // 2 - 1
+    if how == "a short scale table":
+        tensors["0.scale"] = tensors["0.scale"][:-1].clone()
+    elif how == "a one-entry scale table":  # would broadcast over every row
+        tensors["3.scale"] = tensors["3.scale"][:1].clone()
+    elif how == "float16 scales":
+        tensors["1.scale"] = tensors["1.scale"].half()
+    elif how == "unsigned weights":
+        tensors["2.q"] = tensors["2.q"].view(torch.uint8)
+    elif how == "a matrix more":
+        tensors[f"{last + 1}.q"], tensors[f"{last + 1}.scale"] = tensors["0.q"].clone(), tensors["0.scale"].clone()
+    elif how == "a stray tensor":
+        tensors["extra"] = torch.zeros(1)
+    elif how == "a scale table missing":
+        del tensors[f"{last}.scale"]
+    return tensors
+
+
+@pytest.mark.parametrize("how", ["a short scale table", "a one-entry scale table", "float16 scales", "unsigned weights",
+                                 "a matrix more", "a stray tensor", "a scale table missing"])
+def test_a_tampered_copy_is_refused_in_one_line_before_any_product(how, tmp_path):
+    """Of today's weights (its record says so), but its arrays are not the model's: the sizes and
+    types of every one are checked, as step.c and torch's kernel read each scale table by rows."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"w")
+    copy = Int8Copy(tmp_path / FILE, weights)
+    _prepared(copy)
+    with safe_open(str(copy.path), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(_tampered(tensors, how), str(copy.path), metadata=metadata)
+    with pytest.raises(ModelError, match=f"^{copy.path}: (this int8 copy does not fit|not a readable int8 copy)"):
+        _prepared(copy)

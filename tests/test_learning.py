@@ -1,6 +1,6 @@
 """The proof that `mellow train` learns: the `tiny` preset, from fresh weights, trained on this
-CPU on the synthetic tasks of mellow_cli.tasks, answers questions about held-out clips far above
-chance. It runs the commands a user would: `python -m mellow_cli.tasks`' generator, `mellow train`,
+CPU on the synthetic tasks of mellow_cli.train.tasks, answers questions about held-out clips far above
+chance. It runs the commands a user would: `python -m mellow_cli.train.tasks`' generator, `mellow train`,
 then `mellow ask --input` with the best checkpoint on the held-out rows.
 
 Slow: about RUN_MINUTES on two cores. docs/training.md shows the same run's curve.

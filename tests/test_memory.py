@@ -14,12 +14,11 @@ from mellow_cli.runtime import memory
 # here), run once, then the page faults of three more.
 PREFILL_FAULTS = """
 import resource, sys, torch
-from mellow_cli import memory, precision
-from mellow_cli.config import MellowConfig
-from mellow_cli.model.llama import LlamaForCausalLM
+from mellow_cli.runtime import memory, precision
+from mellow_cli.runtime.llama import LlamaForCausalLM, LMConfig
 if sys.argv[1] == "keep":
     assert memory.keep_freed_blocks()
-cfg = MellowConfig(vocab_size=256, num_hidden_layers=2)
+cfg = LMConfig(vocab_size=256, num_hidden_layers=2)
 lm = LlamaForCausalLM(cfg).eval()
 precision.apply(lm, precision.Precision("float16", "float16", "float16", "bfloat16"), fused=False)
 x = torch.randn(8, 389, cfg.hidden_size)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from mellow_cli.store import loading
-from mellow_cli.runtime import precision
+from mellow_cli.runtime import matrices, precision
 
 
 def test_a_choice_made_among_other_candidates_is_measured_again(monkeypatch):
@@ -36,7 +37,7 @@ def test_a_half_precision_copy_takes_every_product_of_several_rows():
 
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(48, 32, generator=g)
-    dense = precision.Dense(weight, torch.float16, torch.float16, torch.bfloat16)
+    dense = matrices.Dense(weight, torch.float16, torch.float16, torch.bfloat16)
     assert dense.copy is not None and dense.weight.dtype == torch.float16
 
     def by_float16(x):
@@ -56,7 +57,7 @@ def test_a_half_precision_copy_takes_every_product_of_several_rows():
 
 def test_a_float32_prefill_widens_per_call_and_keeps_no_copy():
     weight = torch.randn(16, 8)
-    dense = precision.Dense(weight, torch.float16, torch.float16, torch.float32)
+    dense = matrices.Dense(weight, torch.float16, torch.float16, torch.float32)
     assert dense.copy is None
     batch_of_steps = torch.randn(3, 1, 8)  # several rows, one position each: the stored kernel
     assert torch.equal(dense(batch_of_steps), torch.nn.functional.linear(batch_of_steps.half(), weight.half()).float())
@@ -83,8 +84,8 @@ def test_the_head_keeps_no_bfloat16_copy():
     assert torch.allclose(head(positions), positions @ table.half().float().T, atol=1e-5)
     assert head.wide is None  # no float32 copy held for a few rows
     kept = []
-    for batch in (torch.randn(2, precision.HEAD_WIDE_FROM // 2, table.shape[1]),  # a batch's choice tokens
-                  torch.randn(precision.HEAD_WIDE_FROM, 1, table.shape[1])):  # rows of one position
+    for batch in (torch.randn(2, matrices.HEAD_WIDE_FROM // 2, table.shape[1]),  # a batch's choice tokens
+                  torch.randn(matrices.HEAD_WIDE_FROM, 1, table.shape[1])):  # rows of one position
         assert torch.allclose(head(batch), batch @ table.half().float().T, atol=1e-5)
         kept.append(head.wide)
     assert kept[0] is not None and kept[1] is kept[0]  # made once, then kept
@@ -92,6 +93,7 @@ def test_the_head_keeps_no_bfloat16_copy():
 
 def test_a_bfloat16_prefill_takes_the_encoder_linears_and_float32_or_float16_leave_them():
     from mellow_cli.models.mellow.config import MellowConfig
+    from mellow_cli.models.mellow.htsat import pack_linears
     from mellow_cli.models.mellow.network import Mellow
 
     torch.manual_seed(0)
@@ -101,10 +103,10 @@ def test_a_bfloat16_prefill_takes_the_encoder_linears_and_float32_or_float16_lea
     for name in ("float32", "float16", "bfloat16"):
         torch.manual_seed(1)
         nets[name] = Mellow.from_config(cfg, device="cpu").eval()
-        changed = precision.apply_encoder(nets[name].audio_encoder.base.htsat, precision.named(name, torch.device("cpu")))
+        changed = pack_linears(nets[name].audio_encoder.base.htsat, precision.named(name, torch.device("cpu")))
         linears = [m for m in nets[name].audio_encoder.base.htsat.modules() if isinstance(m, torch.nn.Linear)]
-        packed = [m for m in nets[name].audio_encoder.base.htsat.modules() if isinstance(m, precision.PackedLinear)]
-        if name == "bfloat16" and precision.packed_available(torch.bfloat16):
+        packed = [m for m in nets[name].audio_encoder.base.htsat.modules() if isinstance(m, matrices.PackedLinear)]
+        if name == "bfloat16" and matrices.packed_available(torch.bfloat16):
             assert changed and packed and not linears
             # every MLP's GELU runs inside its first product, whose output stays bfloat16
             assert sum(m.post == "gelu" and m.keep for m in packed) == sum(cfg.depths)
@@ -121,7 +123,7 @@ def test_a_bfloat16_prefill_takes_the_encoder_linears_and_float32_or_float16_lea
         rounded = nets["bfloat16"].encode_audio(wav)
     error = float((rounded - exact).norm() / exact.norm())
     assert error < 0.01  # bfloat16's 8-bit mantissa, through a few layers
-    if precision.packed_available(torch.bfloat16):
+    if matrices.packed_available(torch.bfloat16):
         assert error > 0  # it did run in bfloat16
 
 
@@ -153,13 +155,14 @@ def test_an_int8_matrix_in_memory_torchs_kernel_cannot_read_is_copied_for_it():
     import sys
 
     code = """
+import pytest
 import torch
-from mellow_cli import precision
+from mellow_cli.runtime import matrices
 buf = torch.randint(-127, 128, (48 * 64 + 128,), dtype=torch.int8)
 start = (64 - buf.data_ptr() % 64) % 64 + 8  # 8 bytes past a 64-byte boundary
 q = buf[start:start + 48 * 64].view(48, 64)
 scale = torch.rand(48) + 0.5
-matrix = precision.Int8Matrix.stored(q, scale)
+matrix = matrices.Int8Matrix.stored(q, scale)
 x = torch.randn(8, 1, 64)
 got = matrix(x)
 assert matrix.q is q  # what step.c reads stays where it was
@@ -169,3 +172,50 @@ print(float((got - expected).abs().max() / expected.abs().max()))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout) < 1e-2
+
+
+GOOD = {"name": "float16", "store": "float16", "decode": "float16", "prefill": "float32", "packed": False}
+
+
+def _entry(**change) -> str:
+    return json.dumps({precision.machine_key(): {**GOOD, **change}})
+
+
+BAD = {"unknown store": _entry(store="nope"), "store a list": _entry(store=["float16"]),
+       "packed a string": _entry(packed="yes"), "int8 of float16": _entry(name="int8"),
+       "packed int8": _entry(name="int8", store="int8", decode="int8", prefill="int8", packed=True),
+       "a list": "[1, 2]", "deep": '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "not JSON": "{" * 50,
+       "not UTF-8": "\xff not text", "huge": json.dumps({"": "x" * (2 << 20)})}
+
+
+@pytest.mark.parametrize("text", BAD.values(), ids=BAD.keys())
+def test_a_bad_precision_json_is_said_once_and_measured_again(text, monkeypatch, capsys):
+    monkeypatch.setattr(precision, "_measured", {})
+    calls = []
+    monkeypatch.setattr(precision, "measure", lambda: calls.append(1) or (precision.EXACT, {}))
+    path = loading.cache_dir() / "precision.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text.encode("latin-1" if text.startswith("\xff") else "utf-8"))
+    assert precision.named("auto", torch.device("cpu")).name == "float32" and calls == [1]
+    said = capsys.readouterr().err
+    assert said.count("\n") == 1 and said.startswith(f"mellow: {path}: ") and "measuring again" in said, said
+    assert json.loads(path.read_text())[precision.machine_key()]["name"] == "float32"  # measured anew, kept
+
+
+@pytest.mark.parametrize("kind", ["pipe", "device", "folder"])
+def test_a_precision_json_that_is_no_file_is_said_once_and_measured_again(kind, isolated_home, tmp_path):
+    """Never waited on (a pipe) nor read without end (/dev/zero): a subprocess, as the read would
+    block or fill its memory."""
+    import subprocess
+    import sys
+
+    from test_settings import _bounded, _unusable
+
+    path = isolated_home / "precision.json"
+    _unusable(kind, path, tmp_path)
+    code = ("import torch; from mellow_cli.runtime import precision; precision.measure = lambda: (precision.EXACT, {});"
+            "print(precision.named('auto', torch.device('cpu')).name)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          preexec_fn=_bounded(4 << 30))
+    assert done.returncode == 0 and done.stdout == "float32\n", done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"mellow: {path}: "), done.stderr

@@ -159,3 +159,64 @@ def test_models_rm_of_a_local_file_says_only_its_cached_copy_went(tmp_path, monk
     assert out.returncode == 0, out.stderr
     assert out.stdout == f"removed the cached copy of {mine} ({copy}), 673.6 MB; {mine} itself is untouched\n"
     assert mine.read_bytes() == b"the user's own weights"
+
+
+def _bounded(limit: int):
+    """For a subprocess: at most `limit` bytes of memory, so that a file read without end fails
+    instead of filling the machine's."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _unusable(kind: str, path, tmp_path):
+    """Put at `path` something no settings file may be read from."""
+    if kind == "pipe":
+        os.mkfifo(path)
+    elif kind == "device":
+        path.symlink_to("/dev/zero")
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "huge":  # valid TOML and JSON-less: one long comment
+        path.write_text("# " + "x" * (2 << 20) + "\n")
+    elif kind == "deep":
+        path.write_text("model = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    elif kind == "deep-table":
+        path.write_text("model = " + "{a = " * 100_000 + "1" + "}" * 100_000 + "\n")
+
+
+@pytest.mark.parametrize("kind", ["pipe", "device", "folder", "huge", "deep", "deep-table"])
+def test_a_config_file_that_is_no_small_regular_file_is_one_line_naming_it_and_left_alone(kind, isolated_home,
+                                                                                       tmp_path):
+    path = isolated_home / "config.toml"
+    _unusable(kind, path, tmp_path)
+    before = os.lstat(path)
+    for args in (("get", "model"), ("set", "device", "cpu")):
+        out = run("config", *args, timeout=60, preexec_fn=_bounded(1 << 30))
+        assert out.returncode == 1, (args, out.stderr)
+        assert out.stderr.count("\n") == 1 and out.stderr.startswith(f"mellow: error: {path}: "), out.stderr
+        assert "unexpected" not in out.stderr
+    after = os.lstat(path)
+    assert (after.st_ino, after.st_mode, after.st_size) == (before.st_ino, before.st_mode, before.st_size)
+
+
+def test_config_set_writes_only_its_own_file(isolated_home, tmp_path):
+    """Not through a name left beside the file (a link to another file), and where the config file
+    is a link, into the file it names, the link kept."""
+    path = isolated_home / "config.toml"
+    victim = tmp_path / "victim"
+    victim.write_text("someone else's\n")
+    for name in (f"{path.name}.tmp", f".{path.name}.tmp-{os.getpid()}"):  # names a write might use
+        (path.parent / name).symlink_to(victim)
+    settings.write("device", "cpu")
+    assert victim.read_text() == "someone else's\n"
+    assert settings.read_file() == {"device": "cpu"}
+
+    real = tmp_path / "dotfiles" / "mellow.toml"
+    real.parent.mkdir()
+    real.write_text('model = "birds"\n')
+    path.unlink()
+    path.symlink_to(real)
+    settings.write("device", "cpu")
+    assert path.is_symlink() and settings.read_file(real) == {"device": "cpu", "model": "birds"}
+    assert victim.read_text() == "someone else's\n"

@@ -1,4 +1,4 @@
-"""Tests for mellow_cli.tasks: the synthetic audio-reasoning dataset. The labels are checked by
+"""Tests for mellow_cli.train.tasks: the synthetic audio-reasoning dataset. The labels are checked by
 measuring the audio (level, beep count, pitch direction, kind of sound), not by trusting the
 generator."""
 

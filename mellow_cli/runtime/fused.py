@@ -12,27 +12,25 @@ choice. float32 (the exact path) never uses it.
 
 Prefills (and the many tokens of a batch's choices) are bound by arithmetic, where oneDNN's
 products are the fast ones: step.c does the rest of such a layer, through passes.py. This
-module builds, loads and checks the library for both.
+module loads and checks the library for both.
 
 It is compiled once per machine with the system's C compiler for the CPU it runs on
-(`-march=native`), and kept in the cache beside the models, keyed by the source and the CPU. No
-compiler, a failed build, or a build that disagrees with float32 arithmetic on a small random
-model: torch's forward is used, as everywhere else, and `mellow env` says which runs.
+(`-march=native`), and kept in the cache beside the models, keyed by the source and the CPU
+(model/kernels.py, which also decides whether a library found there may be loaded at all). No
+compiler, a failed build, a library that will not load, or a build that disagrees with float32
+arithmetic on a small random model: torch's forward is used, as everywhere else, and `mellow env`
+says which runs.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("step.c")
 PER_LAYER = 12  # pointers per layer, step.c's enum
 # How far the step's logits may be from float32 arithmetic on the same rounded weights, relative to
 # the largest logit: float32 sums in another order differ in the last bits; int8 also rounds the
@@ -80,56 +78,33 @@ def attach(lm) -> "FusedStep | None":
 
 
 def _build():
-    """(library, what happened): step.c built (or found built) and loaded, or (None, why not)."""
+    """(library, what happened): step.c built, or found built and ours (model/kernels.py), and
+    loaded; or (None, why not). What was found in the cache and not loaded, or a library that
+    would not load, is said in one line on stderr."""
     if os.environ.get("MELLOW_FUSED_STEP", "1").strip() == "0":
         return None, "torch's (MELLOW_FUSED_STEP=0)"
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         return None, "torch's (no C compiler found to build the one-call step; set CC)"
-    from mellow_cli.files import cache_dir
+    from mellow_cli.events import note
+    from mellow_cli.files import cache_dir, first_line
+    from mellow_cli.runtime.kernels import step_library
     from mellow_cli.runtime.machine import cpu_key
 
-    key = hashlib.sha256(SOURCE.read_bytes() + cpu_key().encode() + compiler.encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"step-{key}.so"
-    if not target.exists():
+    target, how, said = step_library(compiler, cache_dir() / "kernels", cpu_key())
+    lib = None
+    if target is not None:
         try:
-            compile_step(compiler, target)
-        except subprocess.CalledProcessError as e:
-            last = (e.stderr or b"").decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
-            return None, f"torch's ({compiler} could not build the one-call step: {last[0]})"
-        except (OSError, subprocess.SubprocessError) as e:
-            return None, f"torch's (building the one-call step failed: {e})"
-    try:
-        lib = load_library(target)
-    except OSError as e:
-        return None, f"torch's (the one-call step would not load: {e})"
+            lib = load_library(target)
+        except (OSError, AttributeError) as e:  # not a library, or not of this step.c
+            how = f"torch's (the one-call step would not load: {first_line(e)})"
+            said.append(how)
+    if said:
+        note("; ".join(said))
+    if lib is None:
+        return None, how
     one_thread = "" if lib.mellow_openmp() else "; one thread, as the compiler has no OpenMP"
     return lib, f"one call into C ({target}, built with {compiler} for this CPU{one_thread})"
-
-
-def compile_step(compiler: str, target: Path, march: str = "native") -> None:
-    """Build step.c into `target` for `march` (raises what the last compiler run raised).
-
-    Compilers differ: clang before 15 refuses -march=native on ARM (Apple's among them), where
-    -mcpu=native says the same; Apple's clang, and clang without libomp, have no OpenMP, and
-    step.c then builds for one thread. Each is tried in turn, threads first."""
-    arches = [f"-march={march}"] + (["-mcpu=native"] if march == "native" else [])
-    attempts = [[arch, *threads] for threads in (["-fopenmp"], []) for arch in arches]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / "step.so"
-        for i, flags in enumerate(attempts):
-            # -fno-math-errno lets expf vectorize; the sums stay in source order except where
-            # step.c marks a loop `omp simd` (reordered as torch's own kernels reorder them).
-            command = [compiler, "-O3", *flags, "-shared", "-fPIC", "-std=gnu11", "-fno-math-errno", str(SOURCE),
-                       "-o", str(built), "-lm"]
-            try:
-                subprocess.run(command, check=True, capture_output=True, timeout=120)
-                break
-            except subprocess.CalledProcessError:
-                if i + 1 == len(attempts):
-                    raise
-        os.replace(built, target)  # whole or not at all, if another process builds it too
 
 
 def load_library(path: Path):

@@ -44,7 +44,9 @@ class Int8Copy:
         return {"format": FORMAT, "weights_size": str(stat.st_size), "weights_mtime_ns": str(stat.st_mtime_ns)}
 
     def read(self) -> "list | None":
-        """The stored matrices (matrices.Int8Matrix), or None without a copy of these weights."""
+        """The stored matrices (matrices.Int8Matrix), or None without a copy of these weights.
+        Each is checked before it is used: step.c and torch's int8 kernel read `scale` by `q`'s
+        rows, and a short table would be read past its end."""
         from safetensors import safe_open
 
         from mellow_cli.runtime.matrices import Int8Matrix
@@ -53,13 +55,16 @@ class Int8Copy:
             with safe_open(str(self.path), framework="pt") as f:
                 if f.metadata() != self.identity():
                     return None
-                count = len(f.keys()) // 2
-                return [Int8Matrix.stored(f.get_tensor(f"{i}.q"), f.get_tensor(f"{i}.scale")) for i in range(count)]
+                keys, count = set(f.keys()), len(f.keys()) // 2
+                if keys != {f"{i}.{part}" for i in range(count) for part in ("q", "scale")}:
+                    raise ValueError("its tensors are not the matrices' q and scale, numbered from 0")
+                stored = [(f.get_tensor(f"{i}.q"), f.get_tensor(f"{i}.scale")) for i in range(count)]
         except FileNotFoundError:
             return None
         except Exception as e:  # SafetensorError, OSError: a damaged file
             raise ModelError(f"{self.path}: not a readable int8 copy ({str(e).splitlines()[0]}): delete it, "
                              "and the next --dtype int8 load makes it again") from None
+        return [Int8Matrix.stored(q, scale) for q, scale in stored]
 
     def ours(self) -> bool:
         """Whether the file at `path` is a copy this module wrote (of any weights)."""
@@ -101,19 +106,32 @@ class Int8Copy:
             if pid.isdigit() and not _running(int(pid)):
                 partial.unlink(missing_ok=True)
 
-    def maker(self, stored: list):
-        """A matrix maker (see LlamaForCausalLM.prepare) handing out `stored` in turn, each checked
-        against the float weight it stands for."""
+    def makers(self, stored: list):
+        """(a matrix maker, a head maker) (see LlamaForCausalLM.prepare) handing out `stored` in
+        turn, each checked against the float weight it stands for (its int8 matrix of that shape,
+        one float32 scale per row), the head last of all."""
+        import torch
+
         queue = iter(stored)
+
+        def misfit() -> ModelError:
+            return ModelError(f"{self.path}: this int8 copy does not fit the model's matrices: delete it, "
+                              "and the next --dtype int8 load makes it again")
 
         def matrix(weight):
             m = next(queue, None)
-            if m is None or tuple(m.q.shape) != tuple(weight.shape):
-                raise ModelError(f"{self.path}: this int8 copy does not fit the model's matrices: delete it, "
-                                 "and the next --dtype int8 load makes it again")
+            if m is None or m.q.dtype != torch.int8 or tuple(m.q.shape) != tuple(weight.shape) \
+                    or m.scale.dtype != torch.float32 or tuple(m.scale.shape) != (weight.shape[0],):
+                raise misfit()
             return m
 
-        return matrix
+        def head(weight):
+            m = matrix(weight)
+            if next(queue, None) is not None:  # matrices of another model
+                raise misfit()
+            return m
+
+        return matrix, head
 
 
 def _running(pid: int) -> bool:

@@ -49,7 +49,7 @@ def prepare(lm, precision: Precision, release=None, int8_copy=None) -> None:
     matrix, head = maker(precision), head_maker(precision)
     kept = int8_copy.read() if int8_copy is not None and precision.name == "int8" else None
     if kept is not None:
-        matrix = head = int8_copy.maker(kept)
+        matrix, head = int8_copy.makers(kept)
     lm.prepare(matrix, release, head=head)
     if int8_copy is not None and precision.name == "int8" and kept is None:
         int8_copy.write(lm.matrices())

@@ -25,7 +25,6 @@ half precision.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -115,7 +114,7 @@ def auto(progress: bool = False) -> Precision:
     if key in _measured:
         return _measured[key]
     path = _cache_file()
-    known = _read(path)
+    known = _read(path, key)
     if key in known:
         choice = Precision(**{**known[key], "chosen_by": f"auto: measured before ({path})"})
     else:
@@ -217,16 +216,32 @@ def _cache_file() -> Path:
     return cache_dir() / "precision.json"
 
 
-def _read(path: Path) -> dict:
+def _read(path: Path, key: str) -> dict:
+    """The choices measured before, by machine key, each a Precision's fields checked by type and
+    range (others', of other releases, that are not are left out). A file that cannot be read as
+    such, or whose entry for `key` is not one, is said once and measured again."""
+    from mellow_cli.errors import MellowError
+    from mellow_cli.events import note
+    from mellow_cli.files import read_table
+
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = read_table(path, "json") or {}
+    except MellowError as e:
+        note(f"{e}; measuring again")
         return {}
-    if not isinstance(data, dict):
-        return {}
-    fields = set(Precision.__dataclass_fields__) - {"chosen_by"}
-    return {k: {f: v[f] for f in fields} for k, v in data.items()
-            if isinstance(v, dict) and fields <= v.keys() and v.get("name") in NAMES}
+    known = {k: fields for k, fields in ((k, _fields(v)) for k, v in data.items()) if fields is not None}
+    if key in data and key not in known:
+        note(f"{path}: the entry for this machine is not a precision this release runs; measuring again")
+    return known
+
+
+def _fields(entry) -> dict | None:
+    """A Precision's fields but chosen_by, as precision.json keeps them; None where one is of the
+    wrong type or names a kind of matrix there is no maker for."""
+    fields = {f: entry.get(f) for f in ("name", "store", "decode", "prefill", "packed")} if isinstance(entry, dict) else {}
+    kinds = [fields.get(f) for f in ("name", "store", "decode", "prefill")]
+    ok = kinds == ["int8"] * 4 and fields["packed"] is False or all(isinstance(k, str) and k in DTYPES for k in kinds)
+    return fields if ok and isinstance(fields.get("packed"), bool) else None
 
 
 def _write(path: Path, known: dict) -> None:

@@ -1,6 +1,6 @@
 """Audio-reasoning tasks made from synthesized sound: a dataset that proves training works.
 
-    python -m mellow_cli.tasks OUT_DIR --rows 2000 --seed 0 [--val-rows 200]
+    python -m mellow_cli.train.tasks OUT_DIR --rows 2000 --seed 0 [--val-rows 200]
 
 writes OUT_DIR/audio/*.flac (32 kHz mono 16-bit, exactly 10 s each, so the model's 10 s window
 neither crops nor tiles them: tiling would repeat beeps) and OUT_DIR/train.jsonl, OUT_DIR/val.jsonl
@@ -286,7 +286,7 @@ def _size(folder: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mellow_cli.tasks", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mellow_cli.train.tasks", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", metavar="OUT_DIR", help="folder to write audio/, train.jsonl, val.jsonl into")
     parser.add_argument("--rows", type=int, default=2000, help="training rows (default 2000)")
     parser.add_argument("--val-rows", type=int, default=None, help="validation rows (default rows/10)")
