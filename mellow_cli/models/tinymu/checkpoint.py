@@ -31,6 +31,7 @@ EMBED = LM + "model.embed_tokens.weight"
 HEAD = LM + "lm_head.weight"
 WHOLE_FILE = "tinymu.pt"
 ENCODER_FILE = "matpac_plus_as_48_1_map_enconly.pt"
+WHOLE = "a TinyMU checkpoint"
 ENCODER_ALONE = f"the MATPAC++ encoder alone ({ENCODER_FILE}), not the whole TinyMU model ({WHOLE_FILE})"
 
 
@@ -39,7 +40,7 @@ def sniff(obj) -> str | None:
     "a TinyMU checkpoint", or the MATPAC++-only file; None for anything else."""
     keys = _keys(_state_of(obj))
     if any(k.startswith(LM) for k in keys) and any(k.startswith(ENCODER) for k in keys):
-        return "a TinyMU checkpoint"
+        return WHOLE
     if _encoder_alone(keys):
         return ENCODER_ALONE
     return None
@@ -49,14 +50,13 @@ def read_published(obj, source: str | None = None) -> dict[str, torch.Tensor]:
     """What `torch.load(tinymu.pt, weights_only=True)` returned (or its "model" state dict alone)
     -> the state dict in our network's key names. Anything else is a ModelError of one line
     saying what it is, prefixed by `source` (the file's name) when given."""
-    state = _state_of(obj)
-    keys = _keys(state)
     what = sniff(obj)
-    if what != "a TinyMU checkpoint":
-        raise _error(source, f"{what or _foreign(obj, keys)}")
-    damaged = [k for k in keys if not isinstance(state[k], torch.Tensor)]
+    if what != WHOLE:
+        raise _error(source, what or _foreign(obj))
+    state = _state_of(obj)
+    damaged = [k for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
     if damaged:
-        raise _error(source, f"a damaged TinyMU checkpoint: {damaged[0]!r} is not a tensor")
+        raise _error(source, f"a damaged TinyMU checkpoint: {damaged[0]!r} does not hold a tensor")
     state = dict(state)
     if ALIAS in state:
         state[HEAD] = state.pop(ALIAS)  # the value in use: see the module's docstring
@@ -88,21 +88,23 @@ def _state_of(obj):
 
 
 def _keys(state) -> list[str]:
-    return [k for k in state if isinstance(k, str)] if isinstance(state, Mapping) else []
+    """The state dict's names, without the `module.` a DataParallel wrapper adds."""
+    return [k.removeprefix("module.") for k in state if isinstance(k, str)] if isinstance(state, Mapping) else []
 
 
 def _encoder_alone(keys: list[str]) -> bool:
     return any("student_encoder.blocks." in k for k in keys) and not any("text_decoder." in k for k in keys)
 
 
-def _foreign(obj, keys: list[str]) -> str:
+def _foreign(obj) -> str:
     """A few words on what a file that is not TinyMU's holds."""
+    keys = _keys(_state_of(obj))
     if not isinstance(obj, Mapping):
         return f"not a TinyMU checkpoint: it holds a {type(obj).__name__}, not a dict of tensors"
     inner = obj.get("state_dict") if isinstance(obj.get("state_dict"), Mapping) else obj
     if any(str(k).startswith("audio_lm.") for k in inner):
         return "a Samsone checkpoint, not TinyMU"
-    if any(str(k).removeprefix("module.").startswith("caption_decoder.lm.") for k in keys):
+    if any(k.startswith("caption_decoder.lm.") for k in keys):
         return "a Mellow checkpoint, not TinyMU"
     has_lm, has_encoder = (any(k.startswith(prefix) for k in keys) for prefix in (LM, ENCODER))
     if has_lm or has_encoder:
