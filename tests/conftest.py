@@ -122,3 +122,150 @@ def mellow_clip(source, offset: float = 0.0, duration: float | None = None):
     from mellow_cli.models.mellow.config import MellowConfig
 
     return ClipReader(family("mellow"), MellowConfig.v0())(source, offset=offset, duration=duration)
+
+
+# --- TinyMU: the golden set and its checkpoint ---------------------------------------------------
+
+TINYMU_GOLDEN_DIR = Path(__file__).parent / "golden-tinymu"
+
+
+@pytest.fixture(scope="session")
+def tinymu_golden_dir() -> Path:
+    """The TinyMU golden set (see its README.md): manifest.json, make_weights.py, golden.npz."""
+    return TINYMU_GOLDEN_DIR
+
+
+@pytest.fixture(scope="session")
+def tinymu_golden(tinymu_golden_dir):
+    """The authors' code's outputs at every stage (see the golden set's README.md)."""
+    import numpy as np
+
+    with np.load(tinymu_golden_dir / "golden.npz", allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="session")
+def tinymu_golden_checkpoint(pytestconfig, tinymu_golden_dir) -> Path:
+    """The golden weights as `{"model": state_dict}`, the published tinymu.pt layout (~0.9 GB),
+    built once by the golden set's make_weights.py into pytest's cache."""
+    out = Path(pytestconfig.cache.mkdir("tinymu")) / "golden_weights.pt"
+    if not out.exists():
+        import json
+
+        import torch
+
+        maker = _load_script(tinymu_golden_dir / "make_weights.py")
+        manifest = json.loads((tinymu_golden_dir / "manifest.json").read_text())
+        gguf = _smollm2_gguf(Path(pytestconfig.cache.mkdir("smollm2")))
+        with _reference_exp(maker):
+            state = maker.build(manifest, gguf)
+        tmp = out.with_suffix(".tmp")
+        torch.save({"model": state}, tmp)
+        os.replace(tmp, out)
+    return out
+
+
+def _load_script(path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Torch:
+    """torch, with `exp` replaced: what make_weights.py sees while its filterbank is rebuilt."""
+
+    def __init__(self, exp):
+        import torch
+
+        self._torch, self.exp = torch, exp
+
+    def __getattr__(self, name):
+        return getattr(self._torch, name)
+
+
+def _reference_exp(maker):
+    """make_weights.py stops unless its mel filterbank has the reference buffer's SHA-256. torch's
+    float32 exp is not the same to the last bit on every CPU (its vector kernels differ between
+    instruction sets), and one ulp in one band edge changes the digest. Where the first attempt
+    misses, try the edges' exp one ulp up or down, one at a time, and build with the one that
+    gives the reference's digest, so the file holds exactly the reference's buffer."""
+    import contextlib
+
+    import torch
+
+    def nudged(i, direction):
+        def exp(x):
+            y = torch.exp(x)
+            y[i] = torch.nextafter(y[i], torch.tensor(direction))
+            return y
+        return exp
+
+    @contextlib.contextmanager
+    def using(exp):
+        maker.torch = _Torch(exp)
+        try:
+            yield
+        finally:
+            maker.torch = torch
+
+    def matches() -> bool:
+        return maker.sha256(maker.mel_fbanks()) == maker.FB_SHA256
+
+    if matches():
+        return contextlib.nullcontext()
+    for i in range(maker.mel_fbanks().shape[1] + 2):
+        for direction in (float("inf"), float("-inf")):
+            try:
+                with using(nudged(i, direction)):
+                    if matches():
+                        return using(nudged(i, direction))
+            except IndexError:  # fewer edges in the logarithmic part than i
+                break
+    pytest.fail("cannot rebuild the reference's mel filterbank on this CPU (make_weights.py's digest check)")
+
+
+@pytest.fixture(scope="session")
+def tinymu_golden_model(tinymu_golden_checkpoint):
+    """The `tinymu` network holding the golden weights, loaded as the published file is:
+    read safely, mapped, assigned into a meta-device build."""
+    import torch
+
+    from mellow_cli.models.tinymu.checkpoint import read_published
+    from mellow_cli.models.tinymu.config import TinyMUConfig
+    from mellow_cli.models.tinymu.network import TinyMU, load_weights
+
+    obj = torch.load(tinymu_golden_checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    return load_weights(TinyMU.from_config(TinyMUConfig.tinymu(), "meta"), read_published(obj))
+
+
+def decode_row(lm, row, steps: int):
+    """Greedy decoding of one PrefixRow by its rules, with the language model's own layers and
+    KV cache: `embeds` at positions 0 .. L-1; `query`, if any, at `query_position`, seeing
+    `embeds` only (not itself); answer token j at `next_position + j`, seeing `embeds` and the
+    answer so far. -> (logits predicting the first answer token (vocab,), `steps` greedy ids)."""
+    import torch
+
+    def step(x, position, slot, mask=None):
+        x = x[None, None]
+        cos, sin = lm.model.rotary_emb.span(position, position + 1, x.dtype)
+        for layer in lm.model.layers:
+            x = layer(x, cos, sin, slot, mask)
+        return lm.head(lm.model.norm(x))[0, -1]
+
+    with torch.inference_mode():
+        n = row.embeds.shape[0]
+        lm.setup_cache(1, n + steps)
+        logits = lm(inputs_embeds=row.embeds[None], start=0, logits_to_keep=1).logits[0, -1]
+        if row.query is not None:
+            mask = torch.ones(1, n + 1, dtype=torch.bool)
+            mask[0, n] = False  # the query sees the cached positions, not itself
+            logits = step(row.query, row.query_position, n, mask)
+        first, ids = logits, []
+        for j in range(steps):
+            ids.append(int(logits.argmax()))
+            if j + 1 < steps:  # the slot the query used is overwritten: nothing ever reads it
+                logits = step(lm.embed(torch.tensor([ids[-1]]))[0], row.next_position + j, n + j)
+        return first, ids

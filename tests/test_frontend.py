@@ -8,7 +8,8 @@ import torch
 from safetensors import safe_open
 
 from mellow_cli.models.mellow.config import MellowConfig
-from mellow_cli.models.mellow.frontend import LogMel, Spectrogram, hann_dft_kernels, mel_filterbank
+from mellow_cli.models.blocks import mel_filterbank
+from mellow_cli.models.mellow.frontend import LogMel, Spectrogram, hann_dft_kernels
 
 CFG = MellowConfig.v0()
 PREFIX = "audio_encoder.base.htsat."

@@ -182,7 +182,7 @@ class Family:
                          "model with --model instead")
 
 
-_FAMILIES = {"mellow": "mellow_cli.models.mellow"}
+_FAMILIES = {"mellow": "mellow_cli.models.mellow", "tinymu": "mellow_cli.models.tinymu"}
 
 
 def family(name: str) -> Family:

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mellow_cli.models.mellow.config import MellowConfig
-from mellow_cli.models.mellow.frontend import CPU, LogMel, Spectrogram, constant
+from mellow_cli.models.blocks import CPU, MLP, constant
+from mellow_cli.models.mellow.frontend import LogMel, Spectrogram
 
 MASKED = -100.0  # the reference's additive mask between tokens from different shifted regions
 DROP_PATH = 0.1  # the reference's drop_path_rate: the last block's stochastic depth
@@ -129,16 +130,6 @@ class WindowAttention(nn.Module):
         # in q's dtype: bfloat16 where precision.apply_encoder has qkv keep its products' rounding
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.reshape(1, nW * heads, N, N).to(q.dtype))
         return self.proj(out.view(B, nW, heads, N, head_dim).transpose(2, 3).reshape(B, nW, N, C))
-
-
-class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class SwinBlock(nn.Module):
