@@ -22,7 +22,8 @@ def tokenizer(base) -> ModelTokenizer:
     return ModelTokenizer(base)
 
 
-def test_pruned_map_is_the_references(tokenizer, samsone_golden):
+def test_pruned_map_is_the_references(tokenizer, base, samsone_golden):
+    assert base.all_special_ids == list(range(17)) and base.get_vocab()["<|im_end|>"] == 2
     vocabulary = tokenizer.vocabulary
     assert len(vocabulary) == 34111
     assert np.array_equal(np.array(vocabulary.to_tokenizer), samsone_golden["pruned_to_smollm"])
