@@ -66,6 +66,8 @@ class SamsoneConfig:
         presets = {
             "samsone-99m": dict(num_hidden_layers=20),
             "samsone-134m": {},
+            # SmolLM2-360M's config.json (rope_theta 100000, like the 135M's): what the authors' Python
+            # inference builds the model from; only their on-device export config says 10000
             "samsone-356m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
                                  num_attention_heads=15, num_key_value_heads=5,
                                  tokenizer="HuggingFaceTB/SmolLM2-360M"),

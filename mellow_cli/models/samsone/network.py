@@ -30,9 +30,9 @@ from mellow_cli.models.samsone.whisper import WhisperEncoder
 @dataclass(frozen=True)
 class PrefixRow:
     embeds: torch.Tensor  # (L, H): positions 0 .. L-1, which the language model caches
-    query: torch.Tensor | None = None  # Samsone has none: embeds[-1] predicts the first answer token
-    query_position: int | None = None
-    next_position: int = 0  # rotary position of the first answer token (L)
+    query: torch.Tensor | None  # Samsone has none: embeds[-1] predicts the first answer token
+    query_position: int | None
+    next_position: int  # rotary position of the first answer token (L)
 
 
 class Scope(nn.Module):
@@ -104,7 +104,7 @@ class Samsone(nn.Module):
         ids = torch.tensor(list(prompt_ids), dtype=torch.long, device=sep.device)
         parts.append(self.lm.embed(ids).to(sep.dtype))
         embeds = torch.cat(parts)
-        return PrefixRow(embeds=embeds, next_position=embeds.shape[0])
+        return PrefixRow(embeds, query=None, query_position=None, next_position=embeds.shape[0])
 
 
 def load_weights(model: Samsone, sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> Samsone:
