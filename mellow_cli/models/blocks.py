@@ -1,7 +1,8 @@
 """Pieces more than one family's encoder is built from: buffers computed at build time (on the
 CPU, whatever device the network is built on), Slaney's mel filterbank (librosa's default, which
 HTSAT's torchlibrosa front end, TinyMU's torchaudio one and Whisper's feature extractor all use),
-and the transformer MLP of timm and HTSAT (fc1, exact GELU, fc2).
+the transformer MLP of timm and HTSAT (fc1, exact GELU, fc2), and the projector Mellow and Samsone
+share (LayerNorm(l1 x + l2 gelu(l1 x))).
 """
 
 from __future__ import annotations
@@ -69,3 +70,19 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Projection(nn.Module):
+    """Maps encoder frames (d_in) into the language model's embedding space (d_out): Mellow's mapper,
+    Samsone's projector."""
+
+    def __init__(self, d_in: int, d_out: int, dropout: float = 0.5):
+        super().__init__()
+        self.linear1 = nn.Linear(d_in, d_out, bias=False)
+        self.linear2 = nn.Linear(d_out, d_out, bias=False)
+        self.layer_norm = nn.LayerNorm(d_out)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear1(x)
+        return self.layer_norm(h + self.drop(self.linear2(F.gelu(h))))

@@ -182,7 +182,11 @@ class Family:
                          "model with --model instead")
 
 
-_FAMILIES = {"mellow": "mellow_cli.models.mellow", "tinymu": "mellow_cli.models.tinymu"}
+_FAMILIES = {
+    "mellow": "mellow_cli.models.mellow",
+    "tinymu": "mellow_cli.models.tinymu",
+    "samsone": "mellow_cli.models.samsone",
+}
 
 
 def family(name: str) -> Family:

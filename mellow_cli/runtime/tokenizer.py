@@ -31,3 +31,12 @@ class Tokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def get_vocab(self) -> dict[str, int]:
+        """Every token, added ones included -> its id (transformers' `get_vocab`)."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        """Ids of the added tokens marked special."""
+        return sorted(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)

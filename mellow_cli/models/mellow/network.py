@@ -15,10 +15,10 @@ import contextlib
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mellow_cli.models.mellow.config import MellowConfig
+from mellow_cli.models.blocks import Projection
 from mellow_cli.models.mellow.htsat import HTSATEncoder
 from mellow_cli.models.weights import (
     assign,
@@ -29,21 +29,6 @@ from mellow_cli.models.weights import (
     skip_init,
     tie_lm_head,
 )
-
-
-class Projection(nn.Module):
-    """Maps encoder frames (audio_dim) into the language model's embedding space (hidden_size)."""
-
-    def __init__(self, d_in: int, d_out: int, dropout: float = 0.5):
-        super().__init__()
-        self.linear1 = nn.Linear(d_in, d_out, bias=False)
-        self.linear2 = nn.Linear(d_out, d_out, bias=False)
-        self.layer_norm = nn.LayerNorm(d_out)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.linear1(x)
-        return self.layer_norm(h + self.drop(self.linear2(F.gelu(h))))
 
 
 class AudioEncoder(nn.Module):
