@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from mellow_cli.runtime.generate import ChoiceScore
     from mellow_cli.runtime.precision import Precision
+    from mellow_cli.runtime.prefix import Prefix
 
 AudioInput = Union[str, os.PathLike, "np.ndarray"]
 
@@ -53,6 +54,7 @@ class ChoiceResult:
     choice: str  # the most probable choice
     scores: tuple["ChoiceScore", ...]  # per choice: log-probability of its tokens (and the end of text)
     probabilities: tuple[float, ...]  # the model's distribution restricted to these choices
+    prompt_tokens: int = 0  # positions the question took before the answer (a request's usage)
 
     def as_dict(self) -> list[dict]:
         return [
@@ -162,9 +164,12 @@ class Model:
         while len(self._clips) > self._clip_cache:
             self._clips.popitem(last=False)
 
-    def prefix(self, questions: Sequence[Question]) -> "torch.Tensor":
-        """(B, prefix_len, hidden) input embeddings for B questions (audio1, audio2 or None, prompt)."""
+    def prefix(self, questions: Sequence[Question]) -> "Prefix":
+        """The language model's input for B questions (audio1, audio2 or None, prompt), as the
+        family lays out each question (runtime/prefix.py)."""
         import torch
+
+        from mellow_cli.runtime.prefix import Prefix
 
         first = [self.load_clip(a1) for a1, _, _ in questions]
         second = [None if a2 is None else self.load_clip(a2) for _, a2, _ in questions]
@@ -174,9 +179,8 @@ class Model:
             if c is not None:
                 row.append(next(clips))
         with torch.inference_mode():
-            rows = [self.family.prefix_row(self.net, row, self.family.prompt_ids(self.tokenizer, q, self.cfg))
-                    for row, (_, _, q) in zip(heard, questions)]
-            return torch.stack([r.embeds for r in rows])
+            return Prefix.of([self.family.prefix_row(self.net, row, self.family.prompt_ids(self.tokenizer, q, self.cfg))
+                              for row, (_, _, q) in zip(heard, questions)])
 
     # --- answers ---------------------------------------------------------------------------------
 
@@ -230,10 +234,10 @@ class Model:
         prefix = self.prefix(questions)
         rows = score_choices(self.net.lm, self.tokenizer, prefix, [list(c) for c in choices], append_eos=True,
                              eos_id=self.cfg.eos_token_id)
-        return [_choice_result(scores) for scores in rows]
+        return [_choice_result(scores, length) for scores, length in zip(rows, prefix.lengths)]
 
 
-def _choice_result(scores: Sequence["ChoiceScore"]) -> ChoiceResult:
+def _choice_result(scores: Sequence["ChoiceScore"], prompt_tokens: int = 0) -> ChoiceResult:
     if not all(math.isfinite(s.logprob) for s in scores):
         from mellow_cli.errors import ModelError
         from mellow_cli.runtime.generate import NOT_FINITE
@@ -243,4 +247,5 @@ def _choice_result(scores: Sequence["ChoiceScore"]) -> ChoiceResult:
     weights = [math.exp(s.logprob - top) for s in scores]
     probabilities = tuple(w / sum(weights) for w in weights)
     best = max(range(len(scores)), key=lambda i: scores[i].logprob)
-    return ChoiceResult(choice=scores[best].text, scores=tuple(scores), probabilities=probabilities)
+    return ChoiceResult(choice=scores[best].text, scores=tuple(scores), probabilities=probabilities,
+                        prompt_tokens=prompt_tokens)

@@ -27,6 +27,10 @@ def isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MELLOW_CONFIG", str(home / "config.toml"))  # nor the user's own defaults
     for key in ("MELLOW_MODEL", "MELLOW_DEVICE", "MELLOW_DTYPE"):
         monkeypatch.delenv(key, raising=False)
+    # Each test starts with the core's plain reporter, whatever an earlier test's CLI run installed.
+    from mellow_cli import events
+
+    monkeypatch.setattr(events, "_reporter", events.Reporter())
     return home
 
 

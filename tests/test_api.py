@@ -70,8 +70,8 @@ def test_a_question_is_a_named_triple_and_the_second_clip_a_keyword(model):
 
 
 def test_prefix_depends_on_the_audio(model):
-    p1 = model.prefix([Question(tone(440), None, "q")])
-    p2 = model.prefix([Question(tone(880), None, "q")])
+    p1 = model.prefix([Question(tone(440), None, "q")]).embeds
+    p2 = model.prefix([Question(tone(880), None, "q")]).embeds
     assert p1.shape == (1, model.cfg.prefix_len, model.cfg.hidden_size)
     assert not np.allclose(p1.numpy(), p2.numpy())
     # the prompt part is the same text, so those positions agree

@@ -320,7 +320,11 @@ class _Recorder:
     def __init__(self):
         from mellow_cli.models.mellow.config import MellowConfig
 
+        from mellow_cli.api import ClipReader
+        from mellow_cli.models.family import family_of
+
         self.cfg = MellowConfig.tiny()
+        self.read_clip = ClipReader(family_of(self.cfg), self.cfg)
         self.asked = []
 
     def ask_batch(self, questions, options):

@@ -124,7 +124,7 @@ def test_the_race_is_fair_same_prefix_same_tokens(tiny_model_dir):
     clip = speed.synth_clips(1, model.cfg.clip_samples, model.cfg.sample_rate, seed=3)[0]
     prefix = model.prefix([(clip, None, speed.QUESTION)])
     ours = speed.ours(model.net.lm, prefix, 6)
-    theirs = speed.hf_generate(speed.baseline_lm(str(tiny_model_dir), prefix.device), prefix, 6)
+    theirs = speed.hf_generate(speed.baseline_lm(str(tiny_model_dir), prefix.embeds.device), prefix.embeds, 6)
     assert ours.ids.shape == theirs.ids.shape == (1, 6)
     eos = model.cfg.eos_token_id  # transformers is kept from choosing it (min_new_tokens); ours is not
     assert eos in ours.ids or torch.equal(ours.ids, theirs.ids)
@@ -137,8 +137,10 @@ def test_every_call_gets_new_clips():
 
     from mellow_cli.models.mellow.config import MellowConfig
 
+    from mellow_cli.models.family import family_of
+
     cfg = MellowConfig.tiny()
-    take = speed.clip_maker(SimpleNamespace(cfg=cfg))
+    take = speed.clip_maker(SimpleNamespace(cfg=cfg, family=family_of(cfg)))
     first, second = take(2), take(1)
     clips = [*first, *second]
     assert all(c.shape == (cfg.clip_samples,) and c.dtype.name == "float32" for c in clips)

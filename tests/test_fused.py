@@ -178,7 +178,11 @@ def test_a_prefill_keeping_its_last_positions_gives_their_states_and_caches_ever
             # float16's last layer then multiplies one position as a decode step does, in float16
             # rather than widened to float32: the same values to float16's rounding. A bfloat16
             # prefill's stays on its bfloat16 products.
-            bound = 2e-3 if name == "float16" and keep == 1 else 1e-6
+            # Without step.c's passes (a CPU whose vectors are not 16 lanes), torch's layers hand
+            # the float16+bfloat16 copy's last layer one float32 position, which it multiplies as
+            # a decode step does, in float16: the values then differ by bfloat16's rounding.
+            native = bool(fused.library().mellow_attention_native())
+            bound = 2e-3 if name == "float16" and keep == 1 else 1e-2 if keep == 1 and prefill and not native else 1e-6
             assert float((kept - full[:, -keep:]).abs().max()) <= bound * float(full.abs().max())
             assert all(torch.equal(a, b) for a, b in zip(kept_cache, cache))
 
@@ -205,6 +209,9 @@ def test_a_library_whose_prefill_pass_is_wrong_is_refused(monkeypatch):
 
         def mellow_swiglu(self, gate_up, out, n, inter, threads):
             ctypes.memset(out, 0, n * inter * 2)
+
+        def mellow_attention_native(self):  # checked on every CPU, where the check would run
+            return 1
 
     monkeypatch.setattr(fused, "_build", lambda: (Broken(), "one call into C (a broken one)"))
     assert fused.library() is not None  # the decode step does not use it

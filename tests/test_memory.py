@@ -41,8 +41,10 @@ def prefill_faults(mode: str) -> int:
 def test_a_batched_prefill_reuses_freed_blocks_instead_of_faulting_pages_in_again():
     default, kept = prefill_faults("default"), prefill_faults("keep")
     # glibc maps each large block afresh and unmaps it when freed (tens of thousands of faults a
-    # prefill); kept, the blocks of one prefill serve the next
-    assert kept * 4 < default, (kept, default)
+    # prefill); kept, the blocks of one prefill serve the next. How many faults remain depends on
+    # the CPU's kernels (on an AVX512 CPU a quarter, on an AVX2 one, where torch's attention and
+    # bfloat16 products allocate otherwise, about a third to two fifths): at most half, anywhere.
+    assert kept * 2 < default, (kept, default)
 
 
 def test_once_per_process_and_nothing_without_glibc(monkeypatch):

@@ -344,7 +344,7 @@ def test_a_long_hop_keeps_every_window_good(tiny_model_dir, tmp_path):
 
 
 def test_ctrl_c_hint_only_where_resume_can_follow(tiny_model_dir, clips):
-    from mellow_cli.cli import main as cli
+    from mellow_cli.cli import answer as cli
 
     class Interrupting:
         def __init__(self):

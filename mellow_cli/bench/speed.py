@@ -29,6 +29,7 @@ from mellow_cli.api import CAPTION_PROMPT, Model, Question, load_model
 from mellow_cli.runtime.options import DecodingOptions
 from mellow_cli.errors import ModelError
 from mellow_cli.runtime.generate import generate_tokens
+from mellow_cli.runtime.prefix import Prefix
 
 QUESTION = "what can you infer about the surroundings from the audio?"
 CHOICE_QUESTION = "which sound is this?"
@@ -212,9 +213,9 @@ def captions_per_s(model: Model, clips: Callable[[int], list], batch: int, token
     return batch / statistics.median(caption(tokens) for _ in range(repeat))
 
 
-def ours(lm, prefix: torch.Tensor, tokens: int) -> DecodeRun:
-    """Our cached greedy loop (mellow_cli.generate) over `prefix`, exactly `tokens` tokens."""
-    device = prefix.device
+def ours(lm, prefix: Prefix, tokens: int) -> DecodeRun:
+    """Our cached greedy loop (runtime/generate.py) over `prefix`, exactly `tokens` tokens."""
+    device = prefix.embeds.device
     sync(device)
     start = time.perf_counter()
     steps = generate_tokens(lm, prefix, DecodingOptions(max_tokens=tokens), eos_id=NEVER)
@@ -299,12 +300,12 @@ def run(model: str = "v0", device: str = "auto", dtype: str | None = None, token
     if baseline:
         note("importing transformers for the baseline (float32)")
         hf_lm = baseline_lm(model, loaded.device)
-        hf_generate(hf_lm, prefix.float(), min(tokens, 4))  # warm-up
+        hf_generate(hf_lm, prefix.embeds.float(), min(tokens, 4))  # warm-up
     runs, hf_runs = [], []
     for _ in range(repeat):
         runs.append(ours(lm, prefix, tokens))
         if hf_lm is not None:
-            hf_runs.append(hf_generate(hf_lm, prefix.float(), tokens))
+            hf_runs.append(hf_generate(hf_lm, prefix.embeds.float(), tokens))
 
     rss_baseline = peak_rss_mb() if hf_runs else None
     agreed = dict(agreement_prompts=0, same_greedy=None, same_choice=None, max_logit_diff=None)
@@ -336,7 +337,7 @@ def run(model: str = "v0", device: str = "auto", dtype: str | None = None, token
 @torch.inference_mode()
 def agreement(model: Model, exact: Model, clips: list[np.ndarray], tokens: int) -> dict:
     """How often `model` answers as the float32 `exact` does over the same clips."""
-    from mellow_cli.runtime.generate import prefill
+    from mellow_cli.runtime.generate import Session
 
     same_tokens = same_pick = 0
     diff = 0.0
@@ -345,8 +346,7 @@ def agreement(model: Model, exact: Model, clips: list[np.ndarray], tokens: int) 
         for m in (model, exact):
             prefix = m.prefix([Question(clip, None, QUESTION)])
             ids.append(ours(m.net.lm, prefix, tokens).ids)
-            m.net.lm.setup_cache(1, prefix.shape[1])
-            logits.append(prefill(m.net.lm, prefix))
+            logits.append(Session(m.net.lm, prefix, 0).first())
         same_tokens += torch.equal(*ids)
         diff = max(diff, float((logits[0] - logits[1]).abs().max()))
         picks = [m.choose(clip, CHOICE_QUESTION, CHOICES).choice for m in (model, exact)]

@@ -12,8 +12,9 @@ llama.cpp keeps its audio encoders behind one interface the same way (tools/mtmd
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
+
+from mellow_cli.runtime.prefix import PrefixRow  # noqa: F401  (what a family hands the runtime)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -21,27 +22,6 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
     from torch import nn
-
-
-@dataclass(frozen=True)
-class PrefixRow:
-    """One question's input to the language model, before the answer."""
-
-    embeds: "torch.Tensor"  # (L, hidden): positions 0..L-1, cached; every later token sees them
-    # An extra input whose output predicts the first answer token and which no token ever sees,
-    # not even itself (TinyMU's last `!` pad: the reference masks it as a key but reads its
-    # query); None: the last of `embeds` predicts the first answer token.
-    query: "torch.Tensor | None" = None
-    query_position: int | None = None  # the rotary position of `query`
-    next_position: int | None = None  # of the first answer token; None: L
-
-    @property
-    def length(self) -> int:
-        return self.embeds.shape[0]
-
-    @property
-    def answer_position(self) -> int:
-        return self.length if self.next_position is None else self.next_position
 
 
 class Family:
@@ -174,8 +154,10 @@ class Family:
 
     pretrained_encoder = ""  # what --encoder-weights names for `pretrained`, for messages
 
-    def pretrained(self, encoder_weights: dict, lm_weights: dict, names: tuple[str, str], seed: int) -> "nn.Module":
-        """The authors' training starting point (`--init pretrained`)."""
+    def pretrained(self, encoder_weights: dict, lm_weights, names: tuple[str, str], seed: int) -> "nn.Module":
+        """The authors' training starting point (`--init pretrained`) from the encoder checkpoint's
+        contents and `lm_weights()`, the language model's state dict (read once the encoder's
+        passed its checks)."""
         from mellow_cli.errors import ModelError
 
         raise ModelError(f"{self.title} has no pretrained starting point to train from: fine-tune a published "

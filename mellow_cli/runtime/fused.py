@@ -114,7 +114,7 @@ def load_library(path: Path):
     lib.mellow_scratch_floats.argtypes = [ctypes.POINTER(_Dims), ctypes.c_int64, ctypes.c_int64]
     lib.mellow_forward.restype = None
     lib.mellow_forward.argtypes = [ctypes.POINTER(_Dims), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                   *[ctypes.c_void_p] * 4, ctypes.c_int64, *[ctypes.c_void_p] * 4]
+                                   *[ctypes.c_void_p] * 4, ctypes.c_int64, *[ctypes.c_void_p] * 5]
     lib.mellow_attention_scratch_floats.restype = ctypes.c_int64
     lib.mellow_attention_scratch_floats.argtypes = [ctypes.c_int64] * 7
     lib.mellow_attention.restype = None
@@ -225,18 +225,22 @@ def _error(lib, cfg, state: dict, prompt: torch.Tensor, name: str, steps: int = 
     return worst
 
 
-def choice_layout(row_of: list[int], ids: list[list[int]], length: int) -> tuple[list[int], ...]:
+def choice_layout(row_of: list[int], ids: list[list[int]], length, positions=None) -> tuple[list[int], ...]:
     """Where FusedStep.choices puts each choice's tokens but the last, as lists (token, row, pos,
-    slot, group) for step.c: choice i follows the prefix of cache row row_of[i] (rotary positions
-    length, length+1, ..), in slots of its own after the prefix and the row's earlier choices."""
+    slot, group) for step.c: choice i follows the prefix of cache row r = row_of[i] (rotary
+    positions positions[r], positions[r]+1, ..), in slots of its own after the prefix (length[r]
+    slots; one int: every row's) and the row's earlier choices. `positions` default: `length`."""
+    lengths = length if isinstance(length, (list, tuple)) else None
     flat, row, pos, slot, group = [], [], [], [], []
     used: dict[int, int] = {}
     for i, (r, tokens) in enumerate(zip(row_of, ids)):
+        start = length if lengths is None else lengths[r]
+        first = start if positions is None else positions[r]
         for j, token in enumerate(tokens[:-1]):
             flat.append(token)
             row.append(r)
-            pos.append(length + j)
-            slot.append(length + used.get(r, 0))
+            pos.append(first + j)
+            slot.append(start + used.get(r, 0))
             used[r] = used.get(r, 0) + 1
             group.append(i)
     return flat, row, pos, slot, group
@@ -269,8 +273,8 @@ def decode_seconds(stack: list[tuple], head, heads: int, kv_heads: int, layers: 
     def step(vocab: int) -> float:
         dims.vocab = vocab
         return timer(lambda: lib.mellow_forward(ctypes.byref(dims), table, x.data_ptr(), 1, *(i.data_ptr() for i in index),
-                                                positions, rotary.data_ptr(), rotary.data_ptr(), scratch.data_ptr(),
-                                                logits.data_ptr()))
+                                                positions, None, rotary.data_ptr(), rotary.data_ptr(),
+                                                scratch.data_ptr(), logits.data_ptr()))
 
     whole, without_head = step(w.shape[0]), step(1)
     return without_head * layers / len(stack) + (whole - without_head)
@@ -357,16 +361,17 @@ class FusedStep:
         self._caches = caches
         return caches
 
-    def forward(self, ids: torch.Tensor, row: list[int], pos: list[int], slot: list[int], group: list[int],
-                visible: int) -> torch.Tensor:
-        """Tokens `ids` (T,) through the model (step.c's mellow_forward says what row, pos, slot,
-        group and visible mean) -> float32 logits (T, vocab). The caller keeps every row, slot and
-        position inside the cache."""
+    def forward(self, ids: torch.Tensor | None, row: list[int], pos: list[int], slot: list[int], group: list[int],
+                visible: int, seen: list[int] | None = None, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens `ids` (T,) (or their embeddings `embeds`, (T, hidden)) through the model
+        (step.c's mellow_forward says what row, pos, slot, group, visible and seen mean: `seen`
+        None, every token sees `visible` positions of its row) -> float32 logits (T, vocab). The
+        caller keeps every row, slot and position inside the cache."""
         if self._cache() is None:
             raise ValueError("the KV cache is not float32 rows step.c can read: run torch's forward")
         self.dims.threads = torch.get_num_threads()
-        tokens = len(ids)
-        x = self.lm.embed(ids).float().contiguous()
+        x = (self.lm.embed(ids) if embeds is None else embeds).float().contiguous()
+        tokens = len(x)
         layers = self.lm.model.layers
         if tokens >= PRODUCTS_FROM and layers[0].prefill is not None and layers[0].prefill.fits(layers[0], x, self.cos,
                                                                                                  self.sin):
@@ -375,18 +380,22 @@ class FusedStep:
             index = torch.tensor([pos, row, slot, group], dtype=torch.int64)
             x = x[None]
             for layer in layers:
-                x = layer.prefill.tokens(layer, x, self.cos, self.sin, index, visible)
+                x = layer.prefill.tokens(layer, x, self.cos, self.sin, index, visible if seen is None else seen)
             return self.lm.head(self.lm.model.norm(x))[0].float()
         logits = torch.empty(tokens, self.dims.vocab)
         need = self.lib.mellow_scratch_floats(ctypes.byref(self.dims), tokens, visible)
         if self.scratch.numel() < need:
             self.scratch = torch.empty(need)
-        index = torch.tensor([row, pos, slot, group], dtype=torch.int64)
+        index = torch.tensor([row, pos, slot, group, seen or [visible] * tokens], dtype=torch.int64)
         self.lib.mellow_forward(ctypes.byref(self.dims), self.pointers, x.data_ptr(), tokens,
                                 index[0].data_ptr(), index[1].data_ptr(), index[2].data_ptr(), index[3].data_ptr(),
-                                visible, self.cos.data_ptr(), self.sin.data_ptr(), self.scratch.data_ptr(),
-                                logits.data_ptr())
+                                visible, None if seen is None else index[4].data_ptr(), self.cos.data_ptr(),
+                                self.sin.data_ptr(), self.scratch.data_ptr(), logits.data_ptr())
         return logits
+
+    def ready(self) -> bool:
+        """Whether the KV cache set up now is one step.c reads."""
+        return self._cache() is not None
 
     def takes(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, start: int | None) -> bool:
         """Whether a forward call is a decode step this can run: one token in each row of the
@@ -401,16 +410,20 @@ class FusedStep:
         rows = list(range(len(tokens)))
         return self.forward(tokens, rows, [pos] * len(rows), [pos] * len(rows), rows, pos)[:, None]
 
-    def choices(self, row_of: list[int], ids: list[list[int]], length: int) -> list[torch.Tensor]:
-        """After a prefill of `length` positions: float32 logits (len(ids[i]) - 1, vocab) after
-        each token but the last of each choice i, which follows the prefix of cache row
-        row_of[i]. A row's choices take slots of their own after its prefix, each seeing the
+    def choices(self, row_of: list[int], ids: list[list[int]], length, positions=None) -> list[torch.Tensor]:
+        """After a prefill of `length` positions (or each cache row's, a list; `positions`: each
+        row's first answer position, as choice_layout says): float32 logits (len(ids[i]) - 1,
+        vocab) after each token but the last of each choice i, which follows the prefix of cache
+        row row_of[i]. A row's choices take slots of their own after its prefix, each seeing the
         prefix and its own earlier tokens, so the prefix's cache is shared, not copied; the cache
-        needs `length` plus the most tokens any row's choices have."""
-        flat, row, pos, slot, group = choice_layout(row_of, ids, length)
+        needs the longest prefix plus the most tokens any row's choices have."""
+        flat, row, pos, slot, group = choice_layout(row_of, ids, length, positions)
         if not flat:
             return [torch.empty(0, self.dims.vocab) for _ in ids]
-        logits = self.forward(torch.tensor(flat), row, pos, slot, group, length)
+        lengths = length if isinstance(length, (list, tuple)) else None
+        seen = None if lengths is None else [lengths[r] for r in row]
+        logits = self.forward(torch.tensor(flat), row, pos, slot, group, length if lengths is None else max(lengths),
+                              seen)
         return list(logits.split([max(len(t) - 1, 0) for t in ids]))
 
     def slots_needed(self, row_of: list[int], ids: list[list[int]]) -> int:

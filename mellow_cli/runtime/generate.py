@@ -17,11 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from mellow_cli.runtime.options import DecodingOptions
 from mellow_cli.errors import ModelError, UsageError
+
+if TYPE_CHECKING:
+    from mellow_cli.runtime.prefix import Prefix
 
 EOS_TOKEN_ID = 0  # `<|endoftext|>`, where SmolLM2 ends an answer
 
@@ -96,25 +100,96 @@ def _generator(options: DecodingOptions, device) -> torch.Generator | None:
 # --- the loop ----------------------------------------------------------------------------------
 
 
+class Session:
+    """One batch's answers, token by token: its prefix in the KV cache, then a token per row at a
+    time (prefix.py says how rows that differ are laid out). A batch whose rows are alike runs
+    as it always has: one prefill, then decode steps at one position for every row."""
+
+    def __init__(self, lm, prefix: "Prefix | torch.Tensor", extra: int):
+        """`extra`: cache slots after the longest prefix (the answer's longest, or the choices')."""
+        from mellow_cli.runtime.prefix import Prefix
+
+        self.lm = lm
+        self.prefix = prefix if isinstance(prefix, Prefix) else Prefix.uniform(prefix)
+        self.rows = list(range(self.prefix.batch))  # which cache row each live row is
+        self.slots = list(self.prefix.lengths)  # each live row's next cache slot
+        self.positions = list(self.prefix.positions)  # and the rotary position there
+        lm.setup_cache(self.prefix.batch, self.prefix.width + extra, activation_dtype(lm))
+
+    def first(self) -> torch.Tensor:
+        """The prefix into the cache -> float32 logits (B, vocab) for each row's first token."""
+        p, lm = self.prefix, self.lm
+        embeds = p.embeds.to(activation_dtype(lm))
+        if p.alike:
+            return prefill(lm, embeds)
+        # Right-padded rows: causal attention keeps the padding out of every real position, and
+        # each row's answer overwrites its padding's slots before anything reads them.
+        keep = p.width - min(p.lengths) + 1
+        logits = lm(inputs_embeds=embeds, logits_to_keep=keep, start=0).logits
+        last = torch.tensor([n - 1 - (p.width - keep) for n in p.lengths], device=embeds.device)
+        logits = logits[torch.arange(p.batch, device=embeds.device), last].float()
+        if p.query_rows:
+            rows = list(p.query_rows)
+            at = [p.lengths[r] for r in rows]  # a slot the first answer token then overwrites
+            logits[rows] = self._run(None, rows, list(p.query_positions), at, at, own=False,
+                                     embeds=p.queries.to(embeds.dtype))
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Each live row's next token (B,) -> float32 logits (B, vocab) for the one after."""
+        if self.prefix.alike and len(set(self.slots)) == 1:
+            logits = decode_one_token(self.lm, tokens, self.slots[0])
+        else:
+            logits = self._run(tokens, list(range(len(self.rows))), self.positions, self.slots, self.slots, own=True)
+        self.slots = [s + 1 for s in self.slots]
+        self.positions = [q + 1 for q in self.positions]
+        return logits
+
+    def keep(self, live: list[int]) -> None:
+        """Only these live rows go on (their indexes among the live rows)."""
+        self.lm.select_cache_rows(torch.tensor(live, device=self.prefix.embeds.device))
+        self.rows = [self.rows[i] for i in live]
+        self.slots = [self.slots[i] for i in live]
+        self.positions = [self.positions[i] for i in live]
+
+    def _run(self, ids, rows: list[int], positions: list[int], slots: list[int], seen: list[int], own: bool,
+             embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """One token for each of cache rows `rows` at its own position and slot, seeing its
+        row's first `seen` slots (and itself, with `own`): through the one-call step where the
+        model has it, else torch's layers."""
+        fused = getattr(self.lm, "fused", None)
+        if fused is not None and fused.ready():
+            return fused.forward(ids, rows, positions, slots, list(range(len(rows))) if own else [-1] * len(rows),
+                                 max(seen), seen, embeds=embeds)
+        device = self.prefix.embeds.device
+        x = (self.lm.embed(ids[:, None]) if embeds is None else embeds[:, None]).to(activation_dtype(self.lm))
+
+        def column(values):
+            return torch.tensor(values, device=device)
+
+        return self.lm.forward_rows(x, column(rows), column(positions)[:, None], column(slots)[:, None],
+                                    column(seen), own)[:, 0]
+
+
 @torch.inference_mode()
 def generate_tokens(
-    lm, prefix: torch.Tensor, options: DecodingOptions = DecodingOptions(), eos_id: int = EOS_TOKEN_ID
+    lm, prefix: "Prefix | torch.Tensor", options: DecodingOptions = DecodingOptions(), eos_id: int = EOS_TOKEN_ID
 ) -> Iterator[torch.Tensor]:
     """Yields the next token of every row, (B,), step by step, until every row has produced
     `eos_id` or `options.max_tokens` steps. Rows that are done keep being fed, as in the
     reference loop, so a batch yields the same tokens as the reference; callers cut at eos."""
-    batch, length, _ = prefix.shape
-    lm.setup_cache(batch, length + options.max_tokens, activation_dtype(lm))
-    generator = _generator(options, prefix.device)
-    done = torch.zeros(batch, dtype=torch.bool, device=prefix.device)
-    logits = prefill(lm, prefix)
+    session = Session(lm, prefix, options.max_tokens)
+    device = session.prefix.embeds.device
+    generator = _generator(options, device)
+    done = torch.zeros(session.prefix.batch, dtype=torch.bool, device=device)
+    logits = session.first()
     for step in range(options.max_tokens):
         token = next_token(logits, options, generator)
         yield token
         done |= token == eos_id
         if done.all() or step + 1 == options.max_tokens:
             return
-        logits = decode_one_token(lm, token, length + step)
+        logits = session.step(token)
 
 
 class TextStream:
@@ -147,11 +222,11 @@ class TextStream:
 
 
 def stream(
-    lm, tokenizer, prefix: torch.Tensor, options: DecodingOptions = DecodingOptions(),
+    lm, tokenizer, prefix: "Prefix | torch.Tensor", options: DecodingOptions = DecodingOptions(),
     eos_id: int = EOS_TOKEN_ID,
 ) -> Iterator[tuple[int, str]]:
     """Yields (row, text piece) as text becomes final; a row's text ends before its first eos."""
-    rows = [TextStream(tokenizer) for _ in range(prefix.shape[0])]
+    rows = [TextStream(tokenizer) for _ in range(len(prefix))]
     done = [False] * len(rows)
     for tokens in generate_tokens(lm, prefix, options, eos_id):
         for i, token in enumerate(tokens.tolist()):
@@ -166,11 +241,11 @@ def stream(
 
 
 def generate(
-    lm, tokenizer, prefix: torch.Tensor, options: DecodingOptions = DecodingOptions(),
+    lm, tokenizer, prefix: "Prefix | torch.Tensor", options: DecodingOptions = DecodingOptions(),
     eos_id: int = EOS_TOKEN_ID,
 ) -> list[str]:
     """One answer per prefix row (`stream` gives the same text as it comes)."""
-    texts = [""] * prefix.shape[0]
+    texts = [""] * len(prefix)
     for i, piece in stream(lm, tokenizer, prefix, options, eos_id):
         texts[i] += piece
     return texts
@@ -189,14 +264,14 @@ class ChoiceScore:
 
 @torch.inference_mode()
 def score_choices(
-    lm, tokenizer, prefix: torch.Tensor, choices: Sequence[str] | Sequence[Sequence[str]],
+    lm, tokenizer, prefix: "Prefix | torch.Tensor", choices: Sequence[str] | Sequence[Sequence[str]],
     append_eos: bool = False, eos_id: int = EOS_TOKEN_ID,
 ) -> list[list[ChoiceScore]]:
     """Log-probability of each candidate answer given each prefix row (teacher forcing: the
     training view). `choices` is one list for every row, or one list per row. The prefix is run
     once; its cache is copied to every (row, choice) pair, which then run as one batch.
     `append_eos` also scores the end of text after the choice, so "dog" and "dog barking" differ."""
-    per_row = _choices_per_row(choices, prefix.shape[0])
+    per_row = _choices_per_row(choices, len(prefix))
     row_of, ids = [], []
     for r, row_choices in enumerate(per_row):
         for text in row_choices:
@@ -205,7 +280,7 @@ def score_choices(
                 raise UsageError(f"answer choice {text!r} has no tokens")
             row_of.append(r)
             ids.append(tokens)
-    logprobs = iter(_choice_logprobs(lm, prefix, torch.tensor(row_of, device=prefix.device), ids))
+    logprobs = iter(_choice_logprobs(lm, prefix, row_of, ids))
     return [
         [ChoiceScore(text, float(lp.sum()), float(lp.mean()), len(lp)) for text, lp in zip(row, logprobs)]
         for row in per_row
@@ -222,28 +297,35 @@ def _choices_per_row(choices, batch: int) -> list[list[str]]:
     return [list(c) for c in choices]
 
 
-def _choice_logprobs(lm, prefix, row_of: torch.Tensor, ids: list[list[int]]) -> list[torch.Tensor]:
+def _choice_logprobs(lm, prefix: "Prefix | torch.Tensor", row_of: list[int], ids: list[list[int]]) -> list[torch.Tensor]:
     """Per choice, the log-probability of each of its tokens (a 1-D tensor)."""
-    batch, length, _ = prefix.shape
+    row_of = [int(r) for r in row_of]
     fused = getattr(lm, "fused", None)
-    rows = row_of.tolist()
     longest = max(len(t) for t in ids)
-    lm.setup_cache(batch, length + (fused.slots_needed(rows, ids) if fused is not None else longest),
-                   activation_dtype(lm))
-    first = prefill(lm, prefix).log_softmax(dim=-1)[row_of]  # predicts each choice's token 0
-    if fused is not None:
-        # Each choice in slots of its own after its row's prefix (model/fused.py): no copy of the
+    session = Session(lm, prefix, fused.slots_needed(row_of, ids) if fused is not None else longest)
+    p = session.prefix
+    device = p.embeds.device
+    first = session.first().log_softmax(dim=-1)[row_of]  # predicts each choice's token 0
+    if fused is not None and fused.ready():
+        # Each choice in slots of its own after its row's prefix (fused.py): no copy of the
         # prefix's cache per choice, one pass over the weights for every choice's tokens.
-        after = fused.choices(rows, ids, length)
+        after = fused.choices(row_of, ids, p.width if p.alike else list(p.lengths), list(p.positions))
         return [torch.cat([first[i, None], later.log_softmax(dim=-1)]).gather(-1, torch.tensor(t)[:, None])[:, 0]
                 for i, (later, t) in enumerate(zip(after, ids))]
-    tokens = torch.tensor([t + [0] * (longest - len(t)) for t in ids], device=prefix.device)
+    tokens = torch.tensor([t + [0] * (longest - len(t)) for t in ids], device=device)
     steps = [first]
     if longest > 1:
         # Choices are right-padded: padding only follows a choice's tokens, and causal attention
         # keeps it out of every position we read.
-        lm.select_cache_rows(row_of)
-        logits = lm(input_ids=tokens[:, :-1], start=length).logits
+        lm.select_cache_rows(torch.tensor(row_of, device=device))
+        if p.alike:
+            logits = lm(input_ids=tokens[:, :-1], start=p.width).logits
+        else:
+            lengths = torch.tensor([p.lengths[r] for r in row_of], device=device)
+            positions = torch.tensor([p.positions[r] for r in row_of], device=device)
+            offsets = torch.arange(longest - 1, device=device)
+            logits = lm.forward_rows(lm.embed(tokens[:, :-1]), torch.arange(len(ids), device=device),
+                                     positions[:, None] + offsets, lengths[:, None] + offsets, lengths)
         steps += logits.float().log_softmax(dim=-1).unbind(dim=1)
     logprobs = torch.stack(steps, dim=1).gather(-1, tokens[..., None])[..., 0]  # (N, longest)
     return [row[: len(t)] for row, t in zip(logprobs, ids)]

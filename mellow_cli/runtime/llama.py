@@ -127,12 +127,27 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, kv_heads, T, D) at start .. start+T; everything cached up to there."""
+    def update(self, start, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, kv_heads, T, D) at start .. start+T of every row; everything cached up to
+        there. `start` may instead be a `Slots`: each token at a slot of its own cache row."""
+        if isinstance(start, Slots):
+            rows, slots = start.rows[:, None], start.slots
+            self.k[rows, :, slots] = k.transpose(1, 2)
+            self.v[rows, :, slots] = v.transpose(1, 2)
+            return self.k[start.rows], self.v[start.rows]
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
+
+
+@dataclass(frozen=True)
+class Slots:
+    """Where new tokens go when rows differ: token t of batch row b is stored at slot slots[b, t]
+    of cache row rows[b] (LlamaForCausalLM.forward_rows)."""
+
+    rows: torch.Tensor  # (B,) int64
+    slots: torch.Tensor  # (B, T) int64
 
 
 class Attention(nn.Module):
@@ -170,7 +185,7 @@ class Attention(nn.Module):
         y = None
         if start is not None:
             k, v = self.kv_cache.update(start, k, v)
-            if t - first > 1 and self.attend is not None:  # a prefill, in C where precision.apply set it up
+            if t - first > 1 and self.attend is not None and isinstance(start, int):  # a prefill, in C where set up
                 y = self.attend(qk, q_heads, self.kv_cache, start + first)
         if y is None:
             # Without a cache, or from position 0 (prefill), the mask is plain causal; a decode
@@ -214,7 +229,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | None = None,
                 mask: torch.Tensor | None = None, keep: int = 0) -> torch.Tensor:
         """The layer's output at every position of x, or at its last `keep` (see Attention)."""
-        if self.prefill is not None and start is not None and x.shape[1] > 1:
+        if self.prefill is not None and isinstance(start, int) and x.shape[1] > 1:
             y = self.prefill(self, x, cos, sin, start, keep)
             if y is not None:
                 return y
@@ -301,6 +316,27 @@ class LlamaForCausalLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, start, mask, keep if i == last else 0)
         return self.model.norm(x)
+
+    def forward_rows(self, x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                     seen: torch.Tensor, own: bool = True) -> torch.Tensor:
+        """New tokens of rows that differ, against the cache: x (B, T, H) their embeddings; token t
+        of batch row b belongs to cache row rows[b], sits at rotary position positions[b, t], is
+        stored at slot slots[b, t], and sees that cache row's slots 0 .. seen[b]-1 and, with `own`,
+        the slots of its row's tokens up to itself (without: none of them, not even its own: a
+        query whose key no token reads). -> float32 logits (B, T, vocab)."""
+        batch, tokens, _ = x.shape
+        cos, sin = self.model.rotary_emb.span(0, int(positions.max()) + 1, x.dtype)
+        cos, sin = cos[positions], sin[positions]  # (B, T, 1, D)
+        width = self.model.layers[0].self_attn.kv_cache.k.shape[2]
+        keys = torch.arange(width, device=x.device)
+        mask = (keys < seen[:, None, None]).expand(batch, tokens, width).clone()
+        if own:
+            earlier = torch.ones(tokens, tokens, dtype=torch.bool, device=x.device).tril()
+            mask.scatter_(2, slots[:, None, :].expand(batch, tokens, tokens), earlier.expand(batch, -1, -1))
+        where = Slots(rows, slots)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, where, mask[:, None])
+        return self.head(self.model.norm(x)).float()
 
     def head(self, hidden: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         """Logits (B, T, vocab) of the last `logits_to_keep` positions (0: all)."""

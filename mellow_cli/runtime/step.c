@@ -324,30 +324,33 @@ static void attend(const float *q, const float *k, const float *v, float *out, f
     }
 }
 
-/* Which slots each token sees beyond the `visible` positions of its row: those of its group's
-   tokens up to itself (extra: tokens x tokens, counts: tokens). */
+/* Which slots each token sees beyond the positions of its row it sees: those of its group's
+   tokens up to itself (extra: tokens x tokens, counts: tokens). A token of no group (group < 0,
+   a query whose key no token reads) sees none, not even its own. */
 static void group_slots(int64_t tokens, const int64_t *slot, const int64_t *group, int64_t *extra, int64_t *counts) {
     for (int64_t t = 0; t < tokens; t++) {
         counts[t] = 0;
-        for (int64_t u = 0; u <= t; u++)
+        for (int64_t u = 0; u <= t && group[t] >= 0; u++)
             if (group[u] == group[t]) extra[t * tokens + counts[t]++] = slot[u];
     }
 }
 
 /* Every head of every token (queries at q + t * q_stride + head * d) against positions
-   0 .. visible-1 of its cache row and its extra slots (group_slots); out (tokens, heads * d);
-   scores: tokens * heads * (visible + tokens) floats. */
+   0 .. seen[t]-1 of its cache row (0 .. visible-1 for every token without `seen`; seen[t] <=
+   visible) and its extra slots (group_slots); out (tokens, heads * d); scores: tokens * heads *
+   (visible + tokens) floats. */
 static void attend_tokens(const float *q, int64_t q_stride, int64_t tokens, const int64_t *row, const int64_t *extra,
-                          const int64_t *counts, int64_t visible, const float *k_cache, const float *v_cache,
-                          int64_t kvh, int64_t len, int64_t heads, int64_t d, float *out, float *scores, int threads) {
+                          const int64_t *counts, int64_t visible, const int64_t *seen, const float *k_cache,
+                          const float *v_cache, int64_t kvh, int64_t len, int64_t heads, int64_t d, float *out,
+                          float *scores, int threads) {
     const int64_t rowsize = kvh * len * d;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t task = 0; task < tokens * heads; task++) {
         int64_t t = task / heads, j = task % heads;
         int64_t g = j / (heads / kvh);  /* q head j reads kv head g, as SDPA's enable_gqa */
         const float *k = k_cache + row[t] * rowsize + g * len * d, *v = v_cache + row[t] * rowsize + g * len * d;
-        attend(q + t * q_stride + j * d, k, v, out + (t * heads + j) * d, scores + task * (visible + tokens), visible,
-               extra + t * tokens, counts[t], d);
+        attend(q + t * q_stride + j * d, k, v, out + (t * heads + j) * d, scores + task * (visible + tokens),
+               seen ? seen[t] : visible, extra + t * tokens, counts[t], d);
     }
 }
 
@@ -385,14 +388,15 @@ int64_t mellow_scratch_floats(const Dims *dims, int64_t tokens, int64_t visible)
 
 /* `tokens` new tokens through the model. Token t belongs to cache row row[t], sits at rotary
    position pos[t], writes its key and value to slot[t] of that row, and sees positions
-   0 .. visible-1 of the row and the slots of the tokens t' <= t of its own group[t]: a decode
-   step is one token per row (slot = pos = visible), a choice is a group of tokens after a shared
-   prefix. x (tokens, hidden) holds their embeddings and is overwritten (the residual stream);
+   0 .. seen[t]-1 of the row (0 .. visible-1 without `seen`; seen[t] <= visible) and the slots of
+   the tokens t' <= t of its own group[t] (none for a group < 0): a decode step is one token per
+   row (slot = pos = visible when every row's prefix has one length), a choice is a group of
+   tokens after a shared prefix. x (tokens, hidden) holds their embeddings and is overwritten (the residual stream);
    cos and signed_sin are RotaryEmbedding.span's tables (max_len, head_dim); `scratch` holds
    mellow_scratch_floats floats; logits (tokens, vocab) are written. */
 void mellow_forward(const Dims *dims, void *const *p, float *x, int64_t tokens, const int64_t *row,
                     const int64_t *pos, const int64_t *slot, const int64_t *group, int64_t visible,
-                    const float *cos, const float *signed_sin, float *scratch, float *logits) {
+                    const int64_t *seen, const float *cos, const float *signed_sin, float *scratch, float *logits) {
     const int64_t h = dims->hidden, d = dims->head_dim, heads = dims->heads, kvh = dims->kv_heads;
     const int64_t inter = dims->intermediate, len = dims->max_len, rowsize = kvh * len * d;
     const int kind = (int)dims->kind, threads = (int)dims->threads;
@@ -419,8 +423,8 @@ void mellow_forward(const Dims *dims, void *const *p, float *x, int64_t tokens, 
                 memcpy(v_cache + row[t] * rowsize + (j * len + slot[t]) * d, own + (heads + kvh + j) * d, d * sizeof(float));
             }
         }
-        attend_tokens(qkv, qkv_rows, tokens, row, extra, counts, visible, k_cache, v_cache, kvh, len, heads, d,
-                      mixed, scores, threads);
+        attend_tokens(qkv, qkv_rows, tokens, row, extra, counts, visible, seen, k_cache, v_cache, kvh, len, heads,
+                      d, mixed, scores, threads);
         matmul(w[O], w[O_S], kind, mixed, delta, tokens, h, h, threads, work);
         for (int64_t i = 0; i < tokens * h; i++) x[i] += delta[i];
         for (int64_t t = 0; t < tokens; t++) rms_norm(x + t * h, w[NORM_POST], normed + t * h, h, dims->eps);

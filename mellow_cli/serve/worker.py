@@ -4,9 +4,8 @@ steps instead of eight of each.
 
 Requests arrive on a thread-safe queue. The worker takes everything waiting (up to
 `max_batch`), scores the multiple-choice rows with `Model.choose_batch`, then runs the
-generation rows together: one `Model.prefix` for all of them (every prefix has the same
-length, the prompt being padded to `prompt_tokens`), one prefill, then decode steps in which each
-row draws its next token with its own options (greedy rows take the argmax, as `mellow ask` does;
+generation rows together: one `Model.prefix` for all of them, one prefill, then decode steps in
+which each row draws its next token with its own options (greedy rows take the argmax, as `mellow ask` does;
 sampling rows their own seeded generator). A row that ends (end of text, its token budget, or its
 client gone) leaves the batch and the KV cache keeps only the rows still running. Requests that
 arrive meanwhile wait for the next batch. Each row's text goes to its own callback, which the
@@ -170,16 +169,17 @@ def _choose(model: "Model", rows: Sequence[Pending]) -> None:
     results = model.choose_batch([p.row for p in rows], [p.choices for p in rows])
     for p, result in zip(rows, results):
         p.emit(result)
-        p.emit(Finished("stop", model.cfg.prefix_len, 0))
+        p.emit(Finished("stop", result.prompt_tokens, 0))
 
 
 class _Row:
     """A generation row while it runs: its text so far and its sampler."""
 
-    def __init__(self, pending: Pending, tokenizer, device):
+    def __init__(self, pending: Pending, tokenizer, device, prompt_tokens: int):
         from mellow_cli.runtime.generate import TextStream, _generator
 
         self.pending = pending
+        self.prompt_tokens = prompt_tokens  # the prefix's length: what the request's usage counts
         self.text = TextStream(tokenizer)
         # The same generator `mellow ask --sample --seed N` draws from, so a seeded answer repeats.
         self.generator = _generator(pending.options, device)
@@ -189,27 +189,24 @@ class _Row:
 def _generate(model: "Model", rows: Sequence[Pending]) -> None:
     import torch
 
-    from mellow_cli.runtime.generate import activation_dtype, decode_one_token, prefill
+    from mellow_cli.runtime.generate import Session
 
-    lm, eos = model.net.lm, model.cfg.eos_token_id
+    eos = model.cfg.eos_token_id
     with torch.inference_mode():
         prefix = model.prefix([p.row for p in rows])
-        length = prefix.shape[1]
-        lm.setup_cache(len(rows), length + max(p.options.max_tokens for p in rows), activation_dtype(lm))
-        live = [_Row(p, model.tokenizer, prefix.device) for p in rows]
-        logits = prefill(lm, prefix)
-        step = 0
+        session = Session(model.net.lm, prefix, max(p.options.max_tokens for p in rows))
+        device = prefix.embeds.device
+        live = [_Row(p, model.tokenizer, device, length) for p, length in zip(rows, prefix.lengths)]
+        logits = session.first()
         while live:
             tokens = _next_tokens(logits, live)
-            keep = [i for i, (r, t) in enumerate(zip(live, tokens)) if _advance(r, t, eos, length)]
+            keep = [i for i, (r, t) in enumerate(zip(live, tokens)) if _advance(r, t, eos)]
             if not keep:
                 return
             if len(keep) < len(live):
-                index = torch.tensor(keep, device=prefix.device)
-                lm.select_cache_rows(index)
+                session.keep(keep)
                 live, tokens = [live[i] for i in keep], [tokens[i] for i in keep]
-            logits = decode_one_token(lm, torch.tensor(tokens, device=prefix.device), length + step)
-            step += 1
+            logits = session.step(torch.tensor(tokens, device=device))
 
 
 def _next_tokens(logits, live: Sequence[_Row]) -> list[int]:
@@ -228,7 +225,7 @@ def _next_tokens(logits, live: Sequence[_Row]) -> list[int]:
     return tokens
 
 
-def _advance(row: _Row, token: int, eos: int, prefix_len: int) -> bool:
+def _advance(row: _Row, token: int, eos: int) -> bool:
     """Give one row its next token; False when the row is done (and has been told so)."""
     p = row.pending
     if p.cancelled.is_set():
@@ -246,5 +243,5 @@ def _advance(row: _Row, token: int, eos: int, prefix_len: int) -> bool:
     rest = row.text.flush()
     if rest:
         p.emit(rest)
-    p.emit(Finished(reason, prefix_len, row.tokens))
+    p.emit(Finished(reason, row.prompt_tokens, row.tokens))
     return False

@@ -105,8 +105,8 @@ def pretrained_model(opts: TrainOptions, progress: bool, tokenizer: Path | None 
     """(net, tokenizer folder, name) from the family's pretrained encoder and language model."""
     _check_pretrained(opts)
     names = (opts.encoder_weights, opts.lm_weights)
-    net = _init_family().pretrained(_weights(opts.encoder_weights, progress), _weights(opts.lm_weights, progress),
-                                    names, opts.seed)
+    net = _init_family().pretrained(_weights(opts.encoder_weights, progress),
+                                    lambda: _weights(opts.lm_weights, progress), names, opts.seed)
     tokenizer = tokenizer or start_tokenizer(opts, progress)
     return net, tokenizer, f"pretrained encoder ({opts.encoder_weights}) + {opts.lm_weights}"
 

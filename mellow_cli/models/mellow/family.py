@@ -151,7 +151,7 @@ class MellowFamily(Family):
 
         calibrate(net, clips)
 
-    def pretrained(self, encoder_weights: dict, lm_weights: dict, names: tuple[str, str], seed: int) -> "nn.Module":
+    def pretrained(self, encoder_weights: dict, lm_weights, names: tuple[str, str], seed: int) -> "nn.Module":
         from mellow_cli.models.mellow.training import pretrained
         from mellow_cli.models.weights import fresh_weights
 

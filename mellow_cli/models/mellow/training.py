@@ -61,9 +61,10 @@ def calibrate(net, wav: torch.Tensor) -> None:
         base.c2l.bias.sub_(mean).div_(std)
 
 
-def pretrained(encoder_weights: dict, lm_weights: dict, names: tuple[str, str], fresh) -> nn.Module:
+def pretrained(encoder_weights: dict, lm_weights, names: tuple[str, str], fresh) -> nn.Module:
     """The authors' starting point from the AudioSet HTSAT checkpoint's contents and a SmolLM2's
-    state dict (`names`: where each came from, for messages); `fresh(cfg)` builds random weights."""
+    state dict, `lm_weights()` (`names`: where each came from, for messages); `fresh(cfg)` builds
+    random weights."""
     from mellow_cli.models.weights import key_report, load_lm
 
     encoder_name, lm_name = names
@@ -77,7 +78,7 @@ def pretrained(encoder_weights: dict, lm_weights: dict, names: tuple[str, str], 
         net.audio_encoder.base.htsat.load_state_dict(htsat, strict=True)
     for linear in (net.audio_encoder.projection.linear1, net.audio_encoder.projection.linear2):
         nn.init.xavier_uniform_(linear.weight)
-    lm = {k: (v.float() if v.is_floating_point() else v) for k, v in lm_weights.items()}
+    lm = {k: (v.float() if v.is_floating_point() else v) for k, v in lm_weights().items()}
     try:
         net.caption_decoder.lm = load_lm(cfg, lm)
     except ModelError as e:
