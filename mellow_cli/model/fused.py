@@ -383,17 +383,20 @@ class FusedStep:
         return caches
 
     def forward(self, ids: torch.Tensor, row: list[int], pos: list[int], slot: list[int], group: list[int],
-                visible: int) -> torch.Tensor:
+                visible: int, products: bool | None = None) -> torch.Tensor:
         """Tokens `ids` (T,) through the model (step.c's mellow_forward says what row, pos, slot,
         group and visible mean) -> float32 logits (T, vocab). The caller keeps every row, slot and
-        position inside the cache."""
+        position inside the cache. `products`: through the layers' bfloat16 products where the
+        model has them (None: from PRODUCTS_FROM tokens on)."""
         if self._cache() is None:
             raise ValueError("the KV cache is not float32 rows step.c can read: run torch's forward")
         self.dims.threads = torch.get_num_threads()
         tokens = len(ids)
         x = self.lm.embed(ids).float().contiguous()
         layers = self.lm.model.layers
-        if tokens >= PRODUCTS_FROM and layers[0].prefill is not None and layers[0].prefill.fits(layers[0], x, self.cos,
+        if products is None:
+            products = tokens >= PRODUCTS_FROM
+        if products and layers[0].prefill is not None and layers[0].prefill.fits(layers[0], x, self.cos,
                                                                                                  self.sin):
             # Many tokens (choices of a batch): bound by arithmetic, as a prefill is, so through the
             # layers' bfloat16 products where the model has them (passes.PrefillLayer.tokens).
@@ -426,21 +429,57 @@ class FusedStep:
         rows = list(range(len(tokens)))
         return self.forward(tokens, rows, [pos] * len(rows), [pos] * len(rows), rows, pos)[:, None]
 
-    def choices(self, row_of: list[int], ids: list[list[int]], length: int) -> list[torch.Tensor]:
+    def choices(self, row_of: list[int], ids: list[list[int]], length: int,
+                products: bool | None = None) -> list[torch.Tensor]:
         """After a prefill of `length` positions: float32 logits (len(ids[i]) - 1, vocab) after
         each token but the last of each choice i, which follows the prefix of cache row
         row_of[i]. A row's choices take slots of their own after its prefix, each seeing the
         prefix and its own earlier tokens, so the prefix's cache is shared, not copied; the cache
-        needs `length` plus the most tokens any row's choices have."""
+        needs `length` plus the most tokens any row's choices have. `products`: see forward."""
         flat, row, pos, slot, group = choice_layout(row_of, ids, length)
         if not flat:
             return [torch.empty(0, self.dims.vocab) for _ in ids]
-        logits = self.forward(torch.tensor(flat), row, pos, slot, group, length)
+        logits = self.forward(torch.tensor(flat), row, pos, slot, group, length, products)
         return list(logits.split([max(len(t) - 1, 0) for t in ids]))
 
+    def choice_logprobs(self, row_of: list[int], ids: list[list[int]], length: int) -> list[torch.Tensor]:
+        """Per choice i, the log-probabilities of its tokens after the first (len(ids[i]) - 1 of
+        them), as `choices` gives their logits: the choices go a few at a time (choice_chunks), so
+        the logits over the vocabulary exist for CHOICE_TOKENS_AT_ONCE tokens at most, and each
+        group reuses the slots of the one before. Every group takes the path the whole would."""
+        products = sum(len(t) - 1 for t in ids) >= PRODUCTS_FROM
+        out = []
+        for chunk in choice_chunks(ids):
+            chosen = [ids[i] for i in chunk]
+            for tokens, logits in zip(chosen, self.choices([row_of[i] for i in chunk], chosen, length, products)):
+                out.append(logits.log_softmax(dim=-1).gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0])
+        return out
+
     def slots_needed(self, row_of: list[int], ids: list[list[int]]) -> int:
-        """The most cache slots past the prefix that `choices` uses in any one row."""
-        used: dict[int, int] = {}
-        for r, tokens in zip(row_of, ids):
-            used[r] = used.get(r, 0) + max(len(tokens) - 1, 0)
+        """The most cache slots past the prefix that `choices` of one of choice_chunks' groups
+        uses in any one row."""
+        used: dict[tuple[int, int], int] = {}
+        for c, chunk in enumerate(choice_chunks(ids)):
+            for i in chunk:
+                used[c, row_of[i]] = used.get((c, row_of[i]), 0) + max(len(ids[i]) - 1, 0)
         return max(used.values(), default=0)
+
+
+# Choice tokens FusedStep.choice_logprobs runs at once: that many rows of logits over the
+# vocabulary (v0: 50 MB), and the attention's scratch for as many tokens.
+CHOICE_TOKENS_AT_ONCE = 256
+
+
+def choice_chunks(ids: list[list[int]], budget: int = CHOICE_TOKENS_AT_ONCE) -> list[list[int]]:
+    """Indices of consecutive choices in groups whose tokens but the last number at most `budget`
+    (a longer choice alone): a choice's tokens see each other only within one call of step.c."""
+    chunks: list[list[int]] = []
+    size = budget + 1
+    for i, tokens in enumerate(ids):
+        n = max(len(tokens) - 1, 0)
+        if size + n > budget:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(i)
+        size += n
+    return chunks
