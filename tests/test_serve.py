@@ -138,6 +138,21 @@ def test_waiting_requests_form_one_batch_with_each_rows_own_options(model, clips
     assert got[3][0].probabilities == model.choose(high, "which?", ["rain", "a tone"]).probabilities
 
 
+def test_a_batch_takes_choices_up_to_its_cap_of_tokens_and_leaves_the_rest_for_the_next(model, clips):
+    from mellow_cli.serve_batch import Batcher, Finished, Pending
+
+    low = model.load_clip(str(clips[0]))
+    sizes, got = [], [[] for _ in range(4)]
+    batcher = Batcher(model, max_batch=8, on_batch=sizes.append, max_choice_tokens=10)
+    for out, tokens in zip(got, (6, 6, 3, 0)):  # as many tokens as the server counted for each
+        batcher.submit(Pending(low, None, "which?", DecodingOptions(max_tokens=2), emit=out.append,
+                               choices=("rain", "a tone") if tokens else None, choice_tokens=tokens))
+    batcher.start()
+    batcher.stop(DEADLINE)
+    assert sizes == [1, 3]  # 6 + 6 is past 10: the second opens the next batch, with the rest
+    assert all(isinstance(out[-1], Finished) for out in got)
+
+
 def test_concurrent_requests_share_a_batch(model, clips):
     sizes, busy = [], threading.Event()
 
@@ -215,7 +230,18 @@ def _bad_requests(clip) -> list[tuple[str, object, int]]:
         ("temperature 3", {**good, "temperature": 3}, 422), ("top_p 1.5", {**good, "top_p": 1.5}, 422),
         ("seed -1", {**good, "seed": -1}, 422), ("n 2", {**good, "n": 2}, 422),
         ("one choice", {**good, "mellow": {"choices": ["only"]}}, 422),
+        # a strict type for every field: true is not 1, and a number is not a name
+        ("n true", {**good, "n": True}, 400), ("n 1.0", {**good, "n": 1.0}, 400),
+        ("stream as text", {**good, "stream": "yes"}, 400), ("model as a number", {**good, "model": 5}, 400),
+        ("format as a list", _with_format(good, ["wav"]), 400), ("choices of numbers", {**good, "mellow": {"choices": [1, 2]}}, 400),
+        ("max_tokens true", {**good, "max_tokens": True}, 400), ("messages as an object", {**good, "messages": {}}, 400),
     ]
+
+
+def _with_format(body: dict, fmt) -> dict:
+    changed = json.loads(json.dumps(body))
+    changed["messages"][0]["content"][0]["input_audio"]["format"] = fmt
+    return changed
 
 
 def test_bad_requests_get_their_status_and_the_server_keeps_serving(model, clips):

@@ -258,14 +258,22 @@ def test_a_client_that_hangs_up_before_its_whole_answer_stops_costing(model, cli
 # --- bodies the parser refuses, and failures of the machine --------------------------------------------
 
 
-@pytest.mark.parametrize("body", [b"[" * 100_000 + b"]" * 100_000, b'{"max_tokens": ' + b"7" * 5000 + b"}",
-                                  b'{"temperature": NaN}', b'{"seed": Infinity}'],
+@pytest.mark.parametrize("make", [lambda clip: b"[" * 100_000 + b"]" * 100_000,
+                                  lambda clip: _json_with(clip, "max_tokens", "7" * 5000),
+                                  lambda clip: _json_with(clip, "temperature", "NaN"),
+                                  lambda clip: _json_with(clip, "top_p", "Infinity")],
                          ids=["deep nesting", "a 5000-digit integer", "NaN", "Infinity"])
-def test_bodies_the_json_parser_refuses_are_400_in_json(model, clips, body):
+def test_bodies_the_json_parser_refuses_are_400_in_json(model, clips, make):
+    body = make(clips[0])
     with running(model) as url:
         status, reply = post(url, body)
         assert status == 400 and reply["error"]["type"] == "invalid_request_error", reply
         still_serving(url, model, clips[0])
+
+
+def _json_with(clip, key: str, literal: str) -> bytes:
+    """A whole request whose `key` is `literal`, as written (no JSON encoder writes these)."""
+    return json.dumps({**chat_body(clip, max_tokens=3), key: "@"}).encode().replace(b'"@"', literal.encode())
 
 
 def test_an_internal_error_is_a_json_500_without_its_traceback(model, clips, monkeypatch):
