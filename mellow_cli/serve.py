@@ -204,6 +204,8 @@ class _Gone(Exception):
 
 
 async def _chat(request, state: _State):
+    from starlette.concurrency import run_in_threadpool
+
     from .serve_batch import Failed
 
     if "content-length" in request.headers and "transfer-encoding" in request.headers:
@@ -214,7 +216,10 @@ async def _chat(request, state: _State):
     release = state.admit()
     pending = None
     try:
-        chat = parse_chat(read_json(await _read_body(request, state.settings)))
+        body = await _read_body(request, state.settings)
+        # In a thread: a body of a hundred megabytes takes the parser a second or two, during
+        # which the other requests' streams and /health go on.
+        chat = parse_chat(await run_in_threadpool(read_json, body))
         pending, events = await _prepare(request, chat, state)
         first = await _unless_gone(request, events.get())
         if isinstance(first, Failed):  # before the first piece: its own status, streamed or not

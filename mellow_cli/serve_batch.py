@@ -62,7 +62,7 @@ STOPPING = Failed("the server is shutting down", 503)
 Event = "str | ChoiceResult | Finished | Failed"  # what a request's callback receives, in order
 
 
-@dataclass
+@dataclass(eq=False)  # each is its own request, whatever its fields hold (numpy arrays do not compare to a bool)
 class Pending:
     """One request in the worker's hands. `emit` is called from the worker thread, through
     `tell`, with text pieces, then a ChoiceResult (choice rows) or nothing, then Finished or
@@ -159,7 +159,12 @@ class Batcher:
             elif batch:
                 if self.on_batch:
                     self.on_batch(len(batch))
-                answer_batch(self.model, batch, self.cut)
+                try:
+                    answer_batch(self.model, batch, self.cut)
+                except Exception as e:  # a bug here would end the worker: the server would hang
+                    for p in batch:
+                        if not p.done:
+                            p.tell(_failure(e))
 
     def _take(self) -> list[Pending] | None:
         """Block for one request, then take whatever else is waiting or about to be, within the

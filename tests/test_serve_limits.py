@@ -167,8 +167,9 @@ def test_a_row_that_fails_a_batch_is_answered_alone_and_fails_alone(model, clips
             ("bad \udc00 choice", ("rain", "x \udc00"))]
     got = [[] for _ in rows]
     batcher = Batcher(model)
-    for out, (question, choices) in zip(got, rows):
-        batcher.submit(Pending(low, None, question, DecodingOptions(max_tokens=5), emit=out.append, choices=choices))
+    for out, (question, choices) in zip(got, rows):  # each with its own clip, as requests have
+        batcher.submit(Pending(low.copy(), None, question, DecodingOptions(max_tokens=5), emit=out.append,
+                               choices=choices))
     batcher.start()
     batcher.stop(DEADLINE)
     for i in (1, 4):
