@@ -82,7 +82,7 @@ def test_choices_past_their_token_caps_are_refused_and_the_largest_allowed_are_s
     assert reply["choices"][0]["message"]["content"] == model.choose(str(clips[0]), QUESTION, most).choice
 
 
-def test_one_request_with_the_most_choices_and_clips_allowed_stays_within_its_memory(model_dir, tmp_path):
+def test_one_request_with_the_most_choices_and_clips_allowed_stays_within_its_memory(model_dir, model, clips):
     """The real command, the resident memory it reaches answering one request at every cap at
     once: two clips that decode to nearly `max_clip_samples` each (8 channels at 96 kHz, 10 s)
     and 100 choices of `max_request_choice_tokens` in all, the longest at `max_choice_tokens`."""
@@ -105,6 +105,7 @@ def test_one_request_with_the_most_choices_and_clips_allowed_stays_within_its_me
         peak = _memory(server.pid)["VmHWM"]
         assert status == 200, reply
         assert reply["choices"][0]["message"]["content"] in choices
+        still_serving(url, model, clips[0])
     grew = (peak - before) / 2**20
     print(f"one request at every cap: resident memory {before / 2**20:.0f} MB -> peak {peak / 2**20:.0f} MB "
           f"(+{grew:.0f} MB)")
