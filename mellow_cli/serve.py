@@ -220,7 +220,7 @@ async def _chat(request, state: _State):
         # In a thread: a body of a hundred megabytes takes the parser a second or two, during
         # which the other requests' streams and /health go on.
         chat = parse_chat(await run_in_threadpool(read_json, body))
-        pending, events = await _prepare(request, chat, state)
+        pending, events = await _prepare(chat, state)
         first = await _unless_gone(request, events.get())
         if isinstance(first, Failed):  # before the first piece: its own status, streamed or not
             raise ApiError(first.status, first.message)
@@ -266,7 +266,7 @@ async def _read_body(request, settings: ServeSettings) -> bytes:
                        headers={"Connection": "close"}) from None
 
 
-async def _prepare(request, chat, state: _State):
+async def _prepare(chat, state: _State):
     """Encode the request's text and decode its clips (in threads, `max_decoding` clips at a
     time), then hand it to the worker: (its Pending, the queue its events arrive on)."""
     from starlette.concurrency import run_in_threadpool
