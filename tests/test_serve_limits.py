@@ -159,22 +159,26 @@ def test_text_no_tokenizer_takes_fails_its_own_request_only(model, clips):
 
 def test_a_row_that_fails_a_batch_is_answered_alone_and_fails_alone(model, clips):
     """Past the server's checks, a failure inside a batch (here text the tokenizer refuses, sent
-    to the worker directly) reaches only the row that caused it: the others are answered again."""
+    to the worker directly, and clips whose scores are not finite) reaches only the row that
+    caused it: the others are answered, again if need be."""
     from mellow_cli.config import DecodingOptions
     from mellow_cli.serve_batch import Batcher, Failed, Finished, Pending
 
     low = model.load_clip(str(clips[0]))
-    rows = [("first", None), ("bad \ud800", None), ("third", None), ("which?", ("rain", "a tone")),
-            ("bad \udc00 choice", ("rain", "x \udc00"))]
+    broken = low.copy()
+    broken[::7] = float("nan")  # scores that are not finite, in this row only
+    rows = [("first", None, low), ("bad \ud800", None, low), ("third", None, low), ("which?", ("rain", "a tone"), low),
+            ("bad \udc00 choice", ("rain", "x \udc00"), low), ("first", None, broken), ("which?", ("rain", "a tone"), broken)]
     got = [[] for _ in rows]
     batcher = Batcher(model)
-    for out, (question, choices) in zip(got, rows):  # each with its own clip, as requests have
-        batcher.submit(Pending(low.copy(), None, question, DecodingOptions(max_tokens=5), emit=out.append,
+    for out, (question, choices, clip) in zip(got, rows):  # each with its own clip, as requests have
+        batcher.submit(Pending(clip.copy(), None, question, DecodingOptions(max_tokens=5), emit=out.append,
                                choices=choices))
     batcher.start()
     batcher.stop(DEADLINE)
-    for i in (1, 4):
+    for i in (1, 4, 5, 6):
         assert len(got[i]) == 1 and isinstance(got[i][0], Failed), got[i]
+    assert "NaN" in got[5][0].message and "NaN" in got[6][0].message
     for i in (0, 2):
         assert isinstance(got[i][-1], Finished)
         assert "".join(e for e in got[i] if isinstance(e, str)) == model.ask(low, rows[i][0], options=DecodingOptions(max_tokens=5))
