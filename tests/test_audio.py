@@ -615,3 +615,38 @@ def test_random_bytes_after_a_pcm_header_are_just_noise(tmp_path):
     path.write_bytes(_random_after_header(WAV16, 44))
     wav = load_audio(path, sr=16000)  # the file's own rate: decoding only, no resampler overshoot
     assert len(wav) == 16000 and np.isfinite(wav).all() and np.abs(wav).max() <= 1
+
+
+# ---------------------------------------------------------------- files in memory and their header
+
+
+@pytest.mark.parametrize("fmt, subtype", [("WAV", None), ("FLAC", None), ("OGG", "VORBIS"), ("MP3", "MPEG_LAYER_III")])
+def test_a_file_in_memory_reads_as_the_same_file_on_disk(tmp_path, fmt, subtype):
+    data = encode(tone(440, 3, 44100).astype(np.float32), 44100, fmt, subtype)
+    path = tmp_path / f"a.{fmt.lower()}"
+    path.write_bytes(data)
+    in_memory = audio.AudioBytes("upload", data)
+    assert np.array_equal(load_clip(in_memory), load_clip(path))
+    assert audio_duration(in_memory) == audio_duration(path)
+    with pytest.raises(AudioError, match=r"^upload: empty file"):
+        load_clip(audio.AudioBytes("upload", b""))
+    with pytest.raises(AudioError, match=r"^upload: not an audio file"):
+        load_clip(audio.AudioBytes("upload", b"hello, this is text " * 40))
+
+
+def test_probe_counts_the_samples_load_clip_decodes_before_decoding(monkeypatch):
+    """A few kilobytes of FLAC declaring 8 channels at 655,350 Hz: the header says how much its
+    window decodes, and that is what a read of the window then asks for."""
+    data = encode(np.zeros((655350 * 2, 8), dtype=np.int16), 655350, "FLAC")
+    assert len(data) < 100_000
+    found = audio.probe(audio.AudioBytes("x.flac", data), sr=SAMPLE_RATE, clip_seconds=CLIP_SECONDS)
+    assert (found.channels, found.samplerate, found.seconds) == (8, 655350, 2.0)
+    assert found.decoded == 8 * 655350 * 2  # the whole 2 s, shorter than the 10 s window
+    asked = []
+    real_read = sf.SoundFile.read
+    monkeypatch.setattr(sf.SoundFile, "read", lambda self, frames=-1, *a, **k: asked.append(frames * self.channels)
+                        or real_read(self, frames, *a, **k))
+    long = encode(tone(440, 30, 48000).astype(np.float32), 48000, "FLAC")
+    window = audio.probe(audio.AudioBytes("y.flac", long), sr=SAMPLE_RATE, clip_seconds=CLIP_SECONDS)
+    load_clip(audio.AudioBytes("y.flac", long))
+    assert asked == [window.decoded] and 10 * 48000 < window.decoded < 11 * 48000  # 10 s and the resampler's context

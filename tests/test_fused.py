@@ -14,7 +14,7 @@ from mellow_cli.runtime import matrices, precision
 from mellow_cli.runtime.options import DecodingOptions
 from mellow_cli.models.mellow.config import MellowConfig
 from mellow_cli.runtime.generate import _choice_logprobs, generate_tokens
-from mellow_cli.runtime import fused, kernels, passes
+from mellow_cli.runtime import choices, fused, kernels, passes
 from mellow_cli.runtime.llama import LlamaForCausalLM
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -310,6 +310,30 @@ def test_choices_score_alike_fused_or_not_without_copying_the_cache(name, monkey
         assert torch.allclose(g, e, atol=2e-2), (g, e)
     assert [int(torch.stack([g.sum() for g in got[:3]]).argmax())] == [int(torch.stack([e.sum() for e in expected[:3]]).argmax())]
 
+
+
+@needs_compiler
+def test_choices_of_many_tokens_go_a_few_at_a_time_and_score_as_all_at_once(monkeypatch):
+    """Logits over the vocabulary for at most CHOICE_TOKENS_AT_ONCE tokens a call, each group of
+    choices reusing the slots of the one before: the numbers of one call for all (step.c's sums
+    over a weight row differ in the last bits with the tokens beside them; a wrong slot or a
+    choice seeing another's tokens moves them by far more)."""
+    lm = prepared("int8", random_state(CFG, seed=12))
+    assert lm.fused is not None, fused.status()
+    prefix = torch.randn(2, 6, CFG.hidden_size, generator=torch.Generator().manual_seed(13))
+    generator = torch.Generator().manual_seed(14)
+    ids = [torch.randint(0, CFG.vocab_size, (n,), generator=generator).tolist() for n in [5, 1, 9, 2, 12, 7] * 4]
+    row_of = torch.tensor([i % 2 for i in range(len(ids))])
+    whole = _choice_logprobs(lm, prefix, row_of, ids)
+    calls = []
+    real_forward = fused.FusedStep.forward
+    monkeypatch.setattr(fused.FusedStep, "forward", lambda self, ids, *a, **k: calls.append(len(ids)) or real_forward(self, ids, *a, **k))
+    monkeypatch.setattr(choices, "CHOICE_TOKENS_AT_ONCE", 12)
+    monkeypatch.setattr(choices.choice_chunks, "__defaults__", (12,))
+    parts = _choice_logprobs(lm, prefix, row_of, ids)
+    assert len(calls) > 1 and max(calls) <= 12 and sum(calls) == sum(len(t) - 1 for t in ids)
+    assert lm.fused.slots_needed(row_of.tolist(), ids) <= 12
+    assert all(torch.allclose(w, p, rtol=0, atol=1e-4) for w, p in zip(whole, parts))
 
 @needs_compiler
 def test_many_choice_tokens_go_through_the_bfloat16_layers_and_score_as_torchs_layers(monkeypatch):

@@ -198,6 +198,28 @@ def test_score_choices_per_row_and_eos(lm, tokenizer):
     assert scores[1][2].tokens == len(ids)
 
 
+
+def test_many_long_choices_hold_logits_for_a_few_positions_at_a_time(lm, monkeypatch):
+    """100 choices of up to 64 tokens: the logits over the vocabulary are made a bounded number
+    of positions at a time (never choices x longest at once), and each score is still teacher
+    forcing's."""
+    from mellow_cli.runtime import generate as gen
+
+    g = torch.Generator().manual_seed(5)
+    ids = [torch.randint(1, CFG.vocab_size, (n,), generator=g).tolist() for n in [64] + [3, 9, 1, 17] * 24 + [2, 5, 40]]
+    prefix = prefixes(2)
+    row_of = torch.tensor([i % 2 for i in range(len(ids))])
+    positions = []
+    real_head = type(lm).head
+    monkeypatch.setattr(type(lm), "head", lambda self, h, keep=0: positions.append(h.shape[0] * h.shape[1])
+                        or real_head(self, h, keep))
+    with torch.inference_mode():
+        got = gen._choice_logprobs(lm, prefix, row_of, ids)
+    assert len(positions) > 1 and max(positions) <= gen.POSITIONS_AT_ONCE
+    for i in (0, 1, 3, 4, len(ids) - 1):
+        expected = teacher_forced_logprob(lm, prefix[row_of[i]], ids[i])
+        assert got[i].shape == (len(ids[i]),) and float(got[i].sum()) == pytest.approx(expected, abs=1e-4)
+
 def prepared(lm, name: str):
     copy_ = copy.deepcopy(lm)
     precision.apply(copy_, precision.named(name, torch.device("cpu")))

@@ -1,137 +1,29 @@
 """`mellow serve` with the tiny model: the openai client and raw HTTP against a server on a free
 loopback port (started in a thread for each test, and once as the real command), answers equal to
-`mellow ask`'s, batching, OpenAI-style errors, and shutdown."""
+`mellow ask`'s, batching, OpenAI-style errors, and shutdown. test_serve_limits.py holds what a
+hostile or careless client may try."""
 
 from __future__ import annotations
 
 import base64
-import contextlib
-import http.client
 import json
-import os
-import re
 import signal
-import subprocess
 import sys
 import threading
 import time
 
 import pytest
-from conftest import write_tone
 
-from mellow_cli.runtime.options import DecodingOptions
-from mellow_cli.serve.app import ServeSettings, bind, build_app, make_server
+pytest.register_assert_rewrite("serving")  # before its import: its checks report as a test's do
+pytest_plugins = ["serving"]  # its fixtures: model_dir, model, clips
 
-QUESTION = "what do you hear?"
-DEADLINE = 60  # seconds any single wait in these tests may take
+from conftest import write_tone  # noqa: E402
+from serving import (  # noqa: E402
+    DEADLINE, QUESTION, chat_body, events, mellow_ask, openai_client, post, request, running, serve_command,
+)
 
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model with its language model's weights drawn larger (as in test_generate.py):
-    the default draw answers "!" to everything, which would make every comparison below pass."""
-    import shutil
-
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    out = tmp_path_factory.mktemp("lively_tiny")
-    for f in tiny_model_dir.iterdir():
-        shutil.copyfile(f, out / f.name)
-    state = load_file(str(tiny_model_dir / "model.safetensors"))
-    g = torch.Generator().manual_seed(0)
-    for name, p in state.items():
-        if name.startswith("caption_decoder.lm.") and p.ndim == 2:
-            std = 1.0 if "embed" in name else 0.2
-            state[name] = torch.randn(p.shape, generator=g) * std
-    save_file(state, str(out / "model.safetensors"))
-    return out
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    from mellow_cli.api import load_model
-
-    return load_model(str(model_dir), device="cpu", dtype="float32", progress=False)
-
-
-@pytest.fixture(scope="module")
-def clips(tmp_path_factory):
-    d = tmp_path_factory.mktemp("serve_clips")
-    return write_tone(d / "low.wav", 220), write_tone(d / "high.flac", 880)
-
-
-@contextlib.contextmanager
-def running(model, settings=ServeSettings(), on_batch=None):
-    """The app under uvicorn in a thread on a free 127.0.0.1 port; stopped on the way out."""
-    server = make_server(build_app(model, settings, on_batch))
-    sock = bind("127.0.0.1", 0)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + DEADLINE
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(DEADLINE)
-        sock.close()
-        assert not thread.is_alive(), "the server did not stop"
-
-
-def b64(path) -> str:
-    return base64.b64encode(path.read_bytes()).decode()
-
-
-def audio_part(path) -> dict:
-    return {"type": "input_audio", "input_audio": {"data": b64(path), "format": path.suffix[1:]}}
-
-
-def chat_body(*paths, question=QUESTION, **extra) -> dict:
-    content = [audio_part(p) for p in paths] + [{"type": "text", "text": question}]
-    return {"model": "mellow", "messages": [{"role": "user", "content": content}], **extra}
-
-
-def request(url: str, method: str, path: str, body=None, headers=None) -> http.client.HTTPResponse:
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=DEADLINE)
-    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-    return conn.getresponse()
-
-
-def post(url: str, body, headers=None) -> tuple[int, dict]:
-    r = request(url, "POST", "/v1/chat/completions", body, headers)
-    return r.status, json.loads(r.read())
-
-
-def events(response) -> list[str]:
-    """The `data:` payloads of a server-sent event stream, in order."""
-    text = response.read().decode()
-    lines = [line for line in text.split("\n") if line]
-    assert all(line.startswith("data: ") for line in lines), text
-    return [line[len("data: "):] for line in lines]
-
-
-def mellow_ask(*args: str) -> str:
-    """`mellow ask ARGS` through the CLI's entry point, in this process: its stdout."""
-    import io
-
-    from mellow_cli.cli import main
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
-        main(["ask", *args, "-q"])
-    assert e.value.code == 0
-    return out.getvalue().removesuffix("\n")
-
-
-def openai_client(url: str, key: str = "unused"):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=DEADLINE)
+from mellow_cli.runtime.options import DecodingOptions  # noqa: E402
+from mellow_cli.serve.limits import ServeSettings  # noqa: E402
 
 
 # --- answers --------------------------------------------------------------------------------------
@@ -204,14 +96,16 @@ def test_choices_by_likelihood_return_probabilities(model, clips):
     assert client.choices[0].message.content == expected.choice and client.model_extra["mellow"]["choices"] == scored
 
 
-def test_models_and_health(model):
+def test_models_and_health_name_the_model_without_its_path(model, model_dir):
+    """/health needs no key: it names the model as it was called, never where its files are."""
     with running(model) as url:
         listed = openai_client(url).models.list()
         r = request(url, "GET", "/health")
-        health = json.loads(r.read())
+        raw = r.read().decode()
         missing = request(url, "GET", "/v1/nothing")
-    assert [m.id for m in listed.data] == [model.name]
-    assert r.status == 200 and health["status"] == "ok"
+    assert r.status == 200 and json.loads(raw) == {"status": "ok", "model": model_dir.name}
+    assert [m.id for m in listed.data] == [model_dir.name]
+    assert str(model_dir.parent) not in raw and "/" not in json.loads(raw)["model"]
     assert missing.status == 404 and "error" in json.loads(missing.read())
 
 
@@ -223,7 +117,7 @@ def test_waiting_requests_form_one_batch_with_each_rows_own_options(model, clips
     multiple-choice rows together, each exactly as it would be alone."""
     from mellow_cli.serve.worker import Batcher, Finished, Pending
 
-    low, high = (model.load_clip(str(p)) for p in clips)
+    low, high = (model.read_clip(str(p)) for p in clips)
     sampled = DecodingOptions(max_tokens=10, sample=True, temperature=0.8, seed=3)
     rows = [(low, None, "q one", DecodingOptions(max_tokens=10), None),
             (high, low, "q two, longer than the first", DecodingOptions(max_tokens=4), None),
@@ -242,6 +136,21 @@ def test_waiting_requests_form_one_batch_with_each_rows_own_options(model, clips
         assert "".join(e for e in out if isinstance(e, str)) == model.ask(a, q, audio2=b, options=opts)
     assert got[1][-1].reason == "length" and got[1][-1].completion_tokens == 4
     assert got[3][0].probabilities == model.choose(high, "which?", ["rain", "a tone"]).probabilities
+
+
+def test_a_batch_takes_choices_up_to_its_cap_of_tokens_and_leaves_the_rest_for_the_next(model, clips):
+    from mellow_cli.serve.worker import Batcher, Finished, Pending
+
+    low = model.read_clip(str(clips[0]))
+    sizes, got = [], [[] for _ in range(4)]
+    batcher = Batcher(model, max_batch=8, on_batch=sizes.append, max_choice_tokens=10)
+    for out, tokens in zip(got, (6, 6, 3, 0)):  # as many tokens as the server counted for each
+        batcher.submit(Pending(low, None, "which?", DecodingOptions(max_tokens=2), emit=out.append,
+                               choices=("rain", "a tone") if tokens else None, choice_tokens=tokens))
+    batcher.start()
+    batcher.stop(DEADLINE)
+    assert sizes == [1, 3]  # 6 + 6 is past 10: the second opens the next batch, with the rest
+    assert all(isinstance(out[-1], Finished) for out in got)
 
 
 def test_concurrent_requests_share_a_batch(model, clips):
@@ -321,7 +230,18 @@ def _bad_requests(clip) -> list[tuple[str, object, int]]:
         ("temperature 3", {**good, "temperature": 3}, 422), ("top_p 1.5", {**good, "top_p": 1.5}, 422),
         ("seed -1", {**good, "seed": -1}, 422), ("n 2", {**good, "n": 2}, 422),
         ("one choice", {**good, "mellow": {"choices": ["only"]}}, 422),
+        # a strict type for every field: true is not 1, and a number is not a name
+        ("n true", {**good, "n": True}, 400), ("n 1.0", {**good, "n": 1.0}, 400),
+        ("stream as text", {**good, "stream": "yes"}, 400), ("model as a number", {**good, "model": 5}, 400),
+        ("format as a list", _with_format(good, ["wav"]), 400), ("choices of numbers", {**good, "mellow": {"choices": [1, 2]}}, 400),
+        ("max_tokens true", {**good, "max_tokens": True}, 400), ("messages as an object", {**good, "messages": {}}, 400),
     ]
+
+
+def _with_format(body: dict, fmt) -> dict:
+    changed = json.loads(json.dumps(body))
+    changed["messages"][0]["content"][0]["input_audio"]["format"] = fmt
+    return changed
 
 
 def test_bad_requests_get_their_status_and_the_server_keeps_serving(model, clips):
@@ -366,27 +286,8 @@ def test_too_much_audio_is_413(model, clips, tmp_path):
 
 
 def test_serve_command_listens_on_loopback_and_drains_on_sigterm(model_dir, clips):
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mellow_cli", "serve", "--model", str(model_dir), "--port", "0",
-         "--dtype", "float32"], stderr=subprocess.PIPE, text=True, env={**os.environ, "NO_COLOR": "1"})
-    try:
-        lines = []
-        for line in server.stderr:
-            lines.append(line)
-            found = re.search(r"at (http://[^/\s]+)/v1", line)
-            if found or len(lines) > 20:
-                break
-        assert found, "".join(lines)
-        url = found.group(1)
+    with serve_command(model_dir) as (url, server):
         assert url.startswith("http://127.0.0.1:")
-        deadline = time.monotonic() + DEADLINE
-        while True:
-            try:
-                if request(url, "GET", "/health").status == 200:
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "the server never answered"
-                time.sleep(0.1)
         r = request(url, "POST", "/v1/chat/completions", chat_body(clips[0], max_tokens=800, stream=True))
         assert r.status == 200
         assert r.readline().startswith(b"data: ")  # the first event: the answer is under way
@@ -395,11 +296,6 @@ def test_serve_command_listens_on_loopback_and_drains_on_sigterm(model_dir, clip
         assert data[-1] == "[DONE]" and '"finish_reason": "length"' in data[-2]
         server.wait(DEADLINE)
         assert server.returncode in (0, -signal.SIGTERM)
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait(DEADLINE)
-        server.stderr.close()
 
 
 def test_serve_without_the_extra_says_how_to_install_it(monkeypatch, capsys):

@@ -35,6 +35,7 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="MELLOW_API_KEY", help="Ask every request for `Authorization: Bearer KEY` (also MELLOW_API_KEY, which keeps it out of the process list).")] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, max=256, help="Requests answered together at most; those waiting while a batch runs form the next one.")] = 8,
     max_audio_seconds: Annotated[float, typer.Option("--max-audio-seconds", min=1.0, max=86400.0, help="Longest recording a request may send, per clip (the model hears its first 10 s); longer gets 413.")] = 300.0,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=1, max=100000, help="Requests in hand at once (reading, decoding, waiting or being answered); more get 503 with Retry-After.")] = 64,
     device: DeviceOpt = Device.auto,
     dtype: DtypeOpt = Dtype.auto,
     threads: ThreadsOpt = None,
@@ -61,7 +62,9 @@ def serve(
         import uvicorn  # noqa: F401
     except ImportError:
         raise MellowError('mellow serve needs its extra: pip install "mellow-cli[serve]"') from None
-    from mellow_cli.serve.app import ServeSettings, bind, build_app, make_server
+    from mellow_cli.serve.app import build_app
+    from mellow_cli.serve.limits import ServeSettings
+    from mellow_cli.serve.http import bind, make_server
 
     if host not in LOOPBACK and api_key is None:
         render.warn(f"--host {host} without --api-key: anyone who can reach this port can use the model")
@@ -70,7 +73,8 @@ def serve(
     except OSError as e:
         raise UsageError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
     loaded = load_model(model, device, dtype)
-    settings = ServeSettings(api_key=api_key, max_batch=max_batch, max_audio_seconds=max_audio_seconds)
+    settings = ServeSettings(api_key=api_key, max_batch=max_batch, max_audio_seconds=max_audio_seconds,
+                             max_queue=max_queue)
     app = build_app(loaded, settings, on_batch=lambda n: render.debug(f"batch of {n}"))
     where, bound = sock.getsockname()[:2]
     shown = f"[{where}]" if ":" in where else where

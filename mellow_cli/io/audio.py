@@ -14,8 +14,12 @@ This module owns everything between a path on the command line and the waveform 
   file costs one clip of memory;
 - turning every unusable input into `AudioError(path, problem)`, one line, never a traceback.
 
-Public: MIN_SAMPLE_RATE, MAX_SAMPLE_RATE, STDIN, load_audio, load_clip, audio_duration, and the
-two pure steps they use, to_mono and resample. docs/audio.md explains the policy, the limits and where we differ from the reference.
+A source is a path, `-`, or an `AudioBytes`: a whole file already in memory (an upload), read
+where it is instead of through a temporary file.
+
+Public: MIN_SAMPLE_RATE, MAX_SAMPLE_RATE, STDIN, AudioBytes, load_audio, load_clip, audio_duration,
+probe, and the two pure steps they use, to_mono and resample. docs/audio.md explains the policy,
+the limits and where we differ from the reference.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import BinaryIO, Union
 
@@ -59,7 +64,17 @@ STDIN = "-"
 _STDIN_NAME = "<stdin>"
 _stdin_bytes: bytes | None = None  # standard input, read once on first use of "-"
 
-Source = Union[str, os.PathLike]
+
+
+@dataclass(frozen=True)
+class AudioBytes:
+    """A whole audio file held in memory, named for messages."""
+
+    name: str
+    data: bytes
+
+
+Source = Union[str, os.PathLike, AudioBytes]
 Mono = Callable[[np.ndarray], np.ndarray]  # (frames, channels) -> (frames,)
 
 
@@ -124,6 +139,27 @@ def audio_duration(source: Source) -> float:
         return snd.frames / snd.samplerate
 
 
+@dataclass(frozen=True)
+class Probe:
+    """What `load_clip` would read from a file, from its header alone."""
+
+    seconds: float  # the whole recording's length
+    channels: int
+    samplerate: int
+    decoded: int  # samples (frames x channels) load_clip decodes for its window, before mixing to mono
+
+
+def probe(source: Source, *, sr: int, clip_seconds: float) -> Probe:
+    """The header's promise for `load_clip(source, sr=sr, clip_seconds=clip_seconds)`: a file of a
+    few kilobytes can declare 8 channels at 655 kHz, which would decode to hundreds of megabytes,
+    so a caller bounding memory asks here first. AudioError for anything unusable."""
+    name = _display_name(source)
+    with _open_sound(source) as snd:
+        first, stop = _window(name, snd, 0.0, clip_seconds, sr)
+        start, end, _ = _input_span(first, stop, snd.frames, snd.samplerate, sr, _margin(snd, sr))
+        return Probe(snd.frames / snd.samplerate, snd.channels, snd.samplerate, (end - start) * snd.channels)
+
+
 def to_mono(frames: np.ndarray) -> np.ndarray:
     """(n_frames, n_channels) -> (n_frames,): the average of the channels, what a listener hears
     from a pair of speakers (the reference instead concatenated them end to end)."""
@@ -186,13 +222,16 @@ def _input_span(
     return read_start, read_stop, skip
 
 
+def _margin(snd: sf.SoundFile, sr: int) -> int:
+    """Input frames decoded on each side of a window (see _input_span)."""
+    margin = 0 if snd.samplerate == sr else round(_RESAMPLE_CONTEXT_SECONDS * snd.samplerate)
+    return max(margin, _MP3_PREROLL_FRAMES) if snd.format == "MP3" else margin
+
+
 def _decode_window(name: str, snd: sf.SoundFile, first: int, stop: int, sr: int, mono: Mono) -> np.ndarray:
     """Output samples [first, stop) at `sr`: seek, a bounded read, mono, checks, resample."""
     sr_in = snd.samplerate
-    margin = 0 if sr_in == sr else round(_RESAMPLE_CONTEXT_SECONDS * sr_in)
-    if snd.format == "MP3":
-        margin = max(margin, _MP3_PREROLL_FRAMES)
-    read_start, read_stop, skip = _input_span(first, stop, snd.frames, sr_in, sr, margin)
+    read_start, read_stop, skip = _input_span(first, stop, snd.frames, sr_in, sr, _margin(snd, sr))
     try:
         snd.seek(read_start)
         frames = snd.read(read_stop - read_start, dtype="float32", always_2d=True)
@@ -222,6 +261,8 @@ def _decode_window(name: str, snd: sf.SoundFile, first: int, stop: int, sr: int,
 
 
 def _display_name(source: Source) -> str:
+    if isinstance(source, AudioBytes):
+        return source.name
     return _STDIN_NAME if _is_stdin(source) else os.fspath(source)
 
 
@@ -257,6 +298,9 @@ def _read_stdin() -> bytes:
 @contextlib.contextmanager
 def _open_stream(source: Source) -> Iterator[BinaryIO]:
     """A seekable binary stream of the encoded bytes; OS errors become AudioErrors."""
+    if isinstance(source, AudioBytes):
+        yield io.BytesIO(source.data)  # an empty one is refused by _open_sound
+        return
     if _is_stdin(source):
         data = _read_stdin()
         if not data:

@@ -16,7 +16,7 @@ module loads and checks the library for both.
 
 It is compiled once per machine with the system's C compiler for the CPU it runs on
 (`-march=native`), and kept in the cache beside the models, keyed by the source and the CPU
-(model/kernels.py, which also decides whether a library found there may be loaded at all). No
+(kernels.py, which also decides whether a library found there may be loaded at all). No
 compiler, a failed build, a library that will not load, or a build that disagrees with float32
 arithmetic on a small random model: torch's forward is used, as everywhere else, and `mellow env`
 says which runs.
@@ -30,6 +30,8 @@ import shutil
 from pathlib import Path
 
 import torch
+
+from mellow_cli.runtime.choices import choice_chunks, choice_layout
 
 PER_LAYER = 12  # pointers per layer, step.c's enum
 # How far the step's logits may be from float32 arithmetic on the same rounded weights, relative to
@@ -225,27 +227,6 @@ def _error(lib, cfg, state: dict, prompt: torch.Tensor, name: str, steps: int = 
     return worst
 
 
-def choice_layout(row_of: list[int], ids: list[list[int]], length, positions=None) -> tuple[list[int], ...]:
-    """Where FusedStep.choices puts each choice's tokens but the last, as lists (token, row, pos,
-    slot, group) for step.c: choice i follows the prefix of cache row r = row_of[i] (rotary
-    positions positions[r], positions[r]+1, ..), in slots of its own after the prefix (length[r]
-    slots; one int: every row's) and the row's earlier choices. `positions` default: `length`."""
-    lengths = length if isinstance(length, (list, tuple)) else None
-    flat, row, pos, slot, group = [], [], [], [], []
-    used: dict[int, int] = {}
-    for i, (r, tokens) in enumerate(zip(row_of, ids)):
-        start = length if lengths is None else lengths[r]
-        first = start if positions is None else positions[r]
-        for j, token in enumerate(tokens[:-1]):
-            flat.append(token)
-            row.append(r)
-            pos.append(first + j)
-            slot.append(start + used.get(r, 0))
-            used[r] = used.get(r, 0) + 1
-            group.append(i)
-    return flat, row, pos, slot, group
-
-
 def decode_seconds(stack: list[tuple], head, heads: int, kv_heads: int, layers: int, positions: int,
                    timer) -> float | None:
     """What a decode step at `positions` cached positions takes through step.c for a model of
@@ -362,19 +343,22 @@ class FusedStep:
         return caches
 
     def forward(self, ids: torch.Tensor | None, row: list[int], pos: list[int], slot: list[int], group: list[int],
-                visible: int, seen: list[int] | None = None, embeds: torch.Tensor | None = None) -> torch.Tensor:
+                visible: int, seen: list[int] | None = None, embeds: torch.Tensor | None = None,
+                products: bool | None = None) -> torch.Tensor:
         """Tokens `ids` (T,) (or their embeddings `embeds`, (T, hidden)) through the model
         (step.c's mellow_forward says what row, pos, slot, group, visible and seen mean: `seen`
         None, every token sees `visible` positions of its row) -> float32 logits (T, vocab). The
-        caller keeps every row, slot and position inside the cache."""
+        caller keeps every row, slot and position inside the cache. `products`: through the
+        layers' bfloat16 products where the model has them (None: from PRODUCTS_FROM tokens on)."""
         if self._cache() is None:
             raise ValueError("the KV cache is not float32 rows step.c can read: run torch's forward")
         self.dims.threads = torch.get_num_threads()
         x = (self.lm.embed(ids) if embeds is None else embeds).float().contiguous()
         tokens = len(x)
         layers = self.lm.model.layers
-        if tokens >= PRODUCTS_FROM and layers[0].prefill is not None and layers[0].prefill.fits(layers[0], x, self.cos,
-                                                                                                 self.sin):
+        if products is None:
+            products = tokens >= PRODUCTS_FROM
+        if products and layers[0].prefill is not None and layers[0].prefill.fits(layers[0], x, self.cos, self.sin):
             # Many tokens (choices of a batch): bound by arithmetic, as a prefill is, so through the
             # layers' bfloat16 products where the model has them (passes.PrefillLayer.tokens).
             index = torch.tensor([pos, row, slot, group], dtype=torch.int64)
@@ -410,25 +394,43 @@ class FusedStep:
         rows = list(range(len(tokens)))
         return self.forward(tokens, rows, [pos] * len(rows), [pos] * len(rows), rows, pos)[:, None]
 
-    def choices(self, row_of: list[int], ids: list[list[int]], length, positions=None) -> list[torch.Tensor]:
+    def choices(self, row_of: list[int], ids: list[list[int]], length, positions=None,
+                products: bool | None = None) -> list[torch.Tensor]:
         """After a prefill of `length` positions (or each cache row's, a list; `positions`: each
         row's first answer position, as choice_layout says): float32 logits (len(ids[i]) - 1,
         vocab) after each token but the last of each choice i, which follows the prefix of cache
         row row_of[i]. A row's choices take slots of their own after its prefix, each seeing the
         prefix and its own earlier tokens, so the prefix's cache is shared, not copied; the cache
-        needs the longest prefix plus the most tokens any row's choices have."""
+        needs the longest prefix plus the most tokens any row's choices have. `products`: see
+        forward."""
         flat, row, pos, slot, group = choice_layout(row_of, ids, length, positions)
         if not flat:
             return [torch.empty(0, self.dims.vocab) for _ in ids]
         lengths = length if isinstance(length, (list, tuple)) else None
         seen = None if lengths is None else [lengths[r] for r in row]
         logits = self.forward(torch.tensor(flat), row, pos, slot, group, length if lengths is None else max(lengths),
-                              seen)
+                              seen, products=products)
         return list(logits.split([max(len(t) - 1, 0) for t in ids]))
 
+    def choice_logprobs(self, row_of: list[int], ids: list[list[int]], length, positions=None) -> list[torch.Tensor]:
+        """Per choice i, the log-probabilities of its tokens after the first (len(ids[i]) - 1 of
+        them), as `choices` gives their logits: the choices go a few at a time (choice_chunks), so
+        the logits over the vocabulary exist for CHOICE_TOKENS_AT_ONCE tokens at most, and each
+        group reuses the slots of the one before. Every group takes the path the whole would."""
+        products = sum(len(t) - 1 for t in ids) >= PRODUCTS_FROM
+        out = []
+        for chunk in choice_chunks(ids):
+            chosen = [ids[i] for i in chunk]
+            logits = self.choices([row_of[i] for i in chunk], chosen, length, positions, products)
+            for tokens, rows in zip(chosen, logits):
+                out.append(rows.log_softmax(dim=-1).gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0])
+        return out
+
     def slots_needed(self, row_of: list[int], ids: list[list[int]]) -> int:
-        """The most cache slots past the prefix that `choices` uses in any one row."""
-        used: dict[int, int] = {}
-        for r, tokens in zip(row_of, ids):
-            used[r] = used.get(r, 0) + max(len(tokens) - 1, 0)
+        """The most cache slots past the prefix that `choices` of one of choice_chunks' groups
+        uses in any one row."""
+        used: dict[tuple[int, int], int] = {}
+        for c, chunk in enumerate(choice_chunks(ids)):
+            for i in chunk:
+                used[c, row_of[i]] = used.get((c, row_of[i]), 0) + max(len(ids[i]) - 1, 0)
         return max(used.values(), default=0)

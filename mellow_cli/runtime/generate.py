@@ -15,6 +15,7 @@ say. Sampling here is an opt-in extra.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -298,34 +299,81 @@ def _choices_per_row(choices, batch: int) -> list[list[str]]:
 
 
 def _choice_logprobs(lm, prefix: "Prefix | torch.Tensor", row_of: list[int], ids: list[list[int]]) -> list[torch.Tensor]:
-    """Per choice, the log-probability of each of its tokens (a 1-D tensor)."""
+    """Per choice, the log-probability of each of its tokens (a 1-D tensor). Only these are kept:
+    logits over the whole vocabulary exist for a bounded number of positions at a time, whatever
+    the number and length of the choices."""
     row_of = [int(r) for r in row_of]
     fused = getattr(lm, "fused", None)
-    longest = max(len(t) for t in ids)
-    session = Session(lm, prefix, fused.slots_needed(row_of, ids) if fused is not None else longest)
+    session = Session(lm, prefix, fused.slots_needed(row_of, ids) if fused is not None else max(map(len, ids)))
     p = session.prefix
-    device = p.embeds.device
-    first = session.first().log_softmax(dim=-1)[row_of]  # predicts each choice's token 0
+    first = session.first().log_softmax(dim=-1)  # predicts each choice's token 0
+    heads = first[row_of, torch.tensor([t[0] for t in ids], device=first.device)]
+    # After token 0: in C, each choice in slots of its own after its row's prefix (fused.py), no
+    # copy of the prefix's cache per choice; else torch's forward, a few choices at a time.
     if fused is not None and fused.ready():
-        # Each choice in slots of its own after its row's prefix (fused.py): no copy of the
-        # prefix's cache per choice, one pass over the weights for every choice's tokens.
-        after = fused.choices(row_of, ids, p.width if p.alike else list(p.lengths), list(p.positions))
-        return [torch.cat([first[i, None], later.log_softmax(dim=-1)]).gather(-1, torch.tensor(t)[:, None])[:, 0]
-                for i, (later, t) in enumerate(zip(after, ids))]
-    tokens = torch.tensor([t + [0] * (longest - len(t)) for t in ids], device=device)
-    steps = [first]
-    if longest > 1:
-        # Choices are right-padded: padding only follows a choice's tokens, and causal attention
-        # keeps it out of every position we read.
-        lm.select_cache_rows(torch.tensor(row_of, device=device))
-        if p.alike:
-            logits = lm(input_ids=tokens[:, :-1], start=p.width).logits
+        later = fused.choice_logprobs(row_of, ids, p.width if p.alike else list(p.lengths), list(p.positions))
+    else:
+        later = _later_logprobs(lm, p, row_of, ids)
+    return [torch.cat([head[None], rest]) for head, rest in zip(heads, later)]
+
+
+# Torch's forward scores a few choices at a time, each on a copy of its row's cache: v0's is about
+# 20 MB a choice in float32, and a pass's logits are (choices x longest x vocab) floats.
+CHOICES_AT_ONCE = 8
+POSITIONS_AT_ONCE = 256  # choices x the longest of them, padding included
+
+
+def _later_logprobs(lm, prefix: "Prefix", row_of: list[int], ids: list[list[int]]) -> list[torch.Tensor]:
+    """Per choice, the log-probabilities of its tokens after the first, through torch's forward
+    on copies of the cache's rows (filled by the prefix)."""
+    device = prefix.embeds.device
+    later = [torch.empty(0) for _ in ids]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
+    for chunk in _torch_chunks([len(ids[i]) for i in order]):
+        chosen = [order[i] for i in chunk]
+        longest = len(ids[chosen[-1]])
+        if longest == 1:
+            continue
+        # Right-padded: padding only follows a choice's tokens, and causal attention keeps it out
+        # of every position we read.
+        tokens = torch.tensor([ids[i] + [0] * (longest - len(ids[i])) for i in chosen], device=device)
+        rows = [row_of[i] for i in chosen]
+        with _cache_rows(lm, torch.tensor(rows, device=device)):
+            if prefix.alike:
+                logits = lm.head(lm.hidden(input_ids=tokens[:, :-1], start=prefix.width))
+            else:
+                lengths = torch.tensor([prefix.lengths[r] for r in rows], device=device)
+                positions = torch.tensor([prefix.positions[r] for r in rows], device=device)
+                offsets = torch.arange(longest - 1, device=device)
+                logits = lm.forward_rows(lm.embed(tokens[:, :-1]), torch.arange(len(rows), device=device),
+                                         positions[:, None] + offsets, lengths[:, None] + offsets, lengths)
+        logprobs = logits.float().log_softmax(dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
+        for i, row in zip(chosen, logprobs):
+            later[i] = row[: len(ids[i]) - 1]
+    return later
+
+
+def _torch_chunks(lengths: list[int]) -> list[list[int]]:
+    """Consecutive indices of `lengths` (ascending) in groups of at most CHOICES_AT_ONCE whose
+    count times their longest stays within POSITIONS_AT_ONCE (a longer choice goes alone)."""
+    chunks: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        if chunks and len(chunks[-1]) < CHOICES_AT_ONCE and (len(chunks[-1]) + 1) * n <= POSITIONS_AT_ONCE:
+            chunks[-1].append(i)
         else:
-            lengths = torch.tensor([p.lengths[r] for r in row_of], device=device)
-            positions = torch.tensor([p.positions[r] for r in row_of], device=device)
-            offsets = torch.arange(longest - 1, device=device)
-            logits = lm.forward_rows(lm.embed(tokens[:, :-1]), torch.arange(len(ids), device=device),
-                                     positions[:, None] + offsets, lengths[:, None] + offsets, lengths)
-        steps += logits.float().log_softmax(dim=-1).unbind(dim=1)
-    logprobs = torch.stack(steps, dim=1).gather(-1, tokens[..., None])[..., 0]  # (N, longest)
-    return [row[: len(t)] for row, t in zip(logprobs, ids)]
+            chunks.append([i])
+    return chunks
+
+
+@contextlib.contextmanager
+def _cache_rows(lm, index: torch.Tensor) -> Iterator[None]:
+    """Inside the block, every layer's cache holds rows `index` of itself (copies; a row may come
+    many times); after it, the rows it held before."""
+    caches = [layer.self_attn.kv_cache for layer in lm.model.layers]
+    held = [(c.k, c.v) for c in caches]
+    lm.select_cache_rows(index)
+    try:
+        yield
+    finally:
+        for cache, (k, v) in zip(caches, held):
+            cache.k, cache.v = k, v

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from mellow_cli.runtime.fused import choice_layout, library, random_state, status
+from mellow_cli.runtime.choices import choice_layout
+from mellow_cli.runtime.fused import library, random_state, status
 
 ATTENTION_BOUND = 1e-5  # the same for attention, which is float32 throughout (step.c: ~3e-7)
 # And for a bfloat16 prefill through PrefillLayer against torch's layers (see prefill_error):
