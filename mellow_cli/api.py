@@ -171,6 +171,10 @@ class Model:
 
         from mellow_cli.runtime.prefix import Prefix
 
+        most = self.family.most_clips
+        if most is not None and any(len([a for a in (a1, a2) if a is not None]) > most for a1, a2, _ in questions):
+            raise UsageError(f"{self.name}: {self.family.title} takes {most} clip{'s' if most > 1 else ''} a question, "
+                             "not more")
         first = [self.load_clip(a1) for a1, _, _ in questions]
         second = [None if a2 is None else self.load_clip(a2) for _, a2, _ in questions]
         clips = iter(self.embed_clips(first + [c for c in second if c is not None]))

@@ -278,30 +278,21 @@ def tinymu_golden_model(tinymu_golden_checkpoint):
 
 
 def decode_row(lm, row, steps: int):
-    """Greedy decoding of one PrefixRow by its rules, with the language model's own layers and
-    KV cache: `embeds` at positions 0 .. L-1; `query`, if any, at `query_position`, seeing
-    `embeds` only (not itself); answer token j at `next_position + j`, seeing `embeds` and the
-    answer so far. -> (logits predicting the first answer token (vocab,), `steps` greedy ids)."""
+    """Greedy decoding of one PrefixRow through the runtime (runtime/generate.py's Session):
+    `embeds` at positions 0 .. L-1; `query`, if any, at `query_position`, seeing `embeds` only
+    (not itself); answer token j at `next_position + j`, seeing `embeds` and the answer so far.
+    -> (logits predicting the first answer token (vocab,), `steps` greedy ids)."""
     import torch
 
-    def step(x, position, slot, mask=None):
-        x = x[None, None]
-        cos, sin = lm.model.rotary_emb.span(position, position + 1, x.dtype)
-        for layer in lm.model.layers:
-            x = layer(x, cos, sin, slot, mask)
-        return lm.head(lm.model.norm(x))[0, -1]
+    from mellow_cli.runtime.generate import Session
+    from mellow_cli.runtime.prefix import Prefix
 
     with torch.inference_mode():
-        n = row.embeds.shape[0]
-        lm.setup_cache(1, n + steps)
-        logits = lm(inputs_embeds=row.embeds[None], start=0, logits_to_keep=1).logits[0, -1]
-        if row.query is not None:
-            mask = torch.ones(1, n + 1, dtype=torch.bool)
-            mask[0, n] = False  # the query sees the cached positions, not itself
-            logits = step(row.query, row.query_position, n, mask)
-        first, ids = logits, []
+        session = Session(lm, Prefix.of([row]), steps)
+        first = logits = session.first()[0]
+        ids = []
         for j in range(steps):
             ids.append(int(logits.argmax()))
-            if j + 1 < steps:  # the slot the query used is overwritten: nothing ever reads it
-                logits = step(lm.embed(torch.tensor([ids[-1]]))[0], row.next_position + j, n + j)
+            if j + 1 < steps:
+                logits = session.step(torch.tensor([ids[-1]]))[0]
         return first, ids

@@ -126,9 +126,10 @@ class Session:
         # Right-padded rows: causal attention keeps the padding out of every real position, and
         # each row's answer overwrites its padding's slots before anything reads them.
         keep = p.width - min(p.lengths) + 1
-        logits = lm(inputs_embeds=embeds, logits_to_keep=keep, start=0).logits
+        hidden = lm.hidden(inputs_embeds=embeds, start=0, keep=keep)
         last = torch.tensor([n - 1 - (p.width - keep) for n in p.lengths], device=embeds.device)
-        logits = logits[torch.arange(p.batch, device=embeds.device), last].float()
+        # Each row's last position through the head alone, as a row's own prefill takes it.
+        logits = lm.head(hidden[torch.arange(p.batch, device=embeds.device), last][:, None])[:, 0].float()
         if p.query_rows:
             rows = list(p.query_rows)
             at = [p.lengths[r] for r in rows]  # a slot the first answer token then overwrites
