@@ -141,6 +141,38 @@ def tiny_model_dir(smollm2_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def family_model_dir(smollm2_dir, tmp_path_factory):
+    """`family_model_dir(name)`: a model folder of ours (model.safetensors, config.json naming the
+    family, tokenizer files) for family `name`'s `tiny` preset, seeded random weights. Usable as
+    --model DIR."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from mellow_cli.models.family import config_dict, family
+    from mellow_cli.train.runs import model_state
+
+    made = {}
+
+    def make(name: str) -> Path:
+        if name not in made:
+            fam = family(name)
+            cfg = fam.config("tiny")
+            torch.manual_seed(0)
+            out = tmp_path_factory.mktemp(f"tiny_{name}")
+            save_file(model_state(fam.build(cfg)), str(out / "model.safetensors"))
+            (out / "config.json").write_text(json.dumps(config_dict(cfg)))
+            for f in ("tokenizer.json", "tokenizer_config.json"):
+                shutil.copyfile(smollm2_dir / f, out / f)
+            made[name] = out
+        return made[name]
+
+    return make
+
+
 def write_tone(path: Path, freq: float = 440.0, seconds: float = 2.0, sr: int = 16000, amp: float = 0.3) -> Path:
     """A sine tone file: the smallest real audio a test can ask about."""
     import numpy as np

@@ -344,3 +344,21 @@ def test_bench_qa_end_to_end(tiny_model_dir, tmp_path):
     assert report["score"]["overall"]["accuracy"] == own_score(records)
     again, report = bench("qa", "--score-only", str(out_file), "--json")
     assert again.returncode == 0 and report["score"]["overall"]["accuracy"] == own_score(records)
+
+
+def test_several_models_side_by_side(tiny_model_dir, family_model_dir, tmp_path, monkeypatch):
+    """`--model a,b,c`: each model over the same items, its own predictions file, one table with
+    a column per model (each family answering in its own way)."""
+    monkeypatch.chdir(tmp_path)
+    names = [str(tiny_model_dir), str(family_model_dir("samsone")), str(family_model_dir("tinymu"))]
+    out, _ = bench("mmau", "--data", str(FIXTURE), "--limit", "24", model=",".join(names))
+    assert out.returncode == 0, out.stderr
+    header = next(line for line in out.stdout.splitlines() if "table" in line and "row" in line)
+    assert [Path(n).name in header for n in names] == [True] * 3, out.stdout
+    overall = next(line for line in out.stdout.splitlines() if line.strip().startswith("overall"))
+    assert len(overall.split()) == 1 + 3  # "overall", then a figure for each model
+    files = sorted(p.name for p in tmp_path.glob("mmau-fixture-*-choices.json"))
+    assert len(files) == 3 and all(len(json.loads((tmp_path / f).read_text())) == 24 for f in files)
+    # a second run finds each model's file done
+    again, _ = bench("mmau", "--data", str(FIXTURE), "--limit", "24", "--resume", model=",".join(names))
+    assert again.returncode == 0 and again.stderr.count("nothing left to predict") == 3, again.stderr

@@ -48,3 +48,24 @@ def notes(report) -> list[str]:
     lines.append(f"predictions {', '.join(predictions) if isinstance(predictions, list) else predictions}"
                  f" · {meta['wall_seconds']:.1f} s")
     return lines
+
+
+def side_by_side(reports: list) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """Several models' reports on the same items as one table: a row per table entry, an
+    accuracy column per model (each as its scorer prints it)."""
+    columns = ("table", "row", *(_short(r.meta["model"]) for r in reports))
+    first = rows(reports[0].score)
+    others = [rows(r.score) for r in reports[1:]]
+    table = []
+    for i, cells in enumerate(first):
+        table.append((cells[0], cells[1], cells[2], *(o[i][2] if i < len(o) else "-" for o in others)))
+    return columns, table
+
+
+def _short(model: str | None) -> str:
+    """A model's column heading: its name, or a local checkpoint's or folder's own name."""
+    import os
+
+    if not model:
+        return "unknown"
+    return os.path.basename(os.path.normpath(model)) if os.path.exists(model) else model

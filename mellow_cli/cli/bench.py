@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Annotated, List, Optional
@@ -87,6 +88,7 @@ def bench_mmau(
       mellow bench mmau --data mmau-test-mini.json --mode generate --resume
       mellow bench mmau --data mmau-test-mini.json --shard 2/4 --json > shard2.json
       mellow bench mmau --data mmau-test-mini.json --mode generate --prompt-style mellow --scorer mellow
+      mellow bench mmau --data mmau-test-mini.json --model v0,samsone-134m,tinymu   # side by side
       mellow bench mmau --score-only predictions.json --min-accuracy 40
     """
     from mellow_cli.bench import mmau
@@ -137,13 +139,58 @@ def _bench(bench, data, audio_root, data_name: str, scorer_name: str, run: Bench
         if data is None:
             raise UsageError(f"give the benchmark's {data_name} (or --score-only PREDICTIONS.json)")
         shard_spec = parse_shard(run.shard)
-        output = run.predictions or runner.default_predictions(data, run.loading.model, run.mode.value, shard_spec,
-                                                               prompt_style)
+        models = _models(run.loading.model)
+        if len(models) > 1 and run.predictions:
+            raise UsageError("--predictions names one file: with several --model, each model's predictions go "
+                             "to DATA-MODEL-MODE.json in the current folder")
         settings = runner.Settings(mode=run.mode.value, prompt_style=prompt_style, batch_size=run.batch_size,
                                    limit=run.limit, shard=shard_spec, resume=run.resume, max_tokens=run.max_tokens)
         root = audio_root or os.path.dirname(os.path.abspath(data))
-        report = runner.run(bench, data, root, output, settings, run.loading.load, scorer)
+        reports = []
+        for model in models:  # one after another, the same items; each model's file kept for --resume
+            output = run.predictions or runner.default_predictions(data, model, run.mode.value, shard_spec,
+                                                                   prompt_style)
+            loading = dataclasses.replace(run.loading, model=model)
+            reports.append(runner.run(bench, data, root, output, settings, loading.load, scorer))
+        if len(reports) > 1:
+            return _side_by_side(reports, run.min_accuracy, run.as_json)
+        report = reports[0]
     _report(report, run.min_accuracy, run.as_json)
+
+
+def _models(text: str) -> list[str]:
+    """`--model a,b,c`: several models, in that order (a name holding a comma is a path: kept)."""
+    import os
+
+    if "," not in text or os.path.exists(text):
+        return [text]
+    names = [m.strip() for m in text.split(",")]
+    if not all(names):
+        raise UsageError(f"--model {text}: an empty name between commas")
+    return names
+
+
+def _side_by_side(reports, min_accuracy, as_json: bool) -> None:
+    """One table, a column per model; --min-accuracy holds every model to it."""
+    from mellow_cli.bench import report as text
+    from mellow_cli.cli import render
+
+    passed = None if min_accuracy is None else all(
+        r.score.overall.percent is not None and r.score.overall.percent >= min_accuracy for r in reports)
+    if as_json:
+        render.result_json({"reports": [r.as_dict() for r in reports], "min_accuracy": min_accuracy, "passed": passed})
+    else:
+        columns, rows = text.side_by_side(reports)
+        meta = reports[0].meta
+        render.table(columns, rows, title=f"{meta['benchmark'].upper()} · mode {meta['mode']} · {meta['scored_with']}",
+                     right=range(2, len(columns)))
+        for r in reports:
+            render.result_line(f"{r.meta['model']}: " + "; ".join(text.notes(r)))
+    if passed is False:
+        render.error(f"an overall accuracy is below --min-accuracy {min_accuracy:g}")
+        raise typer.Exit(1)
+    if any(r.score.unanswered for r in reports):
+        raise typer.Exit(1)
 
 
 def _report(report, min_accuracy, as_json: bool) -> None:

@@ -22,7 +22,14 @@ from mellow_cli.errors import UsageError
 from mellow_cli.runtime.llama import LlamaForCausalLM
 from mellow_cli.models.blocks import Projection
 from mellow_cli.models.family import PrefixRow
-from mellow_cli.models.weights import assign, check_filled, init_lm_buffers, skip_init, tie_lm_head
+from mellow_cli.models.weights import (
+    assign,
+    check_filled,
+    init_lm_buffers,
+    normalize_state_dict,
+    skip_init,
+    tie_lm_head,
+)
 from mellow_cli.models.samsone.config import SamsoneConfig
 from mellow_cli.models.samsone.features import log_mel
 from mellow_cli.models.samsone.whisper import WhisperEncoder
@@ -109,7 +116,8 @@ def load_weights(model: Samsone, sd: Mapping[str, torch.Tensor], dtype: torch.dt
     stored = {v.dtype for v in sd.values() if v.is_floating_point()}
     if len(stored) == 1:
         model.to(stored.pop())  # the layout check compares dtypes; on meta this moves no data
-    assign(model, dict(sd), f"Samsone {model.cfg.name}")
+    # the head is the token table (tied): a state dict may hold it once, as our cache stores it
+    assign(model, normalize_state_dict(sd, prefix="text_model.model."), f"Samsone {model.cfg.name}")
     tie_lm_head(model.lm)
     init_lm_buffers(model.lm)
     check_filled(model)
