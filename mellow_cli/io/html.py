@@ -69,11 +69,13 @@ def shell(kind: str, title: str, data: dict, scripts: Sequence[str], *, rows: Se
 
 
 def rows_page(rows: Sequence[dict], *, folder: str = ".", title: str | None = None,
-              pages: dict[str, str] | None = None, budget: int = PAGE_CELLS) -> str:
+              pages: dict[str, str] | None = None, located: dict[str, str] | None = None,
+              budget: int = PAGE_CELLS) -> str:
     """The page of `rows`: one recording's timeline, or a table of recordings each opening to its
-    timeline. `folder` is where the page will be, for paths to the audio. `pages` makes it an
-    index: each recording links to its own page (recording -> path relative to `folder`) and no
-    picture is drawn here."""
+    timeline. `folder` is where the page will be, for paths to the audio; `located` names the
+    file of a recording the rows name otherwise (rows read back elsewhere than they were made).
+    `pages` makes it an index: each recording links to its own page (recording -> path relative
+    to `folder`) and no picture is drawn here."""
     from mellow_cli.io.formats import json_text
     from mellow_cli.io.picture import columns_for
 
@@ -83,8 +85,8 @@ def rows_page(rows: Sequence[dict], *, folder: str = ".", title: str | None = No
     embed = len(firsts) == 1 and not seconds and pages is None
     recordings = {}
     for path in dict.fromkeys(firsts + seconds):
-        recordings[path] = recording(path, folder, columns=columns if pages is None and path in firsts else 0,
-                                     embed=embed)
+        recordings[path] = recording((located or {}).get(path, path), folder,
+                                     columns=columns if pages is None and path in firsts else 0, embed=embed)
         if pages and path in pages:
             recordings[path]["page"] = _url(pages[path])
     data = {"title": title or _title(rows, firsts), "recordings": recordings, "index": pages is not None}

@@ -158,9 +158,10 @@ function drawAxis(canvas, t0, t1) {
   }
 }
 
-// A table sorted by clicking a header and filtered by a search box. `columns`: {label, num};
-// `rows`: {cells: [node or text], sort: [value], text, detail?: <tr>, tr?}. Returns its parts.
-function sortableTable(columns, rows, { rowClass = "", placeholder = "filter", onRow, onFilter } = {}) {
+// A table sorted by clicking a header and filtered by a search box (and `also`, a test of each
+// row). `columns`: {label, num}; `rows`: {cells: [node or text], sort: [value], text}. A row may
+// get a `detail` <tr> that stays under it. Returns its parts.
+function sortableTable(columns, rows, { rowClass = "", placeholder = "filter", onRow, onFilter, also } = {}) {
   const table = el("table"), head = el("tr"), body = el("tbody");
   const filter = el("input", { type: "search", placeholder, class: "grow" });
   const shown = el("span", { class: "muted" });
@@ -193,7 +194,7 @@ function sortableTable(columns, rows, { rowClass = "", placeholder = "filter", o
     const words = filter.value.toLowerCase().split(/\s+/).filter(Boolean);
     let count = 0;
     for (const row of rows) {
-      const keep = words.every((w) => row.text.includes(w));
+      const keep = words.every((w) => row.text.includes(w)) && (!also || also(row));
       row.tr.hidden = !keep;
       if (row.detail) row.detail.hidden = !keep || !row.open;
       count += keep;
