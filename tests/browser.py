@@ -61,7 +61,7 @@ def open_page(browser, url: str, allowed: tuple[str, ...] = ("file:", "data:", "
     page.route("**/*", route)
     page.goto(url)
     if wait_ready:
-        page.wait_for_function("document.body.dataset.ready === '1'", timeout=30_000)
+        page.wait_for_function("() => document.body.dataset.ready === '1'", timeout=30_000)
     return seen
 
 

@@ -21,6 +21,7 @@ MIN_RANGE_DB = 30.0  # ... and at least, so that a steady sound is not drawn as 
 CHUNK_FRAMES = 1875  # frames decoded at once: one minute at RATE
 MAX_COLUMNS = 4096  # a screen or two wide: finer would only grow the page
 _EPS = 1e-14  # power floor: digital silence is -140 dB, far below any range shown
+SILENCE_DB = -130.0  # below this a cell holds no sound (rounding noise of silence is above -140)
 
 
 @dataclass(frozen=True)
@@ -72,15 +73,18 @@ def picture(path: str, max_columns: int = MAX_COLUMNS) -> Picture:
 
 
 def _levels(power):
-    """Power -> 0..255 from the recording's floor to its loudest band (the 99.9th percentile, so
-    one click does not darken the rest). The floor is RANGE_DB below that, or the level a fifth
-    of the cells stay under where that is higher: a field recording's steady hiss then stays
-    dark and what rises above it shows."""
+    """Power -> 0..255 from the recording's floor to its loudest cell, so that the one bark in
+    three hours is the brightest thing drawn. The floor is RANGE_DB below that, or the level a
+    fifth of the cells that hold any sound stay under where that is higher: a field recording's
+    steady hiss then stays dark and what rises above it shows. (Cells of digital silence, such
+    as the bands above a file's own Nyquist frequency, would put that fifth at nothing.)"""
     import numpy as np
 
     db = 10 * np.log10(power + _EPS)
-    top = float(np.percentile(db, 99.9))
-    floor = min(max(top - RANGE_DB, float(np.percentile(db, 20))), top - MIN_RANGE_DB)
+    top = float(db.max())
+    sounding = db[db > SILENCE_DB]
+    hiss = float(np.percentile(sounding, 20)) if sounding.size else top
+    floor = min(max(top - RANGE_DB, hiss), top - MIN_RANGE_DB)
     return np.clip((db - floor) / (top - floor) * 255, 0, 255).round().astype(np.uint8)
 
 

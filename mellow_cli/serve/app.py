@@ -1,5 +1,6 @@
 """`mellow serve`: the model kept loaded behind an OpenAI-style HTTP endpoint.
 
+    GET  /                       a page to try it in a browser (page.py), without the key
     GET  /health                 {"status": "ok", ...}, without the key
     GET  /v1/models              the one model served
     POST /v1/chat/completions    the OpenAI chat format, with `input_audio` content parts
@@ -226,6 +227,7 @@ def build_app(model: "Model", settings: ServeSettings = ServeSettings(), on_batc
     from starlette.exceptions import HTTPException
     from starlette.routing import Route
 
+    from mellow_cli.serve import page
     from mellow_cli.serve.worker import Batcher
 
     batcher = Batcher(model, settings.max_batch, on_batch)
@@ -256,7 +258,8 @@ def build_app(model: "Model", settings: ServeSettings = ServeSettings(), on_batc
         return _json(ApiError(exc.status_code, str(exc.detail)).body(), exc.status_code)
 
     return Starlette(
-        routes=[Route("/health", health), Route("/v1/models", models),
+        routes=[page.route(model.name, settings.max_audio_seconds),
+                Route("/health", health), Route("/v1/models", models),
                 Route("/v1/chat/completions", chat, methods=["POST"])],
         exception_handlers={ApiError: api_error, HTTPException: http_error},
         lifespan=lifespan,

@@ -113,14 +113,36 @@ class Picture {
     return this.image;
   }
 
+  // More columns than pixels: each pixel shows the loudest of its columns, band by band, so a
+  // sound one column long is never averaged or sampled away.
+  pooled(c0, c1, width) {
+    const canvas = document.createElement("canvas");
+    canvas.width = width;
+    canvas.height = this.bands;
+    const ctx = canvas.getContext("2d"), img = ctx.createImageData(width, this.bands);
+    for (let x = 0; x < width; x++) {
+      const a = Math.max(0, Math.floor(c0 + (x * (c1 - c0)) / width)), b = Math.min(this.columns, Math.max(a + 1, Math.floor(c0 + ((x + 1) * (c1 - c0)) / width)));
+      for (let band = 0; band < this.bands; band++) {
+        let v = 0;
+        for (let c = a; c < b; c++) v = Math.max(v, this.levels[c * this.bands + band]);
+        const at = ((this.bands - 1 - band) * width + x) * 4;
+        img.data[at] = RAMP[v * 3]; img.data[at + 1] = RAMP[v * 3 + 1]; img.data[at + 2] = RAMP[v * 3 + 2]; img.data[at + 3] = 255;
+      }
+    }
+    ctx.putImageData(img, 0, 0);
+    return canvas;
+  }
+
   // Draw the span [t0, t1] seconds into a w x h box of ctx.
   draw(ctx, w, h, t0, t1, mode) {
     const perColumn = this.duration / this.columns;
     const c0 = t0 / perColumn, c1 = t1 / perColumn;
     if (mode === "spectrogram" && this.hasSpectrogram) {
-      ctx.imageSmoothingEnabled = c1 - c0 > w;
       const x0 = Math.max(0, c0), x1 = Math.min(this.columns, c1);
-      if (x1 > x0) ctx.drawImage(this.spectrogramImage(), x0, 0, x1 - x0, this.bands, ((x0 - c0) / (c1 - c0)) * w, 0, ((x1 - x0) / (c1 - c0)) * w, h);
+      if (x1 <= x0) return;
+      ctx.imageSmoothingEnabled = false;
+      if (x1 - x0 > w) ctx.drawImage(this.pooled(c0, c1, Math.round(w)), 0, 0, Math.round(w), this.bands, 0, 0, w, h);
+      else ctx.drawImage(this.spectrogramImage(), x0, 0, x1 - x0, this.bands, ((x0 - c0) / (c1 - c0)) * w, 0, ((x1 - x0) / (c1 - c0)) * w, h);
       return;
     }
     ctx.fillStyle = cssVar("--wave") || "#4c78a8";
