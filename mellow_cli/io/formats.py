@@ -32,20 +32,17 @@ class RowWriter:
     has several rows; failed rows are left out (their error went to stderr). json: one array,
     closed by `close()`. jsonl: one object per line. csv/tsv: a header, then one line per row
     (choices joined with "|", scores as `choice=probability|...`). srt/vtt: one timed cue per
-    window. html: one page (html.py) of every row, written by `close()`, so after Ctrl-C too; its
-    paths to the audio start at `folder`, where the page goes. A Ctrl-C that lands during a write
-    waits for the row to be complete.
+    window. (html, one page of every row, is html.py's PageWriter.) A Ctrl-C that lands during a
+    write waits for the row to be complete.
     """
 
     def __init__(self, fmt: str, stream: IO[str], many: bool = True, fields: Sequence[str] = (),
-                 append: bool = False, folder: str = "."):
+                 append: bool = False):
         check_format(fmt)
         from mellow_cli.io.jobs import FIELDS
 
         self.fmt, self.stream, self.many, self.fields = fmt, stream, many, tuple(fields or FIELDS)
-        self.folder = folder
         self._count = 0
-        self._page: list[dict] = []
         self._csv = None
         if fmt in ("csv", "tsv"):
             self._csv = csv.DictWriter(stream, self.fields, delimiter="," if fmt == "csv" else "\t",
@@ -72,8 +69,6 @@ class RowWriter:
             self.stream.write(json_text(kept) + "\n")
         elif self.fmt == "json":
             self.stream.write(("\n" if self._count == 0 else ",\n") + json_text(kept))
-        elif self.fmt == "html":
-            self._page.append(kept)
         elif self.fmt in ("srt", "vtt"):
             if r["error"] is None:
                 self.stream.write(_cue(self.fmt, self._count + 1, r))
@@ -94,10 +89,6 @@ class RowWriter:
     def close(self) -> None:
         if self.fmt == "json":
             self.stream.write("\n]\n" if self._count else "]\n")
-        elif self.fmt == "html" and self._page:
-            from mellow_cli.io.html import rows_page
-
-            self.stream.write(rows_page(self._page, folder=self.folder))
         self.stream.flush()
 
 

@@ -21,7 +21,7 @@ import json
 import os
 import urllib.parse
 from pathlib import Path
-from typing import Sequence
+from typing import IO, Sequence
 
 from mellow_cli.errors import MellowError
 from mellow_cli.version import __version__
@@ -66,6 +66,25 @@ def shell(kind: str, title: str, data: dict, scripts: Sequence[str], *, rows: Se
 
 
 # --- the page of result rows ----------------------------------------------------------------------
+
+
+class PageWriter:
+    """The html "format" of a run: keeps each row (the run's `fields` of it) and writes the page
+    of them all on `close()`, which a run calls after Ctrl-C too, so the page then holds the rows
+    done so far. Its paths to the audio start at `folder`, where the page goes."""
+
+    def __init__(self, stream: IO[str], fields: Sequence[str], folder: str = "."):
+        self.stream, self.fields, self.folder = stream, tuple(fields), folder
+        self.rows: list[dict] = []
+
+    def write(self, r: dict) -> None:
+        self.rows.append({k: r.get(k) for k in self.fields})
+
+    def close(self) -> None:
+        if self.rows:
+            self.stream.write(rows_page(self.rows, folder=self.folder))
+        self.stream.flush()
+
 
 
 def rows_page(rows: Sequence[dict], *, folder: str = ".", title: str | None = None,

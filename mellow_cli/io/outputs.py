@@ -295,6 +295,17 @@ def _csv_rows(path: str, whole: str, fmt: str, fields: Sequence[str], hint: str)
     return rows
 
 
+def writer(fmt: str, stream: IO[str], *, many: bool = True, fields: Sequence[str] = (), append: bool = False,
+           folder: str = "."):
+    """The writer of a run's rows in `fmt`: formats.RowWriter, or for html the page of them all
+    (html.PageWriter; `folder` is where the page goes, for its paths to the audio)."""
+    if fmt == "html":
+        from mellow_cli.io.html import PageWriter
+
+        return PageWriter(stream, fields, folder)
+    return RowWriter(fmt, stream, many=many, fields=fields, append=append)
+
+
 # --- a file per recording (--output-dir) ----------------------------------------------------------
 
 EXTENSIONS = {"text": "txt"}  # the file name's extension, where it is not the format's name
@@ -347,7 +358,7 @@ class FilePerInput:
         self.paths, self.fmt, self.fields, self.overwrite = paths, fmt, tuple(fields), overwrite
         self.written: list[str] = []
         self._opened: Opened | None = None
-        self._writer: RowWriter | None = None
+        self._writer = None
         self._rows: list[dict] = []  # for the html index
 
     def write(self, r: dict) -> None:
@@ -356,8 +367,8 @@ class FilePerInput:
             self._close_file()
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             self._opened = open_rows(path, self.fmt, self.fields, overwrite=self.overwrite)
-            self._writer = RowWriter(self.fmt, self._opened.stream, many=False, fields=self.fields,
-                                     folder=os.path.dirname(path))
+            self._writer = writer(self.fmt, self._opened.stream, many=False, fields=self.fields,
+                                  folder=os.path.dirname(path))
             self.written.append(path)
         self._writer.write(r)
         if self.fmt == "html":
