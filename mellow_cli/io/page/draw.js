@@ -145,8 +145,15 @@ class Picture {
       else ctx.drawImage(this.spectrogramImage(), x0, 0, x1 - x0, this.bands, ((x0 - c0) / (c1 - c0)) * w, 0, ((x1 - x0) / (c1 - c0)) * w, h);
       return;
     }
+    // The envelope fills the height at the recording's loudest peak: a quiet field recording
+    // still shows its shape (the spectrogram keeps the levels).
+    if (this.gain === undefined) {
+      let most = 0;
+      for (const v of this.peaks) most = Math.max(most, Math.abs(v - 127.5));
+      this.gain = most > 1 ? 127.5 / most : 1;
+    }
     ctx.fillStyle = cssVar("--wave") || "#4c78a8";
-    const mid = h / 2, step = Math.max(1, (c1 - c0) / w);
+    const mid = h / 2, step = Math.max(1, (c1 - c0) / w), gain = this.gain * 0.95;
     for (let x = 0; x < w; x++) {
       const a = Math.floor(c0 + (x * (c1 - c0)) / w), b = Math.max(a + 1, Math.floor(c0 + ((x + 1) * (c1 - c0)) / w));
       let lo = 255, hi = 0;
@@ -154,7 +161,7 @@ class Picture {
         lo = Math.min(lo, this.peaks[2 * c]); hi = Math.max(hi, this.peaks[2 * c + 1]);
       }
       if (hi < lo) continue;
-      const top = mid - ((hi - 127.5) / 127.5) * mid, bottom = mid - ((lo - 127.5) / 127.5) * mid;
+      const top = mid - ((hi - 127.5) / 127.5) * mid * gain, bottom = mid - ((lo - 127.5) / 127.5) * mid * gain;
       ctx.fillRect(x, top, 1, Math.max(1, bottom - top));
     }
   }
