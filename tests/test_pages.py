@@ -296,6 +296,17 @@ def test_browser_serve_page_streams_an_answer_end_to_end(browser, model_dir, tmp
         assert p.inner_text("#answer") in ("a tone", "a dog")
         assert p.locator("#probabilities .bar").count() == 2
         assert '"mellow": {"choices": ["a tone","a dog"]}' in p.inner_text("#curl")
+
+        second = p.locator(".slot").nth(1)  # the fake microphone Chromium was started with
+        second.locator("button", has_text="record").click()
+        p.wait_for_timeout(1200)
+        second.locator("button", has_text="stop").click()
+        second.locator("canvas").wait_for(state="visible")
+        assert second.locator(".muted").first.inner_text().startswith("recording-2.wav · 0:01")
+        p.fill("#choices", "")
+        p.click("#ask")
+        p.wait_for_function("() => document.body.dataset.answered === '3'", timeout=DEADLINE * 1000)
+        assert p.inner_text("#answer") and p.inner_text("#curl").count('"type": "input_audio"') == 2
         screenshot(seen, tmp_path, "serve")
     # one refusal, the browser's own line for the 401 the page answered by asking for the key
     assert [e for e in seen.errors if "status of 401" not in e] == [] and len(seen.errors) == 1

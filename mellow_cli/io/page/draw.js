@@ -25,9 +25,11 @@ function pageRows() {
   return document.getElementById("rows").textContent.split("\n").filter((l) => l.trim()).map((l) => JSON.parse(l));
 }
 
+// 75.25 -> "1:15", or "1:15.3" when `precise` and there is a tenth to show; hours when there are.
 function clock(seconds, precise) {
-  const s = Math.max(0, seconds), h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60);
-  const rest = s % 60, sec = precise ? rest.toFixed(rest % 1 ? 1 : 0).padStart(2, "0") : String(Math.floor(rest)).padStart(2, "0");
+  const tenths = Math.round(Math.max(0, seconds) * (precise ? 10 : 1)) / (precise ? 10 : 1);
+  const h = Math.floor(tenths / 3600), m = Math.floor((tenths % 3600) / 60), rest = tenths % 60;
+  const sec = String(Math.floor(rest)).padStart(2, "0") + (precise && rest % 1 ? `.${Math.round((rest % 1) * 10)}` : "");
   return h ? `${h}:${String(m).padStart(2, "0")}:${sec}` : `${m}:${sec}`;
 }
 
