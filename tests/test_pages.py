@@ -6,12 +6,8 @@ each saves a screenshot beside its files and prints where."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -21,9 +17,10 @@ from browser import chromium, open_page, screenshot
 from conftest import write_tone
 from fakes import ScriptedModel, install
 from test_cli_answers import mellow
-from test_serve import DEADLINE, chat_body, model_dir, post, request  # noqa: F401 (model_dir: a fixture)
+from test_serve import DEADLINE, chat_body, model, model_dir, post, running  # noqa: F401 (fixtures)
 
 from mellow_cli.io.jobs import windows
+from mellow_cli.serve.app import ServeSettings
 
 QUESTION = "is a bird singing?"
 
@@ -196,13 +193,13 @@ def test_browser_report_of_rows_is_the_page_of_the_run(browser, scripted, tmp_pa
     assert again.returncode == 2 and "already holds" in again.stderr
 
 
-def _predictions(path, model: str, right: list[bool], groups=("sound", "music")):
+def _predictions(path, name: str, right: list[bool], groups=("sound", "music")):
     items = []
     for i, ok in enumerate(right):
         record = {"id": f"q{i}", "audio_id": f"./a/{i}.wav", "question": f"what is heard {i}?",
                   "choices": ["a dog", "a cat", "rain"], "answer": "a dog", "task": groups[i % 2],
                   "difficulty": ["easy", "hard"][i // 2 % 2], "sub-category": "animals"}
-        record.update(model_output="a dog" if ok else "rain", mode="choices", prompt_style="plain", model=model)
+        record.update(model_output="a dog" if ok else "rain", mode="choices", prompt_style="plain", model=name)
         items.append(record)
     path.write_text("[" + ",\n".join(json.dumps(r) for r in items) + "\n]\n")
     return path
@@ -233,40 +230,10 @@ def test_browser_bench_report_sets_models_side_by_side(browser, tmp_path):
 # --- mellow serve's page -------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def serving(model_path, key: str):
-    """The real `mellow serve` on a free loopback port, with an API key; yields its URL."""
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mellow_cli", "serve", "--model", str(model_path), "--port", "0", "--dtype", "float32"],
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "NO_COLOR": "1", "MELLOW_API_KEY": key})
-    try:
-        lines = []
-        for line in server.stderr:
-            lines.append(line)
-            found = re.search(r"at (http://[^/\s]+)/v1", line)
-            if found or len(lines) > 20:
-                break
-        assert found, "".join(lines)
-        url = found.group(1)
-        deadline = time.monotonic() + DEADLINE
-        while True:
-            try:
-                if request(url, "GET", "/health").status == 200:
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "the server never answered"
-                time.sleep(0.1)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(DEADLINE)
-        server.stderr.close()
-
-
-def test_browser_serve_page_streams_an_answer_end_to_end(browser, model_dir, tmp_path):  # noqa: F811
+def test_browser_serve_page_streams_an_answer_end_to_end(browser, model, tmp_path):  # noqa: F811
     clip = write_tone(tmp_path / "tone.wav", 660)
     key = "sesame"
-    with serving(model_dir, key) as url:
+    with running(model, ServeSettings(api_key=key)) as url:
         status, expected = post(url, chat_body(clip, question="what do you hear?", max_tokens=12),
                                 {"Authorization": f"Bearer {key}"})
         assert status == 200
