@@ -95,10 +95,15 @@ def test_picture_of_a_clip_shorter_than_a_frame_and_of_a_broken_file(tmp_path):
         picture.picture(str(broken))
 
 
-def test_columns_are_shared_out_of_one_budget():
+def test_columns_are_shared_out_of_one_budget(tmp_path):
     assert picture.columns_for(1, 1_500_000) == picture.MAX_COLUMNS
     assert picture.columns_for(100, 1_500_000) == 1_500_000 // 100 // picture.BANDS
-    assert picture.columns_for(100_000, 1_500_000) == 32
+    assert picture.columns_for(100_000, 1_500_000) == 0  # thumbnails of 100,000 recordings: none
+    clips = [write_tone(tmp_path / f"{i}.wav", seconds=0.5) for i in range(3)]
+    rows = [row(Job(str(c), str(c), "q"), answer="x") for c in clips]
+    small = html.rows_page(rows, folder=str(tmp_path), budget=2 * 32 * picture.BANDS)
+    assert '"picture": {' not in small and "a page of 3 recordings draws none" in small
+    assert html.rows_page(rows, folder=str(tmp_path), budget=3 * 32 * picture.BANDS).count('"picture": {') == 3
 
 
 # --- the page's data -----------------------------------------------------------------------------

@@ -108,6 +108,9 @@ def rows_page(rows: Sequence[dict], *, folder: str = ".", title: str | None = No
                                      columns=columns if pages is None and path in firsts else 0, embed=embed)
         if pages and path in pages:
             recordings[path]["page"] = _url(pages[path])
+        elif not columns and "problem" not in recordings[path]:
+            recordings[path]["problem"] = (f"a page of {len(firsts)} recordings draws none (--output-dir makes a "
+                                           "page for each)")
     data = {"title": title or _title(rows, firsts), "recordings": recordings, "index": pages is not None}
     return shell("rows", data["title"], data, [asset("rows.js")], rows=[json_text(r) for r in rows])
 

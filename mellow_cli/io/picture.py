@@ -117,7 +117,11 @@ def _band_matrix():
     return matrix
 
 
+FEWEST_COLUMNS = 32  # a thumbnail that still shows where the sound is
+
+
 def columns_for(recordings: int, budget: int, most: int = MAX_COLUMNS) -> int:
-    """Columns per recording when `recordings` share a page's `budget` of spectrogram cells:
-    never more than `most`, never fewer than 32 (a thumbnail still shows where sound is)."""
-    return max(32, min(most, budget // max(1, recordings) // BANDS))
+    """Columns per recording when `recordings` share a page's `budget` of spectrogram cells, at
+    most `most`; 0 (no pictures) when the budget cannot give each FEWEST_COLUMNS."""
+    share = min(most, budget // max(1, recordings) // BANDS)
+    return share if share >= FEWEST_COLUMNS else 0

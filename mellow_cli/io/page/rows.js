@@ -64,7 +64,8 @@ function timeline(item) {
       second ? el("span", { class: "muted", text: ` with ${base(item.audio2)}` }) : null,
       item.id !== null && item.id !== undefined ? el("span", { class: "muted", text: ` · id ${item.id}` }) : null),
     el("div", { class: "muted", text: item.question }),
-    !item.windowed ? el("div", { class: item.rows[0].error ? "answer error" : "answer", text: summary(item) }) : null);
+    !item.windowed ? el("div", { class: item.rows[0].error ? "answer error" : "answer", text: summary(item) }) : null,
+    !item.windowed && item.rows[0].scores ? el("div", { class: "muted", text: item.rows[0].scores.map((s) => `${s.choice} ${percent(s.probability)}`).join(" · ") }) : null);
 
   const canvasPicture = picture ? el("canvas", { class: "picture" }) : null;
   const note = picture ? null : el("div", { class: "note", text: DATA.index ? "" : `no picture of the audio: ${rec.problem || "not drawn"}` });
