@@ -106,6 +106,20 @@ def test_browser_answers_are_text_not_markup(browser, scripted, tmp_path):
     assert seen.page.locator("img").count() == 0 and seen.page.locator("b").count() == 0
 
 
+def test_browser_compare_page_links_both_recordings(browser, scripted, tmp_path):
+    first, second = write_tone(tmp_path / "before.wav", 300), write_tone(tmp_path / "after.wav", 900)
+    scripted(answers=["the second is higher"])
+    page = tmp_path / "compare.html"
+    out = mellow("compare", str(first), str(second), "-f", "html", "-o", str(page), "--model", "any", "-q")
+    assert out.returncode == 0, out.stderr
+    seen = open_page(browser, page.as_uri())
+    no_trouble(seen)
+    p = seen.page
+    assert p.locator(".answer").inner_text() == "the second is higher"
+    assert [p.locator("audio").nth(i).get_attribute("src") for i in range(2)] == ["before.wav", "after.wav"]
+    assert "the second recording, after.wav" in p.inner_text(".timeline")
+
+
 # --- several recordings --------------------------------------------------------------------------
 
 

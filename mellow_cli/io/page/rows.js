@@ -196,7 +196,8 @@ function timeline(item) {
   new ResizeObserver(draw).observe(stack);
 
   const section = el("section", { class: "timeline" }, head, controls, stack, item.windowed && ranked.length && !unique ? legend : null, audio,
-    second && second.src ? el("div", { class: "muted" }, `heard beside each window: ${base(item.audio2)}`, el("audio", { controls: true, preload: "none", src: second.src })) : null,
+    second && second.src ? el("div", { class: "muted" }, `the second recording, ${base(item.audio2)}${item.windowed ? ", heard whole beside each window" : ""}`,
+      el("audio", { controls: true, preload: "none", src: second.src })) : null,
     list ? list.node : null);
   draw();
   return section;
