@@ -44,10 +44,14 @@ def f(tmp_path_factory):
         (tokenizer / name).write_text("{}")
     rows = d / "rows.jsonl"
     rows.write_text(json.dumps({"audio1": str(clip), "question": "q?", "answer": "a"}) + "\n")
+    answers = d / "answers.jsonl"  # what `mellow ask -f jsonl` writes
+    answers.write_text(json.dumps({"audio": str(clip), "audio2": str(clip), "question": "q?", "answer": "a",
+                                   "model": "v0", "revision": None, "error": None}) + "\n")
     return SimpleNamespace(dir=d, clip=str(clip), missing=str(d / "missing.wav"), empty=str(d / "empty"),
                            taken=str(d / "taken.jsonl"), not_json=str(d / "not-json.jsonl"),
                            pairs=str(d / "pairs.csv"), qa=str(qa), predictions=str(d / "qa-predictions.json"),
-                           scored=str(scored), run=str(run), rows=str(rows), tokenizer=str(tokenizer))
+                           scored=str(scored), run=str(run), rows=str(rows), tokenizer=str(tokenizer),
+                           answers=str(answers))
 
 
 # (command, arguments, the exit code, what the one line says)
@@ -60,6 +64,8 @@ USAGE = [
     ("caption", lambda f: ["caption", f.empty, "-m", "unused"], "no audio files in this folder"),
     ("caption", lambda f: ["caption", f.clip, "-f", "jsonl", "-o", f.taken, "-m", "unused"], "already holds"),
     ("caption", lambda f: ["caption", f.clip, "--window", "5", "--offset", "1"], "leave out --offset"),
+    ("report", lambda f: ["report", f.taken], "not a result row"),
+    ("report", lambda f: ["report", f.answers, "-o", f.taken], "already holds"),
     ("train", lambda f: ["train", f.rows, "--init", "tiny", "-o", f.run], "already holds a run"),
     ("train", lambda f: ["train", f.not_json, "--init", "tiny", "--tokenizer", f.tokenizer, "-o",
                          str(Path(f.dir) / "new")], "not JSON"),
@@ -79,6 +85,8 @@ FAILURE = [
     ("ask", lambda f: ["ask", f.missing, "q?", "-m", "unused"], "missing.wav"),
     ("compare", lambda f: ["compare", f.clip, f.missing, "-m", "unused"], "missing.wav"),
     ("caption", lambda f: ["caption", f.clip, "-m", str(Path(f.dir) / "no-model")], "no-model"),
+    ("report", lambda f: ["report", f.answers, "-o", str(Path(f.dir) / "no-folder" / "page.html")],
+     "cannot write the output"),
     ("train", lambda f: ["train", f.rows, "--init", "tiny", "--workers", "0", "-o", str(Path(f.dir) / "offline")],
      "--tokenizer DIR"),
     ("bench", lambda f: ["bench", "qa", "--score-only", f.scored, "--min-accuracy", "50"], "below --min-accuracy"),

@@ -87,7 +87,9 @@ def _run_batch(jobs, verb: str, run: Answering) -> None:
     """Many rows: window, shard and resume the job list, answer it batch by batch, write each row
     as it is done (to --output, or a file per recording in --output-dir), report failed files on
     stderr, end with a summary line and an exit code."""
-    from mellow_cli.io import formats, outputs
+    import os
+
+    from mellow_cli.io import outputs
     from mellow_cli.cli import render
     from mellow_cli.io.audio import audio_duration
 
@@ -121,8 +123,8 @@ def _run_batch(jobs, verb: str, run: Answering) -> None:
             render.info("nothing left to do")
             return
         results = _answers(run, todo, check=lambda model: opened.check_model(model.name, out.output))
-        writer = formats.RowWriter(out.fmt.value, opened.stream, many=len(jobs) > 1, fields=fields,
-                                   append=opened.append)
+        writer = outputs.writer(out.fmt.value, opened.stream, many=len(jobs) > 1, fields=fields,
+                                append=opened.append, folder=os.path.dirname(out.output or ""))
         _write_rows(writer, results, verb, len(todo), out.output if out.fmt.value in outputs.RESUMABLE else None)
     finally:
         opened.close()

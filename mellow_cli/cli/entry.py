@@ -17,6 +17,7 @@ from mellow_cli.cli.answer import ask, caption, compare
 from mellow_cli.cli.bench import bench_app
 from mellow_cli.cli.env import config_app, env
 from mellow_cli.cli.models import models_app
+from mellow_cli.cli.report import report
 from mellow_cli.cli.serve import serve
 from mellow_cli.cli.train import train
 from mellow_cli.errors import MellowError
@@ -36,6 +37,7 @@ app = typer.Typer(
 app.command(no_args_is_help=True)(ask)
 app.command(no_args_is_help=True)(compare)
 app.command(no_args_is_help=True)(caption)
+app.command(no_args_is_help=True)(report)
 app.command()(serve)
 app.command()(train)
 app.add_typer(bench_app, name="bench")

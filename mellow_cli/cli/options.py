@@ -43,6 +43,7 @@ class Format(str, Enum):
     tsv = "tsv"
     srt = "srt"
     vtt = "vtt"
+    html = "html"
 
 
 def _from_settings(key: str, kind):
@@ -83,7 +84,7 @@ TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, max=100
 TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --sample).")]
 OffsetOpt = Annotated[float, typer.Option("--offset", min=0.0, max=MAX_SECONDS, help="Start of the 10 s window in each clip, in seconds.")]
 DurationOpt = Annotated[Optional[float], typer.Option("--duration", min=0.01, max=10.0, help="Seconds of audio to use from --offset (at most 10; shorter is tiled to 10 s).")]
-FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="text: the answer (with several rows: tab-separated inputs, then the answer); json: one object (an array of rows for a batch); jsonl, csv, tsv: one row per answer with audio, audio2, question, answer, model, revision, error (and id, start, end, choices, scores when used); srt, vtt: timed captions, with --window.")]
+FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="text: the answer (with several rows: tab-separated inputs, then the answer); json: one object (an array of rows for a batch); jsonl, csv, tsv: one row per answer with audio, audio2, question, answer, model, revision, error (and id, start, end, choices, scores when used); srt, vtt: timed captions, with --window; html: one page to look at, the audio's picture with each answer on its timeline (a table of recordings for several), the rows inside.")]
 # Batch runs: many inputs, one row each.
 RecursiveOpt = Annotated[bool, typer.Option("--recursive", "-r", help="Look for audio in subfolders too.")]
 OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Write rows to this file instead of stdout.")]

@@ -1,5 +1,5 @@
-"""Result rows in each output format: how one row is written as text, json, jsonl, csv, tsv, srt
-or vtt. Which file the rows go to, its lock and `--resume` are outputs.py's.
+"""Result rows in each output format: how one row is written as text, json, jsonl, csv, tsv, srt,
+vtt or html. Which file the rows go to, its lock and `--resume` are outputs.py's.
 
 Rows are plain dicts with the same keys in every format, so a script can parse any of them back.
 """
@@ -16,7 +16,7 @@ from typing import IO, Sequence
 
 from mellow_cli.errors import UsageError
 
-FORMATS = ("text", "json", "jsonl", "csv", "tsv", "srt", "vtt")
+FORMATS = ("text", "json", "jsonl", "csv", "tsv", "srt", "vtt", "html")
 
 
 def check_format(fmt: str) -> None:
@@ -32,7 +32,8 @@ class RowWriter:
     has several rows; failed rows are left out (their error went to stderr). json: one array,
     closed by `close()`. jsonl: one object per line. csv/tsv: a header, then one line per row
     (choices joined with "|", scores as `choice=probability|...`). srt/vtt: one timed cue per
-    window. A Ctrl-C that lands during a write waits for the row to be complete.
+    window. (html, one page of every row, is html.py's PageWriter.) A Ctrl-C that lands during a
+    write waits for the row to be complete.
     """
 
     def __init__(self, fmt: str, stream: IO[str], many: bool = True, fields: Sequence[str] = (),
@@ -65,9 +66,9 @@ class RowWriter:
             if r["error"] is None:
                 self.stream.write(self._text_line(r))
         elif self.fmt == "jsonl":
-            self.stream.write(_json(kept) + "\n")
+            self.stream.write(json_text(kept) + "\n")
         elif self.fmt == "json":
-            self.stream.write(("\n" if self._count == 0 else ",\n") + _json(kept))
+            self.stream.write(("\n" if self._count == 0 else ",\n") + json_text(kept))
         elif self.fmt in ("srt", "vtt"):
             if r["error"] is None:
                 self.stream.write(_cue(self.fmt, self._count + 1, r))
@@ -96,7 +97,7 @@ def said(r: dict) -> str:
     return r["prediction"] if "prediction" in r else r["answer"]
 
 
-def _json(obj: dict) -> str:
+def json_text(obj: dict) -> str:
     """One JSON row; a NaN or infinity (never valid JSON) becomes null rather than a broken file."""
     try:
         return json.dumps(obj, ensure_ascii=False, allow_nan=False)

@@ -295,6 +295,17 @@ def _csv_rows(path: str, whole: str, fmt: str, fields: Sequence[str], hint: str)
     return rows
 
 
+def writer(fmt: str, stream: IO[str], *, many: bool = True, fields: Sequence[str] = (), append: bool = False,
+           folder: str = "."):
+    """The writer of a run's rows in `fmt`: formats.RowWriter, or for html the page of them all
+    (html.PageWriter; `folder` is where the page goes, for its paths to the audio)."""
+    if fmt == "html":
+        from mellow_cli.io.html import PageWriter
+
+        return PageWriter(stream, fields, folder)
+    return RowWriter(fmt, stream, many=many, fields=fields, append=append)
+
+
 # --- a file per recording (--output-dir) ----------------------------------------------------------
 
 EXTENSIONS = {"text": "txt"}  # the file name's extension, where it is not the format's name
@@ -312,7 +323,7 @@ def per_input_paths(folder: str, inputs: Sequence[str], fmt: str, overwrite: boo
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UsageError(f"{folder}: is a file; --output-dir names a folder")
     paths: dict[str, str] = {}
-    owner: dict[str, str] = {}
+    owner: dict[str, str] = {index_path(folder): "the index"} if fmt == "html" else {}
     for audio in inputs:
         if audio == "-":
             raise UsageError("--output-dir names each file after its recording, and audio on stdin (-) has no name: "
@@ -323,40 +334,71 @@ def per_input_paths(folder: str, inputs: Sequence[str], fmt: str, overwrite: boo
         if path in owner:
             raise UsageError(f"{owner[path]} and {audio} would both be written to {path}: rename one, or use -o FILE")
         paths[audio], owner[path] = path, audio
-    taken = [p for p in paths.values() if os.path.isdir(p) or (os.path.isfile(p) and os.path.getsize(p))]
+    files = [*paths.values(), *([index_path(folder)] if fmt == "html" else [])]
+    taken = [p for p in files if os.path.isdir(p) or (os.path.isfile(p) and os.path.getsize(p))]
     if taken and not overwrite:
         raise UsageError(f"{few(taken)} already exist{'s' if len(taken) == 1 else ''}; add --overwrite to replace "
                          f"{'it' if len(taken) == 1 else 'them'}, or choose another --output-dir")
     return paths
 
 
+def index_path(folder: str) -> str:
+    """Where --output-dir's html index goes, beside the pages it links."""
+    return os.path.join(folder, "index.html")
+
+
 class FilePerInput:
     """Rows to a file per recording (per_input_paths): each file is opened by open_rows (locked,
     emptied first with `overwrite`) when its recording's first row comes and closed after its
     last, so the files of a long run appear one by one. A recording's rows come together (its
-    windows in order); text files hold the answers alone, one a line."""
+    windows in order); text files hold the answers alone, one a line. html pages get an index,
+    written by `close()` with the rows of every page written."""
 
     def __init__(self, paths: dict[str, str], fmt: str, fields: Sequence[str], overwrite: bool = False):
         self.paths, self.fmt, self.fields, self.overwrite = paths, fmt, tuple(fields), overwrite
         self.written: list[str] = []
         self._opened: Opened | None = None
-        self._writer: RowWriter | None = None
+        self._writer = None
+        self._rows: list[dict] = []  # for the html index
 
     def write(self, r: dict) -> None:
         path = self.paths[r["audio"]]
         if not self.written or self.written[-1] != path:
-            self.close()
+            self._close_file()
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             self._opened = open_rows(path, self.fmt, self.fields, overwrite=self.overwrite)
-            self._writer = RowWriter(self.fmt, self._opened.stream, many=False, fields=self.fields)
+            self._writer = writer(self.fmt, self._opened.stream, many=False, fields=self.fields,
+                                  folder=os.path.dirname(path))
             self.written.append(path)
         self._writer.write(r)
+        if self.fmt == "html":
+            self._rows.append(r)
 
     def files(self) -> list[str]:
         """The files written (one whose rows all failed, in text, is removed empty)."""
         return [p for p in self.written if os.path.isfile(p)]
 
     def close(self) -> None:
+        try:
+            self._close_file()
+        finally:
+            if self._rows:
+                self._write_index()
+
+    def _write_index(self) -> None:
+        from mellow_cli.io.html import rows_page
+
+        folder = os.path.dirname(self.written[0])
+        pages = {audio: os.path.relpath(path, folder) for audio, path in self.paths.items() if path in self.written}
+        opened = open_rows(index_path(folder), "html", self.fields, overwrite=self.overwrite)
+        try:
+            opened.stream.write(rows_page([{k: r.get(k) for k in self.fields} for r in self._rows],
+                                          folder=folder, pages=pages))
+        finally:
+            opened.close()
+        self.written.append(index_path(folder))
+
+    def _close_file(self) -> None:
         if self._writer is not None:
             try:
                 self._writer.close()

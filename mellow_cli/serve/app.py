@@ -1,5 +1,6 @@
 """`mellow serve`: the model kept loaded behind an OpenAI-style HTTP endpoint.
 
+    GET  /                       a page to try it in a browser (page.py), without the key
     GET  /health                 {"status": "ok", "model": NAME}, without the key
     GET  /v1/models              the one model served
     POST /v1/chat/completions    the OpenAI chat format, with `input_audio` content parts
@@ -95,6 +96,8 @@ def build_app(model: "Model", settings: ServeSettings = ServeSettings(), on_batc
     from starlette.exceptions import HTTPException
     from starlette.routing import Route
 
+    from mellow_cli.serve import page
+
     state = _State(model, settings, on_batch)
 
     @contextlib.asynccontextmanager
@@ -127,7 +130,8 @@ def build_app(model: "Model", settings: ServeSettings = ServeSettings(), on_batc
         return _json(ApiError(500, "internal error: the server's log says more").body(), 500)
 
     app = Starlette(
-        routes=[Route("/health", _guarded(health)), Route("/v1/models", _guarded(models)),
+        routes=[page.route(model.name, settings.max_audio_seconds),
+                Route("/health", _guarded(health)), Route("/v1/models", _guarded(models)),
                 Route("/v1/chat/completions", _guarded(chat), methods=["POST"])],
         exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: internal_error},
         lifespan=lifespan,
