@@ -22,7 +22,14 @@ from mellow_cli.errors import UsageError
 from mellow_cli.runtime.llama import LlamaForCausalLM
 from mellow_cli.models.blocks import Projection
 from mellow_cli.models.family import PrefixRow
-from mellow_cli.models.weights import assign, check_filled, init_lm_buffers, skip_init, tie_lm_head
+from mellow_cli.models.weights import (
+    assign,
+    check_filled,
+    init_lm_buffers,
+    normalize_state_dict,
+    skip_init,
+    tie_lm_head,
+)
 from mellow_cli.models.samsone.config import SamsoneConfig
 from mellow_cli.models.samsone.features import log_mel
 from mellow_cli.models.samsone.whisper import WhisperEncoder
@@ -100,10 +107,15 @@ class Samsone(nn.Module):
         return PrefixRow(embeds, query=None, query_position=None, next_position=embeds.shape[0])
 
 
+LM_PREFIX = "text_model.model."  # where the language model's keys start
+
+
 def load_weights(model: Samsone, sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> Samsone:
     """Adopt a state dict with the network's keys (checkpoint.py's `read_published` gives one):
     strict, no copy unless `dtype` asks for a conversion (the published files are half precision;
-    the reference computes in the dtype it is asked for). Raises ModelError naming the keys."""
+    the reference computes in the dtype it is asked for). The tied head may be left out (a cached
+    folder stores the table once). Raises ModelError naming the keys."""
+    sd = normalize_state_dict(sd, prefix=LM_PREFIX)
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     stored = {v.dtype for v in sd.values() if v.is_floating_point()}
