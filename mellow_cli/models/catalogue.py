@@ -23,9 +23,11 @@ from mellow_cli.files import slug
 MELLOW_REPO = "soham97/mellow"
 MELLOW_REVISION = "83672db0dae28764e283210d5bb732621e903d8a"
 
-# TinyMU's whole model is one file, tinymu.pt (encoder, projector and language model). The
-# authors' demo downloads the repo unpinned; this commit is the one third-party TinyMU tools pin
-# (it could not be checked against the hub when it was written: check it before moving it).
+# TinyMU's whole model is one file, tinymu.pt (encoder, projector and language model); the
+# encoder-only file beside it serves the authors' code only to build its network before
+# tinymu.pt overwrites every weight, so it is never fetched. The authors' demo downloads the repo
+# unpinned; this commit is the one third-party TinyMU tools pin (it could not be checked against
+# the hub when it was written: check it before moving it).
 TINYMU_REPO = "AndreasXi/TinyMU"
 TINYMU_REVISION = "0735fc50bc8b881d687dedccdd48b742927611b3"
 
@@ -36,9 +38,9 @@ TINYMU_REVISION = "0735fc50bc8b881d687dedccdd48b742927611b3"
 SAMSONE_REPO = "SamsungLabs/samsone"
 SAMSONE_TAG = "v1.0.0"
 
-# Every model's weights are its authors'. Neither TinyMU nor Samsone states a licence for its
-# weights (their repositories and release pages name none): the table says so rather than
-# guessing terms. Mellow's authors license their code under MIT.
+# Every model's weights are its authors'. Neither the TinyMU nor the Samsone project states a
+# licence for its weights: the table says so rather than guessing terms. Mellow's authors license
+# their code under MIT.
 NO_LICENCE = "no licence stated"
 MELLOW_TERMS = "code MIT"
 
@@ -58,7 +60,7 @@ class Published:
     family: str = "mellow"  # models/family.py: whose network and checkpoint layout
     url: str | None = None  # a plain HTTPS file (a release asset) instead of the hub
     sha256: str | None = None  # the file's, when known: checked before a download is kept
-    parameters: int | None = None  # as its authors count them
+    parameters: int | None = None  # distinct parameters of the published model
     download_mb: int | None = None  # about how much one downloads
     terms: str = ""  # under what terms the weights are published, in a few words
 
