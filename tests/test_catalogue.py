@@ -291,7 +291,7 @@ def test_no_network_and_offline_are_one_line(servers, isolated_home, monkeypatch
         SAMSONE_REPO, SAMSONE_FILE, SAMSONE_TAG, "tiny", family="samsone", url="http://127.0.0.1:9/x.ckpt"))
     with pytest.raises(ModelError) as e:
         loading.pull("tiny-samsone", progress=False)
-    assert _one_line(e).startswith("cannot reach 127.0.0.1:9 to download tiny-samsone (")
+    assert _one_line(e).startswith("cannot reach http://127.0.0.1:9/x.ckpt to download tiny-samsone (")
     _nothing_left(isolated_home, "tiny-samsone")
 
 

@@ -197,12 +197,12 @@ def _download_published(src: ModelSource, folder: Path, progress: bool) -> dict:
     if src.url is None:
         return download(src.repo, src.filename, src.revision, dest, name=src.name, progress=progress,
                         reserve_factor=2)
-    expected, first = None, recorded_origin(folder, src)
+    expected = None
     if src.sha256:
         expected = release.Expected(src.sha256, None, "pinned in the catalogue",
                                     f"run `mellow models pull {src.name}` again; if this repeats, the file at "
                                     "that address is not the one this mellow-cli knows")
-    elif first is not None:
+    elif (first := recorded_origin(folder, src)) is not None:
         expected = release.Expected(first["sha256"], first["size"], "recorded at its first download",
                                     "the file at that address has changed since; if you trust the new one, "
                                     f"`mellow models rm {src.name}` forgets the record")

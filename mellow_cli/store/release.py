@@ -151,7 +151,7 @@ def _fetch(url: str, path: Path, name: str, progress: bool, room: Path, reserve_
                 reason = f"short read: {state.so_far()}"
             except httpx2.ConnectError as e:
                 if state.received == 0 and state.total is None:  # never reached: retrying will not help
-                    raise unreachable(urlsplit(url).netloc, name, first_line(e)) from None
+                    raise unreachable(url, name, first_line(e)) from None
                 reason = f"cannot reconnect after {state.so_far()}: {first_line(e)}"
             except httpx2.UnsupportedProtocol as e:
                 raise ModelError(f"{url}: not an address mellow can download from ({first_line(e)})") from None
