@@ -1,4 +1,5 @@
-"""A stand-in for the Hugging Face hub's file protocol, on 127.0.0.1, for tests.
+"""A stand-in for the Hugging Face hub's file protocol, and for GitHub's release downloads, on
+127.0.0.1, for tests.
 
 It speaks what huggingface_hub's file downloads use, as huggingface.co does:
 - HEAD/GET `/{owner}/{repo}/resolve/{revision}/{path}`, revision = a branch name or the commit;
@@ -7,12 +8,19 @@ It speaks what huggingface_hub's file downloads use, as huggingface.co does:
 - `Range: bytes=N-` answered with 206 and `Content-Range`;
 - the hub's `X-Error-Code` on errors (RepoNotFound, RevisionNotFound, EntryNotFound).
 
-Faults on demand, each for a number of requests: drop the connection after N body bytes, answer an
-HTTP status, or serve damaged bytes. Every request is recorded with its headers.
+And what a GitHub release asset's address does: GET `/{owner}/{repo}/releases/download/{tag}/{file}`
+answers a 302 to the storage host (here the same second origin, `/assets/<sha256>`), which serves
+the bytes with a strong ETag and honours `Range` (and `If-Range`); an unknown asset is a 404.
+
+Faults on demand, each for a number of requests: close the connection after N body bytes (the
+headers promise all of it), reset it (TCP RST) after N bytes, answer an HTTP status, serve damaged
+bytes, or serve a file N bytes short whose headers agree with it. Every request is recorded with
+its headers.
 
     with FakeHub() as hub:
         hub.add_repo("me/model", {"model.safetensors": data}, lfs={"model.safetensors"})
         os.environ["HF_ENDPOINT"] = hub.url
+        url = hub.add_release("me/model", "v1", {"model.ckpt": data})["model.ckpt"]
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import re
 import socket
+import struct
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -38,9 +47,9 @@ class Request:
 
 @dataclass
 class Fault:
-    kind: str  # "drop" | "status" | "corrupt"
+    kind: str  # "drop" | "reset" | "status" | "corrupt" | "truncate"
     path_contains: str
-    value: int  # bytes before the drop, or the HTTP status
+    value: int  # bytes before the drop or reset, the HTTP status, or the bytes a truncated file lacks
     times: int  # requests it still applies to
     methods: tuple[str, ...] = ("GET",)
 
@@ -59,6 +68,7 @@ def git_blob_sha1(data: bytes) -> str:
 class FakeHub:
     def __init__(self) -> None:
         self.repos: dict[str, Repo] = {}
+        self.releases: dict[str, bytes] = {}  # "/{owner}/{repo}/releases/download/{tag}/{file}" -> bytes
         self.requests: list[Request] = []
         self.faults: list[Fault] = []
         self._lock = threading.Lock()
@@ -74,6 +84,20 @@ class FakeHub:
         self.repos[repo_id] = Repo(commit, dict(files), set(lfs))
         return self.repos[repo_id]
 
+    def add_release(self, repo_id: str, tag: str, files: dict[str, bytes]) -> dict[str, str]:
+        """Release assets; returns each file's download address."""
+        urls = {}
+        for name, data in files.items():
+            path = f"/{repo_id}/releases/download/{tag}/{name}"
+            self.releases[path] = data
+            urls[name] = self.url + path
+        return urls
+
+    @staticmethod
+    def asset_path(data: bytes) -> str:
+        """Where the storage host serves a release asset (what a fault on its bytes names)."""
+        return "/assets/" + hashlib.sha256(data).hexdigest()
+
     # --- faults and what happened ----------------------------------------------------------------
 
     def drop_after(self, path_contains: str, nbytes: int, times: int = 1) -> None:
@@ -86,6 +110,14 @@ class FakeHub:
     def corrupt(self, path_contains: str, times: int = 1) -> None:
         """Serve the right number of bytes, with one of them changed."""
         self.faults.append(Fault("corrupt", path_contains, 0, times))
+
+    def reset_after(self, path_contains: str, nbytes: int, times: int = 1) -> None:
+        """Reset the connection (TCP RST) after sending `nbytes` of the body."""
+        self.faults.append(Fault("reset", path_contains, nbytes, times))
+
+    def truncate(self, path_contains: str, missing: int, times: int = 1) -> None:
+        """Serve the file without its last `missing` bytes, headers and all: a shorter file."""
+        self.faults.append(Fault("truncate", path_contains, missing, times))
 
     def clear_faults(self) -> None:
         self.faults.clear()
@@ -180,6 +212,8 @@ def _handler(hub: FakeHub, server_name: str):
                 return self._reply(fault.value, headers={"X-Error-Code": "ServerError"})
             if server_name == "cdn":
                 return self._serve_blob(path, body, fault)
+            if "/releases/download/" in path:
+                return self._serve_release(path)
             m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
             if not m:
                 return self._reply(404, headers={"X-Error-Code": "RepoNotFound"})
@@ -202,8 +236,19 @@ def _handler(hub: FakeHub, server_name: str):
                 })
             self._send_content(data, body, fault, {**common, "ETag": f'"{git_blob_sha1(data)}"'})
 
+        def _serve_release(self, path: str) -> None:
+            data = hub.releases.get(unquote(path))
+            if data is None:
+                return self._reply(404)
+            self._reply(302, headers={"Location": hub._origin("cdn") + hub.asset_path(data)})
+
         def _serve_blob(self, path: str, body: bool, fault: Fault | None) -> None:
             sha256 = path.rsplit("/", 1)[-1]
+            if path.startswith("/assets/"):
+                for data in hub.releases.values():
+                    if hashlib.sha256(data).hexdigest() == sha256:
+                        return self._send_content(data, body, fault, {"ETag": f'"{sha256[:16]}"'})
+                return self._reply(404)
             for repo in hub.repos.values():
                 for name, data in repo.files.items():
                     if name in repo.lfs and hashlib.sha256(data).hexdigest() == sha256:
@@ -213,8 +258,13 @@ def _handler(hub: FakeHub, server_name: str):
         # --- responses ---------------------------------------------------------------------------
 
         def _send_content(self, data: bytes, body: bool, fault: Fault | None, headers: dict) -> None:
+            if fault is not None and fault.kind == "truncate":
+                data = data[: len(data) - fault.value]
             start = 0
             rng = self.headers.get("Range")
+            if_range = self.headers.get("If-Range")
+            if rng and if_range is not None and if_range != headers.get("ETag"):
+                rng = None  # the file changed since: all of it, from the start
             if rng:
                 m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())
                 start = int(m[1]) if m else 0
@@ -234,12 +284,16 @@ def _handler(hub: FakeHub, server_name: str):
             self.end_headers()
             if not body:
                 return
-            if fault is not None and fault.kind == "drop":
+            if fault is not None and fault.kind in ("drop", "reset"):
                 self.wfile.write(chunk[: fault.value])
                 self.wfile.flush()
                 self.close_connection = True
                 try:
-                    self.connection.shutdown(socket.SHUT_RDWR)
+                    if fault.kind == "reset":  # linger 0: close() sends RST, not FIN
+                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        self.connection.close()
+                    else:
+                        self.connection.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
                 return

@@ -103,10 +103,12 @@ def test_models_list_available_works_offline_and_marks_nothing_cached():
     out = run("models", "list", "--available", "--json", env={"HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
-    assert [r["name"] for r in rows] == ["v0", "v0_s"]
-    assert all(r["repo"] == "soham97/mellow" and r["cached"] is False for r in rows)
-    text = run("models", "list", "--available").stdout
-    assert text.splitlines()[0].split()[:2] == ["v0", "-"]
+    assert [r["name"] for r in rows] == ["v0", "v0_s", "tinymu", "samsone-99m", "samsone-134m", "samsone-356m"]
+    assert [r["repo"] for r in rows[:2]] == ["soham97/mellow"] * 2 and not any(r["cached"] for r in rows)
+    lines = [line for line in run("models", "list", "--available").stdout.splitlines() if line.strip()]
+    cached = lines[0].index("CACHED")
+    v0 = next(line for line in lines if line.split()[0] == "v0")
+    assert v0.split()[:2] == ["v0", "Mellow"] and v0[cached:].split()[0] == "-"
 
 
 def test_shell_completion_script_is_offered():

@@ -22,13 +22,13 @@ models_app = typer.Typer(
     rich_markup_mode=None,
 )
 
-NameArg = Annotated[str, typer.Argument(metavar="NAME", help="v0, v0_s, a hub id user/repo, or a local checkpoint file.", show_default=False)]
+NameArg = Annotated[str, typer.Argument(metavar="NAME", help="A published model (v0, tinymu, samsone-134m, ...: `mellow models list --available`), a hub id user/repo, or a local checkpoint file.", show_default=False)]
 
 
 @models_app.command("list")
 def list_models(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per model instead of columns.")] = False,
-    available: Annotated[bool, typer.Option("--available", help="The models one can pull by name (no network needed), marking those cached.")] = False,
+    available: Annotated[bool, typer.Option("--available", help="The models one can pull by name, with their size, what each is good at, where the weights come from and under what terms, marking those cached (no network needed).")] = False,
 ) -> None:
     """Show the cached models: name, size on disk, hub revision, where each came from.
 
@@ -63,20 +63,38 @@ def list_models(
 
 
 def _catalogue(as_json: bool) -> None:
-    from mellow_cli.store import loading
     from mellow_cli.cli import render
+    from mellow_cli.models.family import family
+    from mellow_cli.store import loading
 
     cached = {e.name for e in loading.cached_models()}
-    for name, p in loading.PUBLISHED.items():
-        if as_json:
-            sys.stdout.write(json.dumps({"name": name, "repo": p.repo, "filename": p.filename, "revision": p.revision,
-                                         "cached": name in cached, "about": p.about}) + "\n")
-        else:
-            mark = "cached" if name in cached else "-"
-            sys.stdout.write(f"{name:<6}  {mark:<6}  {p.repo}/{p.filename}  {p.about}\n")
-    if not as_json:
-        render.info("also usable as --model: a hub folder of ours, user/repo[@revision], or a local "
-                    ".ckpt/.safetensors file or model folder")
+    if as_json:
+        for name, p in loading.PUBLISHED.items():
+            sys.stdout.write(json.dumps({"name": name, "family": p.family, "preset": p.preset, "repo": p.repo,
+                                         "filename": p.filename, "revision": p.revision, "url": p.url,
+                                         "sha256": p.sha256, "parameters": p.parameters,
+                                         "download_mb": p.download_mb, "cached": name in cached,
+                                         "about": p.about, "terms": p.terms}) + "\n")
+        return
+    rows = [(name, family(p.family).title, _size(p), "yes" if name in cached else "-", p.about, _source(p), p.terms)
+            for name, p in loading.PUBLISHED.items()]
+    render.table(("NAME", "FAMILY", "SIZE", "CACHED", "GOOD AT", "SOURCE", "TERMS"), rows, whole=(0, 1, 2, 3),
+                 footnote="The weights are their authors' (docs/models.md says where each comes from and its "
+                          "pin). Also usable as --model: a hub folder of ours, user/repo[@revision], or a local "
+                          ".ckpt/.safetensors file or model folder.")
+
+
+def _size(p) -> str:
+    """Parameters and about how much one downloads: `229M, 920 MB`."""
+    params = f"{p.parameters // 1_000_000}M" if p.parameters else "?"
+    return f"{params}, {p.download_mb} MB" if p.download_mb else params
+
+
+def _source(p) -> str:
+    """Where the weights come from: a hub repo (pinned to a commit: --json names it), or a release."""
+    if p.url:
+        return f"GitHub {p.repo} release {p.revision}"
+    return f"hub {p.repo}"
 
 
 @models_app.command("pull")
@@ -94,6 +112,7 @@ def pull(
     \b
     Examples:
       mellow models pull v0
+      mellow models pull samsone-134m
       mellow models pull someone/mellow-birds
       HF_ENDPOINT=https://hf-mirror.com mellow models pull v0
     """

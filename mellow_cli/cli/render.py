@@ -242,19 +242,20 @@ def result_json(obj) -> None:
 
 
 def table(columns: Iterable[str], rows: Iterable[Iterable[object]], title: str | None = None,
-          right: Iterable[int] = (), footnote: str | None = None) -> None:
+          right: Iterable[int] = (), footnote: str | None = None, whole: Iterable[int] = ()) -> None:
     """A table of results on stdout (plain text when stdout is not a terminal), with an optional
     title above and footnote below. Cells are shown as written, never read as Rich markup;
-    `right` holds the indexes of right-aligned columns."""
+    `right` holds the indexes of right-aligned columns, `whole` those of columns whose cells are
+    names never folded (on a narrow terminal the others fold instead)."""
     from rich import box
     from rich.table import Table
     from rich.text import Text
 
-    right = set(right)
+    right, whole = set(right), set(whole)
     grid = Table(title=Text(title) if title else None, title_justify="left", box=box.SIMPLE_HEAD,
                  caption=Text(footnote) if footnote else None, caption_justify="left")
     for i, name in enumerate(columns):
-        grid.add_column(Text(name), justify="right" if i in right else "left", overflow="fold")
+        grid.add_column(Text(name), justify="right" if i in right else "left", overflow="fold", no_wrap=i in whole)
     for row in rows:
         grid.add_row(*(Text(str(cell)) for cell in row))
     with writing(STDOUT):

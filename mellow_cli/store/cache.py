@@ -7,10 +7,14 @@ Cache layout (files.cache_dir(): MELLOW_HOME, else platformdirs.user_cache_dir("
         model.safetensors     weights under the official key names, tied tensors stored once
         config.json           the family's config (models/family.py's config_dict)
         tokenizer.json, tokenizer_config.json[, special_tokens_map.json]
-        source.json           origin (repo, file, revision, commit, sha256, size) and the
+        source.json           origin (repo, file, revision, commit, sha256, size; the url of a
+                              release asset, whose sha256 and size, recorded at the first
+                              download, every later download must match) and the
                               size/sha256/mtime of model.safetensors, checked before every load
-    downloads/<owner>--<repo>/               <file>: verified downloads awaiting conversion
-                                             (hub.py); <file>.incoming-<pid>/: a download under way
+    downloads/<owner>--<repo>/               <file>: verified downloads awaiting conversion (hub.py,
+                                             or release.py for a release asset, with <file>.json
+                                             recording its sha256); <file>.incoming-<pid>/: a
+                                             download under way
     .locks/<key>.lock         two processes never write the same model at once
 """
 
@@ -58,7 +62,7 @@ class ModelFiles:
     weights: Path  # safetensors, official key names
     tokenizer_dir: Path  # tokenizer.json + tokenizer_config.json
     folder: Path | None  # the model folder (in the cache, or the user's), None for a lone file
-    revision: str | None  # hub commit the weights came from; None for local files
+    revision: str | None  # hub commit (or release tag) the weights came from; None for local files
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ class CachedModel:
     folder: Path
     size: int  # bytes on disk
     origin: str  # repo/file, or the local path it was converted from
-    revision: str | None  # hub commit, None for local conversions
+    revision: str | None  # hub commit or release tag, None for local conversions
     created: str
 
 
@@ -96,10 +100,11 @@ def cached_models() -> list[CachedModel]:
         if not folder.is_dir() or folder.name.startswith(".") or record is None:
             continue
         origin = record.get("source", {})
-        where = origin.get("path") or f"{origin.get('repo')}/{origin.get('filename') or ''}".rstrip("/")
+        where = (origin.get("path") or origin.get("url")
+                 or f"{origin.get('repo')}/{origin.get('filename') or ''}".rstrip("/"))
         found.append(CachedModel(name=record.get("name", folder.name), folder=folder,
                                  size=_tree_size(folder), origin=where,
-                                 revision=origin.get("commit"), created=record.get("created", "")))
+                                 revision=_revision(origin), created=record.get("created", "")))
     return found
 
 
@@ -194,8 +199,7 @@ def cached(src: ModelSource, folder: Path, verify: bool) -> tuple[ModelFiles | N
         cfg = config_from_dict(json.loads((folder / CONFIG_FILE).read_text()))
     except (ValueError, TypeError, ModelError) as e:
         return None, f"{CONFIG_FILE} is unreadable ({first_line(e)})"
-    origin = record.get("source", {})
-    return ModelFiles(src.name, cfg, weights, folder, folder, origin.get("commit")), None
+    return ModelFiles(src.name, cfg, weights, folder, folder, _revision(record.get("source", {}))), None
 
 
 def _same_origin(record: dict, src: ModelSource) -> bool:
@@ -210,7 +214,24 @@ def _same_origin(record: dict, src: ModelSource) -> bool:
                 and origin.get("mtime_ns") == stat.st_mtime_ns
                 and (beside is None or record.get("config") == _jsonable(beside.to_dict())))
     return (origin.get("repo") == src.repo and origin.get("filename") == src.filename
-            and origin.get("revision") == src.revision)
+            and origin.get("revision") == src.revision and origin.get("url") == src.url
+            and (src.sha256 is None or origin.get("sha256") == src.sha256))
+
+
+def recorded_origin(folder: Path, src: ModelSource) -> dict | None:
+    """What the cached folder records of the file it was made from (its address, sha256, size),
+    if it was made from `src`'s address: a later download of that address must be the same file.
+    A folder whose weights are damaged still says so; without a folder there is no record."""
+    origin = (read_json(folder / SOURCE_FILE) or {}).get("source")
+    if (isinstance(origin, dict) and src.url is not None and origin.get("url") == src.url
+            and isinstance(origin.get("sha256"), str) and isinstance(origin.get("size"), int)):
+        return origin
+    return None
+
+
+def _revision(origin: dict) -> str | None:
+    """The hub commit the weights came from, or the release tag that pins them."""
+    return origin.get("commit") or (origin.get("revision") if origin.get("url") else None)
 
 
 def checkpoint_config(path: Path) -> Any:
@@ -293,7 +314,7 @@ def write_folder(folder: Path, src: ModelSource, state: dict | None, cfg: Any,
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return ModelFiles(src.name, cfg, folder / WEIGHTS_FILE, folder, folder, origin.get("commit"))
+    return ModelFiles(src.name, cfg, folder / WEIGHTS_FILE, folder, folder, _revision(origin))
 
 
 def _swap_in(new: Path, folder: Path) -> None:

@@ -175,25 +175,32 @@ def _st_dtype(name: str):
 
 @contextlib.contextmanager
 def conversion_bar(name: str, total_bytes: int, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """A progress count (events.progress), in megabytes, over the conversion's passes through the weights
-    (hashing the checkpoint, writing the safetensors, hashing them): a v0 conversion reads and
-    writes about 2 GB, seconds to a minute depending on the disk. Yields `advance(nbytes)`; the
-    bar is full when the block ends without an error."""
+    """The progress of the conversion's passes through the weights (hashing the checkpoint,
+    writing the safetensors, hashing them): a v0 conversion reads and writes about 2 GB, seconds
+    to a minute depending on the disk. Yields `advance(nbytes)`."""
+    with megabyte_bar(f"{name}: converting to safetensors (MB)", total_bytes, enabled) as advance:
+        yield advance
+
+
+@contextlib.contextmanager
+def megabyte_bar(description: str, total_bytes: int | None, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A progress count (events.progress) in megabytes over `total_bytes` (None: unknown).
+    Yields `advance(nbytes)`; the bar is full when the block ends without an error."""
     from mellow_cli import events
 
     if not enabled:
         yield lambda nbytes: None
         return
-    total = max(1, round(total_bytes / 1e6))
+    total = None if total_bytes is None else max(1, round(total_bytes / 1e6))
     seen, shown = [0], [0]
-    with events.progress(total, f"{name}: converting to safetensors (MB)") as advance:
+    with events.progress(total, description) as advance:
         def advance_bytes(nbytes: int) -> None:
             seen[0] += nbytes
-            now = min(total, seen[0] * total // max(1, total_bytes))
+            now = seen[0] // 1_000_000 if total is None else min(total, seen[0] * total // max(1, total_bytes))
             if now > shown[0]:
                 advance(now - shown[0])
                 shown[0] = now
 
         yield advance_bytes
-        if shown[0] < total:
+        if total is not None and shown[0] < total:
             advance(total - shown[0])

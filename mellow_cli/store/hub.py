@@ -64,8 +64,7 @@ def download(repo: str, filename: str, revision: str, dest: Path, *, name: str, 
     for the converted copy too. Returns {path, repo, filename, revision, commit, etag, size,
     sha256}; None if `optional` and the repo has no such file."""
     if offline():
-        raise ModelError(f"{name} is not in the cache and HF_HUB_OFFLINE is set: run "
-                         f"`mellow models pull {name}` with network, or pass --model PATH")
+        raise offline_error(name)
     remote = _metadata(repo, filename, revision, name, optional)
     if remote is None:
         return None
@@ -128,8 +127,7 @@ def _metadata(repo: str, filename: str, revision: str, name: str, optional: bool
         hint = "set HF_TOKEN to a token that can read it" if status in (401, 403) else "try again later"
         raise ModelError(f"{endpoint} answered HTTP {status} for {repo}/{filename}: {hint}") from None
     except Exception as e:  # connection refused, DNS, timeout, proxy: the network, not the file
-        raise ModelError(f"cannot reach {endpoint} to download {name} ({first_line(e)}): check the "
-                         f"network and run `mellow models pull {name}` again, or pass --model PATH") from None
+        raise unreachable(endpoint, name, first_line(e)) from None
     return _Remote((meta.etag or "").strip('"'), meta.size, meta.commit_hash or revision)
 
 
@@ -147,13 +145,13 @@ def _fetch(repo: str, filename: str, remote: _Remote, folder: Path, name: str, p
                                         library_name="mellow-cli", library_version=__version__))
     except HfHubHTTPError as e:  # before OSError: it is one
         status = getattr(getattr(e, "response", None), "status_code", "?")
-        raise _interrupted(repo, filename, name, remote.size, f"HTTP {status}") from None
+        raise interrupted(f"{repo}/{filename}", name, remote.size, f"HTTP {status}") from None
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise disk_full(folder.parent, name) from None
-        raise _interrupted(repo, filename, name, remote.size, first_line(e.__cause__ or e)) from None
+        raise interrupted(f"{repo}/{filename}", name, remote.size, first_line(e.__cause__ or e)) from None
     except Exception as e:  # the connection dropped more often than hf_hub_download retries
-        raise _interrupted(repo, filename, name, remote.size, first_line(e)) from None
+        raise interrupted(f"{repo}/{filename}", name, remote.size, first_line(e)) from None
 
 
 def _verified(path: Path, remote: _Remote, repo: str, filename: str, name: str) -> str:
@@ -201,6 +199,18 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
             enable_progress_bars()
 
 
-def _interrupted(repo: str, filename: str, name: str, size: int | None, reason: str) -> ModelError:
-    return ModelError(f"download of {repo}/{filename} ({megabytes(size)}) stopped ({reason}): check the "
+def interrupted(what: str, name: str, size: int | None, reason: str) -> ModelError:
+    """A download that stopped for good (`what`: the file, as messages name it)."""
+    return ModelError(f"download of {what} ({megabytes(size)}) stopped ({reason}): check the "
                       f"network and run `mellow models pull {name}` again")
+
+
+def unreachable(host: str, name: str, reason: str) -> ModelError:
+    """No connection to `host` at all: the network, not the file."""
+    return ModelError(f"cannot reach {host} to download {name} ({reason}): check the network and run "
+                      f"`mellow models pull {name}` again, or pass --model PATH")
+
+
+def offline_error(name: str) -> ModelError:
+    return ModelError(f"{name} is not in the cache and HF_HUB_OFFLINE is set: run "
+                      f"`mellow models pull {name}` with network, or pass --model PATH")

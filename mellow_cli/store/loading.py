@@ -29,7 +29,8 @@ from mellow_cli.store.conversion import (
 from mellow_cli.errors import ModelError
 from mellow_cli.events import note
 from mellow_cli.files import cache_dir, disk_full, first_line, sha256, slug
-from mellow_cli.store.hub import download, offline
+from mellow_cli.store import release
+from mellow_cli.store.hub import download, offline, offline_error
 from mellow_cli.store.cache import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -42,6 +43,7 @@ from mellow_cli.store.cache import (
     model_path,
     partial_downloads,
     read_config,
+    recorded_origin,
     remove,
     write_folder,
 )
@@ -156,8 +158,7 @@ def _ensure(src: ModelSource, *, verify: bool, force: bool, progress: bool,
                 if force:
                     raise ModelError(f"cannot fetch {src.name} again while HF_HUB_OFFLINE is set: unset it, "
                                      "or drop --force to use the cached copy")
-                raise ModelError(f"{src.name} is not in the cache and HF_HUB_OFFLINE is set: run "
-                                 f"`mellow models pull {src.name}` with network, or pass --model PATH")
+                raise offline_error(src.name)
             if src.kind == "checkpoint":
                 return _convert_local_checkpoint(src, folder, arch, progress)
             if src.kind == "published":
@@ -176,17 +177,37 @@ def _pull_published(src: ModelSource, folder: Path, arch: Family | None, progres
     arch = arch or family_of(cfg)
     expected = expected_layout(arch.build(cfg, "meta"))  # before downloading: a broken build fails in a second
     tokenizer = tokenizer_folder(cfg, src.name, progress)
-    raw = download(src.repo, src.filename, src.revision, downloads_dir(src.repo) / src.filename,
-                   name=src.name, progress=progress, reserve_factor=2)
+    raw = _download_published(src, folder, progress)
     note(f"{src.name}: converting {src.filename} to safetensors (once)", progress)
-    label = f"{src.repo}/{src.filename}"
+    label = src.url or f"{src.repo}/{src.filename}"
     state = fit(_published_state(arch, read_checkpoint(raw["path"], label=label), label), expected, cfg, label=label)
-    origin = {k: raw[k] for k in ("repo", "filename", "revision", "commit", "sha256", "size")}
+    origin = {k: raw[k] for k in ("repo", "filename", "revision", "commit", "sha256", "size", "url") if k in raw}
     with conversion_bar(src.name, 2 * _nbytes(state), progress) as advance:
         files = write_folder(folder, src, state, cfg, tokenizer, origin, advance=advance)
     for done in (Path(raw["path"]), Path(raw["path"] + ".json")):  # the safetensors copy replaces it
         done.unlink(missing_ok=True)
     return files
+
+
+def _download_published(src: ModelSource, folder: Path, progress: bool) -> dict:
+    """A published file, verified, in downloads/: from the hub (checked against its ETag), or from
+    its plain address (checked against the sha256 the catalogue pins, else against the one
+    recorded when this model was first downloaded, if it was)."""
+    dest = downloads_dir(src.repo) / src.filename
+    if src.url is None:
+        return download(src.repo, src.filename, src.revision, dest, name=src.name, progress=progress,
+                        reserve_factor=2)
+    expected = None
+    if src.sha256:
+        expected = release.Expected(src.sha256, None, "pinned in the catalogue",
+                                    f"run `mellow models pull {src.name}` again; if this repeats, the file at "
+                                    "that address is not the one this mellow-cli knows")
+    elif (first := recorded_origin(folder, src)) is not None:
+        expected = release.Expected(first["sha256"], first["size"], "recorded at its first download",
+                                    "the file at that address has changed since; if you trust the new one, "
+                                    f"`mellow models rm {src.name}` forgets the record")
+    raw = release.download(src.url, dest, name=src.name, progress=progress, reserve_factor=2, expected=expected)
+    return {**raw, "repo": src.repo, "filename": src.filename, "revision": src.revision, "commit": None}
 
 
 def _convert_local_checkpoint(src: ModelSource, folder: Path, arch: Family | None, progress: bool) -> ModelFiles:

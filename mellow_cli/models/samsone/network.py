@@ -107,17 +107,21 @@ class Samsone(nn.Module):
         return PrefixRow(embeds, query=None, query_position=None, next_position=embeds.shape[0])
 
 
+LM_PREFIX = "text_model.model."  # where the language model's keys start
+
+
 def load_weights(model: Samsone, sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> Samsone:
     """Adopt a state dict with the network's keys (checkpoint.py's `read_published` gives one):
     strict, no copy unless `dtype` asks for a conversion (the published files are half precision;
-    the reference computes in the dtype it is asked for). Raises ModelError naming the keys."""
+    the reference computes in the dtype it is asked for). The tied head may be left out (a cached
+    folder stores the table once). Raises ModelError naming the keys."""
+    sd = normalize_state_dict(sd, prefix=LM_PREFIX)
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     stored = {v.dtype for v in sd.values() if v.is_floating_point()}
     if len(stored) == 1:
         model.to(stored.pop())  # the layout check compares dtypes; on meta this moves no data
-    # the head is the token table (tied): a state dict may hold it once, as our cache stores it
-    assign(model, normalize_state_dict(sd, prefix="text_model.model."), f"Samsone {model.cfg.name}")
+    assign(model, sd, f"Samsone {model.cfg.name}")
     tie_lm_head(model.lm)
     init_lm_buffers(model.lm)
     check_filled(model)
