@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mellow_cli.store import loading
-from mellow_cli.api import CAPTION_PROMPT, Model, Question, load_model
+from mellow_cli.api import Model, Question, load_model
 from mellow_cli.runtime.options import DecodingOptions
 from mellow_cli.errors import ModelError
 from mellow_cli.runtime.generate import generate_tokens
@@ -206,7 +206,7 @@ def time_to_first_token(model: Model, clips: Callable[[int], list], repeat: int)
 def captions_per_s(model: Model, clips: Callable[[int], list], batch: int, tokens: int, repeat: int) -> float:
     """Median clips/s for one `ask_batch` caption of `batch` new clips, greedy, up to `tokens`."""
     def caption(max_tokens: int):
-        rows = [Question(c, None, CAPTION_PROMPT) for c in clips(batch)]
+        rows = [Question(c, None, model.family.caption_prompt) for c in clips(batch)]
         return timed(lambda: model.ask_batch(rows, DecodingOptions(max_tokens=max_tokens)), model.device)
 
     caption(2)

@@ -10,7 +10,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from mellow_cli.runtime.options import MAX_TOKENS
-from mellow_cli.cli.options import BatchSizeOpt, Console, Loading, MaxTokensOpt, ShardOpt, grouped
+from mellow_cli.cli.options import BatchSizeOpt, Console, Loading, ShardOpt, grouped
 from mellow_cli.errors import UsageError
 
 bench_app = typer.Typer(help="Score a model on a benchmark or measure its speed.", no_args_is_help=True, rich_markup_mode=None)
@@ -45,6 +45,7 @@ LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=1, help="Only th
 ScoreOnlyOpt = Annotated[Optional[List[str]], typer.Option("--score-only", metavar="PREDICTIONS.json", help="Score this predictions file (from any model; repeat for shards) without running a model.")]
 MinAccuracyOpt = Annotated[Optional[float], typer.Option("--min-accuracy", min=0.0, max=100.0, metavar="PERCENT", help="Exit 1 when the overall accuracy is below this (for CI).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON report (data SHA-256, model, revision, mode, counts, accuracies, wall time) instead of the table.")]
+GenerateTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, max=MAX_TOKENS, help="Longest generated answer, in tokens (--mode generate; the Mellow reference's max_len).")]
 PromptStyleOpt = Annotated[PromptStyle, typer.Option("--prompt-style", help="plain: the question and its lettered options as written, the clip paired with itself; mellow: as the Mellow authors' evaluation asks (lower-cased, end of text appended, an item without a second clip paired with one drawn from the file), the prompt of the paper's 52.11.")]
 
 
@@ -62,7 +63,7 @@ class Benchmark:
     score_only: ScoreOnlyOpt = None
     min_accuracy: MinAccuracyOpt = None
     as_json: JsonOpt = False
-    max_tokens: MaxTokensOpt = 300
+    max_tokens: GenerateTokensOpt = 300
     loading: Loading = field(default_factory=Loading)
     console: Console = field(default_factory=Console)
 

@@ -178,18 +178,18 @@ def generate_tokens(
     lm, prefix: "Prefix | torch.Tensor", options: DecodingOptions = DecodingOptions(), eos_id: int = EOS_TOKEN_ID
 ) -> Iterator[torch.Tensor]:
     """Yields the next token of every row, (B,), step by step, until every row has produced
-    `eos_id` or `options.max_tokens` steps. Rows that are done keep being fed, as in the
+    `eos_id` or `options.budget` steps. Rows that are done keep being fed, as in the
     reference loop, so a batch yields the same tokens as the reference; callers cut at eos."""
-    session = Session(lm, prefix, options.max_tokens)
+    session = Session(lm, prefix, options.budget)
     device = session.prefix.embeds.device
     generator = _generator(options, device)
     done = torch.zeros(session.prefix.batch, dtype=torch.bool, device=device)
     logits = session.first()
-    for step in range(options.max_tokens):
+    for step in range(options.budget):
         token = next_token(logits, options, generator)
         yield token
         done |= token == eos_id
-        if done.all() or step + 1 == options.max_tokens:
+        if done.all() or step + 1 == options.budget:
             return
         logits = session.step(token)
 

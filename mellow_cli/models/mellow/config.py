@@ -16,6 +16,7 @@ from typing import ClassVar
 @dataclass(frozen=True)
 class MellowConfig:
     family: ClassVar[str] = "mellow"  # models/family.py: which family's network this config builds
+    default_max_tokens: ClassVar[int] = 300  # the reference's max_len: an answer's budget by default
     name: str = "v0"
     # --- audio front end (torchlibrosa-style, frozen in the checkpoint)
     sample_rate: int = 32000  # Hz; every clip is resampled to this
