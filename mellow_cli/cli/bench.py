@@ -26,6 +26,11 @@ class PromptStyle(str, Enum):
     mellow = "mellow"
 
 
+class MuchoScorer(str, Enum):  # bench/muchomusic.py SCORERS
+    muchomusic = "muchomusic"
+    mmau = "mmau"
+
+
 class MmauScorer(str, Enum):  # bench/mmau.py SCORERS
     mmau = "mmau"
     mellow = "mellow"
@@ -121,6 +126,32 @@ def bench_qa(
     _bench(qa, file, audio_root, "FILE", scorer.value, run)
 
 
+@bench_app.command("muchomusic")
+@grouped
+def bench_muchomusic(
+    data: Annotated[Optional[str], typer.Option("--data", help="muchomusic.csv (the published file; see docs/bench.md).")] = None,
+    audio_dir: Annotated[Optional[str], typer.Option("--audio-dir", help="The folder laid out as the authors' data/: sdd/ and musiccaps/, each with its metadata CSV and audio/ [default: the data file's folder].")] = None,
+    scorer: Annotated[MuchoScorer, typer.Option("--scorer", help="muchomusic: the authors' scorer (the letter the answer names, else the option it contains; every item counts); mmau: MMAU's matcher.")] = MuchoScorer.muchomusic,
+    *,
+    run: Benchmark,
+) -> None:
+    """Score a model on MuChoMusic (music understanding, 1,187 questions), asked as its authors
+    ask ("Question: ... Options: (A) ... The correct answer is:"), each row's options in an order
+    fixed by its identifier.
+
+    \b
+    Examples:
+      mellow bench muchomusic --data muchomusic.csv --audio-dir data/ --model tinymu
+      mellow bench muchomusic --data muchomusic.csv --audio-dir data/ --mode generate --model tinymu,v0
+    """
+    from mellow_cli.bench import muchomusic
+
+    if run.prompt_style is not PromptStyle.plain:
+        raise UsageError("bench muchomusic asks as its authors do: leave out --prompt-style")
+    asked = run if run.score_only else dataclasses.replace(run, prompt_style="muchomusic")
+    _bench(muchomusic, data, audio_dir, "--data FILE", scorer.value, asked)
+
+
 def _bench(bench, data, audio_root, data_name: str, scorer_name: str, run: Benchmark) -> None:
     """Run (or only score) a multiple-choice benchmark, print its report, set the exit code."""
     import os
@@ -130,7 +161,7 @@ def _bench(bench, data, audio_root, data_name: str, scorer_name: str, run: Bench
 
     run.console.setup()
     scorer = bench.SCORERS[scorer_name]
-    prompt_style = run.prompt_style.value
+    prompt_style = getattr(run.prompt_style, "value", run.prompt_style)
     if run.score_only:
         if run.predictions or run.resume or run.limit or run.shard or prompt_style != "plain":
             raise UsageError("--score-only scores finished predictions: leave out --predictions, --resume, --limit, "
