@@ -3,7 +3,7 @@
 gpt-fast's benchmarking habits: a warm-up before timing, the device
 synchronised before each clock reading, medians of repeats, tokens/s, bytes read per second and
 peak memory, and a baseline measured in the same run: transformers' own `generate` over the very
-same float32 weights (model/llama.py: transformers_twin). Other processes can slow either, so the
+same float32 weights (runtime/llama.py: transformers_twin). Other processes can slow either, so the
 ratio of the two, raced in alternate runs, means more than either figure.
 
 The audio is synthesized (tones over noise, a new clip for every timed run, so the model's clip
@@ -45,7 +45,7 @@ class SpeedReport:
     revision: str | None  # hub commit of the weights, None for local files
     device: str  # where it ran: cpu, cuda:0, mps
     dtype: str  # of the language model's weights
-    decode_step: str  # "c": one call into model/step.c per step; "torch": the eager forward
+    decode_step: str  # "c": one call into runtime/step.c per step; "torch": the eager forward
     threads: int  # torch's CPU threads
     torch_version: str
     tokens: int  # tokens decoded per timed decode run

@@ -1,5 +1,5 @@
-"""Options and helpers shared by every `mellow` command module (cli.py, cli_bench.py,
-cli_train.py, cli_serve.py): each option is declared once here. Options that travel together
+"""Options and helpers shared by every `mellow` command module (answer.py, bench.py,
+train.py, serve.py, ...): each option is declared once here. Options that travel together
 are frozen dataclasses (option groups: Loading, Decoding, Rows, Output, Console); `grouped`
 spreads a group's options into a command's signature for Typer, which has no groups of its own,
 and hands the command the group built from them. Nothing heavy is imported at module level.

@@ -18,7 +18,7 @@ from mellow_cli.errors import ModelError
 
 def build_lm(cfg):
     """A randomly initialised (or, under `torch.device('meta')`, empty) SmolLM2 of `cfg`'s size:
-    our own module with transformers' parameter names (model/llama.py says why)."""
+    our own module with transformers' parameter names (runtime/llama.py says why)."""
     from mellow_cli.runtime.llama import LlamaForCausalLM
 
     return LlamaForCausalLM(cfg).eval()

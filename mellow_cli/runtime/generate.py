@@ -1,8 +1,8 @@
-"""Text generation over Mellow's prefix embeddings: prefill, decode step, sampling, streaming text,
+"""Text generation over a prefix (runtime/prefix.py): prefill, decode step, sampling, streaming text,
 and scoring of answer choices. Only the language model half runs here.
 
 Shaped after pytorch-labs/gpt-fast (`prefill`, `decode_one_token`, `generate`): each drives the
-language model's one forward (model/llama.py) against the static KV cache inside its attention
+language model's one forward (runtime/llama.py) against the static KV cache inside its attention
 modules, so a step costs one position instead of the whole sequence and does not depend on
 transformers' cache API (which changes between major versions). How the matrices are stored and
 multiplied (--dtype) is precision.py's business; the loop here is the same for all.
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 EOS_TOKEN_ID = 0  # `<|endoftext|>`, where SmolLM2 ends an answer
 
 
-# --- prefill and decode over the language model's one forward (model/llama.py) ---------------
+# --- prefill and decode over the language model's one forward (runtime/llama.py) ---------------
 
 
 def activation_dtype(lm) -> torch.dtype:

@@ -1,5 +1,5 @@
 """The Mellow network: the audio side (HTSAT encoder, projection into the language model's width,
-pooling), the language model (SmolLM2, model/llama.py, laid out as transformers' `LlamaForCausalLM`), and the input
+pooling), the language model (SmolLM2, runtime/llama.py, laid out as transformers' `LlamaForCausalLM`), and the input
 sequence that joins them: clip 1 · separator · clip 2 · separator · prompt.
 
 Follows the reference implementation soham97/mellow (`mellow/model/mellow.py`, `decoder.py`,
