@@ -28,6 +28,16 @@ _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_",
                    "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
 
 
+def built(cls, cfg, device: "str | torch.device" = "cpu") -> nn.Module:
+    """`cls(cfg)`, a family's network: on a real device with random weights, ready to run; on
+    "meta" with no storage at all and nothing initialised, to be filled by a strict load that
+    adopts a checkpoint's tensors."""
+    meta = torch.device(device).type == "meta"
+    with torch.device(device), (skip_init() if meta else contextlib.nullcontext()):
+        model = cls(cfg)
+    return model.eval()
+
+
 @contextlib.contextmanager
 def skip_init():
     """Make torch.nn.init a no-op while building on the meta device. There is nothing to fill

@@ -11,7 +11,6 @@ Follows the reference implementation soham97/mellow (`mellow/model/mellow.py`, `
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -26,7 +25,7 @@ from mellow_cli.models.weights import (
     check_filled,
     init_lm_buffers,
     normalize_state_dict,
-    skip_init,
+    built,
     tie_lm_head,
 )
 
@@ -74,10 +73,7 @@ class Mellow(nn.Module):
     def from_config(cls, cfg: MellowConfig, device: str | torch.device = "cpu") -> "Mellow":
         """On "cpu": random weights, ready to run. On "meta": no storage at all; follow with
         `load_weights`, which allocates by adopting the checkpoint's tensors."""
-        meta = torch.device(device).type == "meta"
-        with torch.device(device), (skip_init() if meta else contextlib.nullcontext()):
-            model = cls(cfg)
-        return model.eval()
+        return built(cls, cfg, device)
 
     # --- audio side -------------------------------------------------------------------------
 
