@@ -106,12 +106,18 @@ def train_cli(data_path: Path, model: Path, run: Path, *args: str):
 def test_a_family_learns_a_repeated_batch_and_its_checkpoint_answers(name, family_model_dir, music_rows, tmp_path):
     from mellow_cli.api import load_model
 
-    run = tmp_path / "run"
-    assert train_cli(music_rows, family_model_dir(name), run, "--max-steps", "4").returncode == 0
+    run, val = tmp_path / "run", tmp_path / "val.jsonl"
+    val.write_text(json.dumps({"audio": str(music_rows.parent / "tone1.wav"), "question": QUESTION, "answer": ANSWER,
+                               "choices": [ANSWER, "Rain on a roof."]}) + "\n")
+    started = train_cli(music_rows, family_model_dir(name), run, "--max-steps", "4", "--val", str(val))
+    assert started.returncode == 0, started.stderr
     resumed = mellow("train", "-o", str(run), "--resume", "--max-steps", "8", "-q")
     assert resumed.returncode == 0, resumed.stderr
     losses = [m["loss"] for m in metrics(run) if m["event"] == "train"]
     assert len(losses) == 8 and losses[-1] < 0.05 * losses[0], losses
+    checked = [m for m in metrics(run) if m["event"] == "val"]
+    assert [m["step"] for m in checked] == [4, 8] and checked[1]["val_loss"] < 0.05 * checked[0]["val_loss"]
+    assert checked[1]["val_accuracy"] == 1.0 and checked[1]["val_choice_rows"] == 1
     last = run / "checkpoints" / "last"
     assert json.loads((last / "config.json").read_text())["family"] == name
     model = load_model(str(last), dtype="float32", progress=False)
