@@ -7,7 +7,8 @@ error on stderr. What a block shows is checked too: a line ending in `# N: ...` 
 block reads, and the files a comment lists as written (`# subs/dawn.srt, ...`) must exist after.
 
 A block that cannot run here is named below by its first line with the reason, and so is a line
-left out of a block that otherwise runs."""
+left out of a block that otherwise runs. Answers are cut to 8 tokens (SHORT_ANSWERS). Each block
+pays for a few `mellow` starts: the whole file takes minutes, hence `slow`."""
 
 from __future__ import annotations
 
