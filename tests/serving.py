@@ -193,6 +193,7 @@ def serve_command(model_dir, *args: str):
             if found or len(lines) > 20:
                 break
         assert found, "".join(lines)
+        server.said = lines  # what it said before serving
         url = found.group(1)
         deadline = time.monotonic() + DEADLINE
         while True:
