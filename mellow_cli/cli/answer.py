@@ -10,7 +10,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from mellow_cli.api import CAPTION_PROMPT, COMPARE_PROMPT, Question
+from mellow_cli.api import Question
 from mellow_cli.cli.options import Answering, Format, RecursiveOpt, grouped
 from mellow_cli.errors import UsageError
 from mellow_cli.io.jobs import Job, fields_for, jobs_for, parse_shard, read_pairs, read_questions, row, take_shard, windowed
@@ -225,16 +225,27 @@ def ask(
             jobs = [Job(audio[0], audio[-1], question, tuple(choice_list) if choice_list else None)]
         else:
             jobs = jobs_for(inputs.expand_inputs(audio, recursive), question, choice_list)
-        if pair and _interactive(run):
-            return _answer_one(jobs[0], run)
+    _check_clips(jobs, run)
+    if input_file is None and pair and _interactive(run):
+        return _answer_one(jobs[0], run)
     _run_batch(jobs, "answered", run)
+
+
+def _check_clips(jobs, run: Answering) -> None:
+    """A question with more clips than the model's family takes, refused before it loads (the
+    model would refuse it too, after loading)."""
+    family = _family(run)
+    most = family.most_clips
+    if most is not None and any(len({j.audio, j.audio2}) > most for j in jobs):
+        raise UsageError(f"{run.loading.model}: {family.title} takes {most} clip{'s' if most > 1 else ''} a question, "
+                         "not more")
 
 
 @grouped
 def compare(
     audio1: Annotated[Optional[str], typer.Argument(metavar="A", help="First recording (or - for stdin).", show_default=False)] = None,
     audio2: Annotated[Optional[str], typer.Argument(metavar="B", help="Second recording.", show_default=False)] = None,
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to ask about the pair.")] = COMPARE_PROMPT,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="What to ask about the pair [default: the model's own difference prompt; Mellow's is \"explain the difference between the two audios in detail.\"].", show_default=False)] = None,
     pairs: Annotated[Optional[str], typer.Option("--pairs", help="Many pairs: a CSV or TSV with a header naming audio1 and audio2 (optional prompt and id columns), or JSON lines (.jsonl); - for stdin.")] = None,
     *,
     run: Answering,
@@ -249,6 +260,11 @@ def compare(
     """
 
     run.console.setup()
+    family = _family(run)
+    if family.most_clips == 1:
+        raise UsageError(f"{run.loading.model}: {family.title} takes one clip a question, so it cannot compare two "
+                         "recordings: ask about each (mellow ask, mellow caption)")
+    prompt = prompt or family.compare_prompt
     if pairs is not None:
         if audio1 or audio2:
             raise UsageError("give either --pairs FILE or A B, not both")
@@ -267,7 +283,7 @@ def compare(
 @grouped
 def caption(
     audio: Annotated[List[str], typer.Argument(metavar="AUDIO...", help="Recordings: files, folders, globs, @list.txt (one path per line), @- (that list on stdin), or - (audio on stdin).", show_default=False)],
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The instruction given with each clip.")] = CAPTION_PROMPT,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The instruction given with each clip [default: the model's own caption prompt; Mellow's is \"caption the audio.\"].", show_default=False)] = None,
     recursive: RecursiveOpt = False,
     *,
     run: Answering,
@@ -290,4 +306,15 @@ def caption(
     from mellow_cli.io import inputs
 
     run.console.setup()
+    prompt = prompt or _family(run).caption_prompt
     _run_batch(jobs_for(inputs.expand_inputs(audio, recursive), prompt), "captioned", run)
+
+
+def _family(run: Answering):
+    """The family of the model asked for, known before it loads (its name, or its folder's
+    config); Mellow's where only reading the checkpoint would tell."""
+    from mellow_cli.models.family import family, family_of
+    from mellow_cli.store.loading import peek_config
+
+    cfg = peek_config(run.loading.model)
+    return family("mellow") if cfg is None else family_of(cfg)
