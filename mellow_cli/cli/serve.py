@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from mellow_cli.cli.options import (
+    DEFAULT_MODEL,
     DebugOpt,
     Device,
     DeviceOpt,
@@ -34,7 +35,7 @@ MAX_ALIAS = 200  # characters of --alias
 
 
 def serve(
-    model: ModelOpt = "v0",
+    model: ModelOpt = DEFAULT_MODEL,
     alias: Annotated[Optional[str], typer.Option("--alias", metavar="NAME", help="The model's name to clients (/v1/models, /health, every answer's \"model\") [default: the catalogue name, or the checkpoint's file or folder name, never its path].", show_default=False)] = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on. The default answers this machine only; 0.0.0.0 opens the server to the network (set --api-key).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="TCP port (0: any free port, printed at start).")] = 8080,
