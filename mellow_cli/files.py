@@ -8,8 +8,9 @@ import json
 import os
 import re
 import shutil
+import contextlib
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mellow_cli.errors import MellowError, ModelError
@@ -112,6 +113,32 @@ def _toml():
 
 def _kind(mode: int) -> str:
     return "a folder" if stat.S_ISDIR(mode) else "a pipe" if stat.S_ISFIFO(mode) else "a device or socket"
+
+
+@contextlib.contextmanager
+def cache_lock(name: str, on_wait: Callable[[], None]) -> Iterator[None]:
+    """Hold the cache's lock `name` (a file in <cache>/.locks) for the block, so that one process
+    at a time does the work it guards; `on_wait` runs once if another process holds it, before
+    waiting for it. A cache that cannot be written (shared, on a read-only mount) has no locks:
+    the block runs unguarded, as it would anyway serve only what it has."""
+    from filelock import FileLock, Timeout
+
+    locks = cache_dir() / ".locks"
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+        held = FileLock(str(locks / f"{name}.lock"))
+        try:
+            held.acquire(timeout=0.5)
+        except Timeout:
+            on_wait()
+            held.acquire()
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        held.release()
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from mellow_cli.errors import ModelError, UsageError
 from mellow_cli.events import note
 from mellow_cli.files import (
     cache_dir,
+    cache_lock,
     check_space,
     disk_full,
     first_line,
@@ -332,27 +333,9 @@ def _swap_in(new: Path, folder: Path) -> None:
 # --- small helpers -------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def lock(key: str, progress: bool = False) -> Iterator[None]:
+def lock(key: str, progress: bool = False) -> contextlib.AbstractContextManager[None]:
     """Hold the cache's lock for one model; waits (with a note) while another process has it."""
-    from filelock import FileLock, Timeout
-
-    locks = cache_dir() / ".locks"
-    try:
-        locks.mkdir(parents=True, exist_ok=True)
-        held = FileLock(str(locks / f"{key}.lock"))
-        try:
-            held.acquire(timeout=0.5)
-        except Timeout:
-            note(f"{key}: waiting for another mellow process to finish with it", progress)
-            held.acquire()
-    except OSError:  # a read-only cache (shared, or on a read-only mount) still serves what it has
-        yield
-        return
-    try:
-        yield
-    finally:
-        held.release()
+    return cache_lock(key, lambda: note(f"{key}: waiting for another mellow process to finish with it", progress))
 
 
 def _jsonable(data: dict) -> dict:
