@@ -11,14 +11,24 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 pytest.register_assert_rewrite("serving")  # before its import: its checks report as a test's do
 pytest_plugins = ["serving"]  # its fixtures: model_dir, model, clips
 
-from serving import DEADLINE, QUESTION, chat_body, openai_client, post, request, running, serve_command  # noqa: E402
+from serving import (  # noqa: E402
+    DEADLINE,
+    QUESTION,
+    chat_body,
+    healthy,
+    openai_client,
+    post,
+    request,
+    running,
+    serve_command,
+    stop,
+)
 
 from mellow_cli.runtime.options import DecodingOptions  # noqa: E402
 from mellow_cli.serve.limits import ServeSettings  # noqa: E402
@@ -101,21 +111,10 @@ def _quiet_server(model_dir):
     server = subprocess.Popen(
         [sys.executable, "-m", "mellow_cli", "serve", "--model", str(model_dir), "--port", str(free),
          "--dtype", "float32", "-q"], stderr=subprocess.PIPE, text=True, env={**os.environ, "NO_COLOR": "1"})
-    url, deadline = f"http://127.0.0.1:{free}", time.monotonic() + DEADLINE
     try:
-        while True:
-            try:
-                if request(url, "GET", "/health").status == 200:
-                    break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "the server never answered"
-                time.sleep(0.1)
-        yield url, server
+        yield healthy(f"http://127.0.0.1:{free}", server), server
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait(DEADLINE)
-        server.stderr.close()
+        stop(server)
 
 
 def test_serve_command_names_the_alias_and_the_model_it_stands_for(model_dir):
