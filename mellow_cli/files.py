@@ -36,9 +36,9 @@ def beside_or_here(folder: str, path: str) -> str:
     it: under `folder` (the data file's own, or the root the user gave) first, so that a file and
     its audio can move together; else under the current folder, where a list written for
     `mellow ask --input` was once looked up. Neither holding it: the first, which the error names.
-    A data file in the current folder (`folder` "") gives its paths back as written."""
+    A data file in the current folder gives its paths back as written."""
     path = os.path.expanduser(path)
-    if not folder or os.path.isabs(path):
+    if not folder or os.path.isabs(path) or os.path.abspath(folder) == os.getcwd():
         return path
     beside = os.path.normpath(os.path.join(folder, path))
     return path if not os.path.exists(beside) and os.path.exists(path) else beside

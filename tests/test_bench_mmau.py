@@ -416,3 +416,5 @@ def test_rows_audio_is_found_beside_the_data_file_then_in_the_current_folder(tmp
     items = qa.read("sets/q.jsonl", "sets")  # bench qa's default root: the file's folder
     assert [(i.audio, i.audio2) for i in items] == [(beside, None), (here, beside), (missing, None)]
     assert [j.audio for j in read_questions(str(tmp_path / "sets" / "q.jsonl"))][:2] == [str(tmp_path / beside), here]
+    monkeypatch.chdir(tmp_path / "sets")  # a file in the current folder: its paths as written, however it is named
+    assert [j.audio for j in read_questions(str(tmp_path / "sets" / "q.jsonl"))][:2] == ["clips/beside.wav", "here.wav"]
