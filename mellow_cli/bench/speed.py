@@ -291,10 +291,10 @@ def run(model: str = "v0", device: str = "auto", dtype: str | None = None, token
     batched encoder and captions, our decode, then (after importing transformers) the baseline,
     interleaved with ours so that load from other processes hits both alike. `log` hears each
     step as it starts, numbered, with an estimate of the rest (speed_plan.py)."""
+    fetched = make_local(model, progress=log is not None)  # a model that is none: its error alone
     sizes = Sizes(tokens, repeat, batch_size, prompts, baseline)
     steps = Progress(sizes, bool(prompts) and dtype != "float32", log or (lambda message: None))
     steps.start(LOAD)
-    fetched = make_local(model, progress=log is not None)
     load_first, load_cached, loaded = load_twice(model, device, dtype)
     lm, clips = loaded.net.lm, clip_maker(loaded)
     if prompts and dtype != "float32" and loaded.precision.name == "float32":

@@ -211,8 +211,8 @@ async def _chat(request, state: _State, form: bool = False):
         body = await _read_body(request, state.settings)
         # In a thread: a body of a hundred megabytes takes the parser a second or two, during
         # which the other requests' streams and /health go on.
-        chat = await run_in_threadpool(_parse, body, request.headers.get("content-type", ""), form,
-                                       state.settings.max_tokens)
+        chat = within_cap(await run_in_threadpool(_parse, body, request.headers.get("content-type", ""), form,
+                                                  state.settings.max_tokens), state)
         pending, events = await _prepare(chat, state)
         first = await _unless_gone(request, events.get())
         if isinstance(first, Failed):  # before the first piece: its own status, streamed or not
@@ -235,6 +235,17 @@ def _parse(body: bytes, content_type: str, form: bool, max_tokens: int):
     from mellow_cli.serve.upload import parse_form
 
     return parse_form(body, content_type, max_tokens) if form else parse_chat(read_json(body), max_tokens)
+
+
+def within_cap(chat, state: _State):
+    """A request that names no max_tokens gets the model's own answer budget (its authors'), or
+    the server's --max-tokens if that is less."""
+    from dataclasses import replace
+
+    if chat.options.max_tokens is not None:
+        return chat
+    own = state.model.answer_options(chat.options).max_tokens
+    return replace(chat, options=replace(chat.options, max_tokens=min(own, state.settings.max_tokens)))
 
 
 def _plain(answer: dict, chat) -> dict:

@@ -171,7 +171,8 @@ def checked_text(value: str, where: str, param: str) -> str:
 def decoding_options(body: dict, cap: int = MAX_TOKENS) -> DecodingOptions:
     """The decoding fields of a request (`max_tokens` or `max_completion_tokens`, `temperature`,
     `top_p`, `seed`), each checked. A request may name at most `cap` tokens (422 beyond, naming the
-    server's option); one naming none gets `mellow ask`'s default, or `cap` if that is less."""
+    server's option); one naming none is left at None, for the app to give it the model's own
+    budget, or `cap` if that is less (app.py: within_cap)."""
     default = DecodingOptions()
     max_tokens = _number(body, "max_completion_tokens", 1, cap, integer=True, limit="mellow serve --max-tokens")
     if max_tokens is None:
@@ -181,7 +182,7 @@ def decoding_options(body: dict, cap: int = MAX_TOKENS) -> DecodingOptions:
     seed = _number(body, "seed", 0, MAX_SEED, integer=True)
     sample = bool(temperature)  # greedy unless asked for a temperature above 0, as `mellow ask`
     return DecodingOptions(
-        max_tokens=min(default.max_tokens, cap) if max_tokens is None else max_tokens, sample=sample,
+        max_tokens=max_tokens, sample=sample,
         temperature=temperature if sample else default.temperature,
         top_p=default.top_p if top_p is None else top_p, seed=seed)
 
