@@ -8,8 +8,9 @@ import json
 import os
 import re
 import shutil
+import contextlib
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mellow_cli.errors import MellowError, ModelError
@@ -28,6 +29,19 @@ def cache_dir() -> Path:
 def slug(text: str) -> str:
     # No leading dots: a slug names a folder, and "." or ".." would name another one.
     return re.sub(r"[^\w.-]+", "-", text).strip("-").lstrip(".") or "model"
+
+
+def beside_or_here(folder: str, path: str) -> str:
+    """A relative path that a data file names (a row's audio), as every reader of such files finds
+    it: under `folder` (the data file's own, or the root the user gave) first, so that a file and
+    its audio can move together; else under the current folder, where a list written for
+    `mellow ask --input` was once looked up. Neither holding it: the first, which the error names.
+    A data file in the current folder gives its paths back as written."""
+    path = os.path.expanduser(path)
+    if not folder or os.path.isabs(path) or os.path.abspath(folder) == os.getcwd():
+        return path
+    beside = os.path.normpath(os.path.join(folder, path))
+    return path if not os.path.exists(beside) and os.path.exists(path) else beside
 
 
 def glob_escape(text: str) -> str:
@@ -112,6 +126,32 @@ def _toml():
 
 def _kind(mode: int) -> str:
     return "a folder" if stat.S_ISDIR(mode) else "a pipe" if stat.S_ISFIFO(mode) else "a device or socket"
+
+
+@contextlib.contextmanager
+def cache_lock(name: str, on_wait: Callable[[], None]) -> Iterator[None]:
+    """Hold the cache's lock `name` (a file in <cache>/.locks) for the block, so that one process
+    at a time does the work it guards; `on_wait` runs once if another process holds it, before
+    waiting for it. A cache that cannot be written (shared, on a read-only mount) has no locks:
+    the block runs unguarded, as it would anyway serve only what it has."""
+    from filelock import FileLock, Timeout
+
+    locks = cache_dir() / ".locks"
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+        held = FileLock(str(locks / f"{name}.lock"))
+        try:
+            held.acquire(timeout=0.5)
+        except Timeout:
+            on_wait()
+            held.acquire()
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        held.release()
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

@@ -193,18 +193,27 @@ def serve_command(model_dir, *args: str):
             if found or len(lines) > 20:
                 break
         assert found, "".join(lines)
+        server.said = lines  # what it said before serving
         url = found.group(1)
-        deadline = time.monotonic() + DEADLINE
-        while True:
-            try:
-                if request(url, "GET", "/health").status == 200:
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "the server never answered"
-                time.sleep(0.1)
-        yield url, server
+        yield healthy(url, server), server
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait(DEADLINE)
-        server.stderr.close()
+        stop(server)
+
+
+def healthy(url: str, server: subprocess.Popen) -> str:
+    """`url` once the server's /health answers (an assertion if it dies or never does)."""
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        try:
+            if request(url, "GET", "/health").status == 200:
+                return url
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "the server never answered"
+            time.sleep(0.1)
+
+
+def stop(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        server.kill()
+        server.wait(DEADLINE)
+    server.stderr.close()

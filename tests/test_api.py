@@ -163,7 +163,7 @@ def test_a_broken_precision_cache_is_measured_again(monkeypatch):
     from mellow_cli.runtime import precision
 
     monkeypatch.setattr(precision, "_measured", {})
-    monkeypatch.setattr(precision, "measure", lambda: (precision.EXACT, {}))
+    monkeypatch.setattr(precision, "measure", lambda: (precision.EXACT, {}, 1.0))
     path = loading.cache_dir() / "precision.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text('{"%s": {"name": "gibberish"}}' % precision.machine_key())

@@ -362,3 +362,59 @@ def test_several_models_side_by_side(tiny_model_dir, family_model_dir, tmp_path,
     # a second run finds each model's file done
     again, _ = bench("mmau", "--data", str(FIXTURE), "--limit", "24", "--resume", model=",".join(names))
     assert again.returncode == 0 and again.stderr.count("nothing left to predict") == 3, again.stderr
+
+
+# --- a second run on the same predictions file; where a row's audio is found -----------------------
+
+
+def test_a_second_run_names_every_way_on_and_overwrite_replaces_only_its_own_file(tiny_model_dir, tmp_path):
+    rows = [{"audio": i["audio_id"], "question": i["question"], "choices": i["choices"], "answer": i["answer"]}
+            for i in ITEMS[:2]]
+    data = tmp_path / "q.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out_file = tmp_path / "answers.json"
+    args = ("qa", str(data), "--audio-root", str(FIXTURE_DIR), "-o", str(out_file), "-q")
+    assert bench(*args, model=tiny_model_dir)[0].returncode == 0
+    first = out_file.read_text()
+
+    again, _ = bench(*args, model=tiny_model_dir)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1
+    for way in ("--resume", "--overwrite", f"--score-only {out_file}"):
+        assert way in again.stderr, way
+    records = json.loads(first)
+    out_file.write_text(json.dumps([{**r, "model": "earlier"} for r in records]))  # ours, by another model
+    redone, _ = bench(*args, "--overwrite", model=tiny_model_dir)
+    assert redone.returncode == 0, redone.stderr
+    assert [r["model"] for r in json.loads(out_file.read_text())] == [str(tiny_model_dir)] * 2
+
+    foreign = [json.dumps([{k: v for k, v in r.items() if k not in ("mode", "model")} for r in records]),  # another tool's
+               json.dumps([{**records[0], "line": 99}]),  # not an item of this data file
+               "audio,question\n"]  # not predictions at all
+    for text in foreign:
+        out_file.write_text(text)
+        refused, _ = bench(*args, "--overwrite", model=tiny_model_dir)
+        assert refused.returncode == 2 and "not replaced" in refused.stderr and refused.stderr.count("\n") == 1
+        assert out_file.read_text() == text  # untouched
+
+
+def test_rows_audio_is_found_beside_the_data_file_then_in_the_current_folder(tmp_path, monkeypatch):
+    """bench qa (no --audio-root) and ask --input follow one rule, and files written for either
+    earlier rule still work."""
+    from mellow_cli.io.jobs import read_questions
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sets" / "clips").mkdir(parents=True)
+    (tmp_path / "sets" / "clips" / "beside.wav").write_bytes(b"")
+    (tmp_path / "here.wav").write_bytes(b"")
+    rows = [{"audio": "clips/beside.wav", "question": "q", "choices": ["a", "b"], "answer": "a"},
+            {"audio": "here.wav", "audio2": "clips/beside.wav", "question": "q", "choices": ["a", "b"], "answer": "b"},
+            {"audio": "missing.wav", "question": "q", "choices": ["a", "b"], "answer": "a"}]
+    (tmp_path / "sets" / "q.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    beside, here, missing = "sets/clips/beside.wav", "here.wav", "sets/missing.wav"
+    jobs = read_questions("sets/q.jsonl")
+    assert [(j.audio, j.audio2) for j in jobs] == [(beside, beside), (here, beside), (missing, missing)]
+    items = qa.read("sets/q.jsonl", "sets")  # bench qa's default root: the file's folder
+    assert [(i.audio, i.audio2) for i in items] == [(beside, None), (here, beside), (missing, None)]
+    assert [j.audio for j in read_questions(str(tmp_path / "sets" / "q.jsonl"))][:2] == [str(tmp_path / beside), here]
+    monkeypatch.chdir(tmp_path / "sets")  # a file in the current folder: its paths as written, however it is named
+    assert [j.audio for j in read_questions(str(tmp_path / "sets" / "q.jsonl"))][:2] == ["clips/beside.wav", "here.wav"]

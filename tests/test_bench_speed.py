@@ -145,3 +145,49 @@ def test_every_call_gets_new_clips():
     clips = [*first, *second]
     assert all(c.shape == (cfg.clip_samples,) and c.dtype.name == "float32" for c in clips)
     assert len({c.tobytes() for c in clips}) == 3
+
+
+# --- the steps, counted first, and the time the rest takes -------------------------------------
+
+
+def test_quick_runs_each_figure_once_and_says_each_step_out_of_the_whole(tiny_model_dir):
+    out = mellow("bench", "speed", "--model", str(tiny_model_dir), "--quick", "--tokens", "4", "--json", "--skip-baseline")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert (got["tokens"], got["repeat"], got["batch_size"]) == (4, 1, 2)  # --tokens given beside --quick wins
+    assert got["agreement_prompts"] in (0, 2)  # 2 unless auto chose float32 here
+    said = [line.removeprefix("mellow: ") for line in out.stderr.splitlines()]
+    total = int(said[0].split()[0])
+    assert said[0].startswith(f"{total} steps: loading the model twice; encoder, one clip;")
+    numbered = [line for line in said if line.startswith("step ")]
+    if got["agreement_prompts"] == 0:  # the plan shrank by the agreement step, and said so
+        total -= 1
+        assert any(line.startswith(f"{total} steps: auto chose float32") for line in said)
+    assert [line.split()[1] for line in numbered] == [f"{i}/{total}:" for i in range(1, total + 1)]
+    assert all("left)" not in line for line in numbered[:3])  # nothing is estimated before the first figures
+    assert all(line.endswith(" left)") and "(about " in line for line in numbered[3:])
+    assert said[-1].startswith("done in ")
+
+
+def test_the_estimate_is_the_sum_of_the_steps_left():
+    from mellow_cli.bench import speed_plan as plan
+
+    sizes = plan.Sizes(tokens=10, repeat=2, batch_size=4, prompts=3, baseline=True)
+    lines = []
+    progress = plan.Progress(sizes, agreement=True, log=lines.append, clock=iter([0.0, 80.0]).__next__)
+    assert lines == ["8 steps: loading the model twice; encoder, one clip; time to first token; encoder, batch of 4; "
+                     "captions, batch of 4; importing transformers for the baseline (float32); decode, 10 tokens, "
+                     "2 runs each, racing transformers; agreement with float32 over 3 clips"]
+    progress.start(plan.LOAD)
+    assert lines[-1] == "step 1/8: loading the model twice"
+    figures = plan.Figures(load=1.0, clip=0.5, first_token=2.0, step=0.1)
+    progress.know(figures)
+    progress.start(plan.CAPTIONS)
+    # captions 3 x (4 x 0.5 + 2 + 2 x 10 x 0.1) = 18; baseline 2 + 3 = 5; decode 2 x 3 x 3 = 18;
+    # agreement 1 + 3 x 2 x (3 + 2) = 31: 72 s
+    assert lines[-1] == "step 5/8: captions, batch of 4 (about 72 s left)"
+    progress.skip(plan.AGREEMENT, "float32 needs no agreement")
+    progress.start(plan.DECODE)
+    assert lines[-2:] == ["7 steps: float32 needs no agreement", "step 7/7: decode, 10 tokens, 2 runs each, racing transformers (about 18 s left)"]
+    progress.done()
+    assert lines[-1] == "done in 80 s" and plan.duration(4000) == "1 h 7 min" and plan.duration(600) == "10 min"

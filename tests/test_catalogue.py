@@ -359,3 +359,123 @@ def test_models_pull_path_list_rm_for_a_release_name(servers, isolated_home):
     removed = runner.invoke(app, ["models", "rm", "tiny-samsone"])
     assert removed.exit_code == 0 and removed.stdout.startswith("removed tiny-samsone (")
     assert not folder.exists()
+
+
+# --- a published model's file brought from disk: `mellow models pull NAME --from FILE` -------------------
+
+
+def _brought(tmp_path, data: bytes, name: str, smollm2_dir=None):
+    """The file as a user brings it on a stick, with SmolLM2's tokenizer beside it if given."""
+    folder = tmp_path / "usb"
+    folder.mkdir(exist_ok=True)
+    for f in tokenizer_files.TOKENIZER_FILES if smollm2_dir else ():
+        shutil.copyfile(smollm2_dir / f, folder / f)
+    (folder / name).write_bytes(data)
+    return folder / name
+
+
+def _pinned(monkeypatch, name: str, sha256: str) -> None:
+    p = catalogue.PUBLISHED[name]
+    monkeypatch.setitem(catalogue.PUBLISHED, name, catalogue.Published(
+        p.repo, p.filename, p.revision, p.preset, family=p.family, url=p.url, sha256=sha256))
+
+
+def test_a_file_from_disk_is_checked_against_the_hubs_sha256_then_is_the_model_offline(
+        servers, tiny_tinymu, tinymu_file, isolated_home, tmp_path, monkeypatch):
+    from mellow_cli.store.adopt import adopt
+
+    brought = _brought(tmp_path, tinymu_file, "tinymu.pt")
+    files = adopt(loading.resolve("tiny-tinymu"), brought, progress=False)
+    assert not servers.seen("GET", "tinymu.pt")  # asked for its sha256 only, never downloaded
+    source = json.loads((files.folder / "source.json").read_text())["source"]
+    assert source["sha256"] == hashlib.sha256(tinymu_file).hexdigest() and source["from"] == str(brought)
+    assert source["checked"] == f"announced by the hub at {TINYMU_COMMIT[:8]}" and source["commit"] == TINYMU_COMMIT
+    assert brought.read_bytes() == tinymu_file  # the user's file, only read
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # then as if downloaded: named, found, loaded
+    assert model_cache.model_path("tiny-tinymu") == files.folder == isolated_home / "models" / "tiny-tinymu"
+    assert [(e.name, e.revision) for e in loading.cached_models()] == [("tiny-tinymu", TINYMU_COMMIT)]
+    model, again = loading.load("tiny-tinymu", progress=False)
+    _same_weights(model, tiny_tinymu)
+    assert again.weights == files.weights
+
+
+def test_a_file_from_disk_that_is_not_the_published_one_is_refused(servers, samsone_file, tinymu_file, isolated_home, tmp_path):
+    from mellow_cli.store.adopt import adopt
+
+    wrong = _brought(tmp_path, samsone_file, "tinymu.pt")
+    with pytest.raises(ModelError) as e:
+        adopt(loading.resolve("tiny-tinymu"), wrong, progress=False)
+    message = _one_line(e)
+    assert message.startswith(f"{wrong}: ") and f"test/tinymu/tinymu.pt announced by the hub at {TINYMU_COMMIT[:8]}" in message
+    assert "not the file of tiny-tinymu; nothing is kept" in message
+    _nothing_left(isolated_home, "tiny-tinymu")
+
+
+def test_offline_a_file_from_disk_is_checked_against_the_catalogues_pin(
+        servers, smollm2_dir, samsone_file, isolated_home, tmp_path, monkeypatch):
+    from mellow_cli.store.adopt import adopt
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    brought = _brought(tmp_path, samsone_file, SAMSONE_FILE, smollm2_dir)
+    _pinned(monkeypatch, "tiny-samsone", "0" * 64)
+    with pytest.raises(ModelError) as e:
+        adopt(loading.resolve("tiny-samsone"), brought, progress=False)
+    assert "not the 000000000000… of " in _one_line(e) and "pinned in the catalogue" in str(e.value)
+    _nothing_left(isolated_home, "tiny-samsone")
+
+    _pinned(monkeypatch, "tiny-samsone", hashlib.sha256(samsone_file).hexdigest())
+    files = adopt(loading.resolve("tiny-samsone"), brought, progress=False)
+    assert json.loads((files.folder / "source.json").read_text())["source"]["checked"] == "pinned in the catalogue"
+    assert not servers.requests  # offline: nothing asked of anyone
+
+
+def test_offline_without_a_known_sha256_it_says_so_and_records_the_files(
+        servers, smollm2_dir, samsone_file, isolated_home, tmp_path, monkeypatch, capsys):
+    from mellow_cli.store.adopt import adopt
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    brought = _brought(tmp_path, samsone_file, SAMSONE_FILE, smollm2_dir)
+    files = adopt(loading.resolve("tiny-samsone"), brought, progress=False)
+    said = capsys.readouterr().err
+    assert said.count("\n") == 1 and f"{brought}: not checked against a known sha256" in said
+    assert hashlib.sha256(samsone_file).hexdigest() in said
+    source = json.loads((files.folder / "source.json").read_text())["source"]
+    assert source["checked"] is None and source["sha256"] == hashlib.sha256(samsone_file).hexdigest()
+
+
+def test_a_file_from_disk_must_match_what_an_earlier_download_recorded(servers, samsone_file, isolated_home, tmp_path):
+    from mellow_cli.store.adopt import adopt
+
+    loading.pull("tiny-samsone", progress=False)
+    data = bytearray(samsone_file)
+    data[len(data) // 2] ^= 0xFF
+    with pytest.raises(ModelError) as e:
+        adopt(loading.resolve("tiny-samsone"), _brought(tmp_path, bytes(data), SAMSONE_FILE), force=True, progress=False)
+    assert "recorded when it was first downloaded" in _one_line(e)
+    loading.pull("tiny-samsone", progress=False)  # the cached copy is still whole
+
+
+def test_models_pull_from_a_file_then_list_path_and_the_name_as_model(servers, smollm2_dir, samsone_file, isolated_home, tmp_path,
+                                                                     monkeypatch, capsys):
+    from typer.testing import CliRunner
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    brought = _brought(tmp_path, samsone_file, SAMSONE_FILE, smollm2_dir)
+    runner, app = CliRunner(), _app()
+    pulled = runner.invoke(app, ["models", "pull", "tiny-samsone", "--from", str(brought), "-q"])
+    assert pulled.exit_code == 0, pulled.output
+    folder = isolated_home / "models" / "tiny-samsone"
+    assert pulled.stdout.strip() == str(folder)
+    assert runner.invoke(app, ["models", "path", "tiny-samsone"]).stdout.strip() == str(folder)
+    header, row = runner.invoke(app, ["models", "list"]).stdout.splitlines()
+    assert row.split()[0] == "tiny-samsone" and row.endswith(f"(from {brought})")
+    again = runner.invoke(app, ["models", "pull", "tiny-samsone", "--from", str(brought)])
+    assert again.exit_code == 0 and "already in the cache" in again.stderr
+    from mellow_cli.cli import main
+
+    for name in ("someone/model", str(brought)):  # --from brings the file of a published name only
+        with pytest.raises(SystemExit) as e:
+            main(["models", "pull", name, "--from", str(brought)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and "--from brings the file of a published model" in err

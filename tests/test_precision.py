@@ -16,7 +16,7 @@ def test_a_choice_made_among_other_candidates_is_measured_again(monkeypatch):
     its pick may be one this release would never make (or no longer offers)."""
     monkeypatch.setattr(precision, "_measured", {})
     calls = []
-    monkeypatch.setattr(precision, "measure", lambda: calls.append(1) or (precision.EXACT, {}))
+    monkeypatch.setattr(precision, "measure", lambda: calls.append(1) or (precision.EXACT, {}, 1.0))
     path = loading.cache_dir() / "precision.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     stale = {"name": "bfloat16", "store": "bfloat16", "decode": "bfloat16", "prefill": "bfloat16", "packed": False}
@@ -130,7 +130,7 @@ def test_a_bfloat16_prefill_takes_the_encoder_linears_and_float32_or_float16_lea
 def test_auto_counts_the_one_call_step_where_it_runs_a_candidate(monkeypatch):
     from mellow_cli.runtime import fused
 
-    monkeypatch.setattr(precision, "_time", lambda fn, repeat: 1.0)  # every torch kernel alike
+    monkeypatch.setattr(precision, "_time", lambda fn, repeat, clock: 1.0)  # every torch kernel alike
     readable = []
 
     def instant(stack, head, *args):  # the one-call step, where it can run the matrices
@@ -140,11 +140,11 @@ def test_auto_counts_the_one_call_step_where_it_runs_a_candidate(monkeypatch):
 
     monkeypatch.setattr(fused, "decode_seconds", instant)
     shapes = dict(hidden=64, intermediate=80, kv=32, vocab=120, layers=4, heads=4, timed_layers=2, rounds=1)
-    choice, timings = precision.measure(**shapes)
+    choice, timings, _ = precision.measure(**shapes)
     # float32 first, then float16 (plain float16 matrices): a free decode step makes it the first win
     assert choice.name == "float16" and choice.prefill == "float32" and not choice.packed
     assert readable[:2] == [False, True]
-    without, _ = precision.measure(**shapes, fused=False)
+    without, _, _ = precision.measure(**shapes, fused=False)
     assert without.name == "float32"  # all alike: nothing beats the exact path by 10%
 
 
@@ -192,7 +192,7 @@ BAD = {"unknown store": _entry(store="nope"), "store a list": _entry(store=["flo
 def test_a_bad_precision_json_is_said_once_and_measured_again(text, monkeypatch, capsys):
     monkeypatch.setattr(precision, "_measured", {})
     calls = []
-    monkeypatch.setattr(precision, "measure", lambda: calls.append(1) or (precision.EXACT, {}))
+    monkeypatch.setattr(precision, "measure", lambda: calls.append(1) or (precision.EXACT, {}, 1.0))
     path = loading.cache_dir() / "precision.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(text.encode("latin-1" if text.startswith("\xff") else "utf-8"))
@@ -213,9 +213,101 @@ def test_a_precision_json_that_is_no_file_is_said_once_and_measured_again(kind, 
 
     path = isolated_home / "precision.json"
     _unusable(kind, path, tmp_path)
-    code = ("import torch; from mellow_cli.runtime import precision; precision.measure = lambda: (precision.EXACT, {});"
+    code = ("import torch; from mellow_cli.runtime import precision; precision.measure = lambda: (precision.EXACT, {}, 1.0);"
             "print(precision.named('auto', torch.device('cpu')).name)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           preexec_fn=_bounded(4 << 30))
     assert done.returncode == 0 and done.stdout == "float32\n", done.stderr
     assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"mellow: {path}: "), done.stderr
+
+
+# --- timed once per machine, and only when the CPU was ours ------------------------------------
+
+
+def _timings(monkeypatch, spread: float, load: float):
+    """auto's timing replaced by a record of calls returning float32 with `spread`, under `load`."""
+    import os
+
+    calls = []
+    monkeypatch.setattr(precision, "_measured", {})
+    monkeypatch.setattr(precision, "measure", lambda: calls.append(1) or (precision.EXACT, {"x": 1.0}, spread))
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    return calls
+
+
+def _later(monkeypatch, seconds: float) -> None:
+    """A new process, `seconds` from now."""
+    import time
+
+    now = time.time()
+    monkeypatch.setattr(precision, "_measured", {})
+    monkeypatch.setattr(time, "time", lambda: now + seconds)
+
+
+@pytest.mark.parametrize("spread, load", [(1.0, 64.0), (3.0, 0.0)])  # STEADY is 1.5
+def test_a_timing_taken_on_a_busy_cpu_serves_a_while_then_is_taken_again(monkeypatch, spread, load):
+    """Busy: a high load average before timing, or rounds that disagree (work that came and went)."""
+    calls = _timings(monkeypatch, spread, load)
+    chosen = precision.auto()
+    assert calls == [1] and "on a busy CPU" in chosen.chosen_by
+    saved = json.loads((loading.cache_dir() / "precision.json").read_text())[precision.machine_key()]
+    assert saved["busy"] and saved["retime_after"] > 0
+    _later(monkeypatch, precision.RETIME_AFTER / 2)  # processes started with it use it
+    assert precision.auto().chosen_by.startswith("auto: measured before") and calls == [1]
+    _later(monkeypatch, precision.RETIME_AFTER + 1)
+    precision.auto()
+    assert calls == [1, 1]
+
+
+def test_a_timing_taken_on_a_quiet_cpu_is_kept_for_good(monkeypatch):
+    calls = _timings(monkeypatch, 1.2, 0.3)
+    assert "busy" not in precision.auto().chosen_by
+    saved = json.loads((loading.cache_dir() / "precision.json").read_text())[precision.machine_key()]
+    assert "retime_after" not in saved and "busy" not in saved
+    _later(monkeypatch, 365 * 86400.0)
+    precision.auto()
+    assert calls == [1]
+
+
+def test_rounds_that_disagree_are_reported_as_unsteady():
+    """The clock is injected: every timed call takes as long (steady), or each takes longer than
+    the one before (the CPU taken away as the rounds go on)."""
+    shapes = dict(hidden=32, intermediate=64, kv=16, vocab=64, layers=2, heads=2, timed_layers=1, rounds=3, fused=False)
+
+    def clock(step):
+        ticks = iter(range(10**6))
+        return lambda: step(next(ticks))
+
+    _, _, steady = precision.measure(**shapes, clock=clock(lambda t: t))  # each call: one tick
+    assert steady == 1.0
+    _, _, unsteady = precision.measure(**shapes, clock=clock(lambda t: t * t))  # each call slower
+    assert unsteady > precision.STEADY
+
+
+def test_one_process_times_the_kernels_while_the_others_wait_for_its_choice(monkeypatch):
+    """Several processes started together (`--shard`): the ones that find the lock taken wait,
+    then use the choice the first one kept, instead of timing on cores it is using."""
+    import threading
+
+    from mellow_cli import events
+    from mellow_cli.files import cache_lock
+
+    calls = _timings(monkeypatch, 1.0, 0.0)
+    waiting = threading.Event()
+
+    class Listener(events.Reporter):
+        def note(self, message: str) -> None:
+            if "waiting for another mellow process timing" in message:
+                waiting.set()
+
+    monkeypatch.setattr(events, "_reporter", Listener())
+    chosen = []
+    with cache_lock("precision", lambda: None):  # the first process, timing
+        other = threading.Thread(target=lambda: chosen.append(precision.auto(progress=True)))
+        other.start()
+        assert waiting.wait(30)
+        bf16 = precision.CANDIDATES[3]
+        precision._write(precision._cache_file(), {precision.machine_key(): {
+            "name": bf16.name, "store": bf16.store, "decode": bf16.decode, "prefill": bf16.prefill, "packed": False}})
+    other.join(30)
+    assert calls == [] and chosen[0].name == "bfloat16" and chosen[0].chosen_by.startswith("auto: measured before")

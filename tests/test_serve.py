@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import signal
-import sys
 import threading
 import time
 
@@ -296,14 +295,3 @@ def test_serve_command_listens_on_loopback_and_drains_on_sigterm(model_dir, clip
         assert data[-1] == "[DONE]" and '"finish_reason": "length"' in data[-2]
         server.wait(DEADLINE)
         assert server.returncode in (0, -signal.SIGTERM)
-
-
-def test_serve_without_the_extra_says_how_to_install_it(monkeypatch, capsys):
-    from mellow_cli.cli import main
-
-    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn -> ImportError
-    with pytest.raises(SystemExit) as e:
-        main(["serve", "--port", "0"])
-    assert e.value.code == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and 'pip install "mellow-cli[serve]"' in err

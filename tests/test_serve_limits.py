@@ -285,7 +285,7 @@ def _json_with(clip, key: str, literal: str) -> bytes:
 def test_an_internal_error_is_a_json_500_without_its_traceback(model, clips, monkeypatch):
     from mellow_cli.serve import app as serve
 
-    monkeypatch.setattr(serve, "parse_chat", lambda body: 1 / 0)
+    monkeypatch.setattr(serve, "parse_chat", lambda body, max_tokens: 1 / 0)
     with running(model) as url:
         r = request(url, "POST", "/v1/chat/completions", chat_body(clips[0], max_tokens=3))
         text = r.read().decode()

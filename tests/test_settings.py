@@ -37,11 +37,14 @@ def test_write_keeps_other_settings_and_unset_removes_one():
     assert settings.read_file() == {"model": 'odd "name" \\ here'}
 
 
-def test_config_set_get_unset_from_the_shell():
-    assert run("config", "set", "model", "/models/birds").returncode == 0
-    assert run("config", "get", "model").stdout == "/models/birds\n"
+def test_config_set_get_unset_from_the_shell(tmp_path):
+    birds = tmp_path / "birds"
+    birds.mkdir()
+    (birds / "model.safetensors").write_bytes(b"")
+    assert run("config", "set", "model", "birds", cwd=tmp_path).returncode == 0
+    assert run("config", "get", "model").stdout == f"{birds}\n"  # kept whole: it holds from any folder
     listing = run("config", "get").stdout
-    assert "model = /models/birds  [config " in listing and "device = auto  [built-in]" in listing
+    assert f"model = {birds}  [config " in listing and "device = auto  [built-in]" in listing
     assert run("config", "get", "model", env={"MELLOW_MODEL": "v0_s"}).stdout == "v0_s\n"
     assert run("config", "unset", "model").returncode == 0
     assert run("config", "get", "model").stdout == "v0\n"
@@ -69,7 +72,7 @@ def test_default_model_comes_from_env_then_config(tmp_path):
     """The model named by MELLOW_MODEL or the config file is the one `ask` tries to load."""
     clip = write_tone(tmp_path / "a.wav")
     missing_env, missing_file = tmp_path / "env-model.ckpt", tmp_path / "file-model.ckpt"
-    assert run("config", "set", "model", str(missing_file)).returncode == 0
+    settings.write("model", str(missing_file))  # since removed (an unplugged disk, say)
     out = run("ask", str(clip), "what is it?", "-q")
     assert out.returncode != 0 and str(missing_file) in out.stderr, out.stderr
     out = run("ask", str(clip), "what is it?", "-q", env={"MELLOW_MODEL": str(missing_env)})
@@ -77,6 +80,31 @@ def test_default_model_comes_from_env_then_config(tmp_path):
     out = run("ask", str(clip), "what is it?", "-q", "-m", str(tmp_path / "flag.ckpt"),
               env={"MELLOW_MODEL": str(missing_env)})
     assert "flag.ckpt" in out.stderr and str(missing_env) not in out.stderr
+
+
+@pytest.mark.parametrize("name, problem", [("v9", "unknown model 'v9'"), ("./gone.ckpt", "no such file or folder"),
+                                           (".", "holds no model.safetensors")])
+def test_config_set_model_refuses_what_no_run_could_load(name, problem, tmp_path):
+    out = run("config", "set", "model", name, cwd=tmp_path)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and problem in out.stderr, out.stderr
+    assert out.stderr.startswith(f"mellow: error: model {name!r} not saved: ")
+    assert settings.read_file() == {}
+    for name in ("tinymu", "someone/birds@v2"):  # a published name; a hub id (the hub is asked at the first run)
+        assert run("config", "set", "model", name).returncode == 0
+        assert run("config", "get", "model").stdout == f"{name}\n"
+
+
+def test_help_shows_the_default_model_in_force():
+    import re
+
+    def shown(command: str, **env) -> str:
+        text = " ".join(run(command, "--help", env=env).stdout.split())  # the help's lines wrap
+        return re.search(r"--model <str> [^[]*(\[default: [^]]*\])", text).group(1)
+
+    assert shown("ask") == "[default: v0]"
+    settings.write("model", "tinymu")
+    assert shown("ask").startswith("[default: tinymu (config ") and shown("serve").startswith("[default: tinymu (")
+    assert shown("caption", MELLOW_MODEL="v0_s") == "[default: v0_s (env MELLOW_MODEL)]"
 
 
 def test_default_device_from_env_is_checked_like_the_flag(tmp_path):
@@ -97,6 +125,23 @@ def test_env_reports_versions_cpu_and_where_each_setting_came_from():
     assert info["offline"] is False
     assert run("env", env={"HF_HUB_OFFLINE": "1"}).stdout.count("offline") == 1
     assert "model" in run("env").stdout
+
+
+def test_env_says_what_dtype_auto_runs_on_this_cpu(isolated_home):
+    from mellow_cli.runtime import precision
+
+    line = next(line for line in run("env").stdout.splitlines() if line.startswith("dtype auto"))
+    assert "not timed on this CPU yet" in line
+    chosen = precision.CANDIDATES[3]  # as a run would keep it (threads: what a new process has)
+    key = subprocess.run([sys.executable, "-c", "from mellow_cli.runtime import precision; print(precision.machine_key())"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    (isolated_home / "precision.json").write_text(json.dumps({key: {
+        "name": chosen.name, "store": chosen.store, "decode": chosen.decode, "prefill": chosen.prefill,
+        "packed": chosen.packed}}))
+    info = json.loads(run("env", "--json").stdout)["dtype_auto"]
+    assert info["name"] == "bfloat16" and info["precision"] == chosen.describe() and "measured before" in info["how"]
+    line = next(line for line in run("env").stdout.splitlines() if line.startswith("dtype auto"))
+    assert line.split(None, 2)[2].startswith(f"{chosen.describe()} on this CPU (auto: measured before")
 
 
 def test_models_list_available_works_offline_and_marks_nothing_cached():

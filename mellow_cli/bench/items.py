@@ -16,12 +16,12 @@ and records the option's original text.
 from __future__ import annotations
 
 import hashlib
-import os
 import string
 from dataclasses import dataclass
 
-from mellow_cli.io.inputs import json_kind
 from mellow_cli.errors import UsageError
+from mellow_cli.files import beside_or_here
+from mellow_cli.io.inputs import json_kind
 
 LETTERS = string.ascii_lowercase
 
@@ -56,8 +56,9 @@ def check_choice_count(choices, where: str) -> None:
 
 
 def resolve(root: str, path: str) -> str:
-    """`path` as the data file names it (e.g. "./test-mini-audios/x.wav"), under `root`."""
-    return os.path.normpath(os.path.join(root, os.path.expanduser(path)))
+    """`path` as the data file names it (e.g. "./test-mini-audios/x.wav"): under `root`, else
+    under the current folder (files.beside_or_here: the rule `mellow ask --input` follows too)."""
+    return beside_or_here(root, path)
 
 
 def sha256(path: str) -> str:

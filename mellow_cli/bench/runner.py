@@ -55,6 +55,7 @@ class Settings:
     limit: int | None = None  # only the first N items (after --shard)
     shard: tuple[int, int] | None = None  # (I, N): every N-th item from the I-th
     resume: bool = False  # keep what the predictions file holds, do the rest
+    overwrite: bool = False  # start over a predictions file proved to be one of ours for this data
     max_tokens: int = 300  # longest generated answer (the reference's max_len)
 
 
@@ -147,9 +148,15 @@ def _existing(output: str, resume: bool, bench, data_items: list, settings: Sett
     refused rather than overwritten (a benchmark run can take hours)."""
     if not os.path.exists(output) or os.path.getsize(output) == 0:
         return [], False
+    if settings.resume and settings.overwrite:
+        raise UsageError("--resume keeps the predictions and --overwrite discards them: give one")
+    if settings.overwrite:
+        _prove_ours(output, bench, data_items)
+        return [], False
     if not settings.resume:
         raise UsageError(f"{output}: already holds predictions; add --resume to keep them and do the rest, "
-                         "or delete the file (or choose another --predictions) to start over")
+                         f"--overwrite to start over, or score them as they are with --score-only {output} "
+                         "(or choose another --predictions)")
     records, complete = predictions.read(output)
     by_key = {item.key: item for item in data_items}
     for index, record in enumerate(records):
@@ -170,6 +177,27 @@ def _existing(output: str, resume: bool, bench, data_items: list, settings: Sett
                              "with the same prompt style or write to another --predictions file")
         predictions.check_output(record, index, output)
     return records, complete
+
+
+def _prove_ours(output: str, bench, data_items: list) -> None:
+    """--overwrite replaces only what a run of ours wrote for this data file: a predictions list
+    (whole, or cut short by a kill) whose every item has an id of the data and the keys our
+    writer adds (mode, model). Anything else (the data itself, another tool's predictions, a file
+    that only happens to have the name) is refused untouched."""
+    hint = "not replaced: choose another --predictions, or move it away yourself"
+    try:
+        records, _ = predictions.read(output)
+    except UsageError as e:
+        raise UsageError(f"{e}; {hint}") from None
+    keys = {item.key for item in data_items}
+    for index, record in enumerate(records):
+        try:
+            known = bench.key(record) in keys
+        except (KeyError, TypeError):
+            known = False
+        if not known or not {"mode", "model"} <= record.keys():
+            raise UsageError(f"{output}: item [{index}] is not a prediction mellow made for {bench.NAME} from this "
+                             f"data file; {hint}")
 
 
 def _predict_into(output: str, kept: list[dict], model, todo: list, settings: Settings) -> None:

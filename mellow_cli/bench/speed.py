@@ -26,6 +26,19 @@ import torch
 
 from mellow_cli.store import loading
 from mellow_cli.api import Model, Question, load_model
+from mellow_cli.bench.speed_plan import (
+    AGREEMENT,
+    BASELINE,
+    CAPTIONS,
+    DECODE,
+    ENCODER,
+    ENCODER_BATCH,
+    FIRST_TOKEN,
+    LOAD,
+    Figures,
+    Progress,
+    Sizes,
+)
 from mellow_cli.runtime.options import DecodingOptions
 from mellow_cli.errors import ModelError
 from mellow_cli.runtime.generate import generate_tokens
@@ -276,31 +289,36 @@ def run(model: str = "v0", device: str = "auto", dtype: str | None = None, token
         log: Callable[[str], None] | None = None) -> SpeedReport:
     """Every measure of the report, in order: loads, one-clip encoder, time to first token, the
     batched encoder and captions, our decode, then (after importing transformers) the baseline,
-    interleaved with ours so that load from other processes hits both alike."""
-    note = log or (lambda message: None)
-    fetched = make_local(model, progress=log is not None)
-    note(f"loading {model} twice")
+    interleaved with ours so that load from other processes hits both alike. `log` hears each
+    step as it starts, numbered, with an estimate of the rest (speed_plan.py)."""
+    fetched = make_local(model, progress=log is not None)  # a model that is none: its error alone
+    sizes = Sizes(tokens, repeat, batch_size, prompts, baseline)
+    steps = Progress(sizes, bool(prompts) and dtype != "float32", log or (lambda message: None))
+    steps.start(LOAD)
     load_first, load_cached, loaded = load_twice(model, device, dtype)
     lm, clips = loaded.net.lm, clip_maker(loaded)
-    note("encoder, one clip")
+    if prompts and dtype != "float32" and loaded.precision.name == "float32":
+        steps.skip(AGREEMENT, f"auto chose float32 here ({loaded.precision.chosen_by}): no agreement to check")
+    steps.start(ENCODER)
     enc1 = encoder_ms_per_clip(loaded, clips, 1, repeat)
-    note("time to first token")
+    steps.start(FIRST_TOKEN)
     ttft = time_to_first_token(loaded, clips, repeat)
     rss_one = peak_rss_mb()
-    note(f"encoder, batch of {batch_size}")
-    enc_batched = encoder_ms_per_clip(loaded, clips, batch_size, repeat)
-    note(f"captions, batch of {batch_size}")
-    caps = captions_per_s(loaded, clips, batch_size, tokens, repeat)
-    note(f"decode, {tokens} tokens")
     prefix = loaded.prefix([Question(clips(1)[0], None, QUESTION)])
-    ours(lm, prefix, min(tokens, 4))  # warm-up
+    warm = ours(lm, prefix, min(tokens, 4))  # the decode's warm-up, and the estimate's step time
+    steps.know(Figures(load=load_cached, clip=enc1 / 1e3, first_token=ttft, step=warm.step_s))
+    steps.start(ENCODER_BATCH)
+    enc_batched = encoder_ms_per_clip(loaded, clips, batch_size, repeat)
+    steps.start(CAPTIONS)
+    caps = captions_per_s(loaded, clips, batch_size, tokens, repeat)
     rss_alone = peak_rss_mb()
 
     hf_lm = None
     if baseline:
-        note("importing transformers for the baseline (float32)")
+        steps.start(BASELINE)
         hf_lm = baseline_lm(model, loaded.device)
         hf_generate(hf_lm, prefix.embeds.float(), min(tokens, 4))  # warm-up
+    steps.start(DECODE)
     runs, hf_runs = [], []
     for _ in range(repeat):
         runs.append(ours(lm, prefix, tokens))
@@ -310,10 +328,11 @@ def run(model: str = "v0", device: str = "auto", dtype: str | None = None, token
     rss_baseline = peak_rss_mb() if hf_runs else None
     agreed = dict(agreement_prompts=0, same_greedy=None, same_choice=None, max_logit_diff=None)
     if loaded.precision.name != "float32" and prompts:
-        note(f"agreement with float32 over {prompts} clips")
+        steps.start(AGREEMENT)
         exact = load_model(model, device=device, dtype="float32", progress=False)
         agreed = agreement(loaded, exact, clips(prompts), tokens)
         del exact
+    steps.done()
     step = statistics.median(r.step_s for r in runs)
     hf_step = statistics.median(r.step_s for r in hf_runs) if hf_runs else None
     return SpeedReport(

@@ -46,6 +46,7 @@ class QaScorer(str, Enum):  # bench/qa.py SCORERS
 ModeOpt = Annotated[Mode, typer.Option("--mode", help="choices: score each option's likelihood after the question and answer with the likeliest, so every answer names exactly one option (fast, the default); generate: greedy free text after the question and its lettered options, the protocol of the paper's run (an answer naming no option, or two, is wrong).")]
 PredictionsOpt = Annotated[Optional[str], typer.Option("--predictions", "-o", help="Where the predictions go, in the official format (the items plus model_output) [default: DATA-MODEL-MODE.json in the current folder].")]
 BenchResumeOpt = Annotated[bool, typer.Option("--resume", help="Keep the predictions already in the file (e.g. after Ctrl-C or a kill) and do only the rest.")]
+BenchOverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Start the predictions file over. Only a file of this benchmark's predictions, written by mellow for this data file, is replaced; any other file is refused.")]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N items (of the shard, with --shard).")]
 ScoreOnlyOpt = Annotated[Optional[List[str]], typer.Option("--score-only", metavar="PREDICTIONS.json", help="Score this predictions file (from any model; repeat for shards) without running a model.")]
 MinAccuracyOpt = Annotated[Optional[float], typer.Option("--min-accuracy", min=0.0, max=100.0, metavar="PERCENT", help="Exit 1 when the overall accuracy is below this (for CI).")]
@@ -62,6 +63,7 @@ class Benchmark:
     prompt_style: PromptStyleOpt = PromptStyle.plain
     predictions: PredictionsOpt = None
     resume: BenchResumeOpt = False
+    overwrite: BenchOverwriteOpt = False
     limit: LimitOpt = None
     shard: ShardOpt = None
     batch_size: BatchSizeOpt = 8
@@ -77,7 +79,7 @@ class Benchmark:
 @grouped
 def bench_mmau(
     data: Annotated[Optional[str], typer.Option("--data", help="mmau-test-mini.json (the official file; see docs/bench.md).")] = None,
-    audio_dir: Annotated[Optional[str], typer.Option("--audio-dir", help="Folder the items' audio_id paths are relative to [default: the data file's folder].")] = None,
+    audio_dir: Annotated[Optional[str], typer.Option("--audio-dir", help="Folder the items' audio_id paths are relative to [default: the data file's folder]; a path not found there is looked for in the current folder.")] = None,
     scorer: Annotated[MmauScorer, typer.Option("--scorer", help="mmau: the benchmark's matcher (evaluation.py: the answer's words, no wrong option's; unanswered items left out); mellow: the Mellow authors' metrics/mmau.py (the text before ')' is the option letter; every item counts), the scorer of the paper's 52.11.")] = MmauScorer.mmau,
     *,
     run: Benchmark,
@@ -106,7 +108,7 @@ def bench_mmau(
 @grouped
 def bench_qa(
     file: Annotated[Optional[str], typer.Argument(metavar="FILE", help="Questions as JSON lines: audio, optional audio2, question, choices, answer, optional id.", show_default=False)] = None,
-    audio_root: Annotated[Optional[str], typer.Option("--audio-root", help="Folder the rows' audio paths are relative to [default: FILE's folder].")] = None,
+    audio_root: Annotated[Optional[str], typer.Option("--audio-root", help="Folder the rows' audio paths are relative to [default: FILE's folder, as for `mellow ask --input`]; a path not found there is looked for in the current folder.")] = None,
     scorer: Annotated[QaScorer, typer.Option("--scorer", help="mmau: MMAU's matcher (evaluation.py); mellow: the Mellow authors' metrics/aqa.py letter rule (the text before ')' is the option letter, anything else counts as 'a'); mellow-binary: their yes/no rule (the answer is a substring of the output). The mellow scorers count every item.")] = QaScorer.mmau,
     *,
     run: Benchmark,
@@ -163,9 +165,9 @@ def _bench(bench, data, audio_root, data_name: str, scorer_name: str, run: Bench
     scorer = bench.SCORERS[scorer_name]
     prompt_style = getattr(run.prompt_style, "value", run.prompt_style)
     if run.score_only:
-        if run.predictions or run.resume or run.limit or run.shard or prompt_style != "plain":
-            raise UsageError("--score-only scores finished predictions: leave out --predictions, --resume, --limit, "
-                             "--shard and --prompt-style")
+        if run.predictions or run.resume or run.overwrite or run.limit or run.shard or prompt_style != "plain":
+            raise UsageError("--score-only scores finished predictions: leave out --predictions, --resume, --overwrite, "
+                             "--limit, --shard and --prompt-style")
         report = runner.score_files(bench, run.score_only, data, scorer)
     else:
         if data is None:
@@ -176,7 +178,8 @@ def _bench(bench, data, audio_root, data_name: str, scorer_name: str, run: Bench
             raise UsageError("--predictions names one file: with several --model, each model's predictions go "
                              "to DATA-MODEL-MODE.json in the current folder")
         settings = runner.Settings(mode=run.mode.value, prompt_style=prompt_style, batch_size=run.batch_size,
-                                   limit=run.limit, shard=shard_spec, resume=run.resume, max_tokens=run.max_tokens)
+                                   limit=run.limit, shard=shard_spec, resume=run.resume, overwrite=run.overwrite,
+                                   max_tokens=run.max_tokens)
         root = audio_root or os.path.dirname(os.path.abspath(data))
         reports = []
         for model in models:  # one after another, the same items; each model's file kept for --resume
@@ -260,7 +263,9 @@ def bench_speed(
     prompts: Annotated[int, typer.Option("--prompts", min=0, max=MAX_SPEED_RUNS, help="Clips whose answers are compared with float32's (not with --dtype float32).")] = 8,
     skip_baseline: Annotated[bool, typer.Option("--skip-baseline", help="Do not race transformers' generate (saves importing it, a few seconds).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Each figure once, on 16 tokens, batches of 2 and 2 clips of agreement: about a minute for v0 on a laptop (the defaults take several). --tokens, --repeat, --batch-size, --prompts given beside it still win.")] = False,
     *,
+    ctx: typer.Context,
     loading: Loading,
     console: Console,
 ) -> None:
@@ -268,18 +273,25 @@ def bench_speed(
     transformers' generate on the same weights), batched captions/s, peak memory and, for a
     --dtype other than float32, how often the answers agree with float32's, on this machine.
 
-    Everything runs in one process, after a warm-up; the audio is synthesized.
+    Everything runs in one process, after a warm-up; the audio is synthesized. It says how many
+    steps it has first, then each step as it starts, with about how long the rest will take.
 
     \b
     Examples:
+      mellow bench speed --model v0 --quick
       mellow bench speed --model v0 --threads 4
       mellow bench speed --model v0 --dtype int8
       mellow bench speed --model v0 --tokens 32 --repeat 5 --json > speed.json
     """
     from mellow_cli.cli import render
     from mellow_cli.bench import speed
+    from mellow_cli.bench.speed_plan import QUICK
 
     console.setup()
+    if quick:  # QUICK's sizes for the options not given
+        given = [(n, v) for n, v in (("tokens", tokens), ("repeat", repeat), ("batch_size", batch_size), ("prompts", prompts))]
+        tokens, repeat, batch_size, prompts = (v if ctx.get_parameter_source(n).name != "DEFAULT" else getattr(QUICK, n)
+                                               for n, v in given)
     report = speed.run(loading.model, loading.device.value, loading.dtype.value, tokens=tokens, repeat=repeat, prompts=prompts,
                        batch_size=batch_size, baseline=not skip_baseline, log=render.info)
     if as_json:

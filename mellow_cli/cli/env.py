@@ -76,9 +76,22 @@ def report() -> dict:
         "cached_models": [m.name for m in loading.cached_models()],
         "config_file": str(settings.config_path()),
         "settings": {k: _value_dict(settings.lookup(k)) for k in settings.SETTINGS},
+        "dtype_auto": _auto_dtype(),
         "offline": hub.offline(),
         "hf_endpoint": os.environ.get("HF_ENDPOINT") or "https://huggingface.co",
     }
+
+
+def _auto_dtype() -> dict:
+    """What --dtype auto runs on this CPU, as kept from its timing (env never times it: that takes
+    seconds and is the first model run's work)."""
+    from mellow_cli.runtime import precision
+
+    chosen = precision.known()
+    if chosen is None:
+        return {"precision": None, "how": "not timed on this CPU yet: the first run that loads a model times its "
+                                          "kernels (a few seconds) and keeps the choice"}
+    return {"precision": chosen.describe(), "name": chosen.name, "how": chosen.chosen_by}
 
 
 def _value_dict(v: settings.Value) -> dict:
@@ -114,6 +127,8 @@ def env(as_json: Annotated[bool, typer.Option("--json", help="One JSON object in
         ("config", info["config_file"] + ("" if os.path.exists(info["config_file"]) else " (not created)")),
     ]
     lines += [(k, f"{v['value']}  [{v['source']}]") for k, v in info["settings"].items()]
+    auto = info["dtype_auto"]
+    lines.append(("dtype auto", f"{auto['precision']} on this CPU ({auto['how']})" if auto["precision"] else auto["how"]))
     width = max(len(k) for k, _ in lines)
     result_line("\n".join(f"{key.ljust(width)}  {value}" for key, value in lines))
 
@@ -139,16 +154,41 @@ def get(key: Annotated[Optional[str], typer.Argument(metavar="[KEY]", help="A se
 def set_(key: KeyArg, value: Annotated[str, typer.Argument(metavar="VALUE", show_default=False)]) -> None:
     """Store a default in the config file.
 
+    A model must be a published name, a hub id user/repo, or a checkpoint file or model folder
+    that exists (kept as its absolute path).
+
     \b
     Examples:
       mellow config set model ~/models/mellow-birds
+      mellow config set model tinymu
       mellow config set device cpu
     """
+    if key == "model":
+        value = _model_name(value)
     path = settings.write(key, value)
     sys.stderr.write(f"{key} = {value} saved in {path}\n")
     shadow = os.environ.get(f"MELLOW_{key.upper()}", "").strip()
     if shadow:
         sys.stderr.write(f"mellow: warning: MELLOW_{key.upper()}={shadow} is set and takes precedence\n")
+
+
+def _model_name(value: str) -> str:
+    """What `config set model VALUE` stores: a published name or a hub id as written, a checkpoint
+    or model folder that exists as its absolute path (so the default holds from any folder). A
+    name that is none of these is refused now, not at the next run. A hub id is only checked for
+    its form: the hub may be out of reach, and asking it is the first run's work."""
+    from mellow_cli.errors import ModelError
+    from mellow_cli.models.catalogue import resolve
+    from mellow_cli.store.cache import WEIGHTS_FILE
+
+    try:
+        src = resolve(value)
+    except ModelError as e:
+        raise ModelError(f"model {value.strip()!r} not saved: {e}") from None
+    if src.kind == "folder" and not (src.path / WEIGHTS_FILE).is_file():
+        raise ModelError(f"model {value.strip()!r} not saved: {src.path} holds no {WEIGHTS_FILE} (a model folder "
+                         "holds it; for a checkpoint file, name the file)")
+    return str(src.path) if src.path is not None else src.name
 
 
 @config_app.command("unset")

@@ -101,6 +101,7 @@ def _source(p) -> str:
 def pull(
     name: NameArg = "v0",
     force: Annotated[bool, typer.Option("--force", help="Discard the cached copy and fetch it again.")] = False,
+    from_file: Annotated[Optional[str], typer.Option("--from", metavar="FILE", help="Take the published model's file from disk instead of downloading it (a machine without network): checked against the sha256 pinned in the catalogue, recorded at an earlier download, or announced by the hub (asked unless HF_HUB_OFFLINE), then converted as a download is. The file itself is only read.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; print only the path.")] = False,
 ) -> None:
     """Download a model into the cache and convert it, without running it; print its folder.
@@ -114,11 +115,17 @@ def pull(
       mellow models pull v0
       mellow models pull samsone-134m
       mellow models pull someone/mellow-birds
+      mellow models pull v0 --from /media/usb/v0.ckpt
       HF_ENDPOINT=https://hf-mirror.com mellow models pull v0
     """
     from mellow_cli.store import loading
 
-    pulled = loading.pull(name, force=force, progress=not quiet)
+    if from_file is not None:
+        from mellow_cli.store.adopt import adopt
+
+        pulled = adopt(loading.resolve(name), from_file, force=force, progress=not quiet)
+    else:
+        pulled = loading.pull(name, force=force, progress=not quiet)
     sys.stdout.write(f"{pulled.folder or pulled.weights}\n")
 
 

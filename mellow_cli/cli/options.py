@@ -56,9 +56,35 @@ def _from_settings(key: str, kind):
         from mellow_cli import settings
 
         found = settings.lookup(key)
-        return value if found.source == "built-in" else kind(found.value)
+        if found.source == "built-in":
+            return str.__str__(value) if isinstance(value, InForce) else value
+        return kind(found.value)
 
     return callback
+
+
+class InForce(str):
+    """A built-in default that `--help` shows as the default in force: Typer prints a default
+    with str(), and MELLOW_<KEY> or the config file may have set another, which the command will
+    use. As a value it is the built-in text; the callback above hands commands a plain str."""
+
+    def __new__(cls, key: str, builtin: str):
+        made = super().__new__(cls, builtin)
+        made.key = key
+        return made
+
+    def __str__(self) -> str:
+        from mellow_cli import settings
+        from mellow_cli.errors import MellowError
+
+        try:
+            found = settings.lookup(self.key)
+        except MellowError:  # a broken config file: the command itself will say so
+            return str.__str__(self)
+        return found.value if found.source == "built-in" else f"{found.value} ({found.source})"
+
+
+DEFAULT_MODEL = InForce("model", "v0")
 
 
 def _dtype(name: str):
@@ -70,7 +96,7 @@ def _dtype(name: str):
 MAX_SECONDS = 1e7
 
 # Options shared by every command that runs the model: declared once, used by each signature.
-ModelOpt = Annotated[str, typer.Option("--model", "-m", callback=_from_settings("model", str), help="Model: v0 (published), v0_s, a local checkpoint file or folder, or a hub id user/repo. Default: v0, or MELLOW_MODEL, or `mellow config set model`.")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", callback=_from_settings("model", str), help="Model: a published name (v0, v0_s, tinymu, samsone-134m, ...: `mellow models list --available`), a local checkpoint file or folder, or a hub id user/repo. The default shown is the one in force: v0, unless MELLOW_MODEL or `mellow config set model` names another.")]
 DeviceOpt = Annotated[Device, typer.Option("--device", callback=_from_settings("device", Device), help="Where the model runs; auto picks cuda, then mps, then cpu. Default: auto, or MELLOW_DEVICE, or `mellow config set device`.")]
 DtypeOpt = Annotated[Dtype, typer.Option("--dtype", callback=_from_settings("dtype", _dtype), help="Precision of the language model. auto (default): the fastest of float32, float16 and bfloat16 on this CPU, timed once and kept in the cache (bfloat16 on CUDA). float32: the exact path, token for token the reference. float16/bfloat16: half-size weights, may part from float32 at near ties. int8: 8-bit weights (a quarter of float32's bytes), logits close to float32's. Default also MELLOW_DTYPE or `mellow config set dtype`.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch [default: all cores].")]
@@ -191,7 +217,7 @@ class Console:
 class Loading:
     """Which model, on which device, in which precision."""
 
-    model: ModelOpt = "v0"
+    model: ModelOpt = DEFAULT_MODEL
     device: DeviceOpt = Device.auto
     dtype: DtypeOpt = Dtype.auto
 

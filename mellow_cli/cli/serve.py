@@ -1,6 +1,6 @@
 """`mellow serve`: parse the options, load the model once, bind, and hand over to serve/app.py and serve/http.py.
 
-Starlette and uvicorn are an optional extra (`pip install "mellow-cli[serve]"`); without them
+Starlette and uvicorn are an optional extra (`pip install ".[serve]"` in a clone); without them
 the command says how to install them in one line. They, and torch, load only when it runs.
 """
 
@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from mellow_cli.cli.options import (
+    DEFAULT_MODEL,
     DebugOpt,
     Device,
     DeviceOpt,
@@ -24,18 +25,25 @@ from mellow_cli.cli.options import (
     setup,
 )
 from mellow_cli.errors import MellowError, UsageError
+from mellow_cli.runtime.options import MAX_TOKENS
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+# The serve extra of pyproject.toml, named in full so that the line works however mellow-cli was
+# installed (it is on no package index, so pip cannot fetch it, or its extra, by name).
+SERVE_REQUIREMENTS = ("starlette>=0.37", "uvicorn>=0.30")
+MAX_ALIAS = 200  # characters of --alias
 
 
 def serve(
-    model: ModelOpt = "v0",
+    model: ModelOpt = DEFAULT_MODEL,
+    alias: Annotated[Optional[str], typer.Option("--alias", metavar="NAME", help="The model's name to clients (/v1/models, /health, every answer's \"model\") [default: the catalogue name, or the checkpoint's file or folder name, never its path].", show_default=False)] = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on. The default answers this machine only; 0.0.0.0 opens the server to the network (set --api-key).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="TCP port (0: any free port, printed at start).")] = 8080,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="MELLOW_API_KEY", help="Ask every request for `Authorization: Bearer KEY` (also MELLOW_API_KEY, which keeps it out of the process list).")] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, max=256, help="Requests answered together at most; those waiting while a batch runs form the next one.")] = 8,
     max_audio_seconds: Annotated[float, typer.Option("--max-audio-seconds", min=1.0, max=86400.0, help="Longest recording a request may send, per clip (the model hears its first 10 s); longer gets 413.")] = 300.0,
     max_queue: Annotated[int, typer.Option("--max-queue", min=1, max=100000, help="Requests in hand at once (reading, decoding, waiting or being answered); more get 503 with Retry-After.")] = 64,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, max=MAX_TOKENS, help="The most tokens a request may ask for (422 beyond); a request that names no max_tokens gets 300, or this if less.")] = MAX_TOKENS,
     device: DeviceOpt = Device.auto,
     dtype: DtypeOpt = Dtype.auto,
     threads: ThreadsOpt = None,
@@ -45,23 +53,28 @@ def serve(
 ) -> None:
     """Answer questions over HTTP in the OpenAI chat format, the model kept loaded.
 
-    Requests that arrive together are answered as one batch. Ctrl-C or SIGTERM stops taking new
-    connections and lets the requests in flight finish.
+    Requests that arrive together are answered as one batch; each is logged on stderr as one
+    line (method, path, status, seconds, tokens; -q silences them). Ctrl-C or SIGTERM stops
+    taking new connections and lets the requests in flight finish.
 
     \b
     Examples:
       mellow serve
-      mellow serve --model v0 --port 9000 --api-key "$KEY"
-      curl -s localhost:8080/v1/models
+      mellow serve --model ~/models/birds.ckpt --alias birds --max-tokens 200
+      curl -s -F file=@dog.wav -F question="is there a dog?" localhost:8080/ask
     """
     from mellow_cli.cli import render
 
     setup(quiet, verbose, threads)
+    if alias is not None and not (0 < len(alias.strip()) <= MAX_ALIAS and alias.isprintable()):
+        raise UsageError(f"--alias: give a name of 1 to {MAX_ALIAS} printable characters")
     try:
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
-        raise MellowError('mellow serve needs its extra: pip install "mellow-cli[serve]"') from None
+        needed = " ".join(f'"{r}"' for r in SERVE_REQUIREMENTS)
+        raise MellowError(f"mellow serve needs starlette and uvicorn: pip install {needed} "
+                          '(or, in a clone of mellow-cli, pip install ".[serve]")') from None
     from mellow_cli.serve.app import build_app
     from mellow_cli.serve.limits import ServeSettings
     from mellow_cli.serve.http import bind, make_server
@@ -73,12 +86,15 @@ def serve(
     except OSError as e:
         raise UsageError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
     loaded = load_model(model, device, dtype)
-    settings = ServeSettings(api_key=api_key, max_batch=max_batch, max_audio_seconds=max_audio_seconds,
-                             max_queue=max_queue)
-    app = build_app(loaded, settings, on_batch=lambda n: render.debug(f"batch of {n}"))
+    settings = ServeSettings(alias=alias and alias.strip(), api_key=api_key, max_batch=max_batch,
+                             max_audio_seconds=max_audio_seconds, max_queue=max_queue, max_tokens=max_tokens)
+    app = build_app(loaded, settings, on_batch=lambda n: render.debug(f"batch of {n}"),
+                    on_request=lambda access: render.info(access.line()))
     where, bound = sock.getsockname()[:2]
     shown = f"[{where}]" if ":" in where else where
-    render.info(f"serving {loaded.name} at http://{shown}:{bound}/v1 (Ctrl-C stops)")
+    name = app.state.mellow.name  # as clients see it
+    render.info(f"serving {name if name == loaded.name else f'{name} ({loaded.name})'} at http://{shown}:{bound}/v1 "
+                "(Ctrl-C stops)")
     try:
         make_server(app, verbose).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn drained the requests, then re-raised Ctrl-C

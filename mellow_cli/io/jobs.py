@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from dataclasses import dataclass, replace
 from typing import IO, Iterable, Sequence
 
 from mellow_cli.errors import UsageError
+from mellow_cli.files import beside_or_here
 from mellow_cli.io.inputs import json_lines, parse_choices, read_text
 
 # --- jobs: one question about one pair of clips (or one window of them) ---------------------------
@@ -40,12 +42,14 @@ def jobs_for(paths: Iterable[str], question: str, choices: Sequence[str] | None 
 
 def read_questions(name: str, default_choices: Sequence[str] | None = None, stdin: IO[str] | None = None) -> list[Job]:
     """`--input FILE` (`-` for stdin): JSON lines with `audio`, optional `audio2`, `question`,
-    optional `choices` (a list, or one string split on "|") and optional `id`. Any other field
+    optional `choices` (a list, or one string split on "|") and optional `id`. A relative audio
+    path is found beside FILE first, then in the current folder (files.beside_or_here). Any other field
     is kept, to be written back with the row; when any row has an `answer`, every row keeps one
     (null where it had none), so that the model's answers all go under `prediction`."""
     jobs = []
     records = list(json_lines(name, stdin))
     gold = any("answer" in obj for _, obj in records)
+    folder = "" if name == "-" else os.path.dirname(name)
     for number, obj in records:
         where = f"{name}: line {number}"
         audio = obj.get("audio", obj.get("audio1"))
@@ -54,7 +58,8 @@ def read_questions(name: str, default_choices: Sequence[str] | None = None, stdi
             raise UsageError(f"{where}: needs an \"audio\" path")
         if not isinstance(question, str) or not question.strip():
             raise UsageError(f"{where}: needs a non-empty \"question\"")
-        audio2 = obj.get("audio2") or audio
+        audio2 = beside_or_here(folder, str(obj.get("audio2") or audio))
+        audio = beside_or_here(folder, audio)
         choices = parse_choices(obj.get("choices"), f"{where}: choices")
         choices = choices or (tuple(default_choices) if default_choices else None)
         ident = obj.get("id")

@@ -106,26 +106,96 @@ KERNELS = 4
 PREFIX, ANSWER = 389, 32
 
 
+# A timing is kept for good only when the CPU was ours while it ran: the 1-minute load average
+# below half the cores before it started (other work that runs on, or has just run), and each
+# candidate's slowest round within STEADY times its fastest (work that came and went meanwhile).
+# Otherwise the choice serves this process, and those started with it, for RETIME_AFTER seconds,
+# then is measured again.
+STEADY = 1.5
+RETIME_AFTER = 600.0
+
 _measured: dict[str, Precision] = {}  # this process's choices, whatever cache folder is in use
 
 
 def auto(progress: bool = False) -> Precision:
+    """The choice kept for this machine, else measured now. One process measures at a time: the
+    others (`--shard` processes started together) wait for its choice rather than time the
+    kernels on cores it is using, which would slow both and keep what won under that load."""
+    from mellow_cli.events import note
+    from mellow_cli.files import cache_lock
+
     key = machine_key()
     if key in _measured:
         return _measured[key]
     path = _cache_file()
     known = _read(path, key)
-    if key in known:
-        choice = Precision(**{**known[key], "chosen_by": f"auto: measured before ({path})"})
-    else:
-        from mellow_cli.events import note
+    choice = _kept(known, path, key)
+    if choice is None:
+        waited = []
 
-        note("timing this CPU's kernels to choose the fastest precision (once, a few seconds)", progress)
-        choice, timings = measure()
-        known[key] = {**asdict(choice), "timings_ms": timings}
-        _write(path, known)
+        def wait() -> None:
+            waited.append(True)
+            note("waiting for another mellow process timing this CPU's kernels", progress)
+
+        with cache_lock("precision", wait):
+            if waited:  # the other process has kept its choice meanwhile
+                known = _read(path, key)
+                choice = _kept(known, path, key)
+            choice = choice or _measure_and_keep(path, key, known, progress)
     _measured[key] = choice
     return choice
+
+
+def known() -> Precision | None:
+    """What auto runs on this machine, if it is known without measuring (`mellow env`)."""
+    key = machine_key()
+    path = _cache_file()
+    return _measured.get(key) or _kept(_read(path, key), path, key)
+
+
+def _kept(known: dict, path: Path, key: str) -> Precision | None:
+    """The choice precision.json (read as `known`) keeps for `key`, unless it was timed on a busy
+    CPU long enough ago to be measured again."""
+    if key not in known:
+        return None
+    fields = dict(known[key])
+    again = fields.pop("retime_after", None)
+    if again is not None and time.time() >= again:
+        return None
+    busy = "" if again is None else f", on a busy CPU: measured again after {time.strftime('%H:%M', time.localtime(again))}"
+    return Precision(**fields, chosen_by=f"auto: measured before ({path}{busy})")
+
+
+def _measure_and_keep(path: Path, key: str, known: dict, progress: bool) -> Precision:
+    from mellow_cli.events import note
+
+    note("timing this CPU's kernels to choose the fastest precision (once, a few seconds)", progress)
+    busy = _busy_before()
+    choice, timings, spread = measure()
+    if busy is None and spread > STEADY:
+        busy = f"a candidate's rounds differed {spread:.1f}x"
+    known[key] = {**asdict(choice), "timings_ms": timings}
+    if busy is not None:
+        known[key].update(busy=busy, retime_after=time.time() + RETIME_AFTER)
+        minutes = f"{RETIME_AFTER / 60:.0f} minutes"
+        note(f"the CPU was busy while timing ({busy}): this choice serves for {minutes}, then the kernels are "
+             "timed again", progress)
+        choice = replace(choice, chosen_by=f"{choice.chosen_by}; on a busy CPU ({busy}), kept for {minutes}")
+    _write(path, known)
+    return choice
+
+
+def _busy_before(load=None, cores: int | None = None) -> str | None:
+    """Why the CPU cannot be timed now, or None: the 1-minute load average at half the cores or
+    more (where the platform has one)."""
+    import os
+
+    try:
+        load = os.getloadavg()[0] if load is None else load
+    except (OSError, AttributeError):  # Windows has no load average
+        return None
+    cores = cores or os.cpu_count() or 1
+    return f"load average {load:.1f} on {cores} cores" if load >= max(1.0, cores / 2) else None
 
 
 def machine_key() -> str:
@@ -140,8 +210,8 @@ def machine_key() -> str:
 
 
 def measure(hidden: int = 576, intermediate: int = 1536, kv: int = 192, vocab: int = 49152, layers: int = 30,
-            heads: int = 9, timed_layers: int = 10, rounds: int = 3, fused: bool = True
-            ) -> tuple[Precision, dict[str, float]]:
+            heads: int = 9, timed_layers: int = 10, rounds: int = 3, fused: bool = True,
+            clock=time.perf_counter) -> tuple[Precision, dict[str, float], float]:
     """Time each candidate on matrices of the language model's shapes (v0's by default): a decode
     step (one position through every layer's q/k/v, o, gate/up and down, then the head) and a
     prefill (PREFIX positions through the layers, the head for the last one only, as
@@ -157,7 +227,10 @@ def measure(hidden: int = 576, intermediate: int = 1536, kv: int = 192, vocab: i
     With `fused`, a candidate whose matrices the one-call step of runtime/fused.py reads has its
     decode step timed through it too, attention over PREFIX positions and all, and keeps the
     faster of the two; torch's kernels are timed on their products alone, so the comparison
-    leans toward them (and toward float32, the exact path)."""
+    leans toward them (and toward float32, the exact path).
+
+    Also returned: how steady the CPU was, as the largest ratio of a candidate's slowest round to
+    its fastest (1.0: every round alike). `clock` reads the time."""
     from mellow_cli.runtime.fused import decode_seconds
 
     gen = torch.Generator().manual_seed(0)
@@ -173,21 +246,23 @@ def measure(hidden: int = 576, intermediate: int = 1536, kv: int = 192, vocab: i
     scale = layers / timed_layers
     runs = [c for c in CANDIDATES if not c.packed or packed_available(DTYPES[c.store])]
     decode, prefill = [float("inf")] * len(runs), [float("inf")] * len(runs)
+    costs: list[list[float]] = [[] for _ in runs]  # each round's, per candidate
     for _ in range(rounds):
         for i, candidate in enumerate(runs):
             make = maker(candidate)  # one candidate in memory at a time
             matrices = [(make(w), inputs[w.shape[1]]) for ws in stack for w in ws]
             top = head_maker(candidate)(head)
             one = inputs[hidden][0]
-            last = _time(lambda: top(one), repeat=3)  # one position through the head, in both
-            step = _time(lambda: [m(x[0]) for m, x in matrices], repeat=3) * scale + last
+            last = _time(lambda: top(one), repeat=3, clock=clock)  # one position through the head, in both
+            step = _time(lambda: [m(x[0]) for m, x in matrices], repeat=3, clock=clock) * scale + last
             if fused:  # the one-call step where it can run these matrices (runtime/fused.py)
                 fast = decode_seconds([tuple(m for m, _ in matrices[j:j + 4]) for j in range(0, len(matrices), 4)],
                                       top, heads, kv // (hidden // heads), layers, PREFIX,
-                                      lambda fn: _time(fn, repeat=3))
+                                      lambda fn: _time(fn, repeat=3, clock=clock))
                 step = step if fast is None else min(step, fast)
-            whole = _time(lambda: [m(x[1]) for m, x in matrices], repeat=1) * scale + last
+            whole = _time(lambda: [m(x[1]) for m, x in matrices], repeat=1, clock=clock) * scale + last
             decode[i], prefill[i] = min(decode[i], step), min(prefill[i], whole)
+            costs[i].append(step * ANSWER + whole)
             del matrices, top
     timings, best = {}, None
     for candidate, d, f in zip(runs, decode, prefill):
@@ -196,17 +271,18 @@ def measure(hidden: int = 576, intermediate: int = 1536, kv: int = 192, vocab: i
         if best is None or cost < best[0] * 0.9:
             best = (cost, candidate)
     summary = "; ".join(f"{k}: {v} ms" for k, v in timings.items())
-    return replace(best[1], chosen_by=f"auto: measured now ({summary})"), timings
+    spread = max(max(c) / min(c) if min(c) > 0 else float("inf") for c in costs)
+    return replace(best[1], chosen_by=f"auto: measured now ({summary})"), timings, spread
 
 
-def _time(fn, repeat: int) -> float:
+def _time(fn, repeat: int, clock=time.perf_counter) -> float:
     """The least of `repeat` timed calls after one untimed call."""
     fn()
     best = float("inf")
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return best
 
 
@@ -236,12 +312,16 @@ def _read(path: Path, key: str) -> dict:
 
 
 def _fields(entry) -> dict | None:
-    """A Precision's fields but chosen_by, as precision.json keeps them; None where one is of the
-    wrong type or names a kind of matrix there is no maker for."""
+    """A Precision's fields but chosen_by, as precision.json keeps them (and when a choice timed on
+    a busy CPU is to be measured again); None where one is of the wrong type or names a kind of
+    matrix there is no maker for."""
     fields = {f: entry.get(f) for f in ("name", "store", "decode", "prefill", "packed")} if isinstance(entry, dict) else {}
     kinds = [fields.get(f) for f in ("name", "store", "decode", "prefill")]
     ok = kinds == ["int8"] * 4 and fields["packed"] is False or all(isinstance(k, str) and k in DTYPES for k in kinds)
-    return fields if ok and isinstance(fields.get("packed"), bool) else None
+    if not ok or not isinstance(fields.get("packed"), bool):
+        return None
+    again = entry.get("retime_after")
+    return {**fields, "retime_after": again} if isinstance(again, (int, float)) and not isinstance(again, bool) else fields
 
 
 def _write(path: Path, known: dict) -> None:

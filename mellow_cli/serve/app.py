@@ -4,6 +4,7 @@
     GET  /health                 {"status": "ok", "model": NAME}, without the key
     GET  /v1/models              the one model served
     POST /v1/chat/completions    the OpenAI chat format, with `input_audio` content parts
+    POST /ask                    the same question as a form upload, for curl -F (upload.py)
 
 The last message must be the user's: one or two `{"type": "input_audio", "input_audio":
 {"data": <base64>, "format": "wav"}}` parts and the question as text. Greedy decoding unless
@@ -17,7 +18,9 @@ requests in hand, time to send), and every refusal is OpenAI's shape, `{"error":
 "type", "param", "code"}}`, with its status: 400 for a body, message or clip that cannot be used,
 401 without the right key, 408 for a body sent too slowly, 413 for too much audio or text, 422 for
 a value out of range, 500 when the model fails, 503 when busy or stopping, 507 for a full disk.
-The app is a plain Starlette app (`build_app`), so tests run it in a thread.
+Each request, once answered, is told to `on_request` as an Access (method, path, status,
+seconds, tokens): `mellow serve` prints it as one line. The app is a plain Starlette app
+(`build_app`), so tests run it in a thread.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from mellow_cli.serve.access import TOKENS, Access, Logged
 from mellow_cli.serve.limits import ServeSettings
 from mellow_cli.serve.request import ApiError, choice_tokens, decode_clip, parse_chat, read_json
 
@@ -65,7 +70,8 @@ class _State:
     def __init__(self, model: "Model", settings: ServeSettings, on_batch):
         from mellow_cli.serve.worker import Batcher
 
-        self.model, self.settings, self.name = model, settings, served_name(model.name)
+        self.model, self.settings = model, settings
+        self.name = settings.alias or served_name(model.name)
         self.batcher = Batcher(model, settings.max_batch, on_batch, settings.max_batch_choice_tokens)
         self.decoding = asyncio.Semaphore(settings.max_decoding)
         self.in_hand = 0
@@ -89,11 +95,14 @@ class _State:
         return release
 
 
-def build_app(model: "Model", settings: ServeSettings = ServeSettings(), on_batch=None):
+def build_app(model: "Model", settings: ServeSettings = ServeSettings(), on_batch=None,
+              on_request: Callable[[Access], None] | None = None):
     """The Starlette app: its lifespan starts the model worker and, at shutdown, lets it finish
-    what is queued. `app.state.mellow` is what http.make_server needs of it."""
+    what is queued; each request answered is told to `on_request`. `app.state.mellow` is what
+    http.make_server needs of it."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
     from starlette.routing import Route
 
     from mellow_cli.serve import page
@@ -120,6 +129,10 @@ def build_app(model: "Model", settings: ServeSettings = ServeSettings(), on_batc
         _authorize(request, settings)
         return await _chat(request, state)
 
+    async def ask(request):
+        _authorize(request, settings)
+        return await _chat(request, state, form=True)
+
     async def api_error(request, exc: ApiError):
         return _json(exc.body(), exc.status, exc.headers)
 
@@ -130,10 +143,12 @@ def build_app(model: "Model", settings: ServeSettings = ServeSettings(), on_batc
         return _json(ApiError(500, "internal error: the server's log says more").body(), 500)
 
     app = Starlette(
-        routes=[page.route(model.name, settings.max_audio_seconds),
+        routes=[page.route(state.name, settings.max_audio_seconds, settings.max_tokens),
                 Route("/health", _guarded(health)), Route("/v1/models", _guarded(models)),
-                Route("/v1/chat/completions", _guarded(chat), methods=["POST"])],
+                Route("/v1/chat/completions", _guarded(chat), methods=["POST"]),
+                Route("/ask", _guarded(ask), methods=["POST"])],
         exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: internal_error},
+        middleware=[Middleware(Logged, on_request=on_request)] if on_request else [],
         lifespan=lifespan,
     )
     app.state.mellow = state
@@ -179,7 +194,8 @@ class _Gone(Exception):
     """The client hung up before its answer was ready."""
 
 
-async def _chat(request, state: _State):
+async def _chat(request, state: _State, form: bool = False):
+    """One question: a JSON chat request, or (`form`) an upload to /ask, answered in its shape."""
     from starlette.concurrency import run_in_threadpool
 
     from mellow_cli.serve.worker import Failed
@@ -195,21 +211,53 @@ async def _chat(request, state: _State):
         body = await _read_body(request, state.settings)
         # In a thread: a body of a hundred megabytes takes the parser a second or two, during
         # which the other requests' streams and /health go on.
-        chat = parse_chat(await run_in_threadpool(read_json, body))
+        chat = within_cap(await run_in_threadpool(_parse, body, request.headers.get("content-type", ""), form,
+                                                  state.settings.max_tokens), state)
         pending, events = await _prepare(chat, state)
         first = await _unless_gone(request, events.get())
         if isinstance(first, Failed):  # before the first piece: its own status, streamed or not
             raise ApiError(first.status, first.message)
+        reply = _Reply(state.name, request.scope)
         if chat.stream:
-            response = _sse(_Reply(state.name).stream(first, events, chat.include_usage))
+            response = _sse(reply.stream(first, events, chat.include_usage))
         else:
-            response = _json(await _unless_gone(request, _Reply(state.name).whole(first, events)))
+            answer = await _unless_gone(request, reply.whole(first, events))
+            response = _json(_plain(answer, chat) if form else answer)
     except _Gone:
         response = _json(ApiError(499, "the client went away").body(), 499)  # never sent: for the log
     except BaseException:
         _done(release, pending)
         raise
     return _Finally(response, lambda: _done(release, pending))
+
+
+def _parse(body: bytes, content_type: str, form: bool, max_tokens: int):
+    from mellow_cli.serve.upload import parse_form
+
+    return parse_form(body, content_type, max_tokens) if form else parse_chat(read_json(body), max_tokens)
+
+
+def within_cap(chat, state: _State):
+    """A request that names no max_tokens gets the model's own answer budget (its authors'), or
+    the server's --max-tokens if that is less."""
+    from dataclasses import replace
+
+    if chat.options.max_tokens is not None:
+        return chat
+    own = state.model.answer_options(chat.options).max_tokens
+    return replace(chat, options=replace(chat.options, max_tokens=min(own, state.settings.max_tokens)))
+
+
+def _plain(answer: dict, chat) -> dict:
+    """/ask's answer: the question and the answer as `mellow ask -f json` names them, with each
+    choice's probability under `scores` (keyed by choice) when it had choices."""
+    scored = answer.get("mellow", {}).get("choices")
+    out = {"model": answer["model"], "audio": [part.where.removeprefix("file ") for part in chat.audio],
+           "question": chat.question, "answer": answer["choices"][0]["message"]["content"]}
+    if scored:
+        out["choices"] = [c["choice"] for c in scored]
+        out["scores"] = {c["choice"]: c["probability"] for c in scored}
+    return {**out, "finish_reason": answer["choices"][0]["finish_reason"], "usage": answer["usage"]}
 
 
 def _done(release, pending) -> None:
@@ -316,10 +364,12 @@ def _sse(chunks):
 
 
 class _Reply:
-    """One request's answer in OpenAI's shapes: a whole `chat.completion`, or its chunks."""
+    """One request's answer in OpenAI's shapes: a whole `chat.completion`, or its chunks. Its
+    tokens are noted in the request's `scope` for the access line (access.py)."""
 
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, scope: dict):
         self.head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        self.scope = scope
 
     async def whole(self, event, events: asyncio.Queue) -> dict:
         from mellow_cli.serve.worker import Failed, Finished
@@ -332,7 +382,7 @@ class _Reply:
             event = await events.get()
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                   "finish_reason": event.reason}
-        return {**self.head, "object": "chat.completion", "choices": [choice], "usage": _usage(event), **extra}
+        return {**self.head, "object": "chat.completion", "choices": [choice], "usage": self._usage(event), **extra}
 
     async def stream(self, event, events: asyncio.Queue, include_usage: bool):
         from mellow_cli.serve.worker import Failed, Finished
@@ -346,9 +396,16 @@ class _Reply:
             yield _event(ApiError(event.status, event.message).body())
         else:
             yield self._chunk({}, finish_reason=event.reason)
+            usage = self._usage(event)
             if include_usage:
-                yield _event({**self.head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(event)})
+                yield _event({**self.head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
         yield "data: [DONE]\n\n"
+
+    def _usage(self, done) -> dict:
+        usage = {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+                 "total_tokens": done.prompt_tokens + done.completion_tokens}
+        self.scope[TOKENS] = usage
+        return usage
 
     def _chunk(self, delta: dict, finish_reason: str | None = None, **extra) -> str:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
@@ -362,10 +419,6 @@ def _add(text: str, extra: dict, event) -> tuple[str, dict]:
     return text + event.choice, {"mellow": {"choices": event.as_dict()}}
 
 
-def _usage(done) -> dict:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
-
-
 def _event(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+

@@ -31,7 +31,8 @@ def make_server(app, verbose: bool = False) -> uvicorn.Server:
     state = app.state.mellow
     settings = state.settings
     config = uvicorn.Config(
-        app, log_level="info" if verbose else "warning", access_log=verbose, lifespan="on",
+        # The app writes its own access lines (access.py): uvicorn's would repeat them.
+        app, log_level="info" if verbose else "warning", access_log=False, lifespan="on",
         timeout_graceful_shutdown=settings.grace_seconds, timeout_keep_alive=settings.keep_alive_seconds,
         http=functools.partial(_Protocol, head_seconds=settings.head_seconds,
                                max_idle=settings.max_idle_connections))

@@ -1,5 +1,6 @@
-"""What `mellow serve` lets one request, one connection and one batch cost, and who may ask:
-every cap in one frozen dataclass (docs/serve.md's Limits table lists them with their defaults).
+"""What `mellow serve` is set to: the name it gives its model, who may ask, and what one request,
+one connection and one batch may cost, every cap in one frozen dataclass (docs/serve.md's Limits
+table lists them with their defaults).
 """
 
 from __future__ import annotations
@@ -7,14 +8,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from mellow_cli.runtime.options import MAX_TOKENS
+
 DEFAULT_MAX_AUDIO_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """Who may ask, and every limit on what one request, or one connection, may cost."""
+    """The model's name, who may ask, and every limit on what one request, or one connection, may
+    cost."""
 
+    alias: Optional[str] = None  # the model's name to clients; None: serve/app.py's served_name
     api_key: Optional[str] = None  # None: no key asked
+    max_tokens: int = MAX_TOKENS  # the most a request may name (422 beyond); one naming none gets 300, or this if less
     max_batch: int = 8  # requests answered together at most
     max_queue: int = 64  # requests in hand at once, from their first byte to their answer's last; beyond, 503
     max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS  # per clip; longer is refused (413)

@@ -115,7 +115,8 @@ async function recordInto(slot, button) {
 
 const question = el("textarea", { id: "question", rows: 2, placeholder: "what do you hear?", oninput: () => changed() });
 const choices = el("input", { type: "text", id: "choices", placeholder: "e.g. dog | cat | car", style: { width: "100%" }, oninput: () => changed() });
-const maxTokens = el("input", { type: "text", id: "max-tokens", value: "100", style: { width: "6em" }, oninput: () => changed() });
+const defaultTokens = Math.min(100, SERVE.max_tokens);  // the server refuses more than its --max-tokens
+const maxTokens = el("input", { type: "text", id: "max-tokens", value: String(defaultTokens), style: { width: "6em" }, oninput: () => changed() });
 const ask = el("button", { class: "primary", id: "ask", text: "ask", onclick: () => send() });
 const state = el("span", { id: "state", class: "muted" });
 const answer = el("div", { id: "answer", class: "out" });
@@ -128,7 +129,7 @@ const curl = el("pre", { id: "curl" }), python = el("pre", { id: "python" });
 
 function choiceList() { return choices.value.split("|").map((c) => c.trim()).filter(Boolean); }
 function clips() { return slots.map((s) => s.clip).filter(Boolean); }
-function tokens() { const n = parseInt(maxTokens.value, 10); return Number.isFinite(n) && n > 0 ? n : 100; }
+function tokens() { const n = parseInt(maxTokens.value, 10); return Number.isFinite(n) && n > 0 ? n : defaultTokens; }
 
 function body(data) {
   const content = clips().map((clip, i) => ({ type: "input_audio", input_audio: { data: data ? data[i] : "…", format: clip.format } }));

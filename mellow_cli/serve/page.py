@@ -17,20 +17,20 @@ POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inl
           "media-src blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'")
 
 
-def page_text(model_name: str, max_audio_seconds: float) -> str:
+def page_text(model_name: str, max_audio_seconds: float, max_tokens: int) -> str:
     from mellow_cli.io.html import shell
 
     script = (Path(__file__).parent / "page.js").read_text(encoding="utf-8")
-    data = {"model": model_name, "max_audio_seconds": max_audio_seconds}
+    data = {"model": model_name, "max_audio_seconds": max_audio_seconds, "max_tokens": max_tokens}
     return shell("serve", f"mellow · {model_name}", data, [script], policy=POLICY)
 
 
-def route(model_name: str, max_audio_seconds: float):
+def route(model_name: str, max_audio_seconds: float, max_tokens: int):
     """`GET /`: the page, without the key (it holds nothing; its requests carry the key)."""
     from starlette.responses import HTMLResponse
     from starlette.routing import Route
 
-    text = page_text(model_name, max_audio_seconds)
+    text = page_text(model_name, max_audio_seconds, max_tokens)
 
     async def page(request):
         return HTMLResponse(text, headers={"Cache-Control": "no-cache"})

@@ -75,7 +75,7 @@ def _not_json(name: str):
 
 @dataclass(frozen=True)
 class AudioPart:
-    data: str  # base64, as sent
+    data: str | bytes  # base64 text, as a JSON body sends it; or the file's bytes, as an upload does
     format: str
     where: str  # e.g. messages[0].content[1], for error messages
 
@@ -90,8 +90,9 @@ class ChatRequest:
     include_usage: bool = False
 
 
-def parse_chat(body: Any) -> ChatRequest:
-    """A decoded JSON body -> ChatRequest, or ApiError (400 missing or mistyped, 422 out of range)."""
+def parse_chat(body: Any, max_tokens: int = MAX_TOKENS) -> ChatRequest:
+    """A decoded JSON body -> ChatRequest, or ApiError (400 missing or mistyped, 422 out of range).
+    `max_tokens`: the most the body may name (decoding_options)."""
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     _typed(body, "model", str, "a string")
@@ -100,10 +101,10 @@ def parse_chat(body: Any) -> ChatRequest:
         raise ApiError(400, "messages: give a list with the user's message last", "messages")
     audio, question = _user_message(messages[-1], f"messages[{len(messages) - 1}]")
     mellow = _typed(body, "mellow", dict, "an object") or {}
-    choices = _choices(mellow.get("choices")) if "choices" in mellow else None
+    choices = checked_choices(mellow.get("choices"), "mellow.choices") if "choices" in mellow else None
     _number(body, "n", 1, 1, integer=True)
     stream_options = _typed(body, "stream_options", dict, "an object") or {}
-    return ChatRequest(audio=audio, question=question, options=_options(body), choices=choices,
+    return ChatRequest(audio=audio, question=question, options=decoding_options(body, max_tokens), choices=choices,
                        stream=bool(_typed(body, "stream", bool, "true or false")),
                        include_usage=bool(_typed(stream_options, "include_usage", bool, "true or false")))
 
@@ -120,7 +121,7 @@ def _user_message(message: Any, where: str) -> tuple[tuple[AudioPart, ...], str]
         here = f"{where}.content[{i}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(_text(part["text"], f"{here}.text", "messages"))
+            texts.append(checked_text(part["text"], f"{here}.text", "messages"))
         elif kind == "input_audio" and isinstance(part.get("input_audio"), dict):
             audio.append(_audio_part(part["input_audio"], here))
         else:
@@ -143,19 +144,20 @@ def _audio_part(spec: dict, where: str) -> AudioPart:
     return AudioPart(data, fmt, where)
 
 
-def _choices(value: Any) -> tuple[str, ...]:
+def checked_choices(value: Any, param: str) -> tuple[str, ...]:
+    """A request's choices (a list of strings, under `param`), stripped: the rule of every reader
+    of choices, and a cap per request."""
     if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
-        raise ApiError(400, "mellow.choices: give a list of strings", "mellow.choices")
+        raise ApiError(400, f"{param}: give a list of strings", param)
     from mellow_cli.io.inputs import choices_problem
 
-    # The rule of every reader of choices, and a cap per request.
-    items = tuple(_text(c, f"mellow.choices[{i}]", "mellow.choices").strip() for i, c in enumerate(value))
+    items = tuple(checked_text(c, f"{param}[{i}]", param).strip() for i, c in enumerate(value))
     if choices_problem(items) or len(items) > MAX_CHOICES:
-        raise ApiError(422, f"mellow.choices: give 2 to {MAX_CHOICES} non-empty choices", "mellow.choices")
+        raise ApiError(422, f"{param}: give 2 to {MAX_CHOICES} non-empty choices", param)
     return items
 
 
-def _text(value: str, where: str, param: str) -> str:
+def checked_text(value: str, where: str, param: str) -> str:
     """`value`, if it can be written as UTF-8: JSON's escapes can spell a lone surrogate
     ("\\ud800"), which is a valid JSON string but no text, and no tokenizer takes it."""
     try:
@@ -166,16 +168,21 @@ def _text(value: str, where: str, param: str) -> str:
     return value
 
 
-def _options(body: dict) -> DecodingOptions:
+def decoding_options(body: dict, cap: int = MAX_TOKENS) -> DecodingOptions:
+    """The decoding fields of a request (`max_tokens` or `max_completion_tokens`, `temperature`,
+    `top_p`, `seed`), each checked. A request may name at most `cap` tokens (422 beyond, naming the
+    server's option); one naming none is left at None, for the app to give it the model's own
+    budget, or `cap` if that is less (app.py: within_cap)."""
     default = DecodingOptions()
-    max_tokens = _number(body, "max_completion_tokens", 1, MAX_TOKENS, integer=True)
-    max_tokens = _number(body, "max_tokens", 1, MAX_TOKENS, integer=True) if max_tokens is None else max_tokens
+    max_tokens = _number(body, "max_completion_tokens", 1, cap, integer=True, limit="mellow serve --max-tokens")
+    if max_tokens is None:
+        max_tokens = _number(body, "max_tokens", 1, cap, integer=True, limit="mellow serve --max-tokens")
     temperature = _number(body, "temperature", 0.0, MAX_TEMPERATURE)
     top_p = _number(body, "top_p", 0.0, 1.0)
     seed = _number(body, "seed", 0, MAX_SEED, integer=True)
     sample = bool(temperature)  # greedy unless asked for a temperature above 0, as `mellow ask`
     return DecodingOptions(
-        max_tokens=default.max_tokens if max_tokens is None else max_tokens, sample=sample,
+        max_tokens=max_tokens, sample=sample,
         temperature=temperature if sample else default.temperature,
         top_p=default.top_p if top_p is None else top_p, seed=seed)
 
@@ -187,16 +194,17 @@ def _typed(body: dict, key: str, kind: type, what: str) -> Any:
     return value
 
 
-def _number(body: dict, key: str, low, high, integer: bool = False):
+def _number(body: dict, key: str, low, high, integer: bool = False, limit: str = ""):
     """body[key] (None when absent or null) within [low, high]: 400 if not a number (true and
-    false are not), 422 if out of range."""
+    false are not), 422 if out of range (`limit`: what sets `high`, named when it is passed)."""
     value = body.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
         raise ApiError(400, f"{key}: must be {'an integer' if integer else 'a number'}", key)
     if not low <= value <= high:
-        raise ApiError(422, f"{key}: {value} is out of range ({low} to {high})", key)
+        setter = f"; this server's limit, set by {limit}" if limit and value > high else ""
+        raise ApiError(422, f"{key}: {value} is out of range ({low} to {high}{setter})", key)
     return value
 
 
@@ -243,7 +251,7 @@ def decode_clip(model: "Model", part: AudioPart, settings: "ServeSettings") -> "
     from mellow_cli.io.audio import AudioBytes, probe
 
     try:
-        data = base64.b64decode(part.data, validate=True)
+        data = part.data if isinstance(part.data, bytes) else base64.b64decode(part.data, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(400, f"{part.where}.input_audio.data: not valid base64", "messages") from None
     clip, family, cfg = AudioBytes(part.where, data), model.family, model.cfg

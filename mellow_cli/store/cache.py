@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from mellow_cli.errors import ModelError, UsageError
 from mellow_cli.events import note
 from mellow_cli.files import (
     cache_dir,
+    cache_lock,
     check_space,
     disk_full,
     first_line,
@@ -102,6 +103,8 @@ def cached_models() -> list[CachedModel]:
         origin = record.get("source", {})
         where = (origin.get("path") or origin.get("url")
                  or f"{origin.get('repo')}/{origin.get('filename') or ''}".rstrip("/"))
+        if origin.get("from"):  # a published file brought from disk (adopt.py)
+            where += f" (from {origin['from']})"
         found.append(CachedModel(name=record.get("name", folder.name), folder=folder,
                                  size=_tree_size(folder), origin=where,
                                  revision=_revision(origin), created=record.get("created", "")))
@@ -219,14 +222,16 @@ def _same_origin(record: dict, src: ModelSource) -> bool:
 
 
 def recorded_origin(folder: Path, src: ModelSource) -> dict | None:
-    """What the cached folder records of the file it was made from (its address, sha256, size),
-    if it was made from `src`'s address: a later download of that address must be the same file.
-    A folder whose weights are damaged still says so; without a folder there is no record."""
+    """What the cached folder records of the published file it was made from (sha256, size), if
+    it was made from `src`'s file (its address, or its hub repo, file and revision): a later
+    download of it, or a copy brought from disk, must be the same file. A folder whose weights are
+    damaged still says so; without a folder there is no record."""
     origin = (read_json(folder / SOURCE_FILE) or {}).get("source")
-    if (isinstance(origin, dict) and src.url is not None and origin.get("url") == src.url
-            and isinstance(origin.get("sha256"), str) and isinstance(origin.get("size"), int)):
-        return origin
-    return None
+    if not isinstance(origin, dict) or src.kind != "published":
+        return None
+    same = (origin.get("url") == src.url if src.url is not None else
+            (origin.get("repo"), origin.get("filename"), origin.get("revision")) == (src.repo, src.filename, src.revision))
+    return origin if same and isinstance(origin.get("sha256"), str) and isinstance(origin.get("size"), int) else None
 
 
 def _revision(origin: dict) -> str | None:
@@ -328,27 +333,9 @@ def _swap_in(new: Path, folder: Path) -> None:
 # --- small helpers -------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def lock(key: str, progress: bool = False) -> Iterator[None]:
+def lock(key: str, progress: bool = False) -> contextlib.AbstractContextManager[None]:
     """Hold the cache's lock for one model; waits (with a note) while another process has it."""
-    from filelock import FileLock, Timeout
-
-    locks = cache_dir() / ".locks"
-    try:
-        locks.mkdir(parents=True, exist_ok=True)
-        held = FileLock(str(locks / f"{key}.lock"))
-        try:
-            held.acquire(timeout=0.5)
-        except Timeout:
-            note(f"{key}: waiting for another mellow process to finish with it", progress)
-            held.acquire()
-    except OSError:  # a read-only cache (shared, or on a read-only mount) still serves what it has
-        yield
-        return
-    try:
-        yield
-    finally:
-        held.release()
+    return cache_lock(key, lambda: note(f"{key}: waiting for another mellow process to finish with it", progress))
 
 
 def _jsonable(data: dict) -> dict:

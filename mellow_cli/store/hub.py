@@ -92,6 +92,17 @@ def download(repo: str, filename: str, revision: str, dest: Path, *, name: str, 
     return record
 
 
+def announced(repo: str, filename: str, revision: str, name: str) -> tuple[str | None, int | None, str]:
+    """What the hub says of a file without fetching it: (its sha256, None for a small file whose
+    ETag is a git sha1; its size; the commit `revision` names). A one-line ModelError when the hub
+    cannot be asked (offline, unreachable) or has no such file."""
+    if offline():
+        raise offline_error(name)
+    remote = _metadata(repo, filename, revision, name, optional=False)
+    digest = remote.etag if re.fullmatch(r"[0-9a-f]{64}", remote.etag) else None
+    return digest, remote.size, remote.commit
+
+
 def _metadata(repo: str, filename: str, revision: str, name: str, optional: bool) -> _Remote | None:
     """The hub's ETag, size and commit for one file; a one-line ModelError for every failure."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url

@@ -12,8 +12,10 @@ offline) are hub.py's, read when a download starts.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -76,7 +78,8 @@ def _default_config():
 def pull(name_or_path: str | ModelSource, *, force: bool = False, progress: bool = True,
          arch: Family | None = None) -> ModelFiles:
     """Make a model local without running it: download, verify (full sha256 of cached files),
-    convert once. `force` discards the cached copy first."""
+    convert once. `force` discards the cached copy first. (adopt.py takes a published model's
+    file already on disk instead of downloading it.)"""
     src = name_or_path if isinstance(name_or_path, ModelSource) else resolve(name_or_path)
     return _ensure(src, verify=True, force=force, progress=progress, arch=arch)
 
@@ -156,7 +159,7 @@ def _ensure(src: ModelSource, *, verify: bool, force: bool, progress: bool,
             arch: Family | None) -> ModelFiles:
     """The model's files, made local first if needed. An OSError on the way (a cache folder that
     cannot be written, a checkpoint that cannot be read) becomes a one-line ModelError."""
-    try:
+    with cache_errors(src.name):
         if src.kind == "folder":
             return _local_folder(src, progress)
         if src.kind == "safetensors":
@@ -183,29 +186,49 @@ def _ensure(src: ModelSource, *, verify: bool, force: bool, progress: bool,
             if src.kind == "published":
                 return _pull_published(src, folder, arch, progress)
             return _pull_hub_folder(src, folder, arch, progress)
+
+
+@contextlib.contextmanager
+def cache_errors(name: str) -> Iterator[None]:
+    """An OSError while making `name` local (a cache folder that cannot be written, a file that
+    cannot be read, a full disk) as a one-line ModelError."""
+    try:
+        yield
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise disk_full(cache_dir(), src.name) from None
+            raise disk_full(cache_dir(), name) from None
         where = f" {e.filename}" if e.filename else ""
-        raise ModelError(f"{src.name}: cannot use{where} ({e.strerror or first_line(e)}): check its permissions, "
+        raise ModelError(f"{name}: cannot use{where} ({e.strerror or first_line(e)}): check its permissions, "
                          "or set MELLOW_HOME to a writable folder") from None
 
 
 def _pull_published(src: ModelSource, folder: Path, arch: Family | None, progress: bool) -> ModelFiles:
-    cfg = family(src.family).config(src.preset)
-    arch = arch or family_of(cfg)
-    expected = expected_layout(arch.build(cfg, "meta"))  # before downloading: a broken build fails in a second
-    tokenizer = tokenizer_folder(cfg, src.name, progress)
+    target = published_target(src, arch, tokenizer_folder, progress)  # before downloading: a broken build fails in a second
     raw = _download_published(src, folder, progress)
-    note(f"{src.name}: converting {src.filename} to safetensors (once)", progress)
-    label = src.url or f"{src.repo}/{src.filename}"
-    state = fit(_published_state(arch, read_checkpoint(raw["path"], label=label), label), expected, cfg, label=label)
     origin = {k: raw[k] for k in ("repo", "filename", "revision", "commit", "sha256", "size", "url") if k in raw}
-    with conversion_bar(src.name, 2 * _nbytes(state), progress) as advance:
-        files = write_folder(folder, src, state, cfg, tokenizer, origin, advance=advance)
+    files = convert_published(src, folder, target, Path(raw["path"]), src.url or f"{src.repo}/{src.filename}",
+                              origin, progress)
     for done in (Path(raw["path"]), Path(raw["path"] + ".json")):  # the safetensors copy replaces it
         done.unlink(missing_ok=True)
     return files
+
+
+def published_target(src: ModelSource, arch: Family | None, tokenizer, progress: bool) -> tuple:
+    """What a published model's file becomes: (its config, family, expected layout, tokenizer
+    folder); `tokenizer(cfg, name, progress)` finds the tokenizer."""
+    cfg = family(src.family).config(src.preset)
+    arch = arch or family_of(cfg)
+    return cfg, arch, expected_layout(arch.build(cfg, "meta")), tokenizer(cfg, src.name, progress)
+
+
+def convert_published(src: ModelSource, folder: Path, target: tuple, path: Path, label: str, origin: dict,
+                      progress: bool) -> ModelFiles:
+    """A published model's file, read by its family, written once as the cache's model folder."""
+    cfg, arch, expected, tokenizer = target
+    note(f"{src.name}: converting {src.filename} to safetensors (once)", progress)
+    state = fit(_published_state(arch, read_checkpoint(path, label=label), label), expected, cfg, label=label)
+    with conversion_bar(src.name, 2 * _nbytes(state), progress) as advance:
+        return write_folder(folder, src, state, cfg, tokenizer, origin, advance=advance)
 
 
 def _download_published(src: ModelSource, folder: Path, progress: bool) -> dict:
