@@ -204,6 +204,7 @@ def ask(
     from mellow_cli.io import inputs
 
     run.console.setup()
+    run = run.resolved()
     choice_list = inputs.parse_choices(choices, "--choices")
     if input_file is not None:
         if args:
@@ -249,6 +250,7 @@ def compare(
     """
 
     run.console.setup()
+    run = run.resolved()
     if pairs is not None:
         if audio1 or audio2:
             raise UsageError("give either --pairs FILE or A B, not both")
@@ -290,4 +292,5 @@ def caption(
     from mellow_cli.io import inputs
 
     run.console.setup()
+    run = run.resolved()
     _run_batch(jobs_for(inputs.expand_inputs(audio, recursive), prompt), "captioned", run)

@@ -19,6 +19,18 @@ from mellow_cli.errors import UsageError
 FORMATS = ("text", "json", "jsonl", "csv", "tsv", "srt", "vtt", "html")
 
 
+# What an output file's name says it holds: `-o rows.csv` writes CSV without --format.
+SUFFIXES = {".txt": "text", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
+            ".srt": "srt", ".vtt": "vtt", ".html": "html", ".htm": "html"}
+
+
+def format_of_name(path: str) -> str | None:
+    """The format a file name's extension names (SUFFIXES), None for any other name."""
+    import os
+
+    return SUFFIXES.get(os.path.splitext(path)[1].lower())
+
+
 def check_format(fmt: str) -> None:
     """Refuse a format name that is not one of FORMATS."""
     if fmt not in FORMATS:
