@@ -16,16 +16,6 @@ from mellow_cli.errors import UsageError
 from mellow_cli.io.jobs import Job, fields_for, jobs_for, parse_shard, read_pairs, read_questions, row, take_shard, windowed
 
 
-def _plain(arg: str) -> bool:
-    """One recording named as itself (or `-`), not a folder, a glob or an @list."""
-    import glob
-    import os
-
-    if arg == "-":
-        return True
-    return not arg.startswith("@") and not os.path.isdir(arg) and not (glob.has_magic(arg) and not os.path.exists(arg))
-
-
 def _interactive(run: Answering) -> bool:
     """One answer for a person at a terminal: streamed (text) or one object (json)."""
     out, rows = run.output, run.rows
@@ -167,18 +157,6 @@ def _write_rows(writer, results, verb: str, total: int, resumable: str | None) -
         raise typer.Exit(1)
 
 
-def _forgotten_question(text: str) -> str | None:
-    """What the question names when it is an input, not a question (`mellow ask a.wav b.wav`, or
-    `mellow ask a.wav clips/`, with the question left out); None for a question."""
-    import os
-
-    from mellow_cli.io.inputs import AUDIO_EXTENSIONS
-
-    if text == "-" or (os.path.splitext(text)[1].lower() in AUDIO_EXTENSIONS and " " not in text.strip()):
-        return "an audio file's name"
-    return "a folder" if os.path.isdir(text) else None
-
-
 @grouped
 def ask(
     args: Annotated[Optional[List[str]], typer.Argument(metavar="AUDIO [AUDIO2] QUESTION", help="One or two audio files (or - for audio on stdin), then the question. A folder, glob, @list.txt or @- (paths on stdin), or three or more files, asks the question about each recording in turn.", show_default=False)] = None,
@@ -213,15 +191,8 @@ def ask(
         if not jobs:
             raise UsageError(f"{input_file}: no questions in the file")
     else:
-        if not args or len(args) < 2:
-            raise UsageError("ask takes AUDIO [AUDIO2] QUESTION: one or two audio files, then the question (or --input FILE)")
-        audio, question = args[:-1], args[-1]
-        if not question.strip():
-            raise UsageError("the question is empty")
-        if forgotten := _forgotten_question(question):
-            raise UsageError(f"the question is {question!r}, {forgotten}: ask takes AUDIO [AUDIO2] QUESTION, with "
-                             "the question last")
-        pair = len(audio) <= 2 and all(_plain(a) for a in audio)
+        audio, question = inputs.split_question(args or [])
+        pair = len(audio) <= 2 and all(inputs.one_recording(a) for a in audio)
         if pair:
             jobs = [Job(audio[0], audio[-1], question, tuple(choice_list) if choice_list else None)]
         else:

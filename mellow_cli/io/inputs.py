@@ -71,6 +71,59 @@ def _audio_in(folder: Path, recursive: bool, arg: str) -> list[str]:
     return found
 
 
+# --- ask's AUDIO [AUDIO2] QUESTION -----------------------------------------------------------------
+
+
+def one_recording(arg: str) -> bool:
+    """An argument naming one recording as itself (or `-`): not a folder, a glob or an @list."""
+    if arg == "-":
+        return True
+    return not arg.startswith("@") and not os.path.isdir(arg) and not (glob.has_magic(arg) and not os.path.exists(arg))
+
+
+def _names_audio(arg: str) -> bool:
+    """Whether an argument reads as a recording or a batch of them, rather than a word."""
+    return (arg == "-" or arg.startswith("@") or os.path.exists(arg) or glob.has_magic(arg)
+            or os.path.splitext(arg)[1].lower() in AUDIO_EXTENSIONS)
+
+
+def split_question(args: Sequence[str]) -> tuple[list[str], str]:
+    """`mellow ask`'s arguments -> (the audio arguments, the question), checked before any model
+    loads. Refused (UsageError): no question; a question that is a recording or a folder (left
+    out); words of a question left unquoted (`ask bee.ogg is there a bee`: "is", "there", "a" name
+    no file and do not look like one); one recording mixed with a folder, glob or @list, which is
+    neither a pair nor a batch."""
+    import shlex
+
+    if len(args) < 2:
+        raise UsageError("ask takes AUDIO [AUDIO2] QUESTION: one or two audio files, then the question (or --input FILE)")
+    audio, question = list(args[:-1]), args[-1]
+    if not question.strip():
+        raise UsageError("the question is empty")
+    if question == "-" or (os.path.splitext(question)[1].lower() in AUDIO_EXTENSIONS and " " not in question.strip()):
+        raise UsageError(f"the question is {question!r}, an audio file's name: ask takes AUDIO [AUDIO2] QUESTION, "
+                         "with the question last")
+    if os.path.isdir(question):
+        raise UsageError(f"the question is {question!r}, a folder: ask takes AUDIO [AUDIO2] QUESTION, with the "
+                         "question last")
+    words = len(audio)
+    while words > 1 and not _names_audio(audio[words - 1]):
+        words -= 1
+    if words < len(audio):
+        loose = audio[words:]
+        said = shlex.join(["mellow", "ask", *audio[:words], " ".join(loose + [question])])
+        raise UsageError(f"{', '.join(loose)}: no such file{'s' if len(loose) > 1 else ''}; if {'they are words' if len(loose) > 1 else 'it is a word'} "
+                         f"of the question, quote the question: {said}")
+    single = [a for a in audio if one_recording(a)]
+    many = [a for a in audio if not one_recording(a)]
+    if single and many:
+        kind = "an @list" if many[0].startswith("@") else "a folder" if os.path.isdir(many[0]) else "a glob"
+        raise UsageError(f"{single[0]} is one recording and {many[0]} {kind}: ask takes one or two recordings, or a "
+                         "batch (folders, globs, @lists, or three or more files) asked about one by one; to pair "
+                         f"{single[0]} with each recording, give the pairs as --input lines with audio and audio2")
+    return audio, question
+
+
 CHOICES_RULE = 'needs at least two non-empty choices: one string like "dog|cat", or a list of strings'
 
 
