@@ -1,140 +1,195 @@
-"""`mellow ask`, `compare` and `caption`: one question streamed to the terminal, or many rows
-written as they are answered (to stdout, `-o FILE` or a file per recording), with --resume,
---shard and --window.
+"""`mellow ask`, `compare` and `caption`: one input (a recording, or a pair) or a batch of them,
+each recording heard whole: one longer than the model's clip is walked in windows of that clip
+(the model's family says how long; `--window`/`--hop` choose others), unless --offset/--duration
+ask for one span. One answer is streamed to the terminal; rows are written as they are answered
+(to stdout, `-o FILE` or a file per recording), with --resume and --shard.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Annotated, List, Optional
 
 import typer
 
-from mellow_cli.api import CAPTION_PROMPT, COMPARE_PROMPT, Question
+from mellow_cli.api import CAPTION_PROMPT, COMPARE_PROMPT
+from mellow_cli.cli import render
 from mellow_cli.cli.options import Answering, Format, RecursiveOpt, grouped
 from mellow_cli.errors import UsageError
 from mellow_cli.io.jobs import Job, fields_for, jobs_for, parse_shard, read_pairs, read_questions, row, take_shard, windowed
 
 
-def _interactive(run: Answering) -> bool:
-    """One answer for a person at a terminal: streamed (text) or one object (json)."""
-    out, rows = run.output, run.rows
-    return (out.fmt in (Format.text, Format.json) and out.output is None and out.output_dir is None
-            and rows.window is None and rows.shard is None and not rows.resume)
-
-
-def _answer_one(job, run: Answering) -> None:
-    """One question at a terminal: open the recordings first (a missing or unreadable file fails
-    in milliseconds), load the model, decode the clips as the model hears them, then stream the
-    answer, or print the chosen choice or one JSON object."""
-    from mellow_cli import batch
-    from mellow_cli.cli import render
-    from mellow_cli.io.audio import audio_duration
-
-    for path in dict.fromkeys((job.audio, job.audio2)):
-        audio_duration(path)
-    model = run.loading.load()
-    clips = batch.clip_decoder(model.read_clip, run.rows.offset, run.rows.duration)(job)
-    question = Question(clips[0], clips[1], job.question)
-    if job.choices:
-        picked = model.choose_batch([question], [job.choices])[0]
-        answer, scores = picked.choice, picked.as_dict()
-    elif run.output.fmt is Format.json:
-        answer, scores = model.ask_batch([question], run.decoding.options())[0], None
-    else:
-        render.stream_answer(model.stream(clips[0], job.question, audio2=clips[1], options=run.decoding.options()))
-        return
-    if run.output.fmt is Format.json:
-        record = row(job, answer=answer, scores=scores, model=model.name, revision=model.revision)
-        render.result_json({k: record[k] for k in fields_for([job])})
-    else:
-        render.result_line(answer)
+def _walks(run: Answering) -> bool:
+    """Whether each recording is heard whole, in windows (the default, or --window), rather than
+    as the one span --offset/--duration choose."""
+    rows = run.rows
+    return rows.window is not None or (rows.offset == 0 and rows.duration is None)
 
 
 def _check_run(jobs, run: Answering) -> None:
     """Options that cannot go together, refused before any audio is read."""
     out, rows = run.output, run.rows
     fmt = out.fmt.value
-    if out.fmt in (Format.srt, Format.vtt):
-        if rows.window is None:
-            raise UsageError(f"--format {fmt} needs --window (one timed caption per window)")
-        if out.output_dir is None and len({j.audio for j in jobs}) != 1:
-            raise UsageError(f"--format {fmt} holds one recording's captions: with several, give --output-dir DIR "
-                             "for a file each")
-    if rows.window is not None and (rows.offset or rows.duration):
-        raise UsageError("--window covers the whole recording: leave out --offset and --duration")
+    if out.fmt in (Format.srt, Format.vtt) and out.output_dir is None and len({j.audio for j in jobs}) != 1:
+        raise UsageError(f"--format {fmt} holds one recording's captions: with several, give --output-dir DIR "
+                         "for a file each")
+    if rows.window is not None and rows.duration is not None:
+        raise UsageError("--window walks each recording in windows and --duration asks for one span of it: give "
+                         "one of the two")
+    if rows.hop is not None and not _walks(run):
+        span = "--duration" if rows.duration is not None else "--offset without --window"
+        walk = "" if rows.duration is not None else " (or add --window SECONDS to walk from --offset on)"
+        raise UsageError(f"--hop spaces the windows of a recording walked whole, and {span} asks for one span: "
+                         f"leave out --hop{walk}")
     if rows.resume and out.overwrite:
         raise UsageError("--resume keeps the rows in --output and --overwrite replaces them: give one of the two")
     if out.output_dir is not None:
-        # Shards of windows would share a recording's file between processes.
         clash = ("--output" if out.output is not None else "--resume (it works with --output)" if rows.resume
-                 else "--shard (with --window)" if rows.shard and rows.window is not None else None)
+                 else None)
         if clash:
             raise UsageError(f"--output-dir writes a file per recording: leave out {clash}")
 
 
-def _run_batch(jobs, verb: str, run: Answering) -> None:
-    """Many rows: window, shard and resume the job list, answer it batch by batch, write each row
-    as it is done (to --output, or a file per recording in --output-dir), report failed files on
-    stderr, end with a summary line and an exit code."""
+def _run(jobs: list[Job], verb: str, run: Answering, single: bool) -> None:
+    """Answer `jobs`: one input (`single`: a recording or a pair named on the command line) or a
+    batch. What can be refused is refused before the model loads: the options, the output (its
+    format, what it holds, --resume's proof) and, for one input, a recording that cannot be read.
+    Then the model says how long a clip it hears, the recordings are cut into windows (and
+    shards), and the rows are answered batch by batch and written as they come; one clip for a
+    person at a terminal is streamed instead."""
+    import functools
     import os
 
     from mellow_cli.io import outputs
-    from mellow_cli.cli import render
     from mellow_cli.io.audio import audio_duration
 
     out, rows = run.output, run.rows
     _check_run(jobs, run)
-    shard_spec = parse_shard(rows.shard)
-    paths = None if out.output_dir is None else outputs.per_input_paths(out.output_dir, [j.audio for j in jobs],
-                                                                        out.fmt.value, out.overwrite)
-    if rows.window is not None:
-        jobs = windowed(jobs, rows.window, rows.hop or rows.window, audio_duration)
-    jobs = take_shard(jobs, shard_spec)
+    shard = parse_shard(rows.shard)
+    duration_of = functools.cache(audio_duration)
+    if single:  # a missing or broken file fails in milliseconds, not after the model loads
+        for path in dict.fromkeys((jobs[0].audio, jobs[0].audio2)):
+            duration_of(path)
     fields = fields_for(jobs)
-    if paths is not None:
+    if out.output_dir is not None:
+        paths = outputs.per_input_paths(out.output_dir, [j.audio for j in jobs], out.fmt.value, out.overwrite)
+        # Shards by recording, not by window: each recording's file is one process's.
+        jobs = take_shard(jobs, shard)
+        model = run.loading.load()
+        jobs, length = _cut(jobs, model, run, duration_of, single)
         sink = outputs.FilePerInput(paths, out.fmt.value, fields, out.overwrite)
-        _write_rows(sink, _answers(run, jobs), verb, len(jobs), None)
+        _write_rows(sink, _answers(model, run, jobs, length), verb, len(jobs), None)
         files = sink.files()
         render.info(f"wrote {len(files)} file{'' if len(files) == 1 else 's'} to {out.output_dir}")
         return
     opened = outputs.open_rows(out.output, out.fmt.value, fields, resume=rows.resume, overwrite=out.overwrite)
     try:
+        model = run.loading.load()
+        opened.check_model(model.name, out.output)
+        cut, length = _cut(jobs, model, run, duration_of, single)
+        times = rows.window is not None or len(cut) > len(jobs)
+        cut = take_shard(cut, shard)
         left = Counter(opened.done)
         todo = []
-        for job, (key, _) in zip(jobs, outputs.numbered_keys(row(j) for j in jobs)):
+        for job, (key, _) in zip(cut, outputs.numbered_keys(row(j) for j in cut)):
             if left[key] > 0:
                 left[key] -= 1
             else:
                 todo.append(job)
         if opened.done:
-            render.info(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} rows already in {out.output}")
+            render.info(f"resuming: {len(cut) - len(todo)} of {len(cut)} rows already in {out.output}")
         if not todo:
             render.info("nothing left to do")
             return
-        results = _answers(run, todo, check=lambda model: opened.check_model(model.name, out.output))
-        writer = outputs.writer(out.fmt.value, opened.stream, many=len(jobs) > 1, fields=fields,
-                                append=opened.append, folder=os.path.dirname(out.output or ""))
-        _write_rows(writer, results, verb, len(todo), out.output if out.fmt.value in outputs.RESUMABLE else None)
+        if (single and len(cut) == 1 and not times and not todo[0].choices and out.fmt is Format.text
+                and out.output is None):
+            return _stream(model, run, todo[0], length)
+        writer = outputs.writer(out.fmt.value, opened.stream, many=not single, fields=fields, append=opened.append,
+                                folder=os.path.dirname(out.output or ""), times=times)
+        resumable = out.output if out.fmt.value in outputs.RESUMABLE else None
+        _write_rows(writer, _answers(model, run, todo, length), verb, len(todo), resumable)
     finally:
         opened.close()
 
 
-def _answers(run: Answering, jobs, check=None):
-    """(row, error) per job, the model loaded first (and `check`ed against the output's rows)."""
+def _cut(jobs: list[Job], model, run: Answering, duration_of, single: bool) -> tuple[list[Job], float]:
+    """The jobs as the model will hear their recordings, and how long each span is: walked in
+    windows of the model's clip (or --window, --hop apart, from --offset), or the one span
+    --offset/--duration choose. Says on stderr which recordings were cut."""
+    rows = run.rows
+    clip = model.family.clip_seconds(model.cfg)
+    for flag, value in (("--window", rows.window), ("--duration", rows.duration)):
+        if value is not None and value > clip:
+            raise UsageError(f"{flag} {value:g}: {model.name} hears at most {clip:g} s at once")
+    if _walks(run):
+        length = rows.window or clip
+        hop = rows.hop or length
+    else:
+        length, hop = rows.duration or clip, math.inf
+    cut = windowed(jobs, length, hop, duration_of, rows.offset)
+    if _walks(run):
+        _say_how_heard(cut, duration_of, length, hop, rows.offset, clip, single)
+    return cut, length
+
+
+CUT_LINES = 3  # recordings cut into windows named one a line; past that, one line counts them
+
+
+def _say_how_heard(cut: list[Job], duration_of, length: float, hop: float, offset: float, clip: float,
+                   single: bool) -> None:
+    """A line on stderr for each recording heard in several windows (`field.flac: 180 s heard as
+    18 windows of 10 s`), or one line counting them when there are many (each is then said with
+    -v); for one input, a second recording longer than the clip, of which only the start is heard."""
+    counts = Counter(j.audio for j in cut)
+    walked = [audio for audio, n in counts.items() if n > 1]
+    how = f"windows of {length:g} s" + (f" every {hop:g} s" if hop != length else "") + (
+        f" from {offset:g} s" if offset else "")
+    lines = [f"{audio}: {_seconds(duration_of(audio))} heard as {counts[audio]} {how}" for audio in walked]
+    if len(lines) > CUT_LINES:
+        render.info(f"{len(walked)} of {len(counts)} recordings heard in {how}, {sum(counts[a] for a in walked)} "
+                      "rows (-v names them)")
+        for line in lines:
+            render.debug(line)
+    else:
+        for line in lines:
+            render.info(line)
+    job = cut[0] if single and cut else None
+    if job is not None and job.audio2 != job.audio and duration_of(job.audio2) > clip:
+        beside = f"each window of {job.audio}" if walked else job.audio
+        render.info(f"{job.audio2}: {_seconds(duration_of(job.audio2))}, of which the first {clip:g} s are heard "
+                      f"beside {beside}")
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f}".removesuffix(".0") + " s"
+
+
+def _stream(model, run: Answering, job: Job, length: float) -> None:
+    """One free answer for a person at a terminal, written as it is decoded."""
+    clips = _decoder(model, run, length)(job)
+    render.stream_answer(model.stream(clips[0], job.question, audio2=clips[1], options=run.decoding.options()))
+
+
+def _decoder(model, run: Answering, length: float):
+    """How each job's clips are read: its span of the first recording; the second from its start
+    beside a walk, or over the same span when --offset/--duration chose one."""
     from mellow_cli import batch
 
-    model = run.loading.load()
-    if check is not None:
-        check(model)
-    return batch.answer_rows(model, jobs, run.decoding.options(), run.rows.batch_size,
-                             batch.clip_decoder(model.read_clip, run.rows.offset, run.rows.duration))
+    walk = _walks(run)
+    return batch.clip_decoder(model.read_clip, length, 0.0 if walk else run.rows.offset,
+                              None if walk else run.rows.duration)
+
+
+def _answers(model, run: Answering, jobs: list[Job], length: float):
+    """(row, error) per job, answered `--batch-size` at a time."""
+    from mellow_cli import batch
+
+    return batch.answer_rows(model, jobs, run.decoding.options(), run.rows.batch_size, _decoder(model, run, length))
 
 
 def _write_rows(writer, results, verb: str, total: int, resumable: str | None) -> None:
     """Write each (row, error) as it comes, errors to stderr; a summary line and the exit code."""
-    from mellow_cli.cli import render
-
     written = failed = 0
     try:
         with render.progress(total, verb) as advance:
@@ -177,7 +232,7 @@ def ask(
       mellow ask street.flac "what is the main sound?" --choices "car|rain|birds"
       cat clip.mp3 | mellow ask - "what do you hear?"
       mellow ask --input questions.jsonl --format jsonl -o answers.jsonl --resume
-      mellow ask field.flac "is a bird singing?" --window 10 --choices "yes|no" -f csv
+      mellow ask field.flac "is a bird singing?" --choices "yes|no" -o field.csv
     """
     from mellow_cli.io import inputs
 
@@ -192,14 +247,11 @@ def ask(
             raise UsageError(f"{input_file}: no questions in the file")
     else:
         audio, question = inputs.split_question(args or [])
-        pair = len(audio) <= 2 and all(inputs.one_recording(a) for a in audio)
-        if pair:
-            jobs = [Job(audio[0], audio[-1], question, tuple(choice_list) if choice_list else None)]
-        else:
-            jobs = jobs_for(inputs.expand_inputs(audio, recursive), question, choice_list)
-        if pair and _interactive(run):
-            return _answer_one(jobs[0], run)
-    _run_batch(jobs, "answered", run)
+        if len(audio) <= 2 and all(inputs.one_recording(a) for a in audio):
+            return _run([Job(audio[0], audio[-1], question, tuple(choice_list) if choice_list else None)], "answered",
+                        run, single=True)
+        jobs = jobs_for(inputs.expand_inputs(audio, recursive), question, choice_list)
+    _run(jobs, "answered", run, single=False)
 
 
 @grouped
@@ -231,10 +283,8 @@ def compare(
     else:
         if audio1 is None or audio2 is None:
             raise UsageError("compare takes two recordings, A and B (or --pairs FILE)")
-        jobs = [Job(audio1, audio2, prompt)]
-        if _interactive(run):
-            return _answer_one(jobs[0], run)
-    _run_batch(jobs, "compared", run)
+        return _run([Job(audio1, audio2, prompt)], "compared", run, single=True)
+    _run(jobs, "compared", run, single=False)
 
 
 @grouped
@@ -256,12 +306,13 @@ def caption(
       mellow caption rain.wav
       mellow caption field/ --recursive --format jsonl -o captions.jsonl
       find . -name '*.flac' | mellow caption @- --format csv
-      mellow caption night.flac --window 10 --format srt > night.srt
-      mellow caption nights/*.flac --window 10 -f srt --output-dir subs/
+      mellow caption night.flac --format srt > night.srt
+      mellow caption nights/*.flac -f srt --output-dir subs/
       mellow caption big/ -r -f jsonl -o part2.jsonl --shard 2/4 --resume
     """
     from mellow_cli.io import inputs
 
     run.console.setup()
     run = run.resolved()
-    _run_batch(jobs_for(inputs.expand_inputs(audio, recursive), prompt), "captioned", run)
+    single = len(audio) == 1 and inputs.one_recording(audio[0])
+    _run(jobs_for(inputs.expand_inputs(audio, recursive), prompt), "captioned", run, single=single)

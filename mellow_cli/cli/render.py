@@ -182,26 +182,32 @@ def progress(total: int | None, description: str = "") -> Iterator["Callable[[in
 
 LINES_PER_RUN = 10  # plain progress lines a run of known length prints, besides one a minute
 LINE_EVERY_SECONDS = 60.0
+LINE_GAP_SECONDS = 10.0  # rows come in batches: a tenth reached this soon after a line waits for the next
 
 
 class ProgressLines:
     """Progress where no bar can be drawn: a line after the first step, at every tenth of the
-    total, at the last, and at least once a minute while steps complete, each with the count, the rate and
-    the time left (`captioned: 120 of 1080 (11%), 2.05/s, eta 0:07:48`), so a log shows a run
-    is alive and when it will end, as whisper's line per file does."""
+    total (or as soon after as LINE_GAP_SECONDS have passed since the last line), at the last, and at least once a
+    minute while steps complete, each with the count, the rate and the time left (`captioned:
+    120 of 1080 (11%), 2.05/s, eta 0:07:48`), so a log shows a run is alive and when it will end,
+    as whisper's line per file does. A count of one step says nothing the end does not."""
 
     def __init__(self, total: int | None, description: str, clock: Callable[[], float] = time.monotonic):
         self.total, self.description, self.clock = total, description, clock
         self.done = 0
         self.started = self.last = clock()
         self.step = max(1, -(-total // LINES_PER_RUN)) if total else None
+        self.due = False  # a tenth was reached since the last line
 
     def advance(self, n: int = 1) -> None:
         before, self.done = self.done, self.done + n
         now = self.clock()
-        crossed = self.step is not None and before // self.step != self.done // self.step
-        if before == 0 or crossed or self.done == self.total or now - self.last >= LINE_EVERY_SECONDS:
-            self.last = now
+        self.due = self.due or (self.step is not None and before // self.step != self.done // self.step)
+        if self.total == 1:
+            return
+        if (before == 0 or self.done == self.total or now - self.last >= LINE_EVERY_SECONDS
+                or (self.due and now - self.last >= LINE_GAP_SECONDS)):
+            self.last, self.due = now, False
             info(self.line(now))
 
     def line(self, now: float) -> str:

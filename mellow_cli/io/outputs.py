@@ -298,14 +298,15 @@ def _csv_rows(path: str, whole: str, fmt: str, fields: Sequence[str], hint: str)
 
 
 def writer(fmt: str, stream: IO[str], *, many: bool = True, fields: Sequence[str] = (), append: bool = False,
-           folder: str = "."):
-    """The writer of a run's rows in `fmt`: formats.RowWriter, or for html the page of them all
+           folder: str = ".", times: bool = False):
+    """The writer of a run's rows in `fmt`: formats.RowWriter (`many`: a batch's rows, not one
+    input's; `times`: text shows each row's span), or for html the page of them all
     (html.PageWriter; `folder` is where the page goes, for its paths to the audio)."""
     if fmt == "html":
         from mellow_cli.io.html import PageWriter
 
         return PageWriter(stream, fields, folder)
-    return RowWriter(fmt, stream, many=many, fields=fields, append=append)
+    return RowWriter(fmt, stream, many=many, fields=fields, append=append, times=times)
 
 
 # --- a file per recording (--output-dir) ----------------------------------------------------------

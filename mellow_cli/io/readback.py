@@ -75,14 +75,14 @@ def _table(path: str, text: str, delimiter: str) -> list[dict]:
 
 def unflat(key: str, value: str):
     """A csv/tsv cell as the row held it (formats.py's `_flat` read backwards): empty is None,
-    choices a list, scores a list of {choice, probability}, start and end numbers."""
+    choices a list, scores each choice's probability keyed by the choice, start and end numbers."""
     if value == "":
         return None
     if key == "choices":
         return value.split("|")
     if key == "scores":
         pairs = [part.rpartition("=") for part in value.split("|")]
-        return [{"choice": choice, "probability": _number(p)} for choice, _, p in pairs]
+        return {choice: _number(p) for choice, _, p in pairs}
     if key in NUMBERS:
         return _number(value)
     return value
