@@ -43,8 +43,6 @@ class Question(NamedTuple):
     prompt: str
 
 
-CAPTION_PROMPT = "caption the audio."  # the reference's captioning example
-COMPARE_PROMPT = "explain the difference between the two audios in detail."  # ... and its difference example
 
 
 @dataclass(frozen=True)
@@ -188,12 +186,20 @@ class Model:
 
     # --- answers ---------------------------------------------------------------------------------
 
+    def answer_options(self, options: DecodingOptions) -> DecodingOptions:
+        """`options` with the model's own answer budget where it gives none (its authors': 300
+        tokens for Mellow and TinyMU, 100 for Samsone)."""
+        from dataclasses import replace
+
+        return options if options.max_tokens is not None else replace(options, max_tokens=self.cfg.default_max_tokens)
+
     def stream(self, audio: AudioInput, question: str, *, audio2: AudioInput | None = None,
                options: DecodingOptions = DecodingOptions()) -> Iterator[str]:
         """The answer as text pieces, each yielded as soon as it is decoded."""
         from mellow_cli.runtime.generate import stream
 
         prefix = self.prefix([Question(audio, audio2, question)])
+        options = self.answer_options(options)
         for _, piece in stream(self.net.lm, self.tokenizer, prefix, options, self.cfg.eos_token_id):
             yield piece
 
@@ -208,15 +214,18 @@ class Model:
 
         if not questions:
             return []
-        return generate(self.net.lm, self.tokenizer, self.prefix(questions), options, eos_id=self.cfg.eos_token_id)
+        return generate(self.net.lm, self.tokenizer, self.prefix(questions), self.answer_options(options),
+                        eos_id=self.cfg.eos_token_id)
 
-    def caption(self, audio: AudioInput, prompt: str = CAPTION_PROMPT, *,
+    def caption(self, audio: AudioInput, prompt: str | None = None, *,
                 options: DecodingOptions = DecodingOptions()) -> str:
-        return self.ask(audio, prompt, options=options)
+        """A caption, by the family's own caption prompt unless `prompt` gives another."""
+        return self.ask(audio, prompt or self.family.caption_prompt, options=options)
 
-    def compare(self, audio1: AudioInput, audio2: AudioInput, prompt: str = COMPARE_PROMPT, *,
+    def compare(self, audio1: AudioInput, audio2: AudioInput, prompt: str | None = None, *,
                 options: DecodingOptions = DecodingOptions()) -> str:
-        return self.ask(audio1, prompt, audio2=audio2, options=options)
+        """How two recordings differ, by the family's own prompt unless `prompt` gives another."""
+        return self.ask(audio1, prompt or self.family.compare_prompt, audio2=audio2, options=options)
 
     def choose(self, audio: AudioInput, question: str, choices: Sequence[str], *,
                audio2: AudioInput | None = None) -> ChoiceResult:

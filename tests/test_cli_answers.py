@@ -12,7 +12,9 @@ import pytest
 from conftest import write_tone
 from fakes import ScriptedModel, install
 
-from mellow_cli.api import COMPARE_PROMPT
+from mellow_cli.models.family import family
+
+COMPARE_PROMPT = family("mellow").compare_prompt
 
 
 def mellow(*args: str) -> subprocess.CompletedProcess:

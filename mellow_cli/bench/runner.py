@@ -33,11 +33,12 @@ from mellow_cli.io.jobs import take_shard
 from mellow_cli.io import outputs
 from mellow_cli.errors import MellowError, UsageError
 from mellow_cli.bench import items as common
-from mellow_cli.bench import mellow, predictions
+from mellow_cli.bench import mellow, muchomusic, predictions
 from mellow_cli.bench.scoring import OFFICIAL, OUTPUT_KEY, Score, Scorer, score
 
 MODES = ("choices", "generate")
-PROMPTS = {"plain": common.prompt, "mellow": mellow.prompt}  # --prompt-style -> the prompt of an item
+# --prompt-style -> the prompt of an item (muchomusic: that benchmark's authors' own)
+PROMPTS = {"plain": common.prompt, "mellow": mellow.prompt, "muchomusic": muchomusic.prompt}
 
 
 class Interrupted(MellowError):

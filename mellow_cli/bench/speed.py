@@ -3,7 +3,7 @@
 gpt-fast's benchmarking habits: a warm-up before timing, the device
 synchronised before each clock reading, medians of repeats, tokens/s, bytes read per second and
 peak memory, and a baseline measured in the same run: transformers' own `generate` over the very
-same float32 weights (model/llama.py: transformers_twin). Other processes can slow either, so the
+same float32 weights (runtime/llama.py: transformers_twin). Other processes can slow either, so the
 ratio of the two, raced in alternate runs, means more than either figure.
 
 The audio is synthesized (tones over noise, a new clip for every timed run, so the model's clip
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mellow_cli.store import loading
-from mellow_cli.api import CAPTION_PROMPT, Model, Question, load_model
+from mellow_cli.api import Model, Question, load_model
 from mellow_cli.runtime.options import DecodingOptions
 from mellow_cli.errors import ModelError
 from mellow_cli.runtime.generate import generate_tokens
@@ -45,7 +45,7 @@ class SpeedReport:
     revision: str | None  # hub commit of the weights, None for local files
     device: str  # where it ran: cpu, cuda:0, mps
     dtype: str  # of the language model's weights
-    decode_step: str  # "c": one call into model/step.c per step; "torch": the eager forward
+    decode_step: str  # "c": one call into runtime/step.c per step; "torch": the eager forward
     threads: int  # torch's CPU threads
     torch_version: str
     tokens: int  # tokens decoded per timed decode run
@@ -206,7 +206,7 @@ def time_to_first_token(model: Model, clips: Callable[[int], list], repeat: int)
 def captions_per_s(model: Model, clips: Callable[[int], list], batch: int, tokens: int, repeat: int) -> float:
     """Median clips/s for one `ask_batch` caption of `batch` new clips, greedy, up to `tokens`."""
     def caption(max_tokens: int):
-        rows = [Question(c, None, CAPTION_PROMPT) for c in clips(batch)]
+        rows = [Question(c, None, model.family.caption_prompt) for c in clips(batch)]
         return timed(lambda: model.ask_batch(rows, DecodingOptions(max_tokens=max_tokens)), model.device)
 
     caption(2)

@@ -13,7 +13,6 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from mellow_cli.api import CAPTION_PROMPT, COMPARE_PROMPT
 from mellow_cli.cli import render
 from mellow_cli.cli.options import Answering, Format, RecursiveOpt, grouped
 from mellow_cli.errors import UsageError
@@ -239,6 +238,7 @@ def ask(
     run.console.setup()
     run = run.resolved()
     choice_list = inputs.parse_choices(choices, "--choices")
+    single = False
     if input_file is not None:
         if args:
             raise UsageError("give either --input FILE or AUDIO [AUDIO2] QUESTION, not both")
@@ -247,18 +247,30 @@ def ask(
             raise UsageError(f"{input_file}: no questions in the file")
     else:
         audio, question = inputs.split_question(args or [])
-        if len(audio) <= 2 and all(inputs.one_recording(a) for a in audio):
-            return _run([Job(audio[0], audio[-1], question, tuple(choice_list) if choice_list else None)], "answered",
-                        run, single=True)
-        jobs = jobs_for(inputs.expand_inputs(audio, recursive), question, choice_list)
-    _run(jobs, "answered", run, single=False)
+        single = len(audio) <= 2 and all(inputs.one_recording(a) for a in audio)
+        if single:
+            jobs = [Job(audio[0], audio[-1], question, tuple(choice_list) if choice_list else None)]
+        else:
+            jobs = jobs_for(inputs.expand_inputs(audio, recursive), question, choice_list)
+    _check_clips(jobs, run)
+    _run(jobs, "answered", run, single=single)
+
+
+def _check_clips(jobs, run: Answering) -> None:
+    """A question with more clips than the model's family takes, refused before it loads (the
+    model would refuse it too, after loading)."""
+    family = _family(run)
+    most = family.most_clips
+    if most is not None and any(len({j.audio, j.audio2}) > most for j in jobs):
+        raise UsageError(f"{run.loading.model}: {family.title} takes {most} clip{'s' if most > 1 else ''} a question, "
+                         "not more")
 
 
 @grouped
 def compare(
     audio1: Annotated[Optional[str], typer.Argument(metavar="A", help="First recording (or - for stdin).", show_default=False)] = None,
     audio2: Annotated[Optional[str], typer.Argument(metavar="B", help="Second recording.", show_default=False)] = None,
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to ask about the pair.")] = COMPARE_PROMPT,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="What to ask about the pair [default: the model's own difference prompt; Mellow's is \"explain the difference between the two audios in detail.\"].", show_default=False)] = None,
     pairs: Annotated[Optional[str], typer.Option("--pairs", help="Many pairs: a CSV or TSV with a header naming audio1 and audio2 (optional prompt and id columns), or JSON lines (.jsonl); - for stdin.")] = None,
     *,
     run: Answering,
@@ -274,6 +286,11 @@ def compare(
 
     run.console.setup()
     run = run.resolved()
+    family = _family(run)
+    if family.most_clips == 1:
+        raise UsageError(f"{run.loading.model}: {family.title} takes one clip a question, so it cannot compare two "
+                         "recordings: ask about each (mellow ask, mellow caption)")
+    prompt = prompt or family.compare_prompt
     if pairs is not None:
         if audio1 or audio2:
             raise UsageError("give either --pairs FILE or A B, not both")
@@ -290,7 +307,7 @@ def compare(
 @grouped
 def caption(
     audio: Annotated[List[str], typer.Argument(metavar="AUDIO...", help="Recordings: files, folders, globs, @list.txt (one path per line), @- (that list on stdin), or - (audio on stdin).", show_default=False)],
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The instruction given with each clip.")] = CAPTION_PROMPT,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The instruction given with each clip [default: the model's own caption prompt; Mellow's is \"caption the audio.\"].", show_default=False)] = None,
     recursive: RecursiveOpt = False,
     *,
     run: Answering,
@@ -314,5 +331,16 @@ def caption(
 
     run.console.setup()
     run = run.resolved()
+    prompt = prompt or _family(run).caption_prompt
     single = len(audio) == 1 and inputs.one_recording(audio[0])
     _run(jobs_for(inputs.expand_inputs(audio, recursive), prompt), "captioned", run, single=single)
+
+
+def _family(run: Answering):
+    """The family of the model asked for, known before it loads (its name, or its folder's
+    config); Mellow's where only reading the checkpoint would tell."""
+    from mellow_cli.models.family import family, family_of
+    from mellow_cli.store.loading import peek_config
+
+    cfg = peek_config(run.loading.model)
+    return family("mellow") if cfg is None else family_of(cfg)

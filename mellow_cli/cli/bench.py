@@ -10,7 +10,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from mellow_cli.runtime.options import MAX_TOKENS
-from mellow_cli.cli.options import BatchSizeOpt, Console, Loading, MaxTokensOpt, ShardOpt, grouped
+from mellow_cli.cli.options import BatchSizeOpt, Console, Loading, ShardOpt, grouped
 from mellow_cli.errors import UsageError
 
 bench_app = typer.Typer(help="Score a model on a benchmark or measure its speed.", no_args_is_help=True, rich_markup_mode=None)
@@ -24,6 +24,11 @@ class Mode(str, Enum):
 class PromptStyle(str, Enum):
     plain = "plain"
     mellow = "mellow"
+
+
+class MuchoScorer(str, Enum):  # bench/muchomusic.py SCORERS
+    muchomusic = "muchomusic"
+    mmau = "mmau"
 
 
 class MmauScorer(str, Enum):  # bench/mmau.py SCORERS
@@ -45,6 +50,7 @@ LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=1, help="Only th
 ScoreOnlyOpt = Annotated[Optional[List[str]], typer.Option("--score-only", metavar="PREDICTIONS.json", help="Score this predictions file (from any model; repeat for shards) without running a model.")]
 MinAccuracyOpt = Annotated[Optional[float], typer.Option("--min-accuracy", min=0.0, max=100.0, metavar="PERCENT", help="Exit 1 when the overall accuracy is below this (for CI).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON report (data SHA-256, model, revision, mode, counts, accuracies, wall time) instead of the table.")]
+GenerateTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, max=MAX_TOKENS, help="Longest generated answer, in tokens (--mode generate; the Mellow reference's max_len).")]
 PromptStyleOpt = Annotated[PromptStyle, typer.Option("--prompt-style", help="plain: the question and its lettered options as written, the clip paired with itself; mellow: as the Mellow authors' evaluation asks (lower-cased, end of text appended, an item without a second clip paired with one drawn from the file), the prompt of the paper's 52.11.")]
 
 
@@ -62,7 +68,7 @@ class Benchmark:
     score_only: ScoreOnlyOpt = None
     min_accuracy: MinAccuracyOpt = None
     as_json: JsonOpt = False
-    max_tokens: MaxTokensOpt = 300
+    max_tokens: GenerateTokensOpt = 300
     loading: Loading = field(default_factory=Loading)
     console: Console = field(default_factory=Console)
 
@@ -120,6 +126,32 @@ def bench_qa(
     _bench(qa, file, audio_root, "FILE", scorer.value, run)
 
 
+@bench_app.command("muchomusic")
+@grouped
+def bench_muchomusic(
+    data: Annotated[Optional[str], typer.Option("--data", help="muchomusic.csv (the published file; see docs/bench.md).")] = None,
+    audio_dir: Annotated[Optional[str], typer.Option("--audio-dir", help="The folder laid out as the authors' data/: sdd/ and musiccaps/, each with its metadata CSV and audio/ [default: the data file's folder].")] = None,
+    scorer: Annotated[MuchoScorer, typer.Option("--scorer", help="muchomusic: the authors' scorer (the letter the answer names, else the option it contains; every item counts); mmau: MMAU's matcher.")] = MuchoScorer.muchomusic,
+    *,
+    run: Benchmark,
+) -> None:
+    """Score a model on MuChoMusic (music understanding, 1,187 questions), asked as its authors
+    ask ("Question: ... Options: (A) ... The correct answer is:"), each row's options in an order
+    fixed by its identifier.
+
+    \b
+    Examples:
+      mellow bench muchomusic --data muchomusic.csv --audio-dir data/ --model tinymu
+      mellow bench muchomusic --data muchomusic.csv --audio-dir data/ --mode generate --model tinymu,v0
+    """
+    from mellow_cli.bench import muchomusic
+
+    if run.prompt_style is not PromptStyle.plain:
+        raise UsageError("bench muchomusic asks as its authors do: leave out --prompt-style")
+    asked = run if run.score_only else dataclasses.replace(run, prompt_style="muchomusic")
+    _bench(muchomusic, data, audio_dir, "--data FILE", scorer.value, asked)
+
+
 def _bench(bench, data, audio_root, data_name: str, scorer_name: str, run: Benchmark) -> None:
     """Run (or only score) a multiple-choice benchmark, print its report, set the exit code."""
     import os
@@ -129,7 +161,7 @@ def _bench(bench, data, audio_root, data_name: str, scorer_name: str, run: Bench
 
     run.console.setup()
     scorer = bench.SCORERS[scorer_name]
-    prompt_style = run.prompt_style.value
+    prompt_style = getattr(run.prompt_style, "value", run.prompt_style)
     if run.score_only:
         if run.predictions or run.resume or run.limit or run.shard or prompt_style != "plain":
             raise UsageError("--score-only scores finished predictions: leave out --predictions, --resume, --limit, "

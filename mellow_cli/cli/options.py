@@ -1,5 +1,5 @@
-"""Options and helpers shared by every `mellow` command module (cli.py, cli_bench.py,
-cli_train.py, cli_serve.py): each option is declared once here. Options that travel together
+"""Options and helpers shared by every `mellow` command module (answer.py, bench.py,
+train.py, serve.py, ...): each option is declared once here. Options that travel together
 are frozen dataclasses (option groups: Loading, Decoding, Rows, Output, Console); `grouped`
 spreads a group's options into a command's signature for Typer, which has no groups of its own,
 and hands the command the group built from them. Nothing heavy is imported at module level.
@@ -78,7 +78,7 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", min=0, max=MAX_SEED, h
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only results and errors.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback when something fails.")]
-MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, max=MAX_TOKENS, help="Longest answer, in tokens.")]
+MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", min=1, max=MAX_TOKENS, help="Longest answer, in tokens [default: the model's own, its authors' answer length].", show_default=False)]
 SampleOpt = Annotated[bool, typer.Option("--sample/--greedy", help="Sample the answer instead of the default greedy decoding (which matches the reference).")]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, max=100.0, help="Sampling temperature (with --sample).")]
 TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --sample).")]
@@ -203,7 +203,7 @@ class Loading:
 class Decoding:
     """How a free answer is decoded."""
 
-    max_tokens: MaxTokensOpt = 300
+    max_tokens: MaxTokensOpt = None
     sample: SampleOpt = False
     temperature: TemperatureOpt = 1.0
     top_p: TopPOpt = 0.8

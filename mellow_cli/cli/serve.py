@@ -1,4 +1,4 @@
-"""`mellow serve`: parse the options, load the model once, bind, and hand over to serve.py.
+"""`mellow serve`: parse the options, load the model once, bind, and hand over to serve/app.py and serve/http.py.
 
 Starlette and uvicorn are an optional extra (`pip install "mellow-cli[serve]"`); without them
 the command says how to install them in one line. They, and torch, load only when it runs.

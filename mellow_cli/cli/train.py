@@ -1,4 +1,4 @@
-"""`mellow train`: parse the options, hand the run to train.py, draw its progress on stderr."""
+"""`mellow train`: parse the options, hand the run to train/loop.py, draw its progress on stderr."""
 
 from __future__ import annotations
 

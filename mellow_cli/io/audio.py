@@ -1,7 +1,7 @@
 """Audio input: a sound file (or stdin) in, a model's float32 mono clip out.
 
 This module owns everything between a path on the command line and the waveform the front end
-(`model/frontend.py`) turns into a log-mel spectrogram, in the manner of whisper's `audio.py`:
+(the family's front end, e.g. models/mellow/frontend.py) turns into a log-mel spectrogram, in the manner of whisper's `audio.py`:
 
 - decoding WAV, FLAC, OGG (Vorbis, Opus), MP3 and whatever else libsndfile reads, via soundfile;
   the source `-` is a whole audio file on standard input, read once and kept, so `-` can be

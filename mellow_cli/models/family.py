@@ -31,8 +31,8 @@ class Family:
     name: str = ""  # as config.json's "family" names it
     title: str = ""  # as messages name it
     most_clips: int | None = 2  # clips one question can take; None: any number
-    caption_prompt: str = "caption the audio."
-    compare_prompt: str = "explain the difference between the two audios in detail."
+    caption_prompt: str = ""  # what `mellow caption` asks by default
+    compare_prompt: str = ""  # and `mellow compare` (a family of one clip a question has none)
 
     # --- configuration ---------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from mellow_cli.errors import ModelError
 
 def build_lm(cfg):
     """A randomly initialised (or, under `torch.device('meta')`, empty) SmolLM2 of `cfg`'s size:
-    our own module with transformers' parameter names (model/llama.py says why)."""
+    our own module with transformers' parameter names (runtime/llama.py says why)."""
     from mellow_cli.runtime.llama import LlamaForCausalLM
 
     return LlamaForCausalLM(cfg).eval()
@@ -26,6 +26,16 @@ def build_lm(cfg):
 
 _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_",
                    "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+
+
+def built(cls, cfg, device: "str | torch.device" = "cpu") -> nn.Module:
+    """`cls(cfg)`, a family's network: on a real device with random weights, ready to run; on
+    "meta" with no storage at all and nothing initialised, to be filled by a strict load that
+    adopts a checkpoint's tensors."""
+    meta = torch.device(device).type == "meta"
+    with torch.device(device), (skip_init() if meta else contextlib.nullcontext()):
+        model = cls(cfg)
+    return model.eval()
 
 
 @contextlib.contextmanager

@@ -1,8 +1,8 @@
-"""Text generation over Mellow's prefix embeddings: prefill, decode step, sampling, streaming text,
+"""Text generation over a prefix (runtime/prefix.py): prefill, decode step, sampling, streaming text,
 and scoring of answer choices. Only the language model half runs here.
 
 Shaped after pytorch-labs/gpt-fast (`prefill`, `decode_one_token`, `generate`): each drives the
-language model's one forward (model/llama.py) against the static KV cache inside its attention
+language model's one forward (runtime/llama.py) against the static KV cache inside its attention
 modules, so a step costs one position instead of the whole sequence and does not depend on
 transformers' cache API (which changes between major versions). How the matrices are stored and
 multiplied (--dtype) is precision.py's business; the loop here is the same for all.
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 EOS_TOKEN_ID = 0  # `<|endoftext|>`, where SmolLM2 ends an answer
 
 
-# --- prefill and decode over the language model's one forward (model/llama.py) ---------------
+# --- prefill and decode over the language model's one forward (runtime/llama.py) ---------------
 
 
 def activation_dtype(lm) -> torch.dtype:
@@ -178,18 +178,18 @@ def generate_tokens(
     lm, prefix: "Prefix | torch.Tensor", options: DecodingOptions = DecodingOptions(), eos_id: int = EOS_TOKEN_ID
 ) -> Iterator[torch.Tensor]:
     """Yields the next token of every row, (B,), step by step, until every row has produced
-    `eos_id` or `options.max_tokens` steps. Rows that are done keep being fed, as in the
+    `eos_id` or `options.budget` steps. Rows that are done keep being fed, as in the
     reference loop, so a batch yields the same tokens as the reference; callers cut at eos."""
-    session = Session(lm, prefix, options.max_tokens)
+    session = Session(lm, prefix, options.budget)
     device = session.prefix.embeds.device
     generator = _generator(options, device)
     done = torch.zeros(session.prefix.batch, dtype=torch.bool, device=device)
     logits = session.first()
-    for step in range(options.max_tokens):
+    for step in range(options.budget):
         token = next_token(logits, options, generator)
         yield token
         done |= token == eos_id
-        if done.all() or step + 1 == options.max_tokens:
+        if done.all() or step + 1 == options.budget:
             return
         logits = session.step(token)
 

@@ -260,7 +260,7 @@ class LlamaForCausalLM(nn.Module):
     against the KV cache that `setup_cache` put inside each attention module: prefill (start 0,
     the whole prefix), a decode step (T = 1) and choice scoring (T = a choice's tokens). Once
     prepared in half precision or int8, a decode step (of any number of rows) runs as one call
-    into C where the machine can build it (model/fused.py, which also scores choices for
+    into C where the machine can build it (runtime/fused.py, which also scores choices for
     generate.py): the same arithmetic on the same cache, without the per-operation overhead
     that is a third of an eager step. A prefill's attention (Attention.attend) and, between
     bfloat16 products, the rest of its layers (DecoderLayer.prefill) can run there too."""
@@ -272,7 +272,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.model.embed_tokens.weight
         self.head_matrix: Matrix | None = None
-        self.fused = None  # a one-call decode step (model/fused.py), set by precision.apply
+        self.fused = None  # a one-call decode step (runtime/fused.py), set by precision.apply
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (..., H) in the activations' dtype: rows of the table, or, once

@@ -208,7 +208,7 @@ class Int8Matrix:
     bfloat16, a quarter of float32's bytes); several positions multiply a bfloat16 copy made on
     the fly, as compute, not bytes, bounds them. The activations are never rounded to 8 bits:
     dynamic int8 (activations rounded to 8 bits per token) moved SmolLM2's logits by 10+ where
-    this moves them by about 2. (The one-call step, model/fused.py, reads `q` and `scale` as
+    this moves them by about 2. (The one-call step, runtime/fused.py, reads `q` and `scale` as
     they are, and rounds activations to 16 bits per block of 64: far finer than the weights.)"""
 
     def __init__(self, weight: torch.Tensor):

@@ -5,7 +5,7 @@
   and multiply in it where the CPU is fast at it; the residual stream, norms, attention and the KV
   cache stay float32, so answers part from float32's only at near ties.
 - `int8` stores them as 8-bit integers with one scale per output row: a quarter of float32's
-  bytes; the activations are never rounded to 8 bits (the one-call decode step of model/fused.py
+  bytes; the activations are never rounded to 8 bits (the one-call decode step of runtime/fused.py
   rounds them to 16, per block of 64), so SmolLM2's logits stay within about 2 of float32's
   (`mellow bench speed --dtype int8` reports the agreement).
 - `auto`, the default, takes the fastest faithful kernels of this CPU: which half precision (if
@@ -154,7 +154,7 @@ def measure(hidden: int = 576, intermediate: int = 1536, kv: int = 192, vocab: i
     that loads the CPU for a while then slows every candidate alike instead of the ones measured
     while it ran (timing them one after another, a busy minute once made float32 look fastest).
 
-    With `fused`, a candidate whose matrices the one-call step of model/fused.py reads has its
+    With `fused`, a candidate whose matrices the one-call step of runtime/fused.py reads has its
     decode step timed through it too, attention over PREFIX positions and all, and keeps the
     faster of the two; torch's kernels are timed on their products alone, so the comparison
     leans toward them (and toward float32, the exact path)."""
@@ -181,7 +181,7 @@ def measure(hidden: int = 576, intermediate: int = 1536, kv: int = 192, vocab: i
             one = inputs[hidden][0]
             last = _time(lambda: top(one), repeat=3)  # one position through the head, in both
             step = _time(lambda: [m(x[0]) for m, x in matrices], repeat=3) * scale + last
-            if fused:  # the one-call step where it can run these matrices (model/fused.py)
+            if fused:  # the one-call step where it can run these matrices (runtime/fused.py)
                 fast = decode_seconds([tuple(m for m, _ in matrices[j:j + 4]) for j in range(0, len(matrices), 4)],
                                       top, heads, kv // (hidden // heads), layers, PREFIX,
                                       lambda fn: _time(fn, repeat=3))

@@ -1,4 +1,4 @@
-/* The language model (model/llama.py) over a few new tokens against its KV cache, in plain C:
+/* The language model (runtime/llama.py) over a few new tokens against its KV cache, in plain C:
    decode steps (one token per row) and choice scoring (a few tokens per choice, every choice of
    a row after the same prefix).
 

@@ -244,11 +244,12 @@ def _choose(model: "Model", rows: Sequence[Pending], cut: threading.Event) -> No
 class _Row:
     """A generation row while it runs: its text so far and its sampler."""
 
-    def __init__(self, pending: Pending, tokenizer, device, prompt_tokens: int):
+    def __init__(self, pending: Pending, tokenizer, device, prompt_tokens: int, budget: int):
         from mellow_cli.runtime.generate import TextStream, _generator
 
         self.pending = pending
         self.prompt_tokens = prompt_tokens  # the prefix's length: what the request's usage counts
+        self.budget = budget  # its tokens at most: the request's max_tokens, or the model's own
         self.text = TextStream(tokenizer)
         # The same generator `mellow ask --sample --seed N` draws from, so a seeded answer repeats.
         self.generator = _generator(pending.options, device)
@@ -263,9 +264,11 @@ def _generate(model: "Model", rows: Sequence[Pending], cut: threading.Event) -> 
     eos = model.cfg.eos_token_id
     with torch.inference_mode():
         prefix = model.prefix([p.row for p in rows])
-        session = Session(model.net.lm, prefix, max(p.options.max_tokens for p in rows))
+        budgets = [model.answer_options(p.options).budget for p in rows]
+        session = Session(model.net.lm, prefix, max(budgets))
         device = prefix.embeds.device
-        live = [_Row(p, model.tokenizer, device, length) for p, length in zip(rows, prefix.lengths)]
+        live = [_Row(p, model.tokenizer, device, length, budget)
+                for p, length, budget in zip(rows, prefix.lengths, budgets)]
         logits = session.first()
         while live:
             tokens = _next_tokens(logits, live)
@@ -314,7 +317,7 @@ def _advance(row: _Row, token: int, eos: int, cut: threading.Event) -> bool:
         piece = row.text.push(token)
         if piece:
             p.tell(piece)
-        if row.tokens < p.options.max_tokens and not cut.is_set():
+        if row.tokens < row.budget and not cut.is_set():
             return True
         reason = "length"
     rest = row.text.flush()

@@ -26,7 +26,7 @@ from mellow_cli.store.conversion import (
     fit,
     read_checkpoint,
 )
-from mellow_cli.errors import ModelError
+from mellow_cli.errors import MellowError, ModelError
 from mellow_cli.events import note
 from mellow_cli.files import cache_dir, disk_full, first_line, sha256, slug
 from mellow_cli.store import release
@@ -79,6 +79,25 @@ def pull(name_or_path: str | ModelSource, *, force: bool = False, progress: bool
     convert once. `force` discards the cached copy first."""
     src = name_or_path if isinstance(name_or_path, ModelSource) else resolve(name_or_path)
     return _ensure(src, verify=True, force=force, progress=progress, arch=arch)
+
+
+def peek_config(name_or_path: str):
+    """A model's config without reading its weights or touching the network: a published name's
+    preset, a folder's (the cache's, or the user's) config.json, the config beside a checkpoint;
+    None where only reading the checkpoint would tell (one not converted yet). For what must be
+    known before a model loads: which family answers, how long its clips are."""
+    try:
+        src = resolve(name_or_path)
+    except MellowError:
+        return None
+    if src.kind == "published":
+        return family(src.family).config(src.preset)
+    folder = src.path if src.kind == "folder" else cache_dir() / "models" / src.key if src.key else None
+    if folder is not None and (folder / CONFIG_FILE).is_file():
+        return read_config(folder / CONFIG_FILE, strict=False)
+    if src.kind in ("checkpoint", "safetensors"):
+        return checkpoint_config(src.path)
+    return None
 
 
 def load(name_or_path: str | ModelSource, *, device: str = "cpu", progress: bool = True,

@@ -22,6 +22,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from mellow_cli.errors import ModelError
+from mellow_cli.models.config import ModelConfig
 from mellow_cli.models.mellow.config import MellowConfig
 
 if TYPE_CHECKING:
@@ -42,6 +43,8 @@ def check_exportable(cfg: MellowConfig, label: str) -> None:
     v0 = MellowConfig.v0()
     differ = [f.name for f in dataclasses.fields(cfg)
               if f.name != "name" and getattr(cfg, f.name) != getattr(v0, f.name)]
+    shared = {f.name for f in dataclasses.fields(ModelConfig)}
+    differ.sort(key=lambda name: name in shared)  # Mellow's own sizes first: they say the most
     if differ:
         more = f" (+{len(differ) - 4} more)" if len(differ) > 4 else ""
         raise ModelError(f"{label}: a Mellow {cfg.name} model cannot be exported to the official layout, which "

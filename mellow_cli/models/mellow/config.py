@@ -8,14 +8,16 @@ rebuilt with `MellowConfig.from_dict`.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
+from mellow_cli.models.config import ModelConfig
+
 
 @dataclass(frozen=True)
-class MellowConfig:
+class MellowConfig(ModelConfig):
     family: ClassVar[str] = "mellow"  # models/family.py: which family's network this config builds
+    default_max_tokens: ClassVar[int] = 300  # the reference's max_len: an answer's budget by default
     name: str = "v0"
     # --- audio front end (torchlibrosa-style, frozen in the checkpoint)
     sample_rate: int = 32000  # Hz; every clip is resampled to this
@@ -38,17 +40,7 @@ class MellowConfig:
     # --- mapper and sequence layout
     pool: int = 8  # average-pool the 1024 frame embeddings in groups of this size -> 128
     prompt_tokens: int = 129  # prompt is truncated / right-padded with `pad_token_id` to this
-    # --- language model (SmolLM2-135M, a Llama)
-    vocab_size: int = 49152
-    hidden_size: int = 576
-    intermediate_size: int = 1536
-    num_hidden_layers: int = 30
-    num_attention_heads: int = 9
-    num_key_value_heads: int = 3
-    max_position_embeddings: int = 8192
-    rope_theta: float = 100000.0
-    rms_norm_eps: float = 1e-5
-    tokenizer: str = "HuggingFaceTB/SmolLM2-135M"  # hub repo of the tokenizer (base, not Instruct)
+    # --- language model: SmolLM2-135M (ModelConfig's defaults), tied to `<|endoftext|>` and `!` here
     sep_token_id: int = 0  # `<|endoftext|>`: separates clip 1, clip 2 and the prompt
     eos_token_id: int = 0  # `<|endoftext|>`: generation stops here
     pad_token_id: int = 17  # `!`: the model was trained attending to this padding
@@ -73,39 +65,19 @@ class MellowConfig:
         """clip 1, separator, clip 2, separator, prompt (389 for v0)."""
         return 2 * self.audio_tokens + 2 + self.prompt_tokens
 
+    # What each preset changes: v0_s is v0's architecture; tiny has the same layout and tokenizer at
+    # toy widths and builds in well under a second, for tests.
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "v0": {},
+        "v0_s": {},
+        "tiny": dict(embed_dim=8, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), num_classes=16, hidden_size=64,
+                     intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    }
+
     @classmethod
     def v0(cls) -> "MellowConfig":
-        return cls()
+        return cls.preset("v0")
 
     @classmethod
     def tiny(cls) -> "MellowConfig":
-        # Same layout and tokenizer, toy widths: builds in well under a second, for tests.
-        return cls(
-            name="tiny",
-            embed_dim=8,
-            depths=(2, 2, 2, 2),
-            num_heads=(1, 2, 2, 4),
-            num_classes=16,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-
-    @classmethod
-    def preset(cls, name: str) -> "MellowConfig":
-        presets = {"v0": cls.v0, "v0_s": cls.v0, "tiny": cls.tiny}
-        if name not in presets:
-            raise KeyError(f"unknown config preset {name!r}; known: {', '.join(presets)}")
-        cfg = presets[name]()
-        return dataclasses.replace(cfg, name=name)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MellowConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
-        return cls(**d)
+        return cls.preset("tiny")

@@ -44,6 +44,8 @@ class MellowFamily(Family):
     title = "Mellow"
     most_clips = 2
     default_preset = "v0"
+    caption_prompt = "caption the audio."  # the reference's captioning example
+    compare_prompt = "explain the difference between the two audios in detail."  # ... and its difference one
     pretrained_encoder = "the AudioSet HTSAT checkpoint (HTSAT_AudioSet_Saved_1.ckpt, keys sed_model.*)"
 
     def config(self, preset: str) -> "MellowConfig":

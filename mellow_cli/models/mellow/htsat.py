@@ -127,7 +127,7 @@ class WindowAttention(nn.Module):
         q, k, v = qkv.reshape(3, B, nW * heads, N, head_dim)
         bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
         bias = (bias + mask[:, None]) if mask is not None else bias.expand(nW, -1, -1, -1)
-        # in q's dtype: bfloat16 where precision.apply_encoder has qkv keep its products' rounding
+        # in q's dtype: bfloat16 where htsat.pack_linears has qkv keep its products' rounding
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.reshape(1, nW * heads, N, N).to(q.dtype))
         return self.proj(out.view(B, nW, heads, N, head_dim).transpose(2, 3).reshape(B, nW, N, C))
 

@@ -1,5 +1,5 @@
 """The Mellow network: the audio side (HTSAT encoder, projection into the language model's width,
-pooling), the language model (SmolLM2, model/llama.py, laid out as transformers' `LlamaForCausalLM`), and the input
+pooling), the language model (SmolLM2, runtime/llama.py, laid out as transformers' `LlamaForCausalLM`), and the input
 sequence that joins them: clip 1 · separator · clip 2 · separator · prompt.
 
 Follows the reference implementation soham97/mellow (`mellow/model/mellow.py`, `decoder.py`,
@@ -11,7 +11,6 @@ Follows the reference implementation soham97/mellow (`mellow/model/mellow.py`, `
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -26,7 +25,7 @@ from mellow_cli.models.weights import (
     check_filled,
     init_lm_buffers,
     normalize_state_dict,
-    skip_init,
+    built,
     tie_lm_head,
 )
 
@@ -74,10 +73,7 @@ class Mellow(nn.Module):
     def from_config(cls, cfg: MellowConfig, device: str | torch.device = "cpu") -> "Mellow":
         """On "cpu": random weights, ready to run. On "meta": no storage at all; follow with
         `load_weights`, which allocates by adopting the checkpoint's tensors."""
-        meta = torch.device(device).type == "meta"
-        with torch.device(device), (skip_init() if meta else contextlib.nullcontext()):
-            model = cls(cfg)
-        return model.eval()
+        return built(cls, cfg, device)
 
     # --- audio side -------------------------------------------------------------------------
 

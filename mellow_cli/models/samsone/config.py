@@ -10,13 +10,16 @@ vocabulary at toy widths, for tests.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
+
+from mellow_cli.models.config import ModelConfig
 
 
 @dataclass(frozen=True)
-class SamsoneConfig:
-    family: str = "samsone"  # saved in config.json, so a cached folder says which family it holds
+class SamsoneConfig(ModelConfig):
+    family: ClassVar[str] = "samsone"
+    default_max_tokens: ClassVar[int] = 100  # the authors' max_new_tokens
     name: str = "samsone-134m"
     # --- audio in: Whisper's feature extractor (openai/whisper-tiny's preprocessor config)
     sample_rate: int = 16000  # Hz; every clip is resampled to this
@@ -34,17 +37,7 @@ class SamsoneConfig:
     audio_tokens: int = 50
     # --- language model (SmolLM2 base, a Llama), vocabulary pruned
     vocab_size: int = 34111
-    hidden_size: int = 576
-    intermediate_size: int = 1536
-    num_hidden_layers: int = 30
-    num_attention_heads: int = 9
-    num_key_value_heads: int = 3
-    max_position_embeddings: int = 8192
-    rope_theta: float = 100000.0
-    rms_norm_eps: float = 1e-5
-    tokenizer: str = "HuggingFaceTB/SmolLM2-135M"  # hub repo of the base tokenizer the vocabulary is pruned from
     eos_token_id: int = 0  # model id of `<|endoftext|>` (pruned id 0 = tokenizer id 0): generation stops here
-    default_max_tokens: int = 100  # the authors' max_new_tokens
 
     # derived sizes, so no caller recomputes them
     @property
@@ -61,28 +54,16 @@ class SamsoneConfig:
         """Encoder outputs of one clip (1500): the second convolution has stride 2."""
         return self.audio_frames // 2
 
-    @classmethod
-    def preset(cls, name: str) -> "SamsoneConfig":
-        presets = {
-            "samsone-99m": dict(num_hidden_layers=20),
-            "samsone-134m": {},
-            # SmolLM2-360M's config.json (rope_theta 100000, like the 135M's): what the authors' Python
-            # inference builds the model from; only their on-device export config says 10000
-            "samsone-356m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
-                                 num_attention_heads=15, num_key_value_heads=5,
-                                 tokenizer="HuggingFaceTB/SmolLM2-360M"),
-            "tiny": dict(audio_dim=16, audio_layers=2, audio_heads=2, audio_ffn=32, hidden_size=64,
-                         intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2),
-        }
-        if name not in presets:
-            raise KeyError(f"unknown config preset {name!r}; known: {', '.join(presets)}")
-        return cls(name=name, **presets[name])
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SamsoneConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+    # What each preset changes (the defaults are samsone-134m's).
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "samsone-99m": dict(num_hidden_layers=20),
+        "samsone-134m": {},
+        # SmolLM2-360M's config.json (rope_theta 100000, like the 135M's): what the authors' Python
+        # inference builds the model from; only their on-device export config says 10000
+        "samsone-356m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                             num_attention_heads=15, num_key_value_heads=5,
+                             tokenizer="HuggingFaceTB/SmolLM2-360M"),
+        "tiny": dict(audio_dim=16, audio_layers=2, audio_heads=2, audio_ffn=32, hidden_size=64,
+                     intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2),
+    }

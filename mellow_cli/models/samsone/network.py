@@ -12,7 +12,6 @@ it exists once (checkpoint.py maps the third name), so dropping the table for in
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -27,7 +26,7 @@ from mellow_cli.models.weights import (
     check_filled,
     init_lm_buffers,
     normalize_state_dict,
-    skip_init,
+    built,
     tie_lm_head,
 )
 from mellow_cli.models.samsone.config import SamsoneConfig
@@ -65,10 +64,7 @@ class Samsone(nn.Module):
     @classmethod
     def from_config(cls, cfg: SamsoneConfig, device: str | torch.device = "cpu") -> "Samsone":
         """On "cpu": random weights, ready to run. On "meta": no storage; follow with `load_weights`."""
-        meta = torch.device(device).type == "meta"
-        with torch.device(device), (skip_init() if meta else contextlib.nullcontext()):
-            model = cls(cfg)
-        return model.eval()
+        return built(cls, cfg, device)
 
     # --- audio side -------------------------------------------------------------------------
 

@@ -8,13 +8,16 @@ the front end and the tokenizer at toy widths, for tests.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
+
+from mellow_cli.models.config import ModelConfig
 
 
 @dataclass(frozen=True)
-class TinyMUConfig:
-    family: str = "tinymu"  # saved in config.json, so a cached folder says which family it holds
+class TinyMUConfig(ModelConfig):
+    family: ClassVar[str] = "tinymu"
+    default_max_tokens: ClassVar[int] = 300  # the authors' demo answer length (max_len)
     name: str = "tinymu"
     # --- audio in and the log-mel front end (torchaudio's MelSpectrogram as MATPAC++ sets it up)
     sample_rate: int = 16000  # Hz; every clip is resampled to this
@@ -39,20 +42,9 @@ class TinyMUConfig:
     projector_hidden: int = 2048
     # --- prompt and language model (SmolLM2-135M base, a Llama, fully fine-tuned)
     prompt_tokens: int = 129  # prompt positions: truncated to this; shorter prompts count as this long
-    vocab_size: int = 49152
-    hidden_size: int = 576
-    intermediate_size: int = 1536
-    num_hidden_layers: int = 30
-    num_attention_heads: int = 9
-    num_key_value_heads: int = 3
-    max_position_embeddings: int = 8192
-    rope_theta: float = 100000.0
-    rms_norm_eps: float = 1e-5
-    tokenizer: str = "HuggingFaceTB/SmolLM2-135M"  # hub repo of the tokenizer (base, not Instruct)
     sep_token_id: int = 0  # `<|endoftext|>` between the audio and the prompt
     eos_token_id: int = 0  # `<|endoftext|>`: generation stops here
     pad_token_id: int = 17  # `!`: fills the prompt to prompt_tokens, masked from every later token
-    default_max_tokens: int = 300  # the authors' demo answer length (max_len)
 
     # derived sizes, so no caller recomputes them
     @property
@@ -79,38 +71,19 @@ class TinyMUConfig:
         frames = 1 + (max(samples, self.n_fft) - self.n_fft) // self.hop_length
         return -(-frames // self.patch_size)
 
+    # What each preset changes: tiny keeps the front end, chunking, prompt and tokenizer at toy
+    # widths and builds in well under a second, for tests.
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "tinymu": {},
+        "tiny": dict(encoder_dim=32, encoder_depth=2, encoder_heads=2, encoder_mlp=64, projector_hidden=48,
+                     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2),
+    }
+
     @classmethod
     def tinymu(cls) -> "TinyMUConfig":
-        return cls()
+        return cls.preset("tinymu")
 
     @classmethod
     def tiny(cls) -> "TinyMUConfig":
-        # Same front end, chunking, prompt and tokenizer, toy widths: builds in well under a second.
-        return cls(
-            name="tiny",
-            encoder_dim=32,
-            encoder_depth=2,
-            encoder_heads=2,
-            encoder_mlp=64,
-            projector_hidden=48,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-
-    @classmethod
-    def preset(cls, name: str) -> "TinyMUConfig":
-        presets = {"tinymu": cls.tinymu, "tiny": cls.tiny}
-        if name not in presets:
-            raise KeyError(f"unknown TinyMU preset {name!r}; known: {', '.join(presets)}")
-        return presets[name]()
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TinyMUConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls.preset("tiny")

@@ -20,7 +20,6 @@ Two things differ from the authors' code on purpose:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -35,7 +34,7 @@ from mellow_cli.models.weights import (
     check_filled,
     init_lm_buffers,
     normalize_state_dict,
-    skip_init,
+    built,
     tie_lm_head,
 )
 from mellow_cli.models.tinymu.config import TinyMUConfig
@@ -91,10 +90,7 @@ class TinyMU(nn.Module):
     def from_config(cls, cfg: TinyMUConfig, device: str | torch.device = "cpu") -> "TinyMU":
         """On "cpu": random weights, ready to run. On "meta": no storage at all; follow with
         `load_weights`, which allocates by adopting the checkpoint's tensors."""
-        meta = torch.device(device).type == "meta"
-        with torch.device(device), (skip_init() if meta else contextlib.nullcontext()):
-            model = cls(cfg)
-        return model.eval()
+        return built(cls, cfg, device)
 
     def encode_clips(self, waves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """1-D float32 clips at cfg.sample_rate (as `fit_clip` gives them) -> each clip's audio
