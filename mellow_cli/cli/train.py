@@ -16,14 +16,14 @@ from mellow_cli.train.recipe import preset_help as _p
 @grouped
 def train(
     out: Annotated[str, typer.Option("--out", "-o", metavar="RUN_DIR", help="Run folder: checkpoints/step-NNNNNN (each usable as --model), checkpoints/last (the newest), checkpoints/best (the lowest validation loss; without validation, the newest), metrics.jsonl.", show_default=False)],
-    data: Annotated[Optional[list[str]], typer.Argument(metavar="DATA...", help="Training rows: JSONL (audio1, audio2, question, answer, choices, id) or the official JSON list (filepath1, filepath2, caption1, caption2, input, answer); several files are read as one list. Optional with --resume.", show_default=False)] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="Start from these weights: v0 (published), v0_s, a checkpoint of ours (RUN_DIR/checkpoints/step-NNNNNN), a file or hub id.")] = "v0",
-    recipe: Annotated[str, typer.Option("--recipe", help="Preset for the options marked [mellow: ...; official: ...]: mellow (fine-tuning a trained Mellow) or official (the authors' training recipe). Explicit options override it.")] = "mellow",
+    data: Annotated[Optional[list[str]], typer.Argument(metavar="DATA...", help="Training rows: JSONL (audio1, audio2, question, answer, choices, id), the official JSON list (filepath1, filepath2, caption1, caption2, input, answer) or MusicSkills' JSON list (file_name, input_text, target_text); several files are read as one list. Optional with --resume.", show_default=False)] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="Start from these weights, a model of any family: v0 (published), v0_s, tinymu, samsone-99m/134m/356m, a checkpoint of ours (RUN_DIR/checkpoints/step-NNNNNN), a file or hub id.")] = "v0",
+    recipe: Annotated[str, typer.Option("--recipe", help="Preset for the options marked [mellow: ...; official: ...]: mellow (fine-tuning a trained model of any family) or official (Mellow's authors' training recipe, for Mellow). Explicit options override it.")] = "mellow",
     init: Annotated[Optional[str], typer.Option("--init", metavar="PRESET", help="Start from fresh random weights of a config preset instead of --model: tiny (tests, a few minutes on a CPU) or v0; or pretrained: the authors' start (the AudioSet HTSAT of --encoder-weights, the SmolLM2-135M base of --lm-weights, a fresh projection).")] = None,
     encoder_weights: Annotated[Optional[str], typer.Option("--encoder-weights", metavar="FILE", help="--init pretrained: the AudioSet HTSAT checkpoint (HTSAT_AudioSet_Saved_1.ckpt, keys sed_model.*), a file or REPO:FILE on the hub.", show_default=False)] = None,
     lm_weights: Annotated[str, typer.Option("--lm-weights", metavar="NAME", help="--init pretrained: the language model's weights, a .safetensors file, a folder with model.safetensors, a hub repo (its model.safetensors) or REPO:FILE.")] = "HuggingFaceTB/SmolLM2-135M",
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", metavar="DIR", help="Folder with tokenizer.json [default: the model's; with --init, SmolLM2's from the cache or hub].")] = None,
-    freeze: Annotated[Optional[str], typer.Option("--freeze", help="Keep parts unchanged: encoder = HTSAT (what the reference's training config freezes; c2l and the mapper still train), decoder = the SmolLM2 language model with its token embeddings (the paper's frozen-LM ablation), encoder,decoder = train only the mapper, none = train everything. HTSAT's front end (STFT, mel) never trains. " + _p("freeze"), show_default=False)] = None,
+    freeze: Annotated[Optional[str], typer.Option("--freeze", help="Keep parts unchanged (each family names its own; for Mellow): encoder = HTSAT (what the reference's training config freezes; c2l and the mapper still train), decoder = the SmolLM2 language model with its token embeddings (the paper's frozen-LM ablation), encoder,decoder = train only the mapper, none = train everything. HTSAT's front end (STFT, mel) never trains. " + _p("freeze"), show_default=False)] = None,
     encoder_mode: Annotated[Optional[str], typer.Option("--encoder-mode", help="HTSAT while training: eval, or train (SpecAugment, DropPath 0.1, bn0 normalising with and updating from batch statistics; frozen or not). " + _p("encoder_mode"), show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint: weights, optimizer, schedule, random state and place in the epoch, so it ends exactly as an uninterrupted run. Its options stay; --max-steps, --epochs, --save-every, --eval-every, --log-every, --keep, --workers, --device may change.")] = False,
     val: Annotated[Optional[str], typer.Option("--val", metavar="FILE", help="Validation rows, same formats as DATA.")] = None,
@@ -32,8 +32,8 @@ def train(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Every row is checked before the first step (audio readable, question and answer present, answer among the choices); bad rows stop the run, listed by line number, unless this drops them.")] = False,
     workers: Annotated[int, typer.Option("--workers", **_limits("workers"), help="Processes decoding audio for the batches (0: in the training process).")] = 2,
     text: Annotated[Optional[str], typer.Option("--text", help="Prompt and answer text: mellow (the official format's keyword prompts spelled out one fixed way, lower-cased) or official (the authors' random paraphrases and casing per epoch, ' <|endoftext|>' after prompt and answer, every '!' left out of the loss). " + _p("text"), show_default=False)] = None,
-    second_clip: Annotated[Optional[str], typer.Option("--second-clip", help="A row without a second clip hears: first (clip 1 twice, as at inference) or random (a random first clip of the rows, seeded). " + _p("second_clip"), show_default=False)] = None,
-    no_random_window: Annotated[bool, typer.Option("--no-random-window", help="Clips longer than 10 s: always the first 10 s (inference's window) instead of a seeded random window per epoch.")] = False,
+    second_clip: Annotated[Optional[str], typer.Option("--second-clip", help="A row without a second clip hears: first (its one clip, as at inference: Mellow hears it twice) or random (a random first clip of the rows, seeded). " + _p("second_clip"), show_default=False)] = None,
+    no_random_window: Annotated[bool, typer.Option("--no-random-window", help="Recordings longer than the model's clip (Mellow's 10 s): always the first clip (inference's window) instead of a seeded random window per epoch.")] = False,
     epochs: Annotated[float, typer.Option("--epochs", **_limits("epochs"), help="Passes over DATA (the paper: 30 on ReasonAQA).")] = 1.0,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", **_limits("max_steps"), help="Stop after this many optimizer steps (wins over --epochs).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", **_limits("batch_size"), help="Rows per batch, per process. " + _p("batch_size"), show_default=False)] = None,
@@ -61,15 +61,17 @@ def train(
 ) -> None:
     """Fine-tune the model on your own recordings and questions.
 
-    The loss is the paper's: next-token cross-entropy on the answer after the two clips and the
-    question. --recipe official trains as the authors did; the options it presets show both
-    recipes' values. bfloat16 on a CUDA GPU, float32 on a CPU. Stop with Ctrl-C (or lose the machine)
-    and continue with --resume.
+    Any family's model (--model v0, tinymu, samsone-134m, a folder): the loss is next-token
+    cross-entropy on the answer after the clips and the question, laid out as the model reads them
+    when it answers. --recipe official trains Mellow as its authors did; the options it presets show
+    both recipes' values. bfloat16 on a CUDA GPU, float32 on a CPU. Stop with Ctrl-C (or lose the
+    machine) and continue with --resume.
 
     \b
     Examples:
       mellow train rows.jsonl --audio-root clips/ --val-fraction 0.05 -o runs/mine
       mellow train rows.jsonl --val val.jsonl -o runs/mine --epochs 3 --freeze encoder
+      mellow train MusicCaps_train.json --data-root music/ --model tinymu --freeze encoder -o runs/music
       mellow train -o runs/mine --resume
       mellow train a.json b.json --data-root clips/ --recipe official -o runs/official --init pretrained --encoder-weights HTSAT_AudioSet_Saved_1.ckpt
       mellow ask clip.wav "what do you hear?" --model runs/mine/checkpoints/best

@@ -143,6 +143,19 @@ class Family:
         """Modules in the checkpoint that the forward pass never uses (never trained)."""
         return ()
 
+    def fixed(self) -> tuple[str, ...]:
+        """Parameters the network holds fixed whatever `--freeze` says (position tables its
+        authors never train)."""
+        return ()
+
+    def training_rows(self, net: "nn.Module", clips: Sequence[Sequence["torch.Tensor"]],
+                      prompt_ids: Sequence[list[int]]) -> list[PrefixRow]:
+        """A training batch, with gradients: each question's clips (1 to `most_clips` waveforms,
+        as `clip` gives them) and prompt ids -> its row, exactly as `prefix_row` lays it out for
+        an answer. Default: every clip encoded on its own (`encode`), then `prefix_row`."""
+        encoded = iter(self.encode(net, [c for row in clips for c in row]))
+        return [self.prefix_row(net, [next(encoded) for _ in row], ids) for row, ids in zip(clips, prompt_ids)]
+
     def frozen_encoder(self, net: "nn.Module") -> "nn.Module":
         """The encoder modules that stay in eval mode while the rest trains (unless the recipe
         trains the encoder as its authors did)."""

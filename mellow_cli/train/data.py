@@ -1,7 +1,7 @@
 """Training rows: reading them, checking them, and turning them into waveform batches.
 
 This module owns the data side of `mellow train`: a file of question/answer rows in, batches of
-`(wav1, wav2, question, answer)` out. Only the training code imports it.
+each row's clips, question and answer out. Only the training code imports it.
 
 Two file formats, told apart by their first non-blank character:
 
@@ -42,6 +42,12 @@ Two file formats, told apart by their first non-blank character:
 
   Both formats accept both sets of names, so a JSONL of ReasonAQA-shaped rows also reads.
 
+- **MusicSkills-3.5M's JSON lists** (TinyMU's training data, HF dataset AndreasXi/MusicSkills-3.5M;
+  read as the authors' `AudioDataset` reads them): `file_name` -> `audio1` (resolved as our paths
+  are), `input_text` -> `question`, `target_text` -> `answer`, both as written; `dataset` and `task`
+  are ignored (the authors pick each file's audio folder by its first row's `dataset`: here it is
+  the audio root, or the data file's folder).
+
 Relative audio paths are resolved against `audio_root`, or, without one, against the folder of the
 data file (so a dataset folder can be moved or read from anywhere).
 
@@ -57,7 +63,7 @@ import os
 import random
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +86,11 @@ class QARow:
     line: int = 0  # 1-based line of a JSONL, or 0-based position in a JSON list (as jq's `.[i]`)
     in_list: bool = False  # read from a JSON list
     official: OfficialText | None = None  # text drawn anew each epoch (templates.py); question/answer: one draw
+    source: str = field(default="", compare=False)  # the file it was read from, for messages
+
+    @property
+    def clips(self) -> int:
+        return 1 if self.audio2 is None else 2
 
     @property
     def where(self) -> str:
@@ -146,7 +157,7 @@ def _row(obj: object, line: int, in_list: bool, name: str, root: Path, text: str
         question, answer = _question_answer(obj, where)
     ident = obj.get("id")
     return QARow(
-        audio1=_path(obj, ("audio1", "audio"), "filepath1", root, where),
+        audio1=_path(obj, ("audio1", "audio", "file_name"), "filepath1", root, where),
         audio2=_path(obj, ("audio2",), "filepath2", root, where) or None,
         question=question,
         answer=answer,
@@ -155,10 +166,13 @@ def _row(obj: object, line: int, in_list: bool, name: str, root: Path, text: str
         line=line,
         in_list=in_list,
         official=official,
+        source=name,
     )
 
 
 def _question_answer(obj: dict, where: str) -> tuple[str, str]:
+    if "question" not in obj and "input_text" in obj:  # MusicSkills: the text as written
+        return _text(obj.get("input_text"), where, "input_text"), _text(obj.get("target_text"), where, "target_text")
     if "question" in obj or "input" not in obj:
         return _text(obj.get("question"), where, "question"), _text(obj.get("answer"), where, "answer")
     # ReasonAQA: `input` holds the prompt, sometimes a keyword standing for a fixed prompt.
@@ -169,11 +183,12 @@ def _question_answer(obj: dict, where: str) -> tuple[str, str]:
 
 
 def _path(obj: dict, ours: tuple[str, ...], theirs: str, root: Path, where: str) -> str:
-    """A clip's path, resolved: our fields as written (`~` expanded), else the official field as
+    """A clip's path, resolved: our fields (and MusicSkills' `file_name`) as written (`~`
+    expanded), else the official field as
     the authors read it: joined to the root, then every backslash made a separator."""
     for key in ours:
         if obj.get(key) not in (None, ""):
-            return _resolve(_text(obj[key], where, ours[0]), root)
+            return _resolve(_text(obj[key], where, key), root)
     path = _text(obj.get(theirs), where, theirs)
     return str(Path(os.path.join(root, path).replace("\\", "/"))) if path else ""
 
@@ -315,8 +330,8 @@ def split_val(rows: Sequence[QARow], fraction: float, seed: int) -> tuple[list[Q
 
 
 class QADataset(torch.utils.data.Dataset):
-    """Rows -> dicts of two clips' waveforms (as the model's family hears a clip) and the texts,
-    decoded on demand (in DataLoader workers). Call set_epoch before each epoch's iterator is created: workers get a copy of the
+    """Rows -> dicts of the row's clips' waveforms (as the model's family hears a clip) and the
+    texts, decoded on demand (in DataLoader workers). Call set_epoch before each epoch's iterator is created: workers get a copy of the
     dataset when an iterator starts, so do not combine this with `persistent_workers=True`."""
 
     def __init__(self, rows: Sequence[QARow], cfg, seed: int = 0, random_window: bool = True,
@@ -354,7 +369,10 @@ class QADataset(torch.utils.data.Dataset):
         wav2 = wav1 if same else self._clip(audio2, rng)
         question, answer = (row.question, row.answer) if row.official is None else \
             realize(row.official, lambda items: items[int(rng.integers(len(items)))])
-        return dict(wav1=wav1, wav2=wav2, question=question, answer=answer, choices=row.choices, index=index)
+        # what the question hears (Mellow hears a lone clip beside itself, as wav2 has it)
+        clips = (wav1,) if audio2 is None else (wav1, wav2)
+        return dict(wav1=wav1, wav2=wav2, clips=clips, question=question, answer=answer, choices=row.choices,
+                    index=index)
 
     def window_rng(self, index: int) -> np.random.Generator:
         """The generator that picks row `index`'s windows in the current epoch."""
@@ -382,15 +400,18 @@ class QADataset(torch.utils.data.Dataset):
 
 
 def collate(items: Sequence[dict]) -> dict:
-    """Stack QADataset items into a batch: wav1, wav2 (B, N) float32, question, answer, choices
-    as lists, index (B,) int64. When every item is a one-clip question, wav2 IS wav1 (the same
-    tensor), so the model can encode the batch's audio once."""
-    wav1 = torch.stack([it["wav1"] for it in items])
-    one_clip = all(it["wav2"] is it["wav1"] for it in items)
-    wav2 = wav1 if one_clip else torch.stack([it["wav2"] for it in items])
+    """QADataset items as a batch: clips (each row's tuple of waveforms), question, answer,
+    choices as lists, index (B,) int64; and where every clip has one length (every family but
+    TinyMU, whose clips are as long as the recording), wav1, wav2 (B, N) float32 stacked: when
+    every item is a one-clip question, wav2 IS wav1 (the same tensor)."""
+    batch = {}
+    if len({it["wav1"].shape for it in items} | {it["wav2"].shape for it in items}) == 1:
+        batch["wav1"] = torch.stack([it["wav1"] for it in items])
+        one_clip = all(it["wav2"] is it["wav1"] for it in items)
+        batch["wav2"] = batch["wav1"] if one_clip else torch.stack([it["wav2"] for it in items])
     return dict(
-        wav1=wav1,
-        wav2=wav2,
+        **batch,
+        clips=[it["clips"] for it in items],
         question=[it["question"] for it in items],
         answer=[it["answer"] for it in items],
         choices=[it["choices"] for it in items],

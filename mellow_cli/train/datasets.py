@@ -2,7 +2,7 @@
 and the seeded order each process reads them in (resumable part-way through an epoch).
 
 data.py reads and checks one file; this module joins several (the official recipe's `datafiles`),
-holds out validation rows, and builds the loaders.
+holds out validation rows, keeps the rows the model's family can take, and builds the loaders.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from mellow_cli.models.mellow.config import MellowConfig
 from mellow_cli.errors import UsageError
 from mellow_cli.train.recipe import TrainOptions
 
@@ -83,7 +82,49 @@ def training_rows(opts: TrainOptions, report: Report, world) -> tuple[list, list
     return train_rows, val_rows
 
 
-def datasets(opts: TrainOptions, cfg: MellowConfig, train_rows: list, val_rows: list):
+def for_family(rows: list, family, tokenizer, cfg, opts: TrainOptions, report: Report) -> list:
+    """The rows the model's family can take: no more clips than it hears in a question, and a
+    question, answer and choices its tokenizer can spell (Samsone's pruned vocabulary cannot spell
+    everything). The others stop the run, named by file and line, unless --skip-bad drops them.
+    Every process decides the same, from the same rows."""
+    from mellow_cli.train import data
+
+    spelled: dict[tuple[str, bool], str | None] = {}  # a text's problem, each text tried once
+
+    def spelling(text: str, prompt: bool) -> str | None:
+        if (text, prompt) not in spelled:
+            spelled[text, prompt] = None
+            try:
+                if prompt:
+                    family.prompt_ids(tokenizer, text, cfg)
+                else:
+                    tokenizer(text, add_special_tokens=False)
+            except UsageError as e:
+                spelled[text, prompt] = str(e)
+        return spelled[text, prompt]
+
+    most, good, bad = family.most_clips, [], {}
+    for row in rows:
+        problems = [f"{family.title} takes {most} clip{'s' if most > 1 else ''} a question, not {row.clips}"] \
+            if most is not None and row.clips > most else []
+        texts = [(row.question, True), (row.answer, False), *((c, False) for c in row.choices or ())]
+        problems += [p for text, prompt in texts if (p := spelling(text, prompt))]
+        if problems:
+            bad.setdefault(row.source, []).append(data.BadRow(row.where, "; ".join(dict.fromkeys(problems))))
+        else:
+            good.append(row)
+    if bad:
+        listed = "\n".join(data.describe_bad(path, rows) for path, rows in bad.items())
+        if not opts.skip_bad:
+            raise UsageError(listed + " (pass --skip-bad to train without them)")
+        report({"event": "note", "message": f"skipping {sum(map(len, bad.values()))} rows the model cannot take:\n"
+                                            f"{listed}"})
+        if not good:
+            raise UsageError(f"{', '.join(bad)}: no rows {family.title} can take")
+    return good
+
+
+def datasets(opts: TrainOptions, cfg, train_rows: list, val_rows: list):
     from mellow_cli.train import data
 
     train = data.QADataset(train_rows, cfg, seed=opts.seed, random_window=opts.random_window,

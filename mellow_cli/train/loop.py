@@ -1,8 +1,10 @@
-"""Fine-tuning Mellow: the training loop, validation, and data-parallel training under torchrun.
+"""Fine-tuning a model of any family: the training loop, validation, and data-parallel training
+under torchrun.
 
 The run is put together from one module per concern: recipe.py (the options and the two recipes
 that preset them), objective.py (the loss), optim.py (optimizer, schedule, clipping), starting.py
-(the weights a run starts from), train_data.py (rows, datasets, the seeded order), checkpoint.py
+(the weights a run starts from), data.py and datasets.py (rows, datasets, the seeded order), view.py
+(the training view of each row's prefix and answer), checkpoint.py
 (what a checkpoint holds, starting and resuming a run folder) and world.py (torchrun).
 
 The loop follows nanoGPT: gradient accumulation, bf16 autocast on CUDA and float32 on a CPU, a
@@ -37,6 +39,8 @@ from mellow_cli.train.objective import (  # noqa: F401  (the objective's names, 
     answer_loss,
     encode_answers,
     encode_prompts,
+    row_logits,
+    rows_loss,
     token_loss,
 )
 from mellow_cli.train.optim import (  # noqa: F401
@@ -64,8 +68,14 @@ from mellow_cli.train.runs import (
     truncate_metrics,
     weights_digest,
 )
-from mellow_cli.train.starting import build_model, calibrate_encoder, fresh_model, start_tokenizer  # noqa: F401
-from mellow_cli.train.datasets import EpochSampler, datasets, loader, training_rows
+from mellow_cli.train.starting import (  # noqa: F401
+    build_model,
+    calibrate_encoder,
+    check_family,
+    fresh_model,
+    start_tokenizer,
+)
+from mellow_cli.train.datasets import EpochSampler, datasets, for_family, loader, training_rows
 from mellow_cli.train.world import World, start_world, stop_world
 
 
@@ -107,24 +117,27 @@ class Interval:
 def evaluate(net, dataset, tokenizer, opts: TrainOptions, world: World, device, autocast) -> dict:
     """Token-weighted answer loss over the validation rows, and accuracy on the rows that have
     choices (each choice scored by its likelihood with the end of text, as Model.choose)."""
+    from mellow_cli.models.family import family_of
     from mellow_cli.runtime.generate import score_choices
+    from mellow_cli.runtime.prefix import Prefix
 
     cfg = net.cfg
+    family = family_of(cfg)
     net.eval()
     share = list(range(world.rank, len(dataset), world.size))
     loss_sum = tokens = correct = asked = 0.0
     for batch in loader(dataset, share, opts, device, opts.seed):
-        wav1, wav2 = batch["wav1"].to(device), batch["wav2"].to(device)
-        prompt = encode_prompts(tokenizer, batch["question"], cfg, opts.text).to(device)
+        prompts = encode_prompts(family, tokenizer, batch["question"], cfg, opts.text)
         ids, mask = encode_answers(tokenizer, batch["answer"], cfg, opts.max_answer_tokens, opts.text)
         ids, mask = ids.to(device), mask.to(device)
         with autocast():
-            prefix = net.prefix(wav1, wav2, prompt)
-            loss_sum += token_loss(answer_logits(net.lm, prefix, ids), ids, mask, "sum").item()
+            rows = family.training_rows(net, _on(device, batch["clips"]), prompts)
+            loss_sum += token_loss(row_logits(net.lm, rows, ids), ids, mask, "sum").item()
         tokens += mask.sum().item()
         with_choices = [i for i, c in enumerate(batch["choices"]) if c]
         if with_choices:
-            scored = score_choices(net.lm, tokenizer, prefix[with_choices].float(),
+            prefix = Prefix.of([rows[i] for i in with_choices]).to(torch.float32)
+            scored = score_choices(net.lm, tokenizer, prefix,
                                    [list(batch["choices"][i]) for i in with_choices],
                                    append_eos=True, eos_id=cfg.eos_token_id)
             for i, row in zip(with_choices, scored):
@@ -139,6 +152,11 @@ def evaluate(net, dataset, tokenizer, opts: TrainOptions, world: World, device, 
 
 def _same_answer(a: str, b: str) -> bool:
     return a.strip().casefold() == b.strip().casefold()
+
+
+def _on(device, clips: list) -> list[list[torch.Tensor]]:
+    """Each row's clips on `device`."""
+    return [[c.to(device, non_blocking=True) for c in row] for row in clips]
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -175,8 +193,9 @@ class _Run:
     emit: Report
     run_dir: Path
     net: nn.Module
+    family: object  # models/family.py's Family of the net
     model: nn.Module  # TrainingView, wrapped in DistributedDataParallel under torchrun
-    tokenizer: object
+    tokenizer: object  # the family's, in model ids
     tokenizer_dir: Path
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -220,7 +239,7 @@ def _run(opts: TrainOptions, world: World, device: torch.device, emit: Report) -
 
 def _setup(opts: TrainOptions, world: World, device: torch.device, emit: Report) -> _Run:
     """Rows checked, model built (or restored), optimizer, schedule and sampler ready."""
-    from mellow_cli.runtime.tokenizer import Tokenizer
+    from mellow_cli.models.family import family_of
 
     opts = ckpt.absolute(opts)
     run_dir = Path(opts.out)
@@ -235,6 +254,10 @@ def _setup(opts: TrainOptions, world: World, device: torch.device, emit: Report)
         keep_tokenizer(run_dir, tokenizer_dir, resumed=resume_from is not None)
     world.barrier()
     tokenizer_dir = run_dir / "tokenizer"
+    family = family_of(net.cfg)
+    check_family(opts, family)
+    tokenizer = family.tokenizer(tokenizer_dir, net.cfg)
+    train_rows, val_rows = (for_family(rows, family, tokenizer, net.cfg, opts, emit) for rows in (train_rows, val_rows))
     train_set, val_set = datasets(opts, net.cfg, train_rows, val_rows)
     if opts.init and opts.init != "pretrained" and resume_from is None:
         calibrate_encoder(net, train_set)
@@ -276,7 +299,7 @@ def _setup(opts: TrainOptions, world: World, device: torch.device, emit: Report)
           "frozen": opts.frozen_parts, "rows": len(train_set), "val_rows": len(val_set) if val_set else 0,
           "step": pos.step, "total": total, "rows_per_step": opts.batch_size * opts.grad_accum * world.size,
           "run_dir": str(run_dir), "resumed": resume_from is not None})
-    return _Run(opts, world, device, emit, run_dir, net, model, Tokenizer(tokenizer_dir), tokenizer_dir, optimizer,
+    return _Run(opts, world, device, emit, run_dir, net, family, model, tokenizer, tokenizer_dir, optimizer,
                 scheduler, clip, train_set, val_set, sampler, autocast, total, per_epoch, pos,
                 checkpoint=resume_from)
 
@@ -319,11 +342,11 @@ def _optimizer_step(r: _Run, stream) -> list[int]:
 
 def _micro_step(r: _Run, batch: dict) -> torch.Tensor:
     cfg = r.net.cfg
-    prompt = encode_prompts(r.tokenizer, batch["question"], cfg, r.opts.text)
+    prompts = encode_prompts(r.family, r.tokenizer, batch["question"], cfg, r.opts.text)
     ids, mask = encode_answers(r.tokenizer, batch["answer"], cfg, r.opts.max_answer_tokens, r.opts.text)
-    args = (batch["wav1"], batch["wav2"], prompt, ids, mask)
     with r.autocast():
-        return r.model(*(a.to(r.device, non_blocking=True) for a in args))
+        return r.model(_on(r.device, batch["clips"]), prompts, ids.to(r.device, non_blocking=True),
+                       mask.to(r.device, non_blocking=True))
 
 
 def _eta(r: _Run) -> float:

@@ -16,7 +16,8 @@ from mellow_cli.errors import UsageError
 from mellow_cli.train.recipe import FREEZABLE, TrainOptions
 
 def freeze(net, parts: tuple[str, ...]) -> None:
-    """requires_grad off for the frozen parts (and for weights the forward pass never uses)."""
+    """requires_grad off for the frozen parts (and for weights the forward pass never uses or
+    the family holds fixed)."""
     from mellow_cli.models.family import family_of
 
     unknown = [p for p in parts if p not in FREEZABLE]
@@ -26,6 +27,8 @@ def freeze(net, parts: tuple[str, ...]) -> None:
     net.requires_grad_(True)
     for name in (*family.unused(), *(family.parts()[p] for p in parts)):
         net.get_submodule(name).requires_grad_(False)
+    for name in family.fixed():
+        net.get_parameter(name).requires_grad_(False)
 
 
 def train_mode(net, encoder: str = "eval") -> None:

@@ -1,6 +1,7 @@
-"""Where a run's weights start: a model (`--model`), fresh random weights of a preset (`--init
-tiny|v0`, with the encoder fitted to the training audio), or the authors' starting point (`--init
-pretrained`, which the family assembles: models/mellow/training.py says how Mellow's is made).
+"""Where a run's weights start: a model of any family (`--model`), fresh random weights of a Mellow
+preset (`--init tiny|v0`, with the encoder fitted to the training audio), or Mellow's authors'
+starting point (`--init pretrained`, which the family assembles: models/mellow/training.py says
+how Mellow's is made); and what a family's model cannot be trained with.
 Weights are named by a local file or `REPO:FILE` on the hub; a bare hub repo means its
 `model.safetensors`.
 """
@@ -16,8 +17,23 @@ from mellow_cli.errors import ModelError, UsageError
 from mellow_cli.models.family import Family, family
 from mellow_cli.train.recipe import TrainOptions
 
-# The family whose presets `--init` names (fresh weights, or its authors' starting point).
+# The family whose presets `--init` names (fresh weights, or its authors' starting point), and
+# whose authors' recipe `--recipe official` is.
 INIT_FAMILY = "mellow"
+
+
+def check_family(opts: TrainOptions, fam: Family) -> None:
+    """The official recipe and its text are Mellow's authors' (other families train with ours),
+    and a random second clip needs a family that hears two."""
+    if fam.name != INIT_FAMILY:
+        if opts.recipe == "official":
+            raise UsageError(f"--recipe official is {_init_family().title}'s authors' recipe; a {fam.title} model "
+                             "trains with --recipe mellow")
+        if opts.text == "official":
+            raise UsageError(f"--text official is {_init_family().title}'s authors' text; a {fam.title} model trains "
+                             "with --text mellow")
+    if opts.second_clip == "random" and fam.most_clips == 1:
+        raise UsageError(f"--second-clip random gives a question a second clip; {fam.title} takes 1 clip a question")
 
 
 def fresh_model(cfg, seed: int):

@@ -118,6 +118,18 @@ class MellowFamily(Family):
         ids = torch.tensor([prompt_ids], device=first.device)
         return PrefixRow(net.embed_prefix(first[None], second[None], ids)[0])
 
+    def training_rows(self, net: "nn.Module", clips: Sequence[Sequence["torch.Tensor"]],
+                      prompt_ids: Sequence[list[int]]) -> list[PrefixRow]:
+        """Every row's clips through the encoder as one batch (`Mellow.prefix`; a one-clip row's
+        clip once): under --encoder-mode train bn0 normalises with that batch's statistics, as
+        the recipes were measured."""
+        import torch
+
+        first = torch.stack([row[0] for row in clips])
+        second = first if all(row[-1] is row[0] for row in clips) else torch.stack([row[-1] for row in clips])
+        ids = torch.tensor(list(prompt_ids), device=first.device)
+        return [PrefixRow(embeds) for embeds in net.prefix(first, second, ids)]
+
     def prepare(self, net: "nn.Module", device: "torch.device", precision, release=None) -> None:
         """On a GPU a half precision covers the mapper as well as the language model; on a CPU a
         bfloat16 prefill covers HTSAT's linears (htsat.pack_linears); the front end stays float32."""

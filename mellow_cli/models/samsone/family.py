@@ -111,5 +111,9 @@ class SamsoneFamily(Family):
     def parts(self) -> dict[str, str]:
         return {"encoder": "audio_encoder.encoder.encoder", "decoder": "text_model.model"}
 
+    def fixed(self) -> tuple[str, ...]:
+        # Whisper's fixed sinusoids (requires_grad=False in Whisper itself)
+        return ("audio_encoder.encoder.encoder.embed_positions.weight",)
+
     def frozen_encoder(self, net: "nn.Module") -> "nn.Module":
         return net.audio_encoder

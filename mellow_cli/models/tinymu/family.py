@@ -97,5 +97,9 @@ class TinyMUFamily(Family):
     def parts(self) -> dict[str, str]:
         return {"encoder": "audio_encoder.enc", "decoder": "text_decoder.lm"}
 
+    def fixed(self) -> tuple[str, ...]:
+        # MATPAC's position table, a frozen Parameter in the authors' model
+        return ("audio_encoder.enc.pos_embed",)
+
     def frozen_encoder(self, net: "nn.Module") -> "nn.Module":
         return net.audio_encoder
