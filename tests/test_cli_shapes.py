@@ -70,3 +70,59 @@ def test_resume_of_a_text_output_names_what_would_work(scripted, clips, tmp_path
     assert out.returncode == 2 and "--format" not in out.stderr and ".jsonl" in out.stderr
     out = mellow("caption", str(clips[0]), "--model", "any", "-o", str(tmp_path / "notes.jsonl"), "--resume", "-q")
     assert out.returncode == 0, out.stderr
+
+
+# --- one shape per input --------------------------------------------------------------------------
+
+
+def test_json_is_one_object_for_one_input_and_an_array_for_a_batch(scripted, clips, tmp_path):
+    listed = tmp_path / "one.txt"
+    listed.write_text(f"{clips[0]}\n")
+    runs = [
+        (["caption", str(clips[0])], dict),
+        (["ask", str(clips[0]), "what is it?"], dict),
+        (["ask", str(clips[0]), str(clips[1]), "which is higher?"], dict),
+        (["compare", str(clips[0]), str(clips[1])], dict),
+        (["caption", str(clips[0]), str(clips[1])], list),
+        (["caption", f"@{listed}"], list),  # a list is a batch, however short
+        (["ask", str(clips[0]), str(clips[1]), str(clips[2]), "what is it?"], list),
+    ]
+    for args, shape in runs:
+        scripted(answers=["a", "b", "c"])
+        out = mellow(*args, "--model", "any", "-f", "json", "-q")
+        assert out.returncode == 0, out.stderr
+        got = json.loads(out.stdout)
+        assert isinstance(got, shape), args
+        assert (got["answer"] if shape is dict else got[0]["answer"]) == "a"
+
+
+def test_a_list_gives_the_same_columns_whatever_its_length(scripted, clips, tmp_path):
+    said = {}
+    for n in (1, 2):
+        listed = tmp_path / f"list{n}.txt"
+        listed.write_text("".join(f"{c}\n" for c in clips[:n]))
+        scripted(answers=["a", "b"])
+        text = mellow("caption", f"@{listed}", "--model", "any", "-q")
+        scripted(answers=["a", "b"])
+        rows = mellow("caption", f"@{listed}", "--model", "any", "-f", "jsonl", "-q")
+        assert text.returncode == rows.returncode == 0, text.stderr + rows.stderr
+        said[n] = (text.stdout.splitlines(), [tuple(json.loads(line)) for line in rows.stdout.splitlines()])
+    assert said[1][0] == [f"{clips[0]}\ta"] and said[2][0] == [f"{clips[0]}\ta", f"{clips[1]}\tb"]
+    assert set(said[1][1]) == set(said[2][1]) and len(set(said[2][1])) == 1  # the same keys
+
+
+def test_scores_are_keyed_by_choice_and_read_back_so(scripted, clips, tmp_path, monkeypatch):
+    scripted(picks=["no"])
+    out = mellow("ask", str(clips[0]), "is it a dog?", "-c", "yes|no", "--model", "any", "-f", "json", "-q")
+    assert out.returncode == 0, out.stderr
+    row = json.loads(out.stdout)
+    assert row["scores"] == {"yes": 0.3, "no": 0.7} and row["choices"] == ["yes", "no"]  # the order kept
+    monkeypatch.chdir(tmp_path)
+    for name in ("one.json", "rows.csv"):
+        scripted(picks=["no"])
+        assert mellow("ask", str(clips[0]), "is it a dog?", "-c", "yes|no", "--model", "any", "-o", name,
+                      "-q").returncode == 0
+        from mellow_cli.cli.report import _read
+
+        kind, rows = _read(name)
+        assert kind == "rows" and [r["scores"] for r in rows] == [{"yes": 0.3, "no": 0.7}]

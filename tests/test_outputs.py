@@ -184,8 +184,8 @@ def test_a_full_disk_names_the_file(tmp_path):
 def test_nan_never_reaches_a_json_row():
     out = io.StringIO()
     writer = outputs.RowWriter("jsonl", out, fields=("audio", "scores"))
-    writer.write({"audio": "a.wav", "scores": [{"choice": "x", "probability": float("nan")}], "error": None})
-    assert json.loads(out.getvalue())["scores"][0]["probability"] is None
+    writer.write({"audio": "a.wav", "scores": {"x": float("nan")}, "error": None})
+    assert json.loads(out.getvalue())["scores"]["x"] is None
 
 
 # --- keys: ids unique, the same clip twice is two rows ---------------------------------------------
