@@ -19,9 +19,15 @@ class Clock:
         return self.now
 
 
-def test_lines_come_at_the_first_row_every_tenth_and_once_a_minute(monkeypatch):
-    said = []
-    monkeypatch.setattr(render, "info", said.append)
+@pytest.fixture
+def said(monkeypatch) -> list[str]:
+    """The lines render.info is given, in order."""
+    lines: list[str] = []
+    monkeypatch.setattr(render, "info", lines.append)
+    return lines
+
+
+def test_lines_come_at_the_first_row_every_tenth_and_once_a_minute(said):
     clock = Clock()
     lines = render.ProgressLines(1000, "captioned", clock=clock)
     for _ in range(250):
@@ -36,9 +42,7 @@ def test_lines_come_at_the_first_row_every_tenth_and_once_a_minute(monkeypatch):
     assert said == ["captioned: 251 of 1000 (25%), 1.35/s, eta 0:09:15"]
 
 
-def test_an_unknown_total_gives_the_count_and_the_rate(monkeypatch):
-    said = []
-    monkeypatch.setattr(render, "info", said.append)
+def test_an_unknown_total_gives_the_count_and_the_rate(said):
     clock = Clock()
     lines = render.ProgressLines(None, "v0: converting (MB)", clock=clock)
     clock.now += 2
@@ -60,18 +64,14 @@ def test_a_batch_whose_stderr_is_a_file_logs_its_progress(monkeypatch, tmp_path)
 
 
 @pytest.mark.parametrize("total", [3, 10, 11])
-def test_a_short_run_still_ends_on_a_line(monkeypatch, total):
-    said = []
-    monkeypatch.setattr(render, "info", said.append)
+def test_a_short_run_still_ends_on_a_line(said, total):
     lines = render.ProgressLines(total, "answered", clock=Clock())
     for _ in range(total):
         lines.advance()
     assert said[-1].startswith(f"answered: {total} of {total} (100%)")
 
 
-def test_tenths_reached_in_a_burst_wait_and_one_row_says_nothing(monkeypatch):
-    said = []
-    monkeypatch.setattr(render, "info", said.append)
+def test_tenths_reached_in_a_burst_wait_and_one_row_says_nothing(said):
     clock = Clock()
     lines = render.ProgressLines(100, "answered", clock=clock)
     for i in range(50):

@@ -76,7 +76,7 @@ def _run(jobs: list[Job], verb: str, run: Answering, single: bool) -> None:
         # Shards by recording, not by window: each recording's file is one process's.
         jobs = take_shard(jobs, shard)
         model = run.loading.load()
-        jobs, length = _cut(jobs, model, run, duration_of, single)
+        jobs, length = _cut(jobs, model, run, duration_of)
         sink = outputs.FilePerInput(paths, out.fmt.value, fields, out.overwrite)
         _write_rows(sink, _answers(model, run, jobs, length), verb, len(jobs), None)
         files = sink.files()
@@ -86,7 +86,7 @@ def _run(jobs: list[Job], verb: str, run: Answering, single: bool) -> None:
     try:
         model = run.loading.load()
         opened.check_model(model.name, out.output)
-        cut, length = _cut(jobs, model, run, duration_of, single)
+        cut, length = _cut(jobs, model, run, duration_of)
         times = rows.window is not None or len(cut) > len(jobs)
         cut = take_shard(cut, shard)
         left = Counter(opened.done)
@@ -112,23 +112,25 @@ def _run(jobs: list[Job], verb: str, run: Answering, single: bool) -> None:
         opened.close()
 
 
-def _cut(jobs: list[Job], model, run: Answering, duration_of, single: bool) -> tuple[list[Job], float]:
+def _cut(jobs: list[Job], model, run: Answering, duration_of) -> tuple[list[Job], float]:
     """The jobs as the model will hear their recordings, and how long each span is: walked in
     windows of the model's clip (or --window, --hop apart, from --offset), or the one span
-    --offset/--duration choose. Says on stderr which recordings were cut."""
+    --offset/--duration choose. A pair is one clip of each unless --window asks to walk its
+    first recording: the model hears the two together, and windows of both would pair spans
+    that do not belong together. Says on stderr which recordings were cut."""
     rows = run.rows
     clip = model.family.clip_seconds(model.cfg)
     for flag, value in (("--window", rows.window), ("--duration", rows.duration)):
         if value is not None and value > clip:
             raise UsageError(f"{flag} {value:g}: {model.name} hears at most {clip:g} s at once")
-    if _walks(run):
-        length = rows.window or clip
-        hop = rows.hop or length
-    else:
-        length, hop = rows.duration or clip, math.inf
-    cut = windowed(jobs, length, hop, duration_of, rows.offset)
-    if _walks(run):
-        _say_how_heard(cut, duration_of, length, hop, rows.offset, clip, single)
+    walks = _walks(run)
+    length = (rows.window or clip) if walks else (rows.duration or clip)
+    hop = (rows.hop or length) if walks else math.inf
+    cut = [part for job in jobs for part in windowed(
+        [job], length, hop if rows.window is not None or job.audio2 == job.audio else math.inf, duration_of,
+        rows.offset)]
+    if walks:
+        _say_how_heard(cut, duration_of, length, hop, rows.offset, clip, rows.window is not None)
     return cut, length
 
 
@@ -136,28 +138,37 @@ CUT_LINES = 3  # recordings cut into windows named one a line; past that, one li
 
 
 def _say_how_heard(cut: list[Job], duration_of, length: float, hop: float, offset: float, clip: float,
-                   single: bool) -> None:
+                   asked: bool) -> None:
     """A line on stderr for each recording heard in several windows (`field.flac: 180 s heard as
-    18 windows of 10 s`), or one line counting them when there are many (each is then said with
-    -v); for one input, a second recording longer than the clip, of which only the start is heard."""
+    18 windows of 10 s`) and each recording of a pair longer than the clip, of which only the
+    start is heard; past CUT_LINES, one line counting them (each then said with -v)."""
+    from mellow_cli.errors import AudioError
+
     counts = Counter(j.audio for j in cut)
     walked = [audio for audio, n in counts.items() if n > 1]
     how = f"windows of {length:g} s" + (f" every {hop:g} s" if hop != length else "") + (
         f" from {offset:g} s" if offset else "")
     lines = [f"{audio}: {_seconds(duration_of(audio))} heard as {counts[audio]} {how}" for audio in walked]
+    paired = dict.fromkeys(p for j in cut if j.audio2 != j.audio for p in (j.audio, j.audio2) if p not in counts
+                           or counts[p] == 1)
+    for path in paired:
+        try:
+            seconds = duration_of(path)
+        except AudioError:  # its row says why
+            continue
+        if seconds > clip:
+            hint = "" if asked else "; --window SECONDS walks the first of a pair"
+            lines.append(f"{path}: {_seconds(seconds)}, of which one clip of {clip:g} s is heard, as one of a "
+                         f"pair{hint}")
     if len(lines) > CUT_LINES:
-        render.info(f"{len(walked)} of {len(counts)} recordings heard in {how}, {sum(counts[a] for a in walked)} "
-                      "rows (-v names them)")
+        cuts = sum(counts[a] for a in walked)
+        render.info(f"{len(lines)} recordings heard in part: {len(walked)} in {how} ({cuts} rows), "
+                    f"{len(lines) - len(walked)} of pairs in their first {clip:g} s (-v names them)")
         for line in lines:
             render.debug(line)
     else:
         for line in lines:
             render.info(line)
-    job = cut[0] if single and cut else None
-    if job is not None and job.audio2 != job.audio and duration_of(job.audio2) > clip:
-        beside = f"each window of {job.audio}" if walked else job.audio
-        render.info(f"{job.audio2}: {_seconds(duration_of(job.audio2))}, of which the first {clip:g} s are heard "
-                      f"beside {beside}")
 
 
 def _seconds(value: float) -> str:
