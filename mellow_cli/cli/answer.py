@@ -8,6 +8,7 @@ ask for one span. One answer is streamed to the terminal; rows are written as th
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from typing import Annotated, List, Optional
 
@@ -58,7 +59,6 @@ def _run(jobs: list[Job], verb: str, run: Answering, single: bool) -> None:
     shards), and the rows are answered batch by batch and written as they come; one clip for a
     person at a terminal is streamed instead."""
     import functools
-    import os
 
     from mellow_cli.io import outputs
     from mellow_cli.io.audio import audio_duration
@@ -262,7 +262,7 @@ def ask(
         if single:
             jobs = [Job(audio[0], audio[-1], question, tuple(choice_list) if choice_list else None)]
         else:
-            jobs = jobs_for(inputs.expand_inputs(audio, recursive), question, choice_list)
+            jobs = jobs_for(_recordings(audio, recursive), question, choice_list)
     _check_clips(jobs, run)
     _run(jobs, "answered", run, single=single)
 
@@ -344,7 +344,25 @@ def caption(
     run = run.resolved()
     prompt = prompt or _family(run).caption_prompt
     single = len(audio) == 1 and inputs.one_recording(audio[0])
-    _run(jobs_for(inputs.expand_inputs(audio, recursive), prompt), "captioned", run, single=single)
+    _run(jobs_for(_recordings(audio, recursive), prompt), "captioned", run, single=single)
+
+
+SKIPPED_NAMES = 3  # files a folder's skip line names; the rest are counted
+
+
+def _recordings(args: list[str], recursive: bool) -> list[str]:
+    """The recordings the arguments name, with a line on stderr for each folder whose files
+    include some no reader opens as audio: how many, and the first few."""
+    from mellow_cli.io import inputs
+
+    skipped: list[tuple[str, str]] = []
+    paths = inputs.expand_inputs(args, recursive, skipped=skipped)
+    for folder in dict.fromkeys(f for f, _ in skipped):
+        names = [os.path.relpath(p, folder) for f, p in skipped if f == folder]
+        more = f" and {len(names) - SKIPPED_NAMES} more" if len(names) > SKIPPED_NAMES else ""
+        render.info(f"{folder}: skipped {len(names)} file{'s' if len(names) > 1 else ''} no reader opens as audio "
+                    f"({', '.join(names[:SKIPPED_NAMES])}{more})")
+    return paths
 
 
 def _family(run: Answering):
