@@ -39,13 +39,32 @@ def golden_dir() -> Path:
     return GOLDEN_DIR
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures(...)`): on a
+    2-core machine that is also running something else, two threads wait on each other and a
+    training step takes ten times longer; one is steady (such modules' subprocesses get
+    OMP_NUM_THREADS=1 for the same reason)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_golden(path: Path) -> dict:
+    """A golden set's arrays, read without pickles."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
 @pytest.fixture(scope="session")
 def golden():
     """The reference's golden vectors (see tests/golden/README.md)."""
-    import numpy as np
-
-    with np.load(GOLDEN_DIR / "mellow_v0_golden.npz", allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    return read_golden(GOLDEN_DIR / "mellow_v0_golden.npz")
 
 
 def _smollm2_gguf(cache_dir: Path) -> Path:
@@ -94,10 +113,7 @@ def samsone_golden_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def samsone_golden(samsone_golden_dir):
-    import numpy as np
-
-    with np.load(samsone_golden_dir / "golden.npz", allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    return read_golden(samsone_golden_dir / "golden.npz")
 
 
 @pytest.fixture(scope="session")
@@ -206,10 +222,7 @@ def tinymu_golden_dir() -> Path:
 @pytest.fixture(scope="session")
 def tinymu_golden(tinymu_golden_dir):
     """The authors' code's outputs at every stage (see the golden set's README.md)."""
-    import numpy as np
-
-    with np.load(tinymu_golden_dir / "golden.npz", allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    return read_golden(tinymu_golden_dir / "golden.npz")
 
 
 @pytest.fixture(scope="session")

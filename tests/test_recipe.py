@@ -24,12 +24,7 @@ from mellow_cli.train.recipe import TrainOptions, options
 TINY = MellowConfig.tiny()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- presets -----------------------------------------------------------------------------------

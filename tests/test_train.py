@@ -29,15 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a 2-core machine that is also running something else, two threads
-    wait on each other and a step takes ten times longer; one is steady (subprocesses below get
-    OMP_NUM_THREADS=1 for the same reason)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,7 @@ QUESTION, ANSWER = "What is playing?", "A Tone!"
 SAID = {"tinymu": "A Tone!", "samsone": "a tone!"}  # Samsone learns and says its answers lower-cased
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: steady step times on a shared 2-core machine (as tests/test_train.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def metrics(run: Path) -> list[dict]:

@@ -116,12 +116,13 @@ class Family:
 
     def encode(self, net: "nn.Module", clips: Sequence["torch.Tensor"]) -> list["torch.Tensor"]:
         """Each clip's audio tokens (n, hidden), already in the language model's width. A clip's
-        tokens never depend on the other clips in the call."""
-        raise NotImplementedError
+        tokens never depend on the other clips in the call. Default: the network's own."""
+        return net.encode_clips(list(clips))
 
     def prefix_row(self, net: "nn.Module", clips: Sequence["torch.Tensor"], prompt_ids: list[int]) -> PrefixRow:
-        """One question: its clips' tokens (1 to `most_clips` of them) and its prompt."""
-        raise NotImplementedError
+        """One question: its clips' tokens (1 to `most_clips` of them) and its prompt. Default:
+        the network lays it out."""
+        return net.prefix_row(list(clips), prompt_ids)
 
     # --- running ---------------------------------------------------------------------------------
 
@@ -131,7 +132,7 @@ class Family:
 
     def audio_module(self, net: "nn.Module") -> "nn.Module":
         """The module that turns clips into tokens (timed by -v as "encode")."""
-        raise NotImplementedError
+        return net.audio_encoder
 
     # --- training --------------------------------------------------------------------------------
 
@@ -158,8 +159,8 @@ class Family:
 
     def frozen_encoder(self, net: "nn.Module") -> "nn.Module":
         """The encoder modules that stay in eval mode while the rest trains (unless the recipe
-        trains the encoder as its authors did)."""
-        raise NotImplementedError
+        trains the encoder as its authors did). Default: the whole audio module."""
+        return self.audio_module(net)
 
     def calibrate(self, net: "nn.Module", clips: "torch.Tensor") -> None:
         """Fresh weights: fit the encoder to a sample of the training clips (n, samples), as a

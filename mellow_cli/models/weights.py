@@ -28,14 +28,19 @@ _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_",
                    "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
 
 
-def built(cls, cfg, device: "str | torch.device" = "cpu") -> nn.Module:
-    """`cls(cfg)`, a family's network: on a real device with random weights, ready to run; on
-    "meta" with no storage at all and nothing initialised, to be filled by a strict load that
-    adopts a checkpoint's tensors."""
-    meta = torch.device(device).type == "meta"
-    with torch.device(device), (skip_init() if meta else contextlib.nullcontext()):
-        model = cls(cfg)
-    return model.eval()
+class Network(nn.Module):
+    """What every family's network is besides its own modules: built from its config (`cfg`),
+    holding the SmolLM2 language model as `lm` and the module that hears clips as
+    `audio_encoder`."""
+
+    @classmethod
+    def from_config(cls, cfg, device: "str | torch.device" = "cpu") -> "Network":
+        """On a real device: random weights, ready to run. On "meta": no storage at all and
+        nothing initialised; follow with a strict load that adopts a checkpoint's tensors."""
+        meta = torch.device(device).type == "meta"
+        with torch.device(device), (skip_init() if meta else contextlib.nullcontext()):
+            model = cls(cfg)
+        return model.eval()
 
 
 @contextlib.contextmanager

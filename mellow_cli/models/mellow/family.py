@@ -142,9 +142,6 @@ class MellowFamily(Family):
         if device.type == "cpu":
             pack_linears(net.audio_encoder.base.htsat, precision, release)
 
-    def audio_module(self, net: "nn.Module") -> "nn.Module":
-        return net.audio_encoder
-
     def parts(self) -> dict[str, str]:
         from mellow_cli.models.mellow.training import PARTS
 

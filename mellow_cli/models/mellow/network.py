@@ -25,7 +25,7 @@ from mellow_cli.models.weights import (
     check_filled,
     init_lm_buffers,
     normalize_state_dict,
-    built,
+    Network,
     tie_lm_head,
 )
 
@@ -55,7 +55,7 @@ class CaptionDecoder(nn.Module):
         self.lm = build_lm(cfg)
 
 
-class Mellow(nn.Module):
+class Mellow(Network):
     """Two clips and a prompt -> the language model's input embeddings; `lm` decodes from them
     (see mellow_cli.generate)."""
 
@@ -68,12 +68,6 @@ class Mellow(nn.Module):
     @property
     def lm(self):
         return self.caption_decoder.lm
-
-    @classmethod
-    def from_config(cls, cfg: MellowConfig, device: str | torch.device = "cpu") -> "Mellow":
-        """On "cpu": random weights, ready to run. On "meta": no storage at all; follow with
-        `load_weights`, which allocates by adopting the checkpoint's tensors."""
-        return built(cls, cfg, device)
 
     # --- audio side -------------------------------------------------------------------------
 

@@ -7,14 +7,13 @@ published `samsone_*_model_bf16.ckpt` (`{"state_dict": {"audio_lm.<key>": ...}}`
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from mellow_cli.errors import ModelError, UsageError
-from mellow_cli.models.family import Family, PrefixRow
+from mellow_cli.models.family import Family
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
     from torch import nn
 
     from mellow_cli.models.samsone.config import SamsoneConfig
@@ -99,21 +98,9 @@ class SamsoneFamily(Family):
 
         return fit_clip(wave[None], cfg)
 
-    def encode(self, net: "nn.Module", clips: Sequence["torch.Tensor"]) -> list["torch.Tensor"]:
-        return net.encode_clips(list(clips))
-
-    def prefix_row(self, net: "nn.Module", clips: Sequence["torch.Tensor"], prompt_ids: list[int]) -> PrefixRow:
-        return net.prefix_row(list(clips), prompt_ids)
-
-    def audio_module(self, net: "nn.Module") -> "nn.Module":
-        return net.audio_encoder
-
     def parts(self) -> dict[str, str]:
         return {"encoder": "audio_encoder.encoder.encoder", "decoder": "text_model.model"}
 
     def fixed(self) -> tuple[str, ...]:
         # Whisper's fixed sinusoids (requires_grad=False in Whisper itself)
         return ("audio_encoder.encoder.encoder.embed_positions.weight",)
-
-    def frozen_encoder(self, net: "nn.Module") -> "nn.Module":
-        return net.audio_encoder

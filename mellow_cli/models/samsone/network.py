@@ -26,7 +26,7 @@ from mellow_cli.models.weights import (
     check_filled,
     init_lm_buffers,
     normalize_state_dict,
-    built,
+    Network,
     tie_lm_head,
 )
 from mellow_cli.models.samsone.config import SamsoneConfig
@@ -43,7 +43,7 @@ class Scope(nn.Module):
             self.add_module(name, child)
 
 
-class Samsone(nn.Module):
+class Samsone(Network):
     def __init__(self, cfg: SamsoneConfig):
         super().__init__()
         self.cfg = cfg
@@ -60,11 +60,6 @@ class Samsone(nn.Module):
     @property
     def lm(self) -> LlamaForCausalLM:
         return self.text_model.model
-
-    @classmethod
-    def from_config(cls, cfg: SamsoneConfig, device: str | torch.device = "cpu") -> "Samsone":
-        """On "cpu": random weights, ready to run. On "meta": no storage; follow with `load_weights`."""
-        return built(cls, cfg, device)
 
     # --- audio side -------------------------------------------------------------------------
 

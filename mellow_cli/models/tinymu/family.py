@@ -5,14 +5,13 @@ positions it takes, and the published `tinymu.pt` (`{"model": state_dict}`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from mellow_cli.errors import ModelError, UsageError
-from mellow_cli.models.family import Family, PrefixRow
+from mellow_cli.models.family import Family
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
     from torch import nn
 
     from mellow_cli.models.tinymu.config import TinyMUConfig
@@ -85,21 +84,9 @@ class TinyMUFamily(Family):
 
         return fit_clip(wave, cfg).numpy()
 
-    def encode(self, net: "nn.Module", clips: Sequence["torch.Tensor"]) -> list["torch.Tensor"]:
-        return net.encode_clips(list(clips))
-
-    def prefix_row(self, net: "nn.Module", clips: Sequence["torch.Tensor"], prompt_ids: list[int]) -> PrefixRow:
-        return net.prefix_row(list(clips), prompt_ids)
-
-    def audio_module(self, net: "nn.Module") -> "nn.Module":
-        return net.audio_encoder
-
     def parts(self) -> dict[str, str]:
         return {"encoder": "audio_encoder.enc", "decoder": "text_decoder.lm"}
 
     def fixed(self) -> tuple[str, ...]:
         # MATPAC's position table, a frozen Parameter in the authors' model
         return ("audio_encoder.enc.pos_embed",)
-
-    def frozen_encoder(self, net: "nn.Module") -> "nn.Module":
-        return net.audio_encoder

@@ -34,7 +34,7 @@ from mellow_cli.models.weights import (
     check_filled,
     init_lm_buffers,
     normalize_state_dict,
-    built,
+    Network,
     tie_lm_head,
 )
 from mellow_cli.models.tinymu.config import TinyMUConfig
@@ -74,7 +74,7 @@ class TextDecoder(nn.Module):
         self.lm = build_lm(cfg)
 
 
-class TinyMU(nn.Module):
+class TinyMU(Network):
     def __init__(self, cfg: TinyMUConfig):
         super().__init__()
         self.cfg = cfg
@@ -85,12 +85,6 @@ class TinyMU(nn.Module):
     @property
     def lm(self):
         return self.text_decoder.lm
-
-    @classmethod
-    def from_config(cls, cfg: TinyMUConfig, device: str | torch.device = "cpu") -> "TinyMU":
-        """On "cpu": random weights, ready to run. On "meta": no storage at all; follow with
-        `load_weights`, which allocates by adopting the checkpoint's tensors."""
-        return built(cls, cfg, device)
 
     def encode_clips(self, waves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """1-D float32 clips at cfg.sample_rate (as `fit_clip` gives them) -> each clip's audio
