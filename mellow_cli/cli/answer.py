@@ -16,7 +16,7 @@ import typer
 
 from mellow_cli.cli import render
 from mellow_cli.cli.options import Answering, Format, RecursiveOpt, grouped
-from mellow_cli.errors import UsageError
+from mellow_cli.errors import AudioError, UsageError
 from mellow_cli.io.jobs import Job, fields_for, jobs_for, parse_shard, read_pairs, read_questions, row, take_shard, windowed
 
 
@@ -67,12 +67,13 @@ def _run(jobs: list[Job], verb: str, run: Answering, single: bool) -> None:
     _check_run(jobs, run)
     shard = parse_shard(rows.shard)
     duration_of = functools.cache(audio_duration)
+    paths = None if out.output_dir is None else outputs.per_input_paths(out.output_dir, [j.audio for j in jobs],
+                                                                        out.fmt.value, out.overwrite)
     if single:  # a missing or broken file fails in milliseconds, not after the model loads
         for path in dict.fromkeys((jobs[0].audio, jobs[0].audio2)):
             duration_of(path)
     fields = fields_for(jobs)
-    if out.output_dir is not None:
-        paths = outputs.per_input_paths(out.output_dir, [j.audio for j in jobs], out.fmt.value, out.overwrite)
+    if paths is not None:
         # Shards by recording, not by window: each recording's file is one process's.
         jobs = take_shard(jobs, shard)
         model = run.loading.load()
@@ -142,8 +143,6 @@ def _say_how_heard(cut: list[Job], duration_of, length: float, hop: float, offse
     """A line on stderr for each recording heard in several windows (`field.flac: 180 s heard as
     18 windows of 10 s`) and each recording of a pair longer than the clip, of which only the
     start is heard; past CUT_LINES, one line counting them (each then said with -v)."""
-    from mellow_cli.errors import AudioError
-
     counts = Counter(j.audio for j in cut)
     walked = [audio for audio, n in counts.items() if n > 1]
     how = f"windows of {length:g} s" + (f" every {hop:g} s" if hop != length else "") + (
