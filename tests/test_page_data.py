@@ -189,7 +189,7 @@ def test_html_is_written_whole_at_the_end_so_resume_needs_a_row_format(scripted,
     scripted(answers=["x"] * 3)
     out = mellow("caption", str(clip), "--window", "1", "-f", "html", "-o", str(tmp_path / "a.html"), "--resume",
                  "--model", "any", "-q")
-    assert out.returncode == 2 and "--resume needs --format jsonl, csv, tsv" in out.stderr
+    assert out.returncode == 2 and "--resume needs rows a later run can read back, and html cannot be" in out.stderr
     assert not (tmp_path / "a.html").exists()
 
 
