@@ -34,20 +34,18 @@ def decoded_chunks(items: list, decode, size: int):
             yield chunk, decoded
 
 
-def clip_decoder(read, offset: float = 0.0, duration: float | None = None):
+def clip_decoder(read, length: float | None = None, offset: float = 0.0, duration: float | None = None):
     """job -> (clip1, clip2 or None), each read by `read(source, offset, duration)` (a model's
-    `read_clip`): the job's window if it has one, else --offset/--duration. A clip paired with
-    itself is decoded once (clip2 None tells the model so). A window walks the first recording
-    only: the second (`ask long.flac short.wav Q --window 10`) is a reference heard whole beside
-    each window, not cut at times it may not reach."""
+    `read_clip`). The first recording is heard from the job's `start` (`offset` for a job the run
+    could not cut: its recording fails again, and its row says why) for `length` seconds (None:
+    one clip), the span the run cut for it. The second is heard from `offset` for `duration`: the
+    span the user chose for both, or, beside each window of a recording walked whole (offset 0,
+    duration None), its own start, a reference not cut at times it may not reach. A clip paired
+    with itself is decoded once (clip2 None tells the model so)."""
 
     def decode(job: Job):
-        if job.start is not None:
-            first = read(job.audio, offset=job.start, duration=max(job.end - job.start, 0.01))
-            second = None if job.audio2 == job.audio else read(job.audio2)
-        else:
-            first = read(job.audio, offset=offset, duration=duration)
-            second = None if job.audio2 == job.audio else read(job.audio2, offset=offset, duration=duration)
+        first = read(job.audio, offset=offset if job.start is None else job.start, duration=length)
+        second = None if job.audio2 == job.audio else read(job.audio2, offset=offset, duration=duration)
         return first, second
 
     return decode
@@ -92,7 +90,14 @@ def answer_rows(model, jobs: list[Job], options, batch_size: int, decode):
         return job.question, job.choices
 
     for job, result, err in answer_in_batches(model, jobs, decode, batch_size, pose, options):
-        chose = result is not None and not isinstance(result, str)
-        answer, scores = (result.choice, result.as_dict()) if chose else (result, None)
+        answer, scores = said(result)
         yield row(job, answer=answer, scores=scores, model=model.name, revision=model.revision,
                   error=err.problem if err else None), err
+
+
+def said(result) -> tuple[str | None, dict[str, float] | None]:
+    """(answer, scores) of a row: a free answer as it is, a choice with each choice's probability
+    keyed by the choice (`jq .scores.yes`; the order is the row's `choices`)."""
+    if result is None or isinstance(result, str):
+        return result, None
+    return result.choice, {s.text: round(p, 6) for s, p in zip(result.scores, result.probabilities)}

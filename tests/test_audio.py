@@ -477,10 +477,12 @@ BAD_FILES = {  # name: (file bytes, expected part of the problem)
     "zip": (_zip_bytes(), "not an audio file (looks like a zip archive)"),
     "random bytes": (NOISE, "not an audio file"),
     "m4a": (b"\x00\x00\x00\x20ftypM4A \x00\x00\x02\x00M4A isom" + bytes(300),
-            "MP4/M4A (AAC, ALAC) is not supported; convert it"),
-    "webm": (b"\x1aE\xdf\xa3" + bytes(300), "Matroska/WebM is not supported"),
-    # format tag 0x2000 (AC-3), a codec libsndfile does not decode inside WAV
-    "unknown wav codec": (_wav_with_fmt_field(0, "<H", 0x2000), "cannot open as audio"),
+            "cannot open this MP4/M4A (AAC, ALAC) file (FFmpeg: "),
+    "webm": (b"\x1aE\xdf\xa3" + bytes(300), "cannot open this Matroska/WebM file (FFmpeg: "),
+    # format tag 0x2000 (AC-3), a codec libsndfile does not decode inside WAV: FFmpeg does, and
+    # finds the tone's samples are not AC-3 frames
+    "unknown wav codec": (_wav_with_fmt_field(0, "<H", 0x2000), "cannot decode the audio between 0.00 s and 1.00 s, "
+                          "truncated or corrupt? (FFmpeg: "),
     "1 Hz": (_wav_with_fmt_field(4, "<I", 1), "sample rate 1 Hz is outside the supported 1000-"),
     "10 MHz": (_wav_with_fmt_field(4, "<I", 10_000_000), "sample rate 10000000 Hz is outside"),
     "nan": (_with_nonfinite(np.nan, "FLOAT"), NON_FINITE),

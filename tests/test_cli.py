@@ -98,7 +98,7 @@ def test_unexpected_errors_have_no_traceback_unless_debug(monkeypatch):
     def boom(*a, **k):
         raise ZeroDivisionError("kaboom")
 
-    monkeypatch.setattr(answer, "_answer_one", boom)
+    monkeypatch.setattr(answer, "_run", boom)
     with pytest.raises(SystemExit) as exit_info:
         main(["ask", "a.wav", "q"])
     assert exit_info.value.code == 1
@@ -109,7 +109,7 @@ def test_unexpected_errors_have_no_traceback_unless_debug(monkeypatch):
 def test_unexpected_error_message_is_one_line(monkeypatch, capsys):
     from mellow_cli.cli import answer, main
 
-    monkeypatch.setattr(answer, "_answer_one", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(answer, "_run", lambda *a, **k: 1 / 0)
     with pytest.raises(SystemExit):
         main(["ask", "a.wav", "q"])
     err = capsys.readouterr().err

@@ -63,7 +63,7 @@ USAGE = [
     ("compare", lambda f: ["compare", "--pairs", f.pairs, "-m", "unused"], "columns audio1 and audio2"),
     ("caption", lambda f: ["caption", f.empty, "-m", "unused"], "no audio files in this folder"),
     ("caption", lambda f: ["caption", f.clip, "-f", "jsonl", "-o", f.taken, "-m", "unused"], "already holds"),
-    ("caption", lambda f: ["caption", f.clip, "--window", "5", "--offset", "1"], "leave out --offset"),
+    ("caption", lambda f: ["caption", f.clip, "--window", "5", "--duration", "1"], "give one of the two"),
     ("report", lambda f: ["report", f.taken], "not a result row"),
     ("report", lambda f: ["report", f.answers, "-o", f.taken], "already holds"),
     ("train", lambda f: ["train", f.rows, "--init", "tiny", "-o", f.run], "already holds a run"),

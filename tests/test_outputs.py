@@ -167,7 +167,7 @@ def test_a_resume_refused_for_another_model_keeps_even_the_cut_line(tmp_path):
 def test_a_folder_is_refused_and_a_refused_new_file_is_not_left_behind(tmp_path):
     with pytest.raises(UsageError, match="is a folder"):
         outputs.open_rows(str(tmp_path), "jsonl", ROW_FIELDS)
-    with pytest.raises(UsageError, match="--resume needs --format"):
+    with pytest.raises(UsageError, match="--resume needs rows a later run can read back"):
         outputs.open_rows(str(tmp_path / "new.json"), "json", ROW_FIELDS, resume=True)
     assert not (tmp_path / "new.json").exists()
 
@@ -184,8 +184,8 @@ def test_a_full_disk_names_the_file(tmp_path):
 def test_nan_never_reaches_a_json_row():
     out = io.StringIO()
     writer = outputs.RowWriter("jsonl", out, fields=("audio", "scores"))
-    writer.write({"audio": "a.wav", "scores": [{"choice": "x", "probability": float("nan")}], "error": None})
-    assert json.loads(out.getvalue())["scores"][0]["probability"] is None
+    writer.write({"audio": "a.wav", "scores": {"x": float("nan")}, "error": None})
+    assert json.loads(out.getvalue())["scores"]["x"] is None
 
 
 # --- keys: ids unique, the same clip twice is two rows ---------------------------------------------

@@ -1,150 +1,204 @@
-"""`mellow ask`, `compare` and `caption`: one question streamed to the terminal, or many rows
-written as they are answered (to stdout, `-o FILE` or a file per recording), with --resume,
---shard and --window.
+"""`mellow ask`, `compare` and `caption`: one input (a recording, or a pair) or a batch of them,
+each recording heard whole: one longer than the model's clip is walked in windows of that clip
+(the model's family says how long; `--window`/`--hop` choose others), unless --offset/--duration
+ask for one span. One answer is streamed to the terminal; rows are written as they are answered
+(to stdout, `-o FILE` or a file per recording), with --resume and --shard.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from collections import Counter
 from typing import Annotated, List, Optional
 
 import typer
 
-from mellow_cli.api import Question
+from mellow_cli.cli import render
 from mellow_cli.cli.options import Answering, Format, RecursiveOpt, grouped
-from mellow_cli.errors import UsageError
+from mellow_cli.errors import AudioError, UsageError
 from mellow_cli.io.jobs import Job, fields_for, jobs_for, parse_shard, read_pairs, read_questions, row, take_shard, windowed
 
 
-def _plain(arg: str) -> bool:
-    """One recording named as itself (or `-`), not a folder, a glob or an @list."""
-    import glob
-    import os
-
-    if arg == "-":
-        return True
-    return not arg.startswith("@") and not os.path.isdir(arg) and not (glob.has_magic(arg) and not os.path.exists(arg))
-
-
-def _interactive(run: Answering) -> bool:
-    """One answer for a person at a terminal: streamed (text) or one object (json)."""
-    out, rows = run.output, run.rows
-    return (out.fmt in (Format.text, Format.json) and out.output is None and out.output_dir is None
-            and rows.window is None and rows.shard is None and not rows.resume)
-
-
-def _answer_one(job, run: Answering) -> None:
-    """One question at a terminal: open the recordings first (a missing or unreadable file fails
-    in milliseconds), load the model, decode the clips as the model hears them, then stream the
-    answer, or print the chosen choice or one JSON object."""
-    from mellow_cli import batch
-    from mellow_cli.cli import render
-    from mellow_cli.io.audio import audio_duration
-
-    for path in dict.fromkeys((job.audio, job.audio2)):
-        audio_duration(path)
-    model = run.loading.load()
-    clips = batch.clip_decoder(model.read_clip, run.rows.offset, run.rows.duration)(job)
-    question = Question(clips[0], clips[1], job.question)
-    if job.choices:
-        picked = model.choose_batch([question], [job.choices])[0]
-        answer, scores = picked.choice, picked.as_dict()
-    elif run.output.fmt is Format.json:
-        answer, scores = model.ask_batch([question], run.decoding.options())[0], None
-    else:
-        render.stream_answer(model.stream(clips[0], job.question, audio2=clips[1], options=run.decoding.options()))
-        return
-    if run.output.fmt is Format.json:
-        record = row(job, answer=answer, scores=scores, model=model.name, revision=model.revision)
-        render.result_json({k: record[k] for k in fields_for([job])})
-    else:
-        render.result_line(answer)
+def _walks(run: Answering) -> bool:
+    """Whether each recording is heard whole, in windows (the default, or --window), rather than
+    as the one span --offset/--duration choose."""
+    rows = run.rows
+    return rows.window is not None or (rows.offset == 0 and rows.duration is None)
 
 
 def _check_run(jobs, run: Answering) -> None:
     """Options that cannot go together, refused before any audio is read."""
     out, rows = run.output, run.rows
     fmt = out.fmt.value
-    if out.fmt in (Format.srt, Format.vtt):
-        if rows.window is None:
-            raise UsageError(f"--format {fmt} needs --window (one timed caption per window)")
-        if out.output_dir is None and len({j.audio for j in jobs}) != 1:
-            raise UsageError(f"--format {fmt} holds one recording's captions: with several, give --output-dir DIR "
-                             "for a file each")
-    if rows.window is not None and (rows.offset or rows.duration):
-        raise UsageError("--window covers the whole recording: leave out --offset and --duration")
+    if out.fmt in (Format.srt, Format.vtt) and out.output_dir is None and len({j.audio for j in jobs}) != 1:
+        raise UsageError(f"--format {fmt} holds one recording's captions: with several, give --output-dir DIR "
+                         "for a file each")
+    if rows.window is not None and rows.duration is not None:
+        raise UsageError("--window walks each recording in windows and --duration asks for one span of it: give "
+                         "one of the two")
+    if rows.hop is not None and not _walks(run):
+        span = "--duration" if rows.duration is not None else "--offset without --window"
+        walk = "" if rows.duration is not None else " (or add --window SECONDS to walk from --offset on)"
+        raise UsageError(f"--hop spaces the windows of a recording walked whole, and {span} asks for one span: "
+                         f"leave out --hop{walk}")
     if rows.resume and out.overwrite:
         raise UsageError("--resume keeps the rows in --output and --overwrite replaces them: give one of the two")
     if out.output_dir is not None:
-        # Shards of windows would share a recording's file between processes.
         clash = ("--output" if out.output is not None else "--resume (it works with --output)" if rows.resume
-                 else "--shard (with --window)" if rows.shard and rows.window is not None else None)
+                 else None)
         if clash:
             raise UsageError(f"--output-dir writes a file per recording: leave out {clash}")
 
 
-def _run_batch(jobs, verb: str, run: Answering) -> None:
-    """Many rows: window, shard and resume the job list, answer it batch by batch, write each row
-    as it is done (to --output, or a file per recording in --output-dir), report failed files on
-    stderr, end with a summary line and an exit code."""
-    import os
+def _run(jobs: list[Job], verb: str, run: Answering, single: bool) -> None:
+    """Answer `jobs`: one input (`single`: a recording or a pair named on the command line) or a
+    batch. What can be refused is refused before the model loads: the options, the output (its
+    format, what it holds, --resume's proof) and, for one input, a recording that cannot be read.
+    Then the model says how long a clip it hears, the recordings are cut into windows (and
+    shards), and the rows are answered batch by batch and written as they come; one clip for a
+    person at a terminal is streamed instead."""
+    import functools
 
     from mellow_cli.io import outputs
-    from mellow_cli.cli import render
     from mellow_cli.io.audio import audio_duration
 
     out, rows = run.output, run.rows
     _check_run(jobs, run)
-    shard_spec = parse_shard(rows.shard)
+    shard = parse_shard(rows.shard)
+    duration_of = functools.cache(audio_duration)
     paths = None if out.output_dir is None else outputs.per_input_paths(out.output_dir, [j.audio for j in jobs],
                                                                         out.fmt.value, out.overwrite)
-    if rows.window is not None:
-        jobs = windowed(jobs, rows.window, rows.hop or rows.window, audio_duration)
-    jobs = take_shard(jobs, shard_spec)
+    if single:  # a missing or broken file fails in milliseconds, not after the model loads
+        for path in dict.fromkeys((jobs[0].audio, jobs[0].audio2)):
+            duration_of(path)
     fields = fields_for(jobs)
     if paths is not None:
+        # Shards by recording, not by window: each recording's file is one process's.
+        jobs = take_shard(jobs, shard)
+        model = run.loading.load()
+        jobs, length = _cut(jobs, model, run, duration_of)
         sink = outputs.FilePerInput(paths, out.fmt.value, fields, out.overwrite)
-        _write_rows(sink, _answers(run, jobs), verb, len(jobs), None)
+        _write_rows(sink, _answers(model, run, jobs, length), verb, len(jobs), None)
         files = sink.files()
         render.info(f"wrote {len(files)} file{'' if len(files) == 1 else 's'} to {out.output_dir}")
         return
     opened = outputs.open_rows(out.output, out.fmt.value, fields, resume=rows.resume, overwrite=out.overwrite)
     try:
+        model = run.loading.load()
+        opened.check_model(model.name, out.output)
+        cut, length = _cut(jobs, model, run, duration_of)
+        times = rows.window is not None or len(cut) > len(jobs)
+        cut = take_shard(cut, shard)
         left = Counter(opened.done)
         todo = []
-        for job, (key, _) in zip(jobs, outputs.numbered_keys(row(j) for j in jobs)):
+        for job, (key, _) in zip(cut, outputs.numbered_keys(row(j) for j in cut)):
             if left[key] > 0:
                 left[key] -= 1
             else:
                 todo.append(job)
         if opened.done:
-            render.info(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} rows already in {out.output}")
+            render.info(f"resuming: {len(cut) - len(todo)} of {len(cut)} rows already in {out.output}")
         if not todo:
             render.info("nothing left to do")
             return
-        results = _answers(run, todo, check=lambda model: opened.check_model(model.name, out.output))
-        writer = outputs.writer(out.fmt.value, opened.stream, many=len(jobs) > 1, fields=fields,
-                                append=opened.append, folder=os.path.dirname(out.output or ""))
-        _write_rows(writer, results, verb, len(todo), out.output if out.fmt.value in outputs.RESUMABLE else None)
+        if (single and len(cut) == 1 and not times and not todo[0].choices and out.fmt is Format.text
+                and out.output is None):
+            return _stream(model, run, todo[0], length)
+        writer = outputs.writer(out.fmt.value, opened.stream, many=not single, fields=fields, append=opened.append,
+                                folder=os.path.dirname(out.output or ""), times=times)
+        resumable = out.output if out.fmt.value in outputs.RESUMABLE else None
+        _write_rows(writer, _answers(model, run, todo, length), verb, len(todo), resumable)
     finally:
         opened.close()
 
 
-def _answers(run: Answering, jobs, check=None):
-    """(row, error) per job, the model loaded first (and `check`ed against the output's rows)."""
+def _cut(jobs: list[Job], model, run: Answering, duration_of) -> tuple[list[Job], float]:
+    """The jobs as the model will hear their recordings, and how long each span is: walked in
+    windows of the model's clip (or --window, --hop apart, from --offset), or the one span
+    --offset/--duration choose. A pair is one clip of each unless --window asks to walk its
+    first recording: the model hears the two together, and windows of both would pair spans
+    that do not belong together. Says on stderr which recordings were cut."""
+    rows = run.rows
+    clip = model.family.clip_seconds(model.cfg)
+    for flag, value in (("--window", rows.window), ("--duration", rows.duration)):
+        if value is not None and value > clip:
+            raise UsageError(f"{flag} {value:g}: {model.name} hears at most {clip:g} s at once")
+    walks = _walks(run)
+    length = (rows.window or clip) if walks else (rows.duration or clip)
+    hop = (rows.hop or length) if walks else math.inf
+    cut = [part for job in jobs for part in windowed(
+        [job], length, hop if rows.window is not None or job.audio2 == job.audio else math.inf, duration_of,
+        rows.offset)]
+    if walks:
+        _say_how_heard(cut, duration_of, length, hop, rows.offset, clip, rows.window is not None)
+    return cut, length
+
+
+CUT_LINES = 3  # recordings cut into windows named one a line; past that, one line counts them
+
+
+def _say_how_heard(cut: list[Job], duration_of, length: float, hop: float, offset: float, clip: float,
+                   asked: bool) -> None:
+    """A line on stderr for each recording heard in several windows (`field.flac: 180 s heard as
+    18 windows of 10 s`) and each recording of a pair longer than the clip, of which only the
+    start is heard; past CUT_LINES, one line counting them (each then said with -v)."""
+    counts = Counter(j.audio for j in cut)
+    walked = [audio for audio, n in counts.items() if n > 1]
+    how = f"windows of {length:g} s" + (f" every {hop:g} s" if hop != length else "") + (
+        f" from {offset:g} s" if offset else "")
+    lines = [f"{audio}: {_seconds(duration_of(audio))} heard as {counts[audio]} {how}" for audio in walked]
+    paired = dict.fromkeys(p for j in cut if j.audio2 != j.audio for p in (j.audio, j.audio2) if p not in counts
+                           or counts[p] == 1)
+    for path in paired:
+        try:
+            seconds = duration_of(path)
+        except AudioError:  # its row says why
+            continue
+        if seconds > clip:
+            hint = "" if asked else "; --window SECONDS walks the first of a pair"
+            lines.append(f"{path}: {_seconds(seconds)}, of which one clip of {clip:g} s is heard, as one of a "
+                         f"pair{hint}")
+    if len(lines) > CUT_LINES:
+        cuts = sum(counts[a] for a in walked)
+        render.info(f"{len(lines)} recordings heard in part: {len(walked)} in {how} ({cuts} rows), "
+                    f"{len(lines) - len(walked)} of pairs in their first {clip:g} s (-v names them)")
+        for line in lines:
+            render.debug(line)
+    else:
+        for line in lines:
+            render.info(line)
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f}".removesuffix(".0") + " s"
+
+
+def _stream(model, run: Answering, job: Job, length: float) -> None:
+    """One free answer for a person at a terminal, written as it is decoded."""
+    clips = _decoder(model, run, length)(job)
+    render.stream_answer(model.stream(clips[0], job.question, audio2=clips[1], options=run.decoding.options()))
+
+
+def _decoder(model, run: Answering, length: float):
+    """How each job's clips are read: its span of the first recording; the second from its start
+    beside a walk, or over the same span when --offset/--duration chose one."""
     from mellow_cli import batch
 
-    model = run.loading.load()
-    if check is not None:
-        check(model)
-    return batch.answer_rows(model, jobs, run.decoding.options(), run.rows.batch_size,
-                             batch.clip_decoder(model.read_clip, run.rows.offset, run.rows.duration))
+    walk = _walks(run)
+    return batch.clip_decoder(model.read_clip, length, 0.0 if walk else run.rows.offset,
+                              None if walk else run.rows.duration)
+
+
+def _answers(model, run: Answering, jobs: list[Job], length: float):
+    """(row, error) per job, answered `--batch-size` at a time."""
+    from mellow_cli import batch
+
+    return batch.answer_rows(model, jobs, run.decoding.options(), run.rows.batch_size, _decoder(model, run, length))
 
 
 def _write_rows(writer, results, verb: str, total: int, resumable: str | None) -> None:
     """Write each (row, error) as it comes, errors to stderr; a summary line and the exit code."""
-    from mellow_cli.cli import render
-
     written = failed = 0
     try:
         with render.progress(total, verb) as advance:
@@ -167,18 +221,6 @@ def _write_rows(writer, results, verb: str, total: int, resumable: str | None) -
         raise typer.Exit(1)
 
 
-def _forgotten_question(text: str) -> str | None:
-    """What the question names when it is an input, not a question (`mellow ask a.wav b.wav`, or
-    `mellow ask a.wav clips/`, with the question left out); None for a question."""
-    import os
-
-    from mellow_cli.io.inputs import AUDIO_EXTENSIONS
-
-    if text == "-" or (os.path.splitext(text)[1].lower() in AUDIO_EXTENSIONS and " " not in text.strip()):
-        return "an audio file's name"
-    return "a folder" if os.path.isdir(text) else None
-
-
 @grouped
 def ask(
     args: Annotated[Optional[List[str]], typer.Argument(metavar="AUDIO [AUDIO2] QUESTION", help="One or two audio files (or - for audio on stdin), then the question. A folder, glob, @list.txt or @- (paths on stdin), or three or more files, asks the question about each recording in turn.", show_default=False)] = None,
@@ -199,12 +241,14 @@ def ask(
       mellow ask street.flac "what is the main sound?" --choices "car|rain|birds"
       cat clip.mp3 | mellow ask - "what do you hear?"
       mellow ask --input questions.jsonl --format jsonl -o answers.jsonl --resume
-      mellow ask field.flac "is a bird singing?" --window 10 --choices "yes|no" -f csv
+      mellow ask field.flac "is a bird singing?" --choices "yes|no" -o field.csv
     """
     from mellow_cli.io import inputs
 
     run.console.setup()
+    run = run.resolved()
     choice_list = inputs.parse_choices(choices, "--choices")
+    single = False
     if input_file is not None:
         if args:
             raise UsageError("give either --input FILE or AUDIO [AUDIO2] QUESTION, not both")
@@ -212,23 +256,14 @@ def ask(
         if not jobs:
             raise UsageError(f"{input_file}: no questions in the file")
     else:
-        if not args or len(args) < 2:
-            raise UsageError("ask takes AUDIO [AUDIO2] QUESTION: one or two audio files, then the question (or --input FILE)")
-        audio, question = args[:-1], args[-1]
-        if not question.strip():
-            raise UsageError("the question is empty")
-        if forgotten := _forgotten_question(question):
-            raise UsageError(f"the question is {question!r}, {forgotten}: ask takes AUDIO [AUDIO2] QUESTION, with "
-                             "the question last")
-        pair = len(audio) <= 2 and all(_plain(a) for a in audio)
-        if pair:
+        audio, question = inputs.split_question(args or [])
+        single = len(audio) <= 2 and all(inputs.one_recording(a) for a in audio)
+        if single:
             jobs = [Job(audio[0], audio[-1], question, tuple(choice_list) if choice_list else None)]
         else:
-            jobs = jobs_for(inputs.expand_inputs(audio, recursive), question, choice_list)
+            jobs = jobs_for(_recordings(audio, recursive), question, choice_list)
     _check_clips(jobs, run)
-    if input_file is None and pair and _interactive(run):
-        return _answer_one(jobs[0], run)
-    _run_batch(jobs, "answered", run)
+    _run(jobs, "answered", run, single=single)
 
 
 def _check_clips(jobs, run: Answering) -> None:
@@ -260,6 +295,7 @@ def compare(
     """
 
     run.console.setup()
+    run = run.resolved()
     family = _family(run)
     if family.most_clips == 1:
         raise UsageError(f"{run.loading.model}: {family.title} takes one clip a question, so it cannot compare two "
@@ -274,10 +310,8 @@ def compare(
     else:
         if audio1 is None or audio2 is None:
             raise UsageError("compare takes two recordings, A and B (or --pairs FILE)")
-        jobs = [Job(audio1, audio2, prompt)]
-        if _interactive(run):
-            return _answer_one(jobs[0], run)
-    _run_batch(jobs, "compared", run)
+        return _run([Job(audio1, audio2, prompt)], "compared", run, single=True)
+    _run(jobs, "compared", run, single=False)
 
 
 @grouped
@@ -299,15 +333,35 @@ def caption(
       mellow caption rain.wav
       mellow caption field/ --recursive --format jsonl -o captions.jsonl
       find . -name '*.flac' | mellow caption @- --format csv
-      mellow caption night.flac --window 10 --format srt > night.srt
-      mellow caption nights/*.flac --window 10 -f srt --output-dir subs/
+      mellow caption night.flac --format srt > night.srt
+      mellow caption nights/*.flac -f srt --output-dir subs/
       mellow caption big/ -r -f jsonl -o part2.jsonl --shard 2/4 --resume
     """
     from mellow_cli.io import inputs
 
     run.console.setup()
+    run = run.resolved()
     prompt = prompt or _family(run).caption_prompt
-    _run_batch(jobs_for(inputs.expand_inputs(audio, recursive), prompt), "captioned", run)
+    single = len(audio) == 1 and inputs.one_recording(audio[0])
+    _run(jobs_for(_recordings(audio, recursive), prompt), "captioned", run, single=single)
+
+
+SKIPPED_NAMES = 3  # files a folder's skip line names; the rest are counted
+
+
+def _recordings(args: list[str], recursive: bool) -> list[str]:
+    """The recordings the arguments name, with a line on stderr for each folder whose files
+    include some no reader opens as audio: how many, and the first few."""
+    from mellow_cli.io import inputs
+
+    skipped: list[tuple[str, str]] = []
+    paths = inputs.expand_inputs(args, recursive, skipped=skipped)
+    for folder in dict.fromkeys(f for f, _ in skipped):
+        names = [os.path.relpath(p, folder) for f, p in skipped if f == folder]
+        more = f" and {len(names) - SKIPPED_NAMES} more" if len(names) > SKIPPED_NAMES else ""
+        render.info(f"{folder}: skipped {len(names)} file{'s' if len(names) > 1 else ''} no reader opens as audio "
+                    f"({', '.join(names[:SKIPPED_NAMES])}{more})")
+    return paths
 
 
 def _family(run: Answering):

@@ -108,9 +108,9 @@ MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", min=1, max=
 SampleOpt = Annotated[bool, typer.Option("--sample/--greedy", help="Sample the answer instead of the default greedy decoding (which matches the reference).")]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, max=100.0, help="Sampling temperature (with --sample).")]
 TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --sample).")]
-OffsetOpt = Annotated[float, typer.Option("--offset", min=0.0, max=MAX_SECONDS, help="Start of the 10 s window in each clip, in seconds.")]
-DurationOpt = Annotated[Optional[float], typer.Option("--duration", min=0.01, max=10.0, help="Seconds of audio to use from --offset (at most 10; shorter is tiled to 10 s).")]
-FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="text: the answer (with several rows: tab-separated inputs, then the answer); json: one object (an array of rows for a batch); jsonl, csv, tsv: one row per answer with audio, audio2, question, answer, model, revision, error (and id, start, end, choices, scores when used); srt, vtt: timed captions, with --window; html: one page to look at, the audio's picture with each answer on its timeline (a table of recordings for several), the rows inside.")]
+OffsetOpt = Annotated[float, typer.Option("--offset", min=0.0, max=MAX_SECONDS, help="Hear one span of each recording, from this many seconds (one clip long, or --duration); with --window, walk the recording from there.")]
+DurationOpt = Annotated[Optional[float], typer.Option("--duration", min=0.01, max=MAX_SECONDS, help="Hear one span of each recording, this many seconds from --offset (at most the model's clip; Mellow tiles a shorter one to its 10 s).")]
+FormatOpt = Annotated[Optional[Format], typer.Option("--format", "-f", show_default=False, help="Output format [default: what --output's name says (.jsonl, .json, .csv, .tsv, .srt, .vtt, .html, .txt), else text]. text: the answer (in a batch after the recording's path, and with start and end times when recordings are heard in windows); json: one object for one recording or pair (its windows inside), an array of rows for a batch; jsonl, csv, tsv: one row per answer with audio, audio2, start, end, question, answer, model, revision, error (and id, choices, scores when used); srt, vtt: timed captions, one per window; html: one page to look at, the audio's picture with each answer on its timeline (a table of recordings for several), the rows inside.")]
 # Batch runs: many inputs, one row each.
 RecursiveOpt = Annotated[bool, typer.Option("--recursive", "-r", help="Look for audio in subfolders too.")]
 OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Write rows to this file instead of stdout.")]
@@ -119,7 +119,7 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Ro
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace what --output (or the files of --output-dir) already holds (without it, a file that holds anything is refused unless --resume).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="With --output (jsonl, csv or tsv): keep the rows already there and do only the rest, e.g. after Ctrl-C or a kill.")]
 ShardOpt = Annotated[Optional[str], typer.Option("--shard", metavar="I/N", help="Do only every N-th row from the I-th (1 <= I <= N), so N processes can share one list.")]
-WindowOpt = Annotated[Optional[float], typer.Option("--window", min=0.5, max=10.0, help="Answer for each WINDOW seconds of a long recording (at most 10), with start and end times in each row.")]
+WindowOpt = Annotated[Optional[float], typer.Option("--window", min=0.5, max=MAX_SECONDS, help="Walk each recording in windows this many seconds long (at most the model's clip) [default: the model's clip, 10 s for Mellow].")]
 HopOpt = Annotated[Optional[float], typer.Option("--hop", min=0.1, max=MAX_SECONDS, help="Seconds from one window's start to the next [default: the window length].")]
 
 
@@ -258,8 +258,22 @@ class Output:
 
     output: OutputOpt = None
     output_dir: OutputDirOpt = None
-    fmt: FormatOpt = Format.text
+    fmt: FormatOpt = None  # None until `resolved`: then --format, or what --output's name says
     overwrite: OverwriteOpt = False
+
+    def resolved(self) -> "Output":
+        """The same options with the format settled: --format, else the one --output's extension
+        names (`-o rows.csv` writes CSV), else text. A name and a --format that disagree are a
+        usage error: a file named .jsonl holding CSV would mislead the next reader."""
+        from mellow_cli.errors import UsageError
+        from mellow_cli.io.formats import SUFFIXES, format_of_name
+
+        named = None if self.output is None else format_of_name(self.output)
+        if self.fmt is not None and named is not None and self.fmt.value != named:
+            suffix = next(s for s, f in SUFFIXES.items() if f == self.fmt.value)
+            raise UsageError(f"--output {self.output} names a {named} file, but --format is {self.fmt.value}: leave "
+                             f"out --format (the name chooses {named}), or name the file {suffix}")
+        return dataclasses.replace(self, fmt=self.fmt or Format(named or "text"))
 
 
 @dataclass(frozen=True)
@@ -271,6 +285,10 @@ class Answering:
     decoding: Decoding
     loading: Loading
     console: Console
+
+    def resolved(self) -> "Answering":
+        """The options with the output's format settled (Output.resolved)."""
+        return dataclasses.replace(self, output=self.output.resolved())
 
 
 def _is_group(kind) -> bool:

@@ -147,12 +147,16 @@ def status(message: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def progress(total: int | None, description: str = "") -> Iterator["Callable[[int], None]"]:
-    """A progress bar on stderr (count, rate, elapsed and ETA) while a batch runs; yields
-    `advance(n=1)`. Only drawn on a terminal, without -q and NO_COLOR: a script's stderr gets no
-    bar at all, only the summary line the command prints at the end."""
+    """Progress on stderr while a batch runs (count, rate, ETA); yields `advance(n=1)`. On a
+    terminal (without -q and NO_COLOR) a bar redrawn in place; elsewhere (a log file, nohup, CI)
+    plain lines, spaced as ProgressLines says."""
     console = _console("stderr")
-    if _level < NORMAL or not console.is_terminal or _no_color():
+    if _level < NORMAL:
         yield lambda n=1: None
+        return
+    if not console.is_terminal or _no_color():
+        lines = ProgressLines(total, description)
+        yield lines.advance
         return
     from rich.progress import (
         BarColumn,
@@ -174,6 +178,55 @@ def progress(total: int | None, description: str = "") -> Iterator["Callable[[in
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
+
+
+LINES_PER_RUN = 10  # plain progress lines a run of known length prints, besides one a minute
+LINE_EVERY_SECONDS = 60.0
+LINE_GAP_SECONDS = 10.0  # rows come in batches: a tenth reached this soon after a line waits for the next
+
+
+class ProgressLines:
+    """Progress where no bar can be drawn: a line after the first step, at every tenth of the
+    total (or as soon after as LINE_GAP_SECONDS have passed since the last line), at the last, and at least once a
+    minute while steps complete, each with the count, the rate and the time left (`captioned:
+    120 of 1080 (11%), 2.05/s, eta 0:07:48`), so a log shows a run is alive and when it will end,
+    as whisper's line per file does. A count of one step says nothing the end does not."""
+
+    def __init__(self, total: int | None, description: str, clock: Callable[[], float] = time.monotonic):
+        self.total, self.description, self.clock = total, description, clock
+        self.done = 0
+        self.started = self.last = clock()
+        self.step = max(1, -(-total // LINES_PER_RUN)) if total else None
+        self.due = False  # a tenth was reached since the last line
+
+    def advance(self, n: int = 1) -> None:
+        before, self.done = self.done, self.done + n
+        now = self.clock()
+        self.due = self.due or (self.step is not None and before // self.step != self.done // self.step)
+        if self.total == 1:
+            return
+        if (before == 0 or self.done == self.total or now - self.last >= LINE_EVERY_SECONDS
+                or (self.due and now - self.last >= LINE_GAP_SECONDS)):
+            self.last, self.due = now, False
+            info(self.line(now))
+
+    def line(self, now: float) -> str:
+        elapsed = now - self.started
+        rate = self.done / elapsed if elapsed > 0 else None
+        head = f"{self.description}: {self.done}" if self.description else str(self.done)
+        if not self.total:
+            return head + (f", {rate:.2f}/s" if rate else "")
+        text = f"{head} of {self.total} ({100 * self.done // self.total}%)"
+        if rate:
+            left = max(0, self.total - self.done) / rate
+            text += f", {rate:.2f}/s, eta {_clock(left)}"
+        return text
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 class Live:

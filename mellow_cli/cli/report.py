@@ -80,6 +80,8 @@ def _read(path: str) -> tuple[str, list[dict]]:
     fmt = ROW_FORMATS.get(os.path.splitext(path)[1].lower())
     if fmt is not None:
         records = readback.read_rows(path, fmt)
+    elif (one := readback.read_one_input(path)) is not None:  # -f json of one recording or pair
+        records = one
     else:
         records, _ = predictions.read(path)  # a list written one item a line: -f json rows, or predictions
         if charts.is_predictions(records):

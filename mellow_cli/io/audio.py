@@ -3,7 +3,8 @@
 This module owns everything between a path on the command line and the waveform the front end
 (the family's front end, e.g. models/mellow/frontend.py) turns into a log-mel spectrogram, in the manner of whisper's `audio.py`:
 
-- decoding WAV, FLAC, OGG (Vorbis, Opus), MP3 and whatever else libsndfile reads, via soundfile;
+- decoding WAV, FLAC, OGG (Vorbis, Opus), MP3 and whatever else libsndfile reads, via soundfile,
+  and what it cannot open through FFmpeg (io/ffmpeg.py: m4a, video files' audio, wma, ...);
   the source `-` is a whole audio file on standard input, read once and kept, so `-` can be
   used twice in one process;
 - mono (by averaging the channels, or the family's own way), then resampling to the model's rate
@@ -239,7 +240,7 @@ def _decode_window(name: str, snd: sf.SoundFile, first: int, stop: int, sr: int,
         raise AudioError(
             name,
             f"cannot decode the audio between {read_start / sr_in:.2f} s and "
-            f"{read_stop / sr_in:.2f} s, truncated or corrupt? (libsndfile: {_reason(e)})",
+            f"{read_stop / sr_in:.2f} s, truncated or corrupt? ({getattr(snd, 'decoder', 'libsndfile')}: {_reason(e)})",
         ) from None
     wav = np.asarray(mono(frames), dtype=np.float32)
     if not np.isfinite(wav).all():
@@ -347,10 +348,26 @@ def _open_sound(source: Source) -> Iterator[sf.SoundFile]:
         except (RuntimeError, TypeError, ValueError) as e:
             # RuntimeError: libsndfile's LibsndfileError. TypeError: soundfile's demand for a
             # sample rate when the name ends in .raw (headerless PCM, which we cannot use).
-            raise AudioError(name, _open_problem(head, e)) from None
+            snd = _open_with_ffmpeg(name, stream, head, e)
         with snd:
             _check_header(name, snd)
             yield snd
+
+
+def _open_with_ffmpeg(name: str, stream: BinaryIO, head: bytes, err: Exception):
+    """What libsndfile refused, opened by FFmpeg (io/ffmpeg.py: m4a, video files' audio, wma, ...),
+    unless its first bytes already say it is not sound; an AudioError saying why otherwise."""
+    from mellow_cli.io import ffmpeg
+
+    if not isinstance(err, TypeError) and _not_audio(head) is None:
+        stream.seek(0)
+        try:
+            return ffmpeg.open_sound(stream)
+        except ffmpeg.NotReadable as e:
+            for at, magic, what in _CONTAINERS:
+                if head[at : at + len(magic)] == magic:
+                    raise AudioError(name, f"cannot open this {what} file ({e.problem})") from None
+    raise AudioError(name, _open_problem(head, err))
 
 
 def _check_header(name: str, snd: sf.SoundFile) -> None:
@@ -376,7 +393,7 @@ _NOT_AUDIO = (
     (0, b"PK\x03\x04", "a zip archive"),
     (0, b"\x1f\x8b", "a gzip archive"),
 )
-_UNSUPPORTED = (
+_CONTAINERS = (  # what libsndfile leaves to FFmpeg: FFmpeg's reason is the better message
     (4, b"ftyp", "MP4/M4A (AAC, ALAC)"),
     (0, b"\x1aE\xdf\xa3", "Matroska/WebM"),
     (0, b"0&\xb2u\x8ef\xcf\x11", "ASF (WMA)"),
@@ -387,23 +404,25 @@ def _open_problem(head: bytes, err: Exception) -> str:
     """One line saying why libsndfile would not open a file whose first bytes are `head`."""
     if isinstance(err, TypeError):
         return "headerless raw audio is not supported (it needs a WAV or FLAC header)"
-    for at, magic, what in _UNSUPPORTED:
-        if head[at : at + len(magic)] == magic:
-            return f"{what} is not supported; convert it to WAV or FLAC first (e.g. with ffmpeg)"
-    for at, magic, what in _NOT_AUDIO:
-        if head[at : at + len(magic)] == magic:
-            return f"not an audio file (looks like {what})"
-    if _looks_like_text(head):
-        return "not an audio file (looks like text)"
+    if (what := _not_audio(head)) is not None:
+        return f"not an audio file (looks like {what})"
     code = getattr(err, "code", None)
     if code == 1:  # SF_ERR_UNRECOGNISED_FORMAT
-        return "not an audio file, or a format libsndfile cannot read"
+        return "not an audio file, or a format neither libsndfile nor FFmpeg can read"
     if code == 7:
         # libsndfile's text for this code blames the path ("does not exist or is not a regular
         # file"), but we opened the file ourselves; here it means the MPEG decoder found no
         # usable frames in data it had taken for MP3.
         return "not an audio file (no decodable audio frames)"
     return f"cannot open as audio (libsndfile: {_reason(err)})"
+
+
+def _not_audio(head: bytes) -> str | None:
+    """What a file whose first bytes are `head` is, when they say it is not sound."""
+    for at, magic, what in _NOT_AUDIO:
+        if head[at : at + len(magic)] == magic:
+            return what
+    return "text" if _looks_like_text(head) else None
 
 
 def _looks_like_text(head: bytes) -> bool:

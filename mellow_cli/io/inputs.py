@@ -21,39 +21,48 @@ from typing import IO, Iterable, Sequence
 from mellow_cli.errors import UsageError
 from mellow_cli.files import text_lines
 
-AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64", ".rf64"}
+# Names a folder's files are taken by without a look inside: what libsndfile reads, and the
+# containers FFmpeg reads that phones, cameras and browsers write (audio.py tries FFmpeg when
+# libsndfile fails). A folder's other files are taken when either opens them as audio.
+AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64", ".rf64",
+                    ".opus", ".m4a", ".m4b", ".aac", ".mp4", ".m4v", ".mov", ".webm", ".mkv", ".mka", ".wma",
+                    ".asf", ".amr", ".3gp", ".3g2", ".ac3", ".mp2", ".wv", ".ape", ".avi", ".ts"}
 
 
-def expand_inputs(args: Iterable[str], recursive: bool = False, stdin: IO[str] | None = None) -> list[str]:
-    """The audio paths the arguments name, in order, duplicates kept (a user may mean them)."""
-    return _expand(args, recursive, stdin, lists=())
+def expand_inputs(args: Iterable[str], recursive: bool = False, stdin: IO[str] | None = None,
+                  skipped: list[tuple[str, str]] | None = None) -> list[str]:
+    """The audio paths the arguments name, in order, duplicates kept (a user may mean them).
+    A folder's files that no reader opens as audio are left out, and added to `skipped` as
+    (the folder as given, the file)."""
+    return _expand(args, recursive, stdin, lists=(), skipped=[] if skipped is None else skipped)
 
 
 def _expand(args: Iterable[str], recursive: bool, stdin: IO[str] | None, lists: tuple[str, ...],
-            from_glob: bool = False) -> list[str]:
+            from_glob: bool = False, skipped: list | None = None) -> list[str]:
     paths: list[str] = []
     for arg in args:
         if arg.startswith("@") and len(arg) > 1 and not from_glob:
-            paths += _expand_list(arg[1:], recursive, stdin, lists)
+            paths += _expand_list(arg[1:], recursive, stdin, lists, skipped)
         elif arg != "-" and os.path.isdir(arg):
-            paths += _audio_in(Path(arg), recursive, arg)
+            paths += _audio_in(Path(arg), recursive, arg, skipped)
         elif arg != "-" and not from_glob and not os.path.exists(arg) and glob.has_magic(arg):
             matches = sorted(glob.glob(arg, recursive=recursive))
             if not matches:
                 raise UsageError(f"{arg}: no files match this pattern")
-            paths += _expand(matches, recursive, stdin, lists, from_glob=True)  # a file named @x is a file
+            paths += _expand(matches, recursive, stdin, lists, from_glob=True, skipped=skipped)  # a file named @x is a file
         else:
             paths.append(arg)
     return paths
 
 
-def _expand_list(name: str, recursive: bool, stdin: IO[str] | None, lists: tuple[str, ...]) -> list[str]:
+def _expand_list(name: str, recursive: bool, stdin: IO[str] | None, lists: tuple[str, ...],
+                 skipped: list | None) -> list[str]:
     """The paths of one @list; a list that names itself, directly or through others, is refused."""
     ident = name if name == "-" else os.path.realpath(name)
     if ident in lists:
         raise UsageError(f"@{name}: the list includes itself (through {' -> '.join('@' + n for n in lists)})"
                          if len(lists) > 1 else f"@{name}: the list includes itself")
-    return _expand(_read_list(name, stdin), recursive, stdin, lists + (ident,))
+    return _expand(_read_list(name, stdin), recursive, stdin, lists + (ident,), skipped=skipped)
 
 
 def _read_list(name: str, stdin: IO[str] | None) -> list[str]:
@@ -62,13 +71,84 @@ def _read_list(name: str, stdin: IO[str] | None) -> list[str]:
     return [line.strip() for line in text_lines(text) if line.strip() and not line.lstrip().startswith("#")]
 
 
-def _audio_in(folder: Path, recursive: bool, arg: str) -> list[str]:
+def _audio_in(folder: Path, recursive: bool, arg: str, skipped: list | None) -> list[str]:
     walk = folder.rglob("*") if recursive else folder.iterdir()
-    found = sorted(str(p) for p in walk if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+    found, others = [], []
+    for path in sorted(str(p) for p in walk if p.is_file()):
+        taken = os.path.splitext(path)[1].lower() in AUDIO_EXTENSIONS or _opens_as_audio(path)
+        (found if taken else others).append(path)
     if not found:
         hint = "" if recursive else " (add --recursive to look in subfolders)"
-        raise UsageError(f"{arg}: no audio files in this folder{hint}")
+        held = f", only {len(others)} file{'s' if len(others) > 1 else ''} no reader opens as audio" if others else ""
+        raise UsageError(f"{arg}: no audio files in this folder{held}{hint}")
+    if skipped is not None:
+        skipped += [(arg, path) for path in others]
     return found
+
+
+def _opens_as_audio(path: str) -> bool:
+    """Whether libsndfile or FFmpeg opens a file as audio, from its header."""
+    from mellow_cli.errors import AudioError
+    from mellow_cli.io.audio import audio_duration
+
+    try:
+        audio_duration(path)
+    except AudioError:
+        return False
+    return True
+
+
+# --- ask's AUDIO [AUDIO2] QUESTION -----------------------------------------------------------------
+
+
+def one_recording(arg: str) -> bool:
+    """An argument naming one recording as itself (or `-`): not a folder, a glob or an @list."""
+    if arg == "-":
+        return True
+    return not arg.startswith("@") and not os.path.isdir(arg) and not (glob.has_magic(arg) and not os.path.exists(arg))
+
+
+def _names_audio(arg: str) -> bool:
+    """Whether an argument reads as a recording or a batch of them, rather than a word."""
+    return (arg == "-" or arg.startswith("@") or os.path.exists(arg) or glob.has_magic(arg)
+            or os.path.splitext(arg)[1].lower() in AUDIO_EXTENSIONS)
+
+
+def split_question(args: Sequence[str]) -> tuple[list[str], str]:
+    """`mellow ask`'s arguments -> (the audio arguments, the question), checked before any model
+    loads. Refused (UsageError): no question; a question that is a recording or a folder (left
+    out); words of a question left unquoted (`ask bee.ogg is there a bee`: "is", "there", "a" name
+    no file and do not look like one); one recording mixed with a folder, glob or @list, which is
+    neither a pair nor a batch."""
+    import shlex
+
+    if len(args) < 2:
+        raise UsageError("ask takes AUDIO [AUDIO2] QUESTION: one or two audio files, then the question (or --input FILE)")
+    audio, question = list(args[:-1]), args[-1]
+    if not question.strip():
+        raise UsageError("the question is empty")
+    if question == "-" or (os.path.splitext(question)[1].lower() in AUDIO_EXTENSIONS and " " not in question.strip()):
+        raise UsageError(f"the question is {question!r}, an audio file's name: ask takes AUDIO [AUDIO2] QUESTION, "
+                         "with the question last")
+    if os.path.isdir(question):
+        raise UsageError(f"the question is {question!r}, a folder: ask takes AUDIO [AUDIO2] QUESTION, with the "
+                         "question last")
+    words = len(audio)
+    while words > 1 and not _names_audio(audio[words - 1]):
+        words -= 1
+    if words < len(audio):
+        loose = audio[words:]
+        said = shlex.join(["mellow", "ask", *audio[:words], " ".join(loose + [question])])
+        raise UsageError(f"{', '.join(loose)}: no such file{'s' if len(loose) > 1 else ''}; if {'they are words' if len(loose) > 1 else 'it is a word'} "
+                         f"of the question, quote the question: {said}")
+    single = [a for a in audio if one_recording(a)]
+    many = [a for a in audio if not one_recording(a)]
+    if single and many:
+        kind = "an @list" if many[0].startswith("@") else "a folder" if os.path.isdir(many[0]) else "a glob"
+        raise UsageError(f"{single[0]} is one recording and {many[0]} {kind}: ask takes one or two recordings, or a "
+                         "batch (folders, globs, @lists, or three or more files) asked about one by one; to pair "
+                         f"{single[0]} with each recording, give the pairs as --input lines with audio and audio2")
+    return audio, question
 
 
 CHOICES_RULE = 'needs at least two non-empty choices: one string like "dog|cat", or a list of strings'

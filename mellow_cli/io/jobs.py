@@ -107,13 +107,14 @@ def check_unique_ids(ids: Sequence[str | None], source: str) -> None:
         first[str(ident)] = number
 
 
-def windows(duration: float, window: float, hop: float) -> list[tuple[float, float]]:
-    """(start, end) spans `window` seconds long every `hop` seconds, covering the recording; the
-    last one ends with the recording, and none starts at or after its end (a hop longer than the
-    window skips the audio between windows). A tail under half a second after the previous
-    window is dropped: tiled up to a 10 s clip it would be noise, not a sound."""
-    spans, start = [], 0.0
-    while True:
+def windows(duration: float, window: float, hop: float, start: float = 0.0) -> list[tuple[float, float]]:
+    """(start, end) spans `window` seconds long every `hop` seconds from `start`, covering the
+    recording; the last one ends with the recording, and none starts at or after its end (a hop
+    longer than the window skips the audio between windows; an infinite hop gives one span). None
+    at all when `start` is at or past the end. A tail under half a second after the previous
+    window is dropped: tiled up to a clip it would be noise, not a sound."""
+    spans = []
+    while start < duration:
         spans.append((start, min(start + window, duration)))
         if start + window >= duration or start + hop >= duration:
             break
@@ -123,27 +124,30 @@ def windows(duration: float, window: float, hop: float) -> list[tuple[float, flo
     return spans
 
 
-def windowed(jobs: list[Job], window: float, hop: float, duration_of) -> list[Job]:
-    """Each job once per window of its first recording (a second recording is heard whole beside
-    each window: see clip_decoder). A recording whose length cannot be read keeps one job, whose
-    row will carry the error."""
+def windowed(jobs: list[Job], window: float, hop: float, duration_of, start: float = 0.0) -> list[Job]:
+    """Each job once per window of its first recording, from `start` (a second recording is heard
+    whole beside each window: see batch.clip_decoder). A recording whose length cannot be read
+    keeps one job without times, one whose length ends before `start` one job starting there: the
+    decoding of either will fail, and its row carry the error."""
     from mellow_cli.errors import AudioError
 
     out = []
     for job in jobs:
         try:
-            spans = windows(duration_of(job.audio), window, hop)
+            spans = windows(duration_of(job.audio), window, hop, start)
         except AudioError:
             out.append(job)
             continue
-        out += [replace(job, start=round(s, 3), end=round(e, 3)) for s, e in spans]
+        out += [replace(job, start=round(s, 3), end=round(e, 3)) for s, e in spans] or [replace(job, start=start)]
     return out
 
 
-def row(job: Job, *, answer: str | None = None, scores: list[dict] | None = None, model: str | None = None,
+def row(job: Job, *, answer: str | None = None, scores: dict[str, float] | None = None, model: str | None = None,
         revision: str | None = None, error: str | None = None) -> dict:
-    """A result row with every field; RowWriter keeps those the run uses. An input row's own
-    fields come after the question; its gold `answer` stays, and the model's is `prediction`."""
+    """A result row with every field; RowWriter keeps those the run uses. `start` and `end` are
+    the span of the first recording heard; `scores` each choice's probability, keyed by the
+    choice. An input row's own fields come after the question; its gold `answer` stays, and the
+    model's is `prediction`."""
     out = {"id": job.id, "audio": job.audio, "audio2": job.audio2, "start": job.start, "end": job.end,
            "question": job.question, "choices": list(job.choices) if job.choices else None}
     out.update(job.extra)
@@ -157,20 +161,20 @@ def row(job: Job, *, answer: str | None = None, scores: list[dict] | None = None
 
 ALL_FIELDS = ("id", "audio", "audio2", "start", "end", "question", "choices", "answer", "prediction", "scores",
               "model", "revision", "error")
-FIELDS = ("audio", "audio2", "question", "answer", "model", "revision", "error")  # in every row
+FIELDS = ("audio", "audio2", "start", "end", "question", "answer", "model", "revision", "error")  # in every row
 _READ = ("audio", "audio1", "audio2", "question", "choices", "id")  # the input fields a Job holds
 _OURS = ("start", "end", "prediction", "scores", "model", "revision", "error")  # a row's own: not taken as input
 
 
 def fields_for(jobs: Sequence[Job]) -> tuple[str, ...]:
-    """The row fields a run writes: FIELDS, plus id / start, end / choices, scores when any job
-    has them, and an input file's own fields after the question (with `prediction` after a gold
-    `answer`), so a plain caption run's rows stay short and every row of one run has the same keys."""
+    """The row fields a run writes: FIELDS, plus id / choices, scores when any job has them, and
+    an input file's own fields after the question (with `prediction` after a gold `answer`), so a
+    plain caption run's rows stay short and every row of one run has the same keys. They depend
+    on the inputs alone, not on how long the recordings are: they are known (and a file to
+    resume checked against them) before any recording is cut into windows."""
     used = set(FIELDS)
     if any(j.id is not None for j in jobs):
         used.add("id")
-    if any(j.start is not None for j in jobs):
-        used |= {"start", "end"}
     if any(j.choices for j in jobs):
         used |= {"choices", "scores"}
     extra = list(dict.fromkeys(k for j in jobs for k, _ in j.extra if k != "answer"))

@@ -99,7 +99,8 @@ def open_rows(path: str | None, fmt: str, fields: Sequence[str], *, resume: bool
     if resume and path is None:
         raise UsageError("--resume needs --output: the file whose rows are kept")
     if resume and fmt not in RESUMABLE:
-        raise UsageError(f"--resume needs --format {', '.join(RESUMABLE)} (rows a later run can read back)")
+        raise UsageError(f"--resume needs rows a later run can read back, and {fmt} cannot be: write the output as "
+                         f"{', '.join(RESUMABLE)} (a file named .jsonl, .csv or .tsv)")
     if path is None:
         return Opened(_Named(STDOUT, sys.stdout, owned=False))
     if not path.strip():
@@ -169,8 +170,9 @@ def lock(fd: int, path: str) -> None:
 def _take(fd: int, path: str, fmt: str, fields: Sequence[str], resume: bool, overwrite: bool) -> Opened:
     size = os.fstat(fd).st_size
     if size and not (resume or overwrite):
-        raise UsageError(f"{path}: already holds {_size(size)}; add --resume to keep its rows and do the rest, "
-                         "--overwrite to replace it, or choose another --output")
+        keep = "add --resume to keep its rows and do the rest, " if fmt in RESUMABLE else "add "
+        raise UsageError(f"{path}: already holds {_size(size)}; {keep}--overwrite to replace it, or choose another "
+                         "--output")
     if size and overwrite:
         os.ftruncate(fd, 0)
         size = 0
@@ -296,14 +298,15 @@ def _csv_rows(path: str, whole: str, fmt: str, fields: Sequence[str], hint: str)
 
 
 def writer(fmt: str, stream: IO[str], *, many: bool = True, fields: Sequence[str] = (), append: bool = False,
-           folder: str = "."):
-    """The writer of a run's rows in `fmt`: formats.RowWriter, or for html the page of them all
+           folder: str = ".", times: bool = False):
+    """The writer of a run's rows in `fmt`: formats.RowWriter (`many`: a batch's rows, not one
+    input's; `times`: text shows each row's span), or for html the page of them all
     (html.PageWriter; `folder` is where the page goes, for its paths to the audio)."""
     if fmt == "html":
         from mellow_cli.io.html import PageWriter
 
         return PageWriter(stream, fields, folder)
-    return RowWriter(fmt, stream, many=many, fields=fields, append=append)
+    return RowWriter(fmt, stream, many=many, fields=fields, append=append, times=times)
 
 
 # --- a file per recording (--output-dir) ----------------------------------------------------------

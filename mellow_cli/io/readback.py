@@ -5,7 +5,7 @@ tsv cells made lists, scores and numbers again.
 A file that a run is still writing, or that a kill cut short, gives its whole rows: a last line
 without its newline that does not parse is left out, as `--resume` leaves it. (A `-f json` array
 is a list written one row a line, as a benchmark's predictions file is, and is read by the same
-reader: bench/predictions.py.)
+reader: bench/predictions.py; the object of one input is read by read_one_input.)
 """
 
 from __future__ import annotations
@@ -29,6 +29,25 @@ def read_rows(path: str, fmt: str) -> list[dict]:
     for number, row in enumerate(rows, 1):
         check_row(row, f"{path}: row {number}")
     return rows
+
+
+def read_one_input(path: str) -> list[dict] | None:
+    """The rows of a `-f json` file of one input (one object, a recording's windows inside it:
+    formats.one_input read backwards), or None when the file holds no JSON object (a batch's
+    list is read as bench/predictions.py reads one)."""
+    text = read_text(path, "rows file")
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"{path}: not JSON ({e})") from None
+    windows = record.pop("windows", None) if isinstance(record, dict) else None
+    if windows is None:
+        return [check_row(record, path)]
+    if not isinstance(windows, list) or not all(isinstance(w, dict) for w in windows):
+        raise UsageError(f"{path}: \"windows\" is not a list of objects")
+    return [check_row({**record, **w}, f"{path}: window {n}") for n, w in enumerate(windows, 1)]
 
 
 def check_row(row, where: str) -> dict:
@@ -75,14 +94,14 @@ def _table(path: str, text: str, delimiter: str) -> list[dict]:
 
 def unflat(key: str, value: str):
     """A csv/tsv cell as the row held it (formats.py's `_flat` read backwards): empty is None,
-    choices a list, scores a list of {choice, probability}, start and end numbers."""
+    choices a list, scores each choice's probability keyed by the choice, start and end numbers."""
     if value == "":
         return None
     if key == "choices":
         return value.split("|")
     if key == "scores":
         pairs = [part.rpartition("=") for part in value.split("|")]
-        return [{"choice": choice, "probability": _number(p)} for choice, _, p in pairs]
+        return {choice: _number(p) for choice, _, p in pairs}
     if key in NUMBERS:
         return _number(value)
     return value

@@ -16,7 +16,8 @@ function itemsOf(rows) {
     items.get(key).rows.push(row);
   }
   for (const item of items.values()) {
-    item.windowed = item.rows.some((r) => r.start !== null && r.start !== undefined);
+    // Every row has its span; a recording heard as one clip from its start is not a timeline.
+    item.windowed = item.rows.length > 1 || item.rows.some((r) => r.start);
     item.choices = (item.rows.find((r) => r.choices) || {}).choices || null;
     item.failed = item.rows.filter((r) => r.error).length;
   }
@@ -43,8 +44,8 @@ function summary(item) {
 }
 
 function probability(row, choice) {
-  const found = (row.scores || []).find((s) => s.choice === choice);
-  return found ? found.probability : null;
+  const found = (row.scores || {})[choice];
+  return found === undefined ? null : found;
 }
 
 // --- a timeline ------------------------------------------------------------------------------
@@ -52,7 +53,7 @@ function probability(row, choice) {
 function timeline(item) {
   const rec = DATA.recordings[item.audio] || {};
   const picture = rec.picture ? new Picture(rec.picture) : null;
-  const windows = item.rows.filter((r) => r.start !== null && r.start !== undefined);
+  const windows = item.windowed ? item.rows.filter((r) => r.start !== null && r.start !== undefined) : [];
   const duration = Math.max(picture ? picture.duration : 0, ...windows.map((r) => r.end || 0), 0) || 10;
   const { counts, ranked, colour, unique } = colours(item);
   let t0 = 0, t1 = duration, mode = picture && picture.hasSpectrogram ? "spectrogram" : "waveform", stopAt = null, current = null;
@@ -65,7 +66,7 @@ function timeline(item) {
       item.id !== null && item.id !== undefined ? el("span", { class: "muted", text: ` · id ${item.id}` }) : null),
     el("div", { class: "muted", text: item.question }),
     !item.windowed ? el("div", { class: item.rows[0].error ? "answer error" : "answer", text: summary(item) }) : null,
-    !item.windowed && item.rows[0].scores ? el("div", { class: "muted", text: item.rows[0].scores.map((s) => `${s.choice} ${percent(s.probability)}`).join(" · ") }) : null);
+    !item.windowed && item.rows[0].scores ? el("div", { class: "muted", text: Object.entries(item.rows[0].scores).map(([choice, p]) => `${choice} ${percent(p)}`).join(" · ") }) : null);
 
   const canvasPicture = picture ? el("canvas", { class: "picture" }) : null;
   const note = picture ? null : el("div", { class: "note", text: DATA.index ? "" : `no picture of the audio: ${rec.problem || "not drawn"}` });
