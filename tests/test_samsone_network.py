@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mellow_cli.errors import ModelError, UsageError
+from mellow_cli.models.family import config_dict, config_from_dict
 from mellow_cli.models.samsone.checkpoint import export, read_published
 from mellow_cli.models.samsone.clip import fit_clip
 from mellow_cli.models.samsone.config import SamsoneConfig
@@ -52,7 +53,8 @@ def test_config_round_trips_and_says_its_family():
     for name in ("samsone-99m", "samsone-134m", "samsone-356m", "tiny"):
         cfg = SamsoneConfig.preset(name)
         assert SamsoneConfig.from_dict({**cfg.to_dict(), "unknown": 1}) == cfg
-        assert cfg.to_dict()["family"] == "samsone" and cfg.name == name
+        assert config_dict(cfg)["family"] == "samsone" and cfg.name == name
+        assert config_from_dict(config_dict(cfg)) == cfg
     big = SamsoneConfig.preset("samsone-356m")
     assert (big.hidden_size, big.num_hidden_layers, big.num_attention_heads, big.num_key_value_heads,
             big.intermediate_size, big.rope_theta) == (960, 32, 15, 5, 2560, 100000.0)

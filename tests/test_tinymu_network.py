@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import decode_row
+
 from mellow_cli.errors import UsageError
+from mellow_cli.models.family import config_dict, config_from_dict
 from mellow_cli.models.tinymu.clip import fit_clip
 from mellow_cli.models.tinymu.config import TinyMUConfig
 from mellow_cli.models.tinymu.network import TinyMU
@@ -53,9 +54,10 @@ def test_parameter_budget():
 
 
 def test_config_round_trips_and_names_its_family():
-    d = TINY.to_dict()
+    d = config_dict(TINY)  # what config.json holds
     assert d["family"] == "tinymu" and d["name"] == "tiny"
     assert TinyMUConfig.from_dict({**d, "unknown_key": 1}) == TINY
+    assert config_from_dict(d) == TINY
     assert TinyMUConfig.preset("tinymu") == TINYMU
     with pytest.raises(KeyError, match="unknown TinyMU preset"):
         TinyMUConfig.preset("v0")

@@ -27,7 +27,7 @@ class ModelConfig(LMConfig):
     @classmethod
     def preset(cls, name: str):
         if name not in cls.PRESETS:
-            raise KeyError(f"unknown {cls.__name__} preset {name!r}; known: {', '.join(cls.PRESETS)}")
+            raise KeyError(f"unknown {cls.__name__.removesuffix('Config')} preset {name!r}; known: {', '.join(cls.PRESETS)}")
         return cls(**{"name": name, **cls.PRESETS[name]})
 
     def to_dict(self) -> dict:
