@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import math
 
 import pytest
@@ -191,3 +192,23 @@ def test_the_estimate_is_the_sum_of_the_steps_left():
     assert lines[-2:] == ["7 steps: float32 needs no agreement", "step 7/7: decode, 10 tokens, 2 runs each, racing transformers (about 18 s left)"]
     progress.done()
     assert lines[-1] == "done in 80 s" and plan.duration(4000) == "1 h 7 min" and plan.duration(600) == "10 min"
+
+
+def test_several_models_side_by_side(tiny_model_dir, family_model_dir):
+    """`--model a,b`: each model measured in turn, one table with a column per model and each
+    decode's ratio to the first's; --json gives every model's report."""
+    tinymu = family_model_dir("tinymu")
+    models = f"{tiny_model_dir},{tinymu}"
+    out = mellow("bench", "speed", "--model", models, *QUICK, "--skip-baseline", "--prompts", "0", "--json")
+    assert out.returncode == 0, out.stderr
+    reports = json.loads(out.stdout)["models"]
+    assert [r["model"] for r in reports] == [str(tiny_model_dir), str(tinymu)]
+    assert all(positive(r["decode_tok_s"]) for r in reports)
+
+    out = mellow("bench", "speed", "--model", models, *QUICK, "--skip-baseline", "--prompts", "0")
+    assert out.returncode == 0, out.stderr
+    header = next(line for line in out.stdout.splitlines() if line.strip().startswith("measure"))
+    assert header.index(tiny_model_dir.name) < header.index(tinymu.name) < header.index("how")
+    ratio = next(line for line in out.stdout.splitlines() if line.strip().startswith("decode vs"))
+    ratios = [cell for cell in ratio.split() if re.fullmatch(r"\d+\.\d\dx", cell)]
+    assert len(ratios) == 2 and ratios[0] == "1.00x"  # the first model against itself, then the second

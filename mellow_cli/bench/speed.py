@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import statistics
 import sys
 import time
@@ -383,9 +384,28 @@ def _baseline_name() -> str:
 # --- presentation (render.py draws it) -------------------------------------------------------------
 
 
-def title(r: SpeedReport) -> str:
-    return (f"mellow bench speed: {r.model} on {r.device} ({r.dtype}, {r.threads} threads, torch {r.torch_version}), "
+def title(r: SpeedReport, several: bool = False) -> str:
+    what = "each model" if several else f"{r.model} ({r.dtype})"
+    return (f"mellow bench speed: {what} on {r.device}, {r.threads} threads, torch {r.torch_version}, "
             f"median of {r.repeat} after a warm-up")
+
+
+def side_by_side(reports: list[SpeedReport]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """Several models' tables as one: a row per measure, a column per model, then the first
+    model's "how"; the dtype each ran in, and each decode's ratio to the first model's."""
+    names = [os.path.basename(r.model.rstrip("/\\")) or r.model for r in reports]  # a folder by its name
+    tables = [{measure: value for measure, value, _ in table_rows(r)} for r in reports]
+    how: dict[str, str] = {}  # each measure once, in order, explained as for the first model that has it
+    for r in reports:
+        for measure, _, explained in table_rows(r):
+            how.setdefault(measure, explained)
+    first = reports[0].decode_tok_s
+    rows = [("dtype", *(r.dtype for r in reports), "as --dtype chose")]
+    rows += [(measure, *(t.get(measure, "-") for t in tables), explained) for measure, explained in how.items()]
+    rows.insert(rows.index(next(row for row in rows if row[0] == "decode, mellow")) + 1,
+                (f"decode vs {names[0]}", *(f"{r.decode_tok_s / first:.2f}x" for r in reports),
+                 "tokens/s over the first model's, measured in this run"))
+    return ("measure", *names, "how"), rows
 
 
 def table_rows(r: SpeedReport) -> list[tuple[str, str, str]]:

@@ -275,6 +275,8 @@ def bench_speed(
 
     Everything runs in one process, after a warm-up; the audio is synthesized. It says how many
     steps it has first, then each step as it starts, with about how long the rest will take.
+    With --model a,b,c each model is measured in turn, in the same way, and one table has a
+    column per model and each decode's ratio to the first model's.
 
     \b
     Examples:
@@ -282,6 +284,7 @@ def bench_speed(
       mellow bench speed --model v0 --threads 4
       mellow bench speed --model v0 --dtype int8
       mellow bench speed --model v0 --tokens 32 --repeat 5 --json > speed.json
+      mellow bench speed --model v0,tinymu,samsone-134m --quick   # side by side
     """
     from mellow_cli.cli import render
     from mellow_cli.bench import speed
@@ -292,10 +295,15 @@ def bench_speed(
         given = [(n, v) for n, v in (("tokens", tokens), ("repeat", repeat), ("batch_size", batch_size), ("prompts", prompts))]
         tokens, repeat, batch_size, prompts = (v if ctx.get_parameter_source(n).name != "DEFAULT" else getattr(QUICK, n)
                                                for n, v in given)
-    report = speed.run(loading.model, loading.device.value, loading.dtype.value, tokens=tokens, repeat=repeat, prompts=prompts,
-                       batch_size=batch_size, baseline=not skip_baseline, log=render.info)
+    reports = [speed.run(model, loading.device.value, loading.dtype.value, tokens=tokens, repeat=repeat, prompts=prompts,
+                         batch_size=batch_size, baseline=not skip_baseline, log=render.info)
+               for model in _models(loading.model)]  # one after another, each in the same way
     if as_json:
-        render.result_json(report.as_dict())
+        render.result_json(reports[0].as_dict() if len(reports) == 1 else {"models": [r.as_dict() for r in reports]})
+    elif len(reports) == 1:
+        render.table(("measure", "value", "how"), speed.table_rows(reports[0]), title=speed.title(reports[0]), right=(1,),
+                     footnote=speed.footnote(reports[0]))
     else:
-        render.table(("measure", "value", "how"), speed.table_rows(report), title=speed.title(report), right=(1,),
-                     footnote=speed.footnote(report))
+        columns, rows = speed.side_by_side(reports)
+        render.table(columns, rows, title=speed.title(reports[0], several=True),
+                     right=range(1, len(columns) - 1), footnote=speed.footnote(reports[0]))
