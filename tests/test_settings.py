@@ -157,7 +157,8 @@ def test_models_list_available_works_offline_and_marks_nothing_cached():
 
 
 def test_shell_completion_script_is_offered():
-    out = run("--show-completion", "bash")
+    # the shell named, not detected from the parent process (which under nohup or a service is none)
+    out = run("--show-completion", "bash", env={"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"})
     assert out.returncode == 0, out.stderr
     assert "_MELLOW_COMPLETE" in out.stdout
 
