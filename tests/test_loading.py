@@ -519,12 +519,9 @@ def test_real_mellow_through_the_hub(hub, tiny_mellow):
 
 
 def _app():
-    import typer
+    """The command line as `mellow` runs it, root callback included."""
+    from mellow_cli.cli.entry import app
 
-    from mellow_cli.cli.models import models_app
-
-    app = typer.Typer()
-    app.add_typer(models_app, name="models")
     return app
 
 
@@ -716,3 +713,15 @@ def test_nnpack_is_not_tried_on_an_x86_cpu_that_cannot_run_it(monkeypatch, capab
     with torch.backends.nnpack.flags(enabled=True):
         loading._without_nnpack_where_it_cannot_run()
         assert torch._C._get_nnpack_enabled() is tried
+
+
+def test_each_command_starts_at_the_default_verbosity(isolated_home):
+    """A command run in the same process after a quiet one still prints its notes (the root
+    callback resets the verbosity; `mellow ...` from a shell always starts fresh)."""
+    from typer.testing import CliRunner
+
+    from mellow_cli.cli import render
+
+    render.configure(quiet=True)  # what an earlier `-q` command leaves behind
+    listed = CliRunner().invoke(_app(), ["models", "list"])
+    assert listed.exit_code == 0 and "no models in" in listed.stderr

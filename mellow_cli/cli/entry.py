@@ -64,6 +64,9 @@ def _root(
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
 ) -> None:
     """Ask questions about sounds, caption and compare recordings, from the command line."""
+    from mellow_cli.cli import render
+
+    render.configure()  # every command starts at the default verbosity, even the second in one process
 
 
 def _click_exceptions():

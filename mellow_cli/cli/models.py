@@ -41,7 +41,6 @@ def list_models(
     from mellow_cli.store import loading
     from mellow_cli.cli import render
 
-    render.configure()  # its notes at the normal level, whatever an earlier command in the process set
     if available:
         return _catalogue(as_json)
     entries = loading.cached_models()
