@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +16,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mellow_cli"
 
 
 def test_imports_run_only_down_the_layers():
-    lint = shutil.which("lint-imports") or pytest.fail("lint-imports is not installed (pip install -e '.[dev]')")
-    out = subprocess.run([lint], cwd=PACKAGE.parent, capture_output=True, text=True)
+    # import-linter of this interpreter (a dev dependency), never another one found on PATH
+    lint = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+    out = subprocess.run([sys.executable, "-c", lint], cwd=PACKAGE.parent, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
 
 
