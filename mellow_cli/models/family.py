@@ -212,3 +212,28 @@ def config_from_dict(data: dict) -> Any:
     """A config.json's contents -> that family's config (one without "family" is Mellow's, as
     every config.json was before there were others); ModelError for an unknown family."""
     return family(data.get("family", "mellow")).config_from_dict(data)
+
+
+def read_config(path: "Path", *, strict: bool) -> Any:
+    """A config.json of ours, of any family; with strict, anything else is a ModelError, without
+    it None."""
+    import json
+
+    from mellow_cli.errors import ModelError
+    from mellow_cli.files import first_line
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        if not strict:
+            return None
+        raise ModelError(f"{path}: unreadable config ({first_line(e)}): fix or remove it") from None
+    if not isinstance(data, dict) or not any(f.is_config(data) for f in families()):
+        if not strict:
+            return None
+        raise ModelError(f"{path}: not a mellow config (none of the model families it knows wrote it): "
+                         "write it with config_dict(cfg) (mellow_cli.models.family)")
+    try:
+        return config_from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"{path}: bad mellow config ({first_line(e)})") from None

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from mellow_cli.models.catalogue import ModelSource, resolve
-from mellow_cli.models.family import config_dict, config_from_dict, families
+from mellow_cli.models.family import config_dict, config_from_dict, read_config
 from mellow_cli.errors import ModelError, UsageError
 from mellow_cli.events import note
 from mellow_cli.files import (
@@ -244,26 +244,6 @@ def checkpoint_config(path: Path) -> Any:
     nothing reads, is ignored): without one, the checkpoint's family says what it is."""
     beside = path.parent / CONFIG_FILE
     return read_config(beside, strict=False) if beside.is_file() else None
-
-
-def read_config(path: Path, *, strict: bool) -> Any:
-    """A config.json of ours, of any family; with strict, anything else is a ModelError, without
-    it None."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        if not strict:
-            return None
-        raise ModelError(f"{path}: unreadable config ({first_line(e)}): fix or remove it") from None
-    if not isinstance(data, dict) or not any(f.is_config(data) for f in families()):
-        if not strict:
-            return None
-        raise ModelError(f"{path}: not a mellow config (none of the model families it knows wrote it): "
-                         "write it with config_dict(cfg) (mellow_cli.models.family)")
-    try:
-        return config_from_dict(data)
-    except (TypeError, ValueError) as e:
-        raise ModelError(f"{path}: bad mellow config ({first_line(e)})") from None
 
 
 # --- writing a folder ----------------------------------------------------------------------------

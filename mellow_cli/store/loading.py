@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mellow_cli.models.catalogue import CHECKPOINT_SUFFIXES, PUBLISHED, ModelSource, resolve
-from mellow_cli.models.family import Family, families, family, family_of
+from mellow_cli.models.family import Family, families, family, family_of, read_config
 from mellow_cli.store.conversion import (
     check_safetensors_layout,
     conversion_bar,
@@ -44,7 +44,6 @@ from mellow_cli.store.cache import (
     lock,
     model_path,
     partial_downloads,
-    read_config,
     recorded_origin,
     remove,
     write_folder,
@@ -95,12 +94,20 @@ def peek_config(name_or_path: str):
         return None
     if src.kind == "published":
         return family(src.family).config(src.preset)
-    folder = src.path if src.kind == "folder" else cache_dir() / "models" / src.key if src.key else None
-    if folder is not None and (folder / CONFIG_FILE).is_file():
-        return read_config(folder / CONFIG_FILE, strict=False)
+    folders = [src.path if src.kind == "folder" else cache_dir() / "models" / src.key if src.key else None]
     if src.kind in ("checkpoint", "safetensors"):
-        return checkpoint_config(src.path)
+        folders.append(src.path.parent)  # a config.json of ours beside it (cache.checkpoint_config)
+    for folder in folders:
+        if folder is not None and (folder / CONFIG_FILE).is_file():
+            return read_config(folder / CONFIG_FILE, strict=False)
     return None
+
+
+def peek_family(name_or_path: str) -> Family:
+    """The family of the model asked for, known before it loads (peek_config); Mellow's where
+    only reading the checkpoint would tell."""
+    cfg = peek_config(name_or_path)
+    return family("mellow") if cfg is None else family_of(cfg)
 
 
 def load(name_or_path: str | ModelSource, *, device: str = "cpu", progress: bool = True,
