@@ -214,8 +214,9 @@ class Model:
 
         if not questions:
             return []
-        return generate(self.net.lm, self.tokenizer, self.prefix(questions), self.answer_options(options),
-                        eos_id=self.cfg.eos_token_id)
+        prefix = self.prefix(questions)
+        options = self.answer_options(options)
+        return generate(self.net.lm, self.tokenizer, prefix, options, eos_id=self.cfg.eos_token_id)
 
     def caption(self, audio: AudioInput, prompt: str | None = None, *,
                 options: DecodingOptions = DecodingOptions()) -> str:

@@ -23,6 +23,9 @@ class Reporter:
     def note(self, message: str) -> None:
         _line(f"mellow: {message}")
 
+    def detail(self, message: str) -> None:
+        """What a note summed up, one line each: said only when asked for (the CLI's -v)."""
+
     def warn(self, message: str) -> None:
         _line(f"mellow: warning: {message}")
 
@@ -55,6 +58,11 @@ def note(message: str, enabled: bool = True) -> None:
     for callers that were asked to be silent (`load_model(progress=False)`)."""
     if enabled:
         _reporter.note(message)
+
+
+def detail(message: str) -> None:
+    """One of the lines a note summed up (`-v` shows them)."""
+    _reporter.detail(message)
 
 
 def warn(message: str) -> None:

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from mellow_cli.io.jobs import FIELDS, Job, row
-from mellow_cli.batch import decoded_chunks
+from mellow_cli.batch.loop import decoded_chunks
 from mellow_cli.io.inputs import expand_inputs, json_lines, json_list
 from mellow_cli.errors import AudioError, UsageError
 from mellow_cli.io.formats import RowWriter
@@ -124,7 +124,7 @@ def test_decoded_chunks_keep_order_and_errors():
     (12.0, 10.0, 4.0, [(0.0, 10.0), (4.0, 12.0)]),
 ])
 def test_windows_cover_the_recording(duration, window, hop, spans):
-    from mellow_cli.io.jobs import windows
+    from mellow_cli.io.spans import windows
 
     assert windows(duration, window, hop) == spans
 
@@ -135,13 +135,13 @@ def test_a_window_walks_the_first_recording_and_hears_the_second_whole(tmp_path)
     from conftest import write_tone
 
     from mellow_cli.io.audio import audio_duration
-    from mellow_cli.batch import clip_decoder
-    from mellow_cli.io.jobs import windowed
+    from mellow_cli.io.spans import clip_reader
+    from mellow_cli.io.spans import windowed
 
     long, short = write_tone(tmp_path / "long.wav", 440, seconds=25), write_tone(tmp_path / "short.wav", 880, seconds=2)
     jobs = windowed([Job(str(long), str(short), "q")], 10, 10, audio_duration)
     assert [(j.start, j.end) for j in jobs] == [(0.0, 10.0), (10.0, 20.0), (20.0, 25.0)]
-    decode = clip_decoder(load_clip)
+    decode = clip_reader(load_clip)
     whole = load_clip(str(short))
     for job in jobs:  # the short clip has nothing at 10 s or 20 s: cutting it there would fail
         first, second = decode(job)

@@ -134,7 +134,7 @@ def test_logs_are_plain_text_with_no_color_or_without_a_terminal(env, styled):
 
 def test_a_clip_paired_with_itself_is_decoded_once():
     from mellow_cli.io.jobs import Job
-    from mellow_cli.batch import clip_decoder
+    from mellow_cli.io.spans import clip_reader
 
     calls = []
 
@@ -142,6 +142,6 @@ def test_a_clip_paired_with_itself_is_decoded_once():
         calls.append(p)
         return f"clip:{p}"
 
-    assert clip_decoder(read)(Job("a.wav", "a.wav", "q")) == ("clip:a.wav", None)  # None: the model reuses clip 1
+    assert clip_reader(read)(Job("a.wav", "a.wav", "q")) == ("clip:a.wav", None)  # None: the model reuses clip 1
     assert calls == ["a.wav"]
-    assert clip_decoder(read)(Job("a.wav", "b.wav", "q")) == ("clip:a.wav", "clip:b.wav")
+    assert clip_reader(read)(Job("a.wav", "b.wav", "q")) == ("clip:a.wav", "clip:b.wav")

@@ -113,3 +113,16 @@ def test_one_recording_in_windows_is_one_json_object(monkeypatch, audio):
     assert [(w["start"], w["end"], w["answer"]) for w in got["windows"]] == [(0.0, 10.0, "no"), (10.0, 20.0, "yes"),
                                                                               (20.0, 25.0, "no")]
     assert got["windows"][1]["scores"] == {"yes": 0.7, "no": 0.3}
+
+
+def test_past_a_few_cut_recordings_one_line_counts_them_and_v_names_each(monkeypatch, tmp_path):
+    many = [write_tone(tmp_path / f"{i}.wav", 220 + 110 * i, seconds=12.0) for i in range(4)]
+    model = install(monkeypatch, ScriptedModel(answers=["a"] * 16))
+    out = mellow("caption", *map(str, many), "--model", "any", "-f", "jsonl")
+    assert len(_rows(out)) == 8
+    assert "4 recordings heard in part: 4 in windows of 10 s (8 rows), 0 of pairs in their first 10 s" in out.stderr
+    assert "heard as 2 windows" not in out.stderr  # one line, not one a recording
+    model.net = None  # -v times a real network's stages: none here
+    monkeypatch.setattr("mellow_cli.cli.options._time_stages", lambda net: None)
+    out = mellow("caption", *map(str, many), "--model", "any", "-f", "jsonl", "-v")
+    assert all(f"{path}: 12 s heard as 2 windows of 10 s" in out.stderr for path in many), out.stderr

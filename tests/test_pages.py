@@ -21,7 +21,7 @@ from serving import DEADLINE, chat_body, post, running
 
 pytest_plugins = ["serving"]  # the model and model_dir fixtures
 
-from mellow_cli.io.jobs import windows
+from mellow_cli.io.spans import windows
 from mellow_cli.serve.limits import ServeSettings
 
 QUESTION = "is a bird singing?"

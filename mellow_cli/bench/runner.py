@@ -28,7 +28,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from mellow_cli import batch, events
+from mellow_cli import events
+from mellow_cli.batch import loop
 from mellow_cli.io.jobs import take_shard
 from mellow_cli.io import outputs
 from mellow_cli.errors import MellowError, UsageError
@@ -240,7 +241,7 @@ def predict(model, todo: list, settings: Settings) -> Iterator[tuple[object, dic
         return prompt(item.question, item.choices), candidates
 
     tags = {"mode": settings.mode, "prompt_style": settings.prompt_style, "model": model.name}
-    for item, result, err in batch.answer_in_batches(model, todo, decode, settings.batch_size, pose, options):
+    for item, result, err in loop.answer_in_batches(model, todo, decode, settings.batch_size, pose, options):
         base = {k: v for k, v in item.record.items() if k not in predictions.OURS}
         if err is None:
             yield item, {**base, OUTPUT_KEY: _prediction(item, result), **tags}

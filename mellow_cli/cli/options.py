@@ -258,22 +258,16 @@ class Output:
 
     output: OutputOpt = None
     output_dir: OutputDirOpt = None
-    fmt: FormatOpt = None  # None until `resolved`: then --format, or what --output's name says
+    fmt: FormatOpt = None  # None: what --output's name says, else text
     overwrite: OverwriteOpt = False
 
-    def resolved(self) -> "Output":
-        """The same options with the format settled: --format, else the one --output's extension
-        names (`-o rows.csv` writes CSV), else text. A name and a --format that disagree are a
-        usage error: a file named .jsonl holding CSV would mislead the next reader."""
-        from mellow_cli.errors import UsageError
-        from mellow_cli.io.formats import SUFFIXES, format_of_name
+    def destination(self, resume: bool):
+        """Where the run's rows go (io/results.py settles the format there: --format, else what
+        --output's name says, else text)."""
+        from mellow_cli.io.results import Destination
 
-        named = None if self.output is None else format_of_name(self.output)
-        if self.fmt is not None and named is not None and self.fmt.value != named:
-            suffix = next(s for s, f in SUFFIXES.items() if f == self.fmt.value)
-            raise UsageError(f"--output {self.output} names a {named} file, but --format is {self.fmt.value}: leave "
-                             f"out --format (the name chooses {named}), or name the file {suffix}")
-        return dataclasses.replace(self, fmt=self.fmt or Format(named or "text"))
+        return Destination(self.output, self.output_dir, None if self.fmt is None else self.fmt.value,
+                           self.overwrite, resume)
 
 
 @dataclass(frozen=True)
@@ -286,9 +280,15 @@ class Answering:
     loading: Loading
     console: Console
 
-    def resolved(self) -> "Answering":
-        """The options with the output's format settled (Output.resolved)."""
-        return dataclasses.replace(self, output=self.output.resolved())
+    def plan(self):
+        """The run's options as the core takes them (batch/run.py's Plan)."""
+        from mellow_cli.batch.run import Plan
+        from mellow_cli.io.spans import Span
+
+        rows = self.rows
+        return Plan(model=self.loading.model, span=Span(rows.window, rows.hop, rows.offset, rows.duration),
+                    to=self.output.destination(rows.resume), decoding=self.decoding.options(),
+                    batch_size=rows.batch_size, shard=rows.shard)
 
 
 def _is_group(kind) -> bool:

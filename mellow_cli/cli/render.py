@@ -316,12 +316,14 @@ def table(columns: Iterable[str], rows: Iterable[Iterable[object]], title: str |
 
 
 class _Terminal(events.Reporter):
-    """The layers' events, drawn as the CLI draws its own: notes hidden by --quiet, progress as a
-    bar on a terminal."""
+    """The layers' events, drawn as the CLI draws its own: notes as its info lines (hidden by
+    --quiet), details only with --verbose, progress as a bar on a terminal."""
 
     def note(self, message: str) -> None:
-        if _level >= NORMAL:
-            super().note(message)
+        info(message)
+
+    def detail(self, message: str) -> None:
+        debug(message)
 
     def warn(self, message: str) -> None:
         warn(message)

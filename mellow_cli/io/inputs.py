@@ -1,7 +1,8 @@
 """What the user hands over, read and checked: audio paths (files, folders, globs, @lists),
 text files and stdin, JSON lines and JSON lists, and answer choices. Every reader refuses bad
-input with a one-line UsageError naming the file and the problem; the batch engine (batch.py),
-the training data (data.py) and the benchmarks' item files (bench/) all read through here.
+input with a one-line UsageError naming the file and the problem; ask, caption and compare
+(cli/answer.py), the training data (data.py) and the benchmarks' item files (bench/) all read
+through here.
 
 Paths follow whisper and llm: files as given, folders (audio files inside, sorted; `recursive`
 descends), globs the shell left unexpanded, `@list.txt` (one path per line, `#` comments) and

@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import IO, Iterable, Sequence
 
 from mellow_cli.errors import UsageError
@@ -105,41 +105,6 @@ def check_unique_ids(ids: Sequence[str | None], source: str) -> None:
             raise UsageError(f"{source}: id {ident!r} is used by rows {first[str(ident)]} and {number}; "
                              "ids must be unique")
         first[str(ident)] = number
-
-
-def windows(duration: float, window: float, hop: float, start: float = 0.0) -> list[tuple[float, float]]:
-    """(start, end) spans `window` seconds long every `hop` seconds from `start`, covering the
-    recording; the last one ends with the recording, and none starts at or after its end (a hop
-    longer than the window skips the audio between windows; an infinite hop gives one span). None
-    at all when `start` is at or past the end. A tail under half a second after the previous
-    window is dropped: tiled up to a clip it would be noise, not a sound."""
-    spans = []
-    while start < duration:
-        spans.append((start, min(start + window, duration)))
-        if start + window >= duration or start + hop >= duration:
-            break
-        start += hop
-    if len(spans) > 1 and spans[-1][1] - spans[-1][0] < 0.5 and spans[-2][1] >= spans[-1][0]:
-        spans.pop()
-    return spans
-
-
-def windowed(jobs: list[Job], window: float, hop: float, duration_of, start: float = 0.0) -> list[Job]:
-    """Each job once per window of its first recording, from `start` (a second recording is heard
-    whole beside each window: see batch.clip_decoder). A recording whose length cannot be read
-    keeps one job without times, one whose length ends before `start` one job starting there: the
-    decoding of either will fail, and its row carry the error."""
-    from mellow_cli.errors import AudioError
-
-    out = []
-    for job in jobs:
-        try:
-            spans = windows(duration_of(job.audio), window, hop, start)
-        except AudioError:
-            out.append(job)
-            continue
-        out += [replace(job, start=round(s, 3), end=round(e, 3)) for s, e in spans] or [replace(job, start=start)]
-    return out
 
 
 def row(job: Job, *, answer: str | None = None, scores: dict[str, float] | None = None, model: str | None = None,

@@ -1,11 +1,12 @@
 """The one prediction loop: many questions answered in batches, the next batch's audio decoded
-while the model works on this one, one bad file never stopping the others. `mellow ask`/`caption`/
-`compare` over many inputs and the benchmarks all run through `answer_in_batches`.
+while the model works on this one, one bad file never stopping the others. The runs of `mellow
+ask`/`caption`/`compare` (run.py) and the benchmarks all go through `answer_in_batches`.
 """
 
 from __future__ import annotations
 
 from mellow_cli.io.jobs import Job, row
+
 
 def _decode_all(items: list, decode) -> list[tuple[object, object]]:
     """(decoded, None) or (None, AudioError) per item: one bad file never stops the others."""
@@ -32,23 +33,6 @@ def decoded_chunks(items: list, decode, size: int):
             decoded = pending.result()
             pending = pool.submit(_decode_all, chunks[i + 1], decode) if i + 1 < len(chunks) else None
             yield chunk, decoded
-
-
-def clip_decoder(read, length: float | None = None, offset: float = 0.0, duration: float | None = None):
-    """job -> (clip1, clip2 or None), each read by `read(source, offset, duration)` (a model's
-    `read_clip`). The first recording is heard from the job's `start` (`offset` for a job the run
-    could not cut: its recording fails again, and its row says why) for `length` seconds (None:
-    one clip), the span the run cut for it. The second is heard from `offset` for `duration`: the
-    span the user chose for both, or, beside each window of a recording walked whole (offset 0,
-    duration None), its own start, a reference not cut at times it may not reach. A clip paired
-    with itself is decoded once (clip2 None tells the model so)."""
-
-    def decode(job: Job):
-        first = read(job.audio, offset=offset if job.start is None else job.start, duration=length)
-        second = None if job.audio2 == job.audio else read(job.audio2, offset=offset, duration=duration)
-        return first, second
-
-    return decode
 
 
 def answer_in_batches(model, items: list, decode, batch_size: int, pose, options):
