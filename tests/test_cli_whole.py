@@ -126,3 +126,33 @@ def test_past_a_few_cut_recordings_one_line_counts_them_and_v_names_each(monkeyp
     monkeypatch.setattr("mellow_cli.cli.options._time_stages", lambda net: None)
     out = mellow("caption", *map(str, many), "--model", "any", "-f", "jsonl", "-v")
     assert all(f"{path}: 12 s heard as 2 windows of 10 s" in out.stderr for path in many), out.stderr
+
+
+def test_a_shard_with_no_rows_still_writes_its_file(monkeypatch, audio, tmp_path):
+    install(monkeypatch, ScriptedModel(answers=["a", "b"]))
+    parts = [tmp_path / f"part{i}.{ext}" for i, ext in ((1, "jsonl"), (2, "csv"), (3, "jsonl"))]
+    for i, part in enumerate(parts, 1):  # two recordings, three shards
+        out = mellow("caption", str(audio["short"]), str(audio["folder_short"]), "--model", "any", "-o", str(part),
+                     "--shard", f"{i}/3")
+        assert out.returncode == 0, out.stderr
+    assert [len(_read(p)) for p in parts] == [1, 1, 0] and parts[2].read_text() == ""
+    assert "--shard 3/3: no rows fall to this shard (2 in all)" in out.stderr
+    page = tmp_path / "all.html"
+    out = mellow("report", *map(str, (parts[0], parts[2])), "-o", str(page))
+    assert out.returncode == 0 and page.stat().st_size > 0, out.stderr
+
+
+def _read(path) -> list[dict]:
+    import csv
+
+    text = path.read_text()
+    return list(csv.DictReader(text.splitlines())) if path.suffix == ".csv" else [json.loads(x) for x in text.splitlines()]
+
+
+def test_a_report_needs_rows_in_one_of_its_files(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = mellow("report", str(empty), "-o", str(tmp_path / "p.html"))
+    assert out.returncode == 2 and f"{empty}: holds no rows" in out.stderr
+    out = mellow("report", str(empty), str(empty), "-o", str(tmp_path / "p.html"))
+    assert out.returncode == 2 and "none of the files holds rows" in out.stderr

@@ -62,10 +62,13 @@ def answer(jobs: list[Job], verb: str, plan: Plan, load: Callable[[], object], *
         target.check_model(model.name)
         cut, length = spans.cut(jobs, plan.span, model.family.clip_seconds(model.cfg), model.name, duration_of)
         times = plan.span.window is not None or len(cut) > len(jobs)
-        todo = target.left(cut if target.by_recording else take_shard(cut, shard))
-        if not todo:
+        mine = cut if target.by_recording else take_shard(cut, shard)
+        todo = target.left(mine)
+        if mine and not todo:
             events.note("nothing left to do")
             return Tally(0)
+        if not mine:  # fewer rows than shards: this one's output is written all the same, empty
+            events.note(f"--shard {plan.shard}: no rows fall to this shard ({len(cut)} in all)")
         read = spans.clip_reader(model.read_clip, length, plan.span)
         if stream is not None and single and len(todo) == 1 and not times and not todo[0].choices \
                 and target.terminal_text:

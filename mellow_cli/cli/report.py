@@ -56,6 +56,8 @@ def report(
     if len({kind for kind, _ in kinds.values()}) > 1:
         raise UsageError("give either result rows or benchmark predictions files, not both")
     kind = next(iter(kinds.values()))[0]
+    if kind == "rows" and not any(rows for _, rows in kinds.values()):
+        raise UsageError(f"{files[0]}: holds no rows" if len(files) == 1 else "none of the files holds rows")
     if kind == "predictions":
         from mellow_cli.bench import charts
 
@@ -87,9 +89,9 @@ def _read(path: str) -> tuple[str, list[dict]]:
         if charts.is_predictions(records):
             return "predictions", records
         records = [readback.check_row(r, f"{path}: item [{i}]") for i, r in enumerate(records)]
-    if not records:
+    if not records and fmt is None:
         raise UsageError(f"{path}: holds no rows")
-    return "rows", records
+    return "rows", records  # a rows file may be empty (a shard that got none): the others draw
 
 
 def _rows_page(rows: list[dict], files: list[str], output: Optional[str], title: Optional[str]) -> str:

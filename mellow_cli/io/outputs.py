@@ -83,6 +83,11 @@ class Opened:
                     os.remove(self.created)
         self.stream.close()
 
+    def keep(self) -> None:
+        """The file is this run's finished output, rows or none (an empty shard's): close()
+        leaves it even empty."""
+        self.created = None
+
     def check_model(self, name: str, path: str) -> None:
         """Resumed rows must come from the model that writes the rest."""
         others = sorted(m for m in self.models if m and m != name)

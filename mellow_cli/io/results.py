@@ -113,7 +113,10 @@ class Stream:
         writer = outputs.writer(self.to.fmt, self.opened.stream, many=many, fields=self.fields,
                                 append=self.opened.append, folder=os.path.dirname(self.to.output or ""), times=times)
         resumable = self.to.output if self.to.fmt in outputs.RESUMABLE else None
-        return write_rows(writer, results, verb, total, resumable)
+        tally = write_rows(writer, results, verb, total, resumable)
+        if not tally.interrupted:
+            self.opened.keep()
+        return tally
 
     def close(self) -> None:
         if self.opened is not None:
