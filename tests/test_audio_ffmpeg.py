@@ -1,4 +1,4 @@
-"""Formats libsndfile cannot read, read through FFmpeg (PyAV): m4a, mp4, webm, mkv, amr; a window
+"""Formats libsndfile cannot read, read through FFmpeg (PyAV): m4a, mp4, webm, mkv, amr, wma; a window
 of such a file decodes only its own stretch; a folder takes every file a reader opens and says
 what it skipped. The clips are encoded here with PyAV from a synthesized tone."""
 
@@ -27,6 +27,8 @@ def encode(path, codec: str, seconds: float = 3.0, freq: float = 440.0, rate: in
     with av.open(str(path), "w", format=fmt) as out:
         stream = out.add_stream(codec, rate=rate)
         stream.layout = "mono"
+        if codec.startswith("wmav"):
+            stream.bit_rate = 64000  # FFmpeg's WMA encoder takes no default bit rate
         for i in range(0, len(wav), 1024):
             frame = av.AudioFrame.from_ndarray(wav[None, i:i + 1024], format="fltp", layout="mono")
             frame.sample_rate = rate
@@ -44,7 +46,7 @@ def pitch(wav: np.ndarray, sr: int) -> float:
 
 @pytest.mark.parametrize("name, codec, rate", [
     ("tone.m4a", "aac", RATE), ("tone.mp4", "aac", RATE), ("tone.mkv", "aac", RATE), ("tone.webm", "libopus", RATE),
-    ("tone.amr", "libopencore_amrnb", 8000),
+    ("tone.amr", "libopencore_amrnb", 8000), ("tone.wma", "wmav2", 44100),
 ])
 def test_a_format_only_ffmpeg_reads_is_heard(tmp_path, name, codec, rate):
     if codec not in av.codecs_available:
