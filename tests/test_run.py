@@ -70,3 +70,29 @@ def test_one_free_answer_for_a_terminal_is_streamed(clips, capsys):
                    stream=lambda pieces: streamed.append(list(pieces)))
     assert streamed == [["a dog ", "barks"]] and tally.written == 1
     assert capsys.readouterr().out == ""  # the caller printed it; nothing was written twice
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_a_file_written_before_rows_had_spans_resumes_in_its_layout(tmp_path, clips, fmt, capsys):
+    import csv
+
+    old = ["audio", "audio2", "question", "answer", "model", "revision", "error"]  # no start, end
+    first = dict(zip(old, [clips[0], clips[0], "what?", "one", "scripted", "0" * 40, None]))
+    out = tmp_path / f"rows.{fmt}"
+    if fmt == "jsonl":
+        out.write_text(json.dumps(first) + "\n")
+    else:
+        with out.open("w", newline="") as f:
+            w = csv.DictWriter(f, old, lineterminator="\n")
+            w.writeheader()
+            w.writerow(first)
+    load, _ = _loader(ScriptedModel(answers=["two"]))
+    short = str(write_tone(tmp_path / "b.wav", 550, seconds=1.0))
+    tally = answer(jobs_for([clips[0], short], "what?"), "captioned",
+                   Plan("v0", to=Destination(output=str(out), resume=True)), load)
+    if fmt == "jsonl":
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+    else:
+        rows = list(csv.DictReader(out.read_text().splitlines()))
+    assert [list(r) for r in rows] == [old, old] and [r["answer"] for r in rows] == ["one", "two"]
+    assert tally.written == 1 and "resuming: 1 of 2 rows already" in capsys.readouterr().err

@@ -37,7 +37,9 @@ def row_key(r: dict) -> tuple:
     """What makes a row the same work on a second run: its id (and window) if it has one, else its
     inputs. Ids are compared as text (1 and "1" are one id) and paths as normalised paths."""
     start = r.get("start")
-    at = "" if start in (None, "") else f"{float(start):.3f}"
+    # A span from 0 is the clip a row without times heard (one clip from the start, as every row
+    # of a SPANLESS file did): the same work.
+    at = "" if start in (None, "") or float(start) == 0 else f"{float(start):.3f}"
     if r.get("id") not in (None, ""):
         return ("id", str(r["id"]), at)
     return (_path(r.get("audio")), _path(r.get("audio2")), r.get("question") or "", at)
@@ -72,6 +74,7 @@ class Opened:
     done: Counter = field(default_factory=Counter)  # row key -> how many such rows the file holds
     models: set = field(default_factory=set)  # the models that wrote them
     created: str | None = None  # the path, when this run created the file
+    fields: tuple | None = None  # the fields of the rows it holds, where an older layout's (SPANLESS)
 
     def close(self) -> None:
         """Close the file; one this run created and never wrote to (it failed before its first
@@ -184,13 +187,13 @@ def _take(fd: int, path: str, fmt: str, fields: Sequence[str], resume: bool, ove
     if not size:
         return Opened(_text_stream(path, fd))
     data = os.pread(fd, size, 0)
-    keep, rows = _our_rows(path, data, fmt, fields)
+    keep, rows, layout = _our_rows(path, data, fmt, fields)
     stream = _text_stream(path, fd)
     stream.seek(keep)
     if keep < size:  # a last row cut short by a kill is done again; it goes once the resume is under way
         stream.before_write = lambda: os.ftruncate(fd, keep)
     return Opened(stream, append=keep > 0, done=Counter(key for key, _ in numbered_keys(rows)),
-                  models={r.get("model") for r in rows})
+                  models={r.get("model") for r in rows}, fields=None if layout == tuple(fields) else layout)
 
 
 def _text_stream(path: str, fd: int) -> IO[str]:
@@ -244,9 +247,15 @@ def _size(n: int) -> str:
     return f"{n} bytes" if n < 10_000 else f"{n / 1e6:.1f} MB"
 
 
-def _our_rows(path: str, data: bytes, fmt: str, fields: Sequence[str]) -> tuple[int, list[dict]]:
-    """(bytes to keep, rows) when `data` is an output of this kind of run; otherwise a UsageError
-    that says why and leaves the file as it is. Only the last row may be cut short."""
+# Rows written before every row said which span of its recording was heard had no start and end;
+# such a file resumes in its own layout (each of its rows heard one clip from the recording's start).
+SPANLESS = ("start", "end")
+
+
+def _our_rows(path: str, data: bytes, fmt: str, fields: Sequence[str]) -> tuple[int, list[dict], tuple]:
+    """(bytes to keep, rows, their fields: `fields`, or those without SPANLESS) when `data` is an
+    output of this kind of run; otherwise a UsageError that says why and leaves the file as it
+    is. Only the last row may be cut short."""
     hint = f"is it the output of an earlier run with these options and --format {fmt}?"
     try:
         text = data.decode("utf-8")
@@ -255,8 +264,19 @@ def _our_rows(path: str, data: bytes, fmt: str, fields: Sequence[str]) -> tuple[
     whole = text[: text.rfind("\n") + 1] if fmt == "jsonl" else text[: _records_end(text)]
     if not whole.strip():
         raise UsageError(f"{path}: holds no whole line; {hint}")
-    rows = _jsonl_rows(path, whole, fields, hint) if fmt == "jsonl" else _csv_rows(path, whole, fmt, fields, hint)
-    return len(whole.encode("utf-8")), rows
+    keep = len(whole.encode("utf-8"))
+
+    def read(layout: tuple) -> list[dict]:
+        return _jsonl_rows(path, whole, layout, hint) if fmt == "jsonl" else _csv_rows(path, whole, fmt, layout, hint)
+
+    try:
+        return keep, read(tuple(fields)), tuple(fields)
+    except UsageError as refused:
+        older = tuple(f for f in fields if f not in SPANLESS)
+        try:
+            return keep, read(older), older
+        except UsageError:
+            raise refused from None
 
 
 def _records_end(text: str) -> int:

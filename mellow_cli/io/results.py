@@ -84,6 +84,9 @@ class Stream:
         is kept for --resume only once proved this run's kind, replaced only with --overwrite."""
         to = self.to
         self.opened = outputs.open_rows(to.output, to.fmt, self.fields, resume=to.resume, overwrite=to.overwrite)
+        if self.opened.fields:
+            events.note(f"{to.output}: its rows have no start and end (an older mellow-cli wrote them); the rest "
+                        "are written alike")
         return self
 
     @property
@@ -110,7 +113,8 @@ class Stream:
     def write(self, results, verb: str, total: int, *, many: bool, times: bool) -> Tally:
         """Write each (row, error) of `results` as it comes (write_rows); `many`: a batch's rows,
         not one input's; `times`: text shows each row's span."""
-        writer = outputs.writer(self.to.fmt, self.opened.stream, many=many, fields=self.fields,
+        fields = self.opened.fields or self.fields  # an older file's rows go on in its layout
+        writer = outputs.writer(self.to.fmt, self.opened.stream, many=many, fields=fields,
                                 append=self.opened.append, folder=os.path.dirname(self.to.output or ""), times=times)
         resumable = self.to.output if self.to.fmt in outputs.RESUMABLE else None
         tally = write_rows(writer, results, verb, total, resumable)
