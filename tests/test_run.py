@@ -96,3 +96,18 @@ def test_a_file_written_before_rows_had_spans_resumes_in_its_layout(tmp_path, cl
         rows = list(csv.DictReader(out.read_text().splitlines()))
     assert [list(r) for r in rows] == [old, old] and [r["answer"] for r in rows] == ["one", "two"]
     assert tally.written == 1 and "resuming: 1 of 2 rows already" in capsys.readouterr().err
+
+
+def test_a_file_without_spans_is_not_resumed_in_windows(tmp_path, clips):
+    old = ["audio", "audio2", "question", "answer", "model", "revision", "error"]
+    out = tmp_path / "rows.jsonl"
+    out.write_text(json.dumps(dict(zip(old, [clips[1], clips[1], "what?", "one", "scripted", "0" * 40, None]))) + "\n")
+    before = out.read_text()
+    load, _ = _loader(ScriptedModel(answers=["two", "three"]))
+    with pytest.raises(UsageError, match="resume with --duration"):  # the long clip would be heard in windows
+        answer(jobs_for([clips[1]], "what?"), "captioned", Plan("v0", to=Destination(output=str(out), resume=True)),
+               load)
+    assert out.read_text() == before
+    tally = answer(jobs_for([clips[1]], "what?"), "captioned",
+                   Plan("v0", span=Span(duration=10), to=Destination(output=str(out), resume=True)), load)
+    assert tally.total == 0 and out.read_text() == before  # its one clip is the row already there

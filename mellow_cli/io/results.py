@@ -99,6 +99,10 @@ class Stream:
 
     def left(self, jobs: list[Job]) -> list[Job]:
         """The jobs whose rows the file does not hold yet, saying how many it holds."""
+        if self.opened.fields and any(j.start for j in jobs):
+            raise UsageError(f"{self.to.output}: its rows have no start and end (an older mellow-cli heard one clip "
+                             "of each recording), and this run hears recordings in windows: resume with --duration "
+                             "SECONDS (one span of each), or write to another --output")
         held = Counter(self.opened.done)
         todo = []
         for job, (key, _) in zip(jobs, outputs.numbered_keys(row(j) for j in jobs)):
