@@ -84,9 +84,6 @@ class Stream:
         is kept for --resume only once proved this run's kind, replaced only with --overwrite."""
         to = self.to
         self.opened = outputs.open_rows(to.output, to.fmt, self.fields, resume=to.resume, overwrite=to.overwrite)
-        if self.opened.fields:
-            events.note(f"{to.output}: its rows have no start and end (an older mellow-cli wrote them); the rest "
-                        "are written alike")
         return self
 
     @property
@@ -103,6 +100,9 @@ class Stream:
             raise UsageError(f"{self.to.output}: its rows have no start and end (an older mellow-cli heard one clip "
                              "of each recording), and this run hears recordings in windows: resume with --duration "
                              "SECONDS (one span of each), or write to another --output")
+        if self.opened.fields:
+            events.note(f"{self.to.output}: its rows have no start and end (an older mellow-cli wrote them); the "
+                        "rest are written alike")
         held = Counter(self.opened.done)
         todo = []
         for job, (key, _) in zip(jobs, outputs.numbered_keys(row(j) for j in jobs)):
