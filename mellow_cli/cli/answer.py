@@ -109,8 +109,8 @@ def compare(
     else:
         if audio1 is None or audio2 is None:
             raise UsageError("compare takes two recordings, A and B (or --pairs FILE)")
-        return _run([Job(audio1, audio2, prompt)], "compared", run, single=True)
-    _run(jobs, "compared", run, single=False)
+        jobs = [Job(audio1, audio2, prompt)]
+    _run(jobs, "compared", run, single=pairs is None)
 
 
 @grouped
