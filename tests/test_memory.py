@@ -11,9 +11,13 @@ from mellow_cli.runtime import memory
 
 # A fresh process, as a command is (this one's heap is laid out by every test before it): a
 # batched prefill (8 prefixes of 389 positions, two of v0's layers, prepared as auto prepares them
-# here), run once, then the page faults of three more.
+# here), run once, then the page faults of three more. One thread and no transparent huge pages
+# (prctl PR_SET_THP_DISABLE), so that what is counted is 4 KiB pages, the same from run to run:
+# not which thread's arena took a block, nor how many huge pages the kernel had free.
 PREFILL_FAULTS = """
-import resource, sys, torch
+import ctypes, resource, sys, torch
+assert ctypes.CDLL(None).prctl(41, 1, 0, 0, 0) == 0
+torch.set_num_threads(1)
 from mellow_cli.runtime import memory, precision
 from mellow_cli.runtime.llama import LlamaForCausalLM, LMConfig
 if sys.argv[1] == "keep":
